@@ -1,0 +1,13 @@
+"""Configuration: schema (frozen dataclasses) and YAML loading."""
+
+from perspective_jax.config.loader import (apply_overrides, from_dict, load_config,
+                                           save_config, to_dict)
+from perspective_jax.config.schema import (CheckpointConfig, DataConfig, MeshConfig,
+                                           ModelConfig, MoEConfig, PerspectiveConfig,
+                                           TernaryConfig, TrainConfig)
+
+__all__ = [
+    "apply_overrides", "from_dict", "load_config", "save_config", "to_dict",
+    "CheckpointConfig", "DataConfig", "MeshConfig", "ModelConfig", "MoEConfig",
+    "PerspectiveConfig", "TernaryConfig", "TrainConfig",
+]

@@ -1,0 +1,169 @@
+"""YAML → `PerspectiveConfig`: `base_config:` inheritance, dotted overrides,
+type checking, and unknown keys rejected with the closest valid key.
+
+    cfg = load_config("curricula/tiny.yaml", ["model.d_model=256", "train.steps=50"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from perspective_jax.config.schema import PerspectiveConfig
+from perspective_jax.errors import ConfigError
+
+BASE_KEY = "base_config"
+
+
+def _suggest(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the type `hint` and convert YAML forms (list→tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {hint!r}")  # schema bug
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build the dataclass `cls` from a nested mapping, validating every key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}{_suggest(str(key), names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - from_dict checks names first
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """Read a YAML file and merge it over its `base_config` chain."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: base_config cycle through {' -> '.join(_seen)}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file "
+                          "(presets live in curricula/)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: "
+                          f"{getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    return _deep_merge(read_yaml_tree(base_path, _seen + (path,)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.d_model=256' → (['model', 'd_model'], 256). Values parse as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
+    tree = dict(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        patch: Any = value
+        for part in reversed(parts):
+            patch = {part: patch}
+        tree = _deep_merge(tree, patch)
+    return tree
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> PerspectiveConfig:
+    """Resolve a YAML preset (or the defaults) plus dotted overrides."""
+    tree = read_yaml_tree(path) if path else {}
+    tree = apply_overrides(tree, overrides)
+    return from_dict(PerspectiveConfig, tree)
+
+
+def save_config(cfg: PerspectiveConfig, path: str) -> None:
+    """Write the resolved config (a complete YAML, no base_config) next to a run."""
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)

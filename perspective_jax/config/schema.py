@@ -1,0 +1,245 @@
+"""The configuration schema: nested frozen dataclasses validated on construction.
+
+YAML files (``curricula/*.yaml``) supply values; this module owns the names,
+types, defaults and the invariants between fields. Every size used by the
+model comes from here — there are no magic constants in the modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from perspective_jax.errors import ConfigError
+
+LAYER_KINDS = ("pdr", "gqa")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
+PDR_IMPLS = ("chunked", "scan", "associative")
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _positive(obj, *names: str, section: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name}", f"must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and options of the Perspective network (SPEC §2, §3.1, §3.2)."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    # One period of the layer stack; the stack repeats it n_layers / len times.
+    layer_pattern: tuple[str, ...] = ("pdr", "pdr", "pdr", "gqa")
+    d_ff: int = 384
+    # PDR (SPEC §3.1)
+    pdr_rank: int = 32
+    pdr_chunk: int = 16
+    pdr_init_decay: float = 0.95
+    pdr_init_noise: float = 0.01
+    pdr_impl: str = "chunked"
+    # Windowed GQA (SPEC §3.2)
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    window: int = 64
+    rope_theta: float = 10000.0
+    # Norms and numerics
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        s = "model"
+        _positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "pdr_rank",
+                  "pdr_chunk", "n_heads", "n_kv_heads", "head_dim", "window",
+                  "rope_theta", "norm_eps", section=s)
+        _require(len(self.layer_pattern) > 0, f"{s}.layer_pattern", "must not be empty")
+        for kind in self.layer_pattern:
+            _require(kind in LAYER_KINDS, f"{s}.layer_pattern",
+                     f"unknown layer kind {kind!r}; use one of {LAYER_KINDS}")
+        _require(self.n_layers % len(self.layer_pattern) == 0, f"{s}.n_layers",
+                 f"{self.n_layers} is not divisible by the period "
+                 f"len(layer_pattern)={len(self.layer_pattern)}")
+        _require(self.n_heads % self.n_kv_heads == 0, f"{s}.n_heads",
+                 f"{self.n_heads} query heads are not divisible by "
+                 f"n_kv_heads={self.n_kv_heads}")
+        _require(self.head_dim % 2 == 0, f"{s}.head_dim",
+                 f"RoPE needs an even head_dim, got {self.head_dim}")
+        _require(0.0 < self.pdr_init_decay < 1.0, f"{s}.pdr_init_decay",
+                 f"must lie in (0, 1), got {self.pdr_init_decay}")
+        _require(self.pdr_init_noise >= 0, f"{s}.pdr_init_noise", "must be >= 0")
+        _require(self.pdr_impl in PDR_IMPLS, f"{s}.pdr_impl",
+                 f"unknown {self.pdr_impl!r}; use one of {PDR_IMPLS}")
+        for name in ("dtype", "param_dtype"):
+            _require(getattr(self, name) in DTYPES, f"{s}.{name}",
+                     f"unknown dtype {getattr(self, name)!r}; use one of {DTYPES}")
+        _require(self.remat in REMAT_POLICIES, f"{s}.remat",
+                 f"unknown policy {self.remat!r}; use one of {REMAT_POLICIES}")
+
+    @property
+    def n_periods(self) -> int:
+        return self.n_layers // len(self.layer_pattern)
+
+    @property
+    def n_pdr_layers(self) -> int:
+        return self.n_periods * self.layer_pattern.count("pdr")
+
+    @property
+    def n_gqa_layers(self) -> int:
+        return self.n_periods * self.layer_pattern.count("gqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts on the torus lattice (SPEC §3.3). The FFN after every PDR
+    layer becomes routed once the `upcycle` stage runs."""
+
+    num_experts: int = 8
+    lattice: tuple[int, int, int] = (2, 2, 2)
+    router_temperature: float = 1.0
+    offset_init_scale: float = 0.01
+    balance_weight: float = 0.01
+    delta_weight: float = 0.001
+    smoothness_weight: float = 0.005
+
+    def __post_init__(self):
+        s = "moe"
+        _positive(self, "num_experts", "router_temperature", section=s)
+        _require(len(self.lattice) == 3 and all(n > 0 for n in self.lattice),
+                 f"{s}.lattice", f"must be three positive sizes, got {self.lattice}")
+        _require(math.prod(self.lattice) == self.num_experts, f"{s}.lattice",
+                 f"{'x'.join(map(str, self.lattice))} = {math.prod(self.lattice)} cells "
+                 f"but num_experts={self.num_experts}; make them equal")
+        for name in ("offset_init_scale", "balance_weight", "delta_weight",
+                     "smoothness_weight"):
+            _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TernaryConfig:
+    """Ternary experts (SPEC §3.4): progressive schedule and distillation."""
+
+    # Share of expert weights (by magnitude) ternarised at each phase of the stage.
+    schedule: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    ce_weight: float = 0.5
+    kd_weight: float = 0.5
+    activation_bits: int = 0  # 0 = off, 8 = per-token absmax int8 activations
+    scale_granularity: str = "tensor"
+
+    def __post_init__(self):
+        s = "ternary"
+        _require(len(self.schedule) > 0, f"{s}.schedule", "must not be empty")
+        _require(all(0.0 <= f <= 1.0 for f in self.schedule), f"{s}.schedule",
+                 f"fractions must lie in [0, 1], got {self.schedule}")
+        _require(list(self.schedule) == sorted(self.schedule), f"{s}.schedule",
+                 "must be non-decreasing")
+        _require(self.ce_weight >= 0 and self.kd_weight >= 0, f"{s}.ce_weight",
+                 "loss weights must be >= 0")
+        _require(self.activation_bits in (0, 8), f"{s}.activation_bits",
+                 f"use 0 (off) or 8, got {self.activation_bits}")
+        _require(self.scale_granularity in ("tensor", "row"), f"{s}.scale_granularity",
+                 f"use 'tensor' or 'row', got {self.scale_granularity!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it is cut into training sequences."""
+
+    path: Optional[str] = None
+    tokenizer: str = "sentencepiece"
+    seq_len: int = 128
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        s = "data"
+        _require(self.tokenizer in ("sentencepiece", "byte"), f"{s}.tokenizer",
+                 f"use 'sentencepiece' or 'byte', got {self.tokenizer!r}")
+        _positive(self, "seq_len", section=s)
+        _require(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction",
+                 f"must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW with linear warmup and cosine decay."""
+
+    steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        s = "train"
+        _positive(self, "steps", "batch_size", "learning_rate", "grad_accum",
+                  "eval_every", "eval_batches", "log_every", section=s)
+        _require(0 <= self.warmup_steps <= self.steps, f"{s}.warmup_steps",
+                 f"must lie in [0, steps={self.steps}], got {self.warmup_steps}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"{s}.min_lr_ratio", "must lie in [0, 1]")
+        _require(self.weight_decay >= 0, f"{s}.weight_decay", "must be >= 0")
+        _require(self.grad_clip >= 0, f"{s}.grad_clip", "must be >= 0 (0 = off)")
+        _require(self.batch_size % self.grad_accum == 0, f"{s}.batch_size",
+                 f"{self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 on one axis means 'all remaining devices'."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for name, value in sizes.items():
+            _require(value == -1 or value > 0, f"mesh.{name}",
+                     f"must be a positive size or -1, got {value}")
+        _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh",
+                 "at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing cadence and retention."""
+
+    every: int = 100
+    keep: int = 2
+    async_save: bool = True
+
+    def __post_init__(self):
+        _positive(self, "every", "keep", section="checkpoint")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerspectiveConfig:
+    """The whole run: every section of a YAML file maps to one field here."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+    ternary: TernaryConfig = dataclasses.field(default_factory=TernaryConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    name: str = "perspective"

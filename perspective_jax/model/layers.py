@@ -1,0 +1,90 @@
+"""Building blocks shared by every layer: projections, RMSNorm, SwiGLU.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`) so the
+trainer can map them to mesh axes with one rule table
+(`perspective_jax.model.sharding`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perspective_jax.config import ModelConfig
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def logical(init, axes: Sequence[str]):
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Projection(nn.Module):
+    """y = x @ W over the last axis of x; W: [in, *features] (no bias)."""
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names: input axis, then one per feature axis
+    cfg: ModelConfig
+    init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "normal",
+                                                in_axis=0, out_axis=tuple(range(1, 1 + len(self.features))))
+        kernel = self.param("kernel", logical(init, self.axes),
+                            (x.shape[-1], *self.features), dtype_of(self.cfg.param_dtype))
+        dt = dtype_of(self.cfg.dtype)
+        out = jnp.tensordot(x.astype(dt), kernel.astype(dt), axes=((x.ndim - 1,), (0,)))
+        return out
+
+
+class OutProjection(nn.Module):
+    """y = Σ_{in axes} x · W, contracting the trailing `len(in_shape)` axes of x."""
+
+    features: int
+    axes: tuple[str, ...]
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, n_in: int) -> jax.Array:
+        in_shape = x.shape[-n_in:]
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                in_axis=tuple(range(n_in)), out_axis=n_in)
+        kernel = self.param("kernel", logical(init, self.axes),
+                            (*in_shape, self.features), dtype_of(self.cfg.param_dtype))
+        dt = dtype_of(self.cfg.dtype)
+        dims = tuple(range(x.ndim - n_in, x.ndim))
+        return jnp.tensordot(x.astype(dt), kernel.astype(dt), axes=(dims, tuple(range(n_in))))
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · scale   (learnable scale, no bias; float32)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), dtype_of(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * inv * scale.astype(jnp.float32)).astype(dtype_of(self.cfg.dtype))
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W_down (silu(W_gate x) ⊙ W_up x); x: [..., d] → [..., d]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        gate = Projection((cfg.d_ff,), ("embed", "mlp"), cfg, name="w_gate")(x)
+        up = Projection((cfg.d_ff,), ("embed", "mlp"), cfg, name="w_up")(x)
+        return Projection((cfg.d_model,), ("mlp", "embed"), cfg, name="w_down")(
+            nn.silu(gate) * up)

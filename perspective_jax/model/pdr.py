@@ -1,0 +1,73 @@
+"""The PDR token mixer (SPEC §3.1) as a Flax module.
+
+    p_t = W_p x_t + b_p,  λ_t = log sigmoid(p_t)         per-row log-decay [d]
+    k_t = W_k x_t,  q_t = W_q x_t ∈ R^r,  v_t = W_v x_t ∈ R^d
+    S_t = diag(exp λ_t) S_{t-1} + v_t k_tᵀ,   o_t = W_o (S_t q_t)
+
+Init: W_p = I + noise·N(0, 1)/√d, sigmoid(b_p) = pdr_init_decay; W_q is
+scaled by 1/√r so that q·k is O(1) at init. The recurrence runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perspective_jax.config import ModelConfig
+from perspective_jax.model.layers import Projection, dtype_of, logical
+from perspective_jax.model.pdr_scan import pdr_scan, pdr_step
+
+
+def init_pdr_cache(cfg: ModelConfig, batch: int) -> dict:
+    """Decode state of one PDR layer: S [B, d, r] (float32, zeros)."""
+    return {"state": jnp.zeros((batch, cfg.d_model, cfg.pdr_rank), jnp.float32)}
+
+
+class PDRMixer(nn.Module):
+    """x: [B, T, d] → ([B, T, d], cache). With cache=None the state starts at 0
+    and no cache is returned (training)."""
+
+    cfg: ModelConfig
+
+    def _perspective_init(self, key, shape, dtype):
+        d = shape[0]
+        noise = self.cfg.pdr_init_noise / math.sqrt(d)
+        return (jnp.eye(d) + noise * jax.random.normal(key, shape)).astype(dtype)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, segment_pos: jax.Array,
+                 cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+        cfg = self.cfg
+        b, t, d = x.shape
+        chex.assert_shape(segment_pos, (b, t))
+        pdt = dtype_of(cfg.param_dtype)
+        w_p = self.param("w_p", logical(self._perspective_init, ("embed", "pdr_rows")),
+                         (d, d), pdt)
+        b_p = self.param("b_p", logical(nn.initializers.constant(
+            math.log(cfg.pdr_init_decay / (1.0 - cfg.pdr_init_decay))), ("pdr_rows",)),
+            (d,), pdt)
+        # W_p stored as [in, out] like every projection: p = x @ W_p + b_p.
+        p = jnp.dot(x.astype(jnp.float32), w_p.astype(jnp.float32)) + b_p.astype(jnp.float32)
+        log_decay = jax.nn.log_sigmoid(p)                              # [B,T,d] < 0
+        k = Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_k")(x)
+        q = Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_q",
+                       init_scale=1.0 / cfg.pdr_rank)(x)
+        v = Projection((d,), ("embed", "pdr_rows"), cfg, name="w_v")(x)
+        k, q, v = (a.astype(jnp.float32) for a in (k, q, v))
+
+        state = cache["state"] if cache is not None else jnp.zeros(
+            (b, d, cfg.pdr_rank), jnp.float32)
+        if t == 1 and cache is not None:
+            y, new_state = pdr_step(log_decay[:, 0], k[:, 0], q[:, 0], v[:, 0], state)
+            y = y[:, None]
+        else:
+            y, new_state = pdr_scan(log_decay, k, q, v, state, impl=cfg.pdr_impl,
+                                    chunk=cfg.pdr_chunk)
+        out = Projection((d,), ("pdr_rows", "embed"), cfg, name="w_o")(
+            y.astype(dtype_of(cfg.dtype)))
+        return out, ({"state": new_state} if cache is not None else None)
