@@ -1,0 +1,108 @@
+"""Parameter census from `jax.eval_shape` of the real model (SPEC §2).
+
+Nothing is allocated: the 1.05T preset is counted from abstract shapes.
+Components follow SPEC §2: PDR mixers, GQA mixers, the shared FFNs after GQA
+layers, the FFNs after PDR layers (the routed-expert slots; dense until the
+`upcycle` stage), the tied embedding and the norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from perspective_jax.config import ModelConfig
+from perspective_jax.model.transformer import abstract_params
+
+# Bits per weight of each storage format reported by the census.
+FORMAT_BITS = {"float32": 32.0, "bfloat16": 16.0, "2-bit": 2.0, "ternary": 8.0 / 5.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    name: str
+    count: int          # how many layers hold one
+    params: int         # total over all of them
+    shared: bool        # False for the routed-expert slots
+
+    @property
+    def per_layer(self) -> int:
+        return self.params // max(self.count, 1)
+
+
+def _size(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def census(cfg: ModelConfig) -> list[Component]:
+    """Parameters per SPEC component, from the model's abstract parameter tree."""
+    params = abstract_params(cfg)
+    groups: dict[str, int] = {}
+
+    def add(key, n):
+        groups[key] = groups.get(key, 0) + n
+
+    add("embedding (tied head)", _size(params["embed"]))
+    add("norms", _size(params["final_norm"]))
+    for i, kind in enumerate(cfg.layer_pattern):
+        layer = params["periods"][f"layer_{i}"]
+        add(f"{kind.upper()} mixer", _size(layer["mixer"]))
+        add("norms", _size(layer["mixer_norm"]) + _size(layer["ffn_norm"]))
+        ffn_key = "FFN after PDR (routed slot)" if kind == "pdr" else "shared FFN (after GQA)"
+        add(ffn_key, _size(layer["ffn"]))
+    counts = {"PDR mixer": cfg.n_pdr_layers, "GQA mixer": cfg.n_gqa_layers,
+              "shared FFN (after GQA)": cfg.n_gqa_layers,
+              "FFN after PDR (routed slot)": cfg.n_pdr_layers,
+              "embedding (tied head)": 1, "norms": 2 * cfg.n_layers + 1}
+    return [Component(name, counts[name], n, not name.startswith("FFN after PDR"))
+            for name, n in groups.items()]
+
+
+def summary(cfg: ModelConfig) -> dict:
+    """Machine-readable census: components, shared/total params, bytes per format."""
+    comps = census(cfg)
+    shared = sum(c.params for c in comps if c.shared)
+    total = sum(c.params for c in comps)
+    return {
+        "components": [dict(dataclasses.asdict(c), per_layer=c.per_layer) for c in comps],
+        "shared_params": shared,
+        "total_params": total,
+        "bytes": {fmt: int(math.ceil(total * bits / 8)) for fmt, bits in FORMAT_BITS.items()},
+        "format_bits": FORMAT_BITS,
+    }
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_table(cfg: ModelConfig, title: str = "") -> str:
+    info = summary(cfg)
+    fmts = list(FORMAT_BITS)
+    head = f"{'component':30s} {'layers':>6s} {'per layer':>11s} {'params':>11s}" + "".join(
+        f" {f:>10s}" for f in fmts)
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+
+    def row(name, count, per, n):
+        cells = "".join(f" {human_bytes(n * FORMAT_BITS[f] / 8):>10s}" for f in fmts)
+        return f"{name:30s} {count:>6s} {per:>11s} {human(n):>11s}{cells}"
+
+    for c in info["components"]:
+        lines.append(row(c["name"], str(c["count"]), human(c["per_layer"]), c["params"]))
+    lines.append("-" * len(head))
+    lines.append(row("shared (all but routed slots)", "", "", info["shared_params"]))
+    lines.append(row("total", "", "", info["total_params"]))
+    return "\n".join(lines)
