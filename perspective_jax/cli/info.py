@@ -93,3 +93,6 @@ def run(argv=None) -> int:
 
 
 main = exit_with(run)
+
+if __name__ == "__main__":
+    main()

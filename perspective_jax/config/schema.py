@@ -45,6 +45,9 @@ class ModelConfig:
     pdr_chunk: int = 16
     pdr_init_decay: float = 0.95
     pdr_init_noise: float = 0.01
+    # Upper bound on any decay so the state stays bounded over unbounded
+    # contexts (|S| ≤ |v kᵀ| / (1 − max)); float32 sigmoid would round to 1.
+    pdr_max_decay: float = 0.99999
     pdr_impl: str = "chunked"
     # Windowed GQA (SPEC §3.2)
     n_heads: int = 4
@@ -78,6 +81,8 @@ class ModelConfig:
                  f"RoPE needs an even head_dim, got {self.head_dim}")
         _require(0.0 < self.pdr_init_decay < 1.0, f"{s}.pdr_init_decay",
                  f"must lie in (0, 1), got {self.pdr_init_decay}")
+        _require(self.pdr_init_decay < self.pdr_max_decay < 1.0, f"{s}.pdr_max_decay",
+                 f"must lie in (pdr_init_decay, 1), got {self.pdr_max_decay}")
         _require(self.pdr_init_noise >= 0, f"{s}.pdr_init_noise", "must be >= 0")
         _require(self.pdr_impl in PDR_IMPLS, f"{s}.pdr_impl",
                  f"unknown {self.pdr_impl!r}; use one of {PDR_IMPLS}")

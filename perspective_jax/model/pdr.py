@@ -1,6 +1,6 @@
 """The PDR token mixer (SPEC §3.1) as a Flax module.
 
-    p_t = W_p x_t + b_p,  λ_t = log sigmoid(p_t)         per-row log-decay [d]
+    p_t = W_p x_t + b_p,  λ_t = min(log sigmoid(p_t), log γ_max)   log-decay [d]
     k_t = W_k x_t,  q_t = W_q x_t ∈ R^r,  v_t = W_v x_t ∈ R^d
     S_t = diag(exp λ_t) S_{t-1} + v_t k_tᵀ,   o_t = W_o (S_t q_t)
 
@@ -53,7 +53,9 @@ class PDRMixer(nn.Module):
             (d,), pdt)
         # W_p stored as [in, out] like every projection: p = x @ W_p + b_p.
         p = jnp.dot(x.astype(jnp.float32), w_p.astype(jnp.float32)) + b_p.astype(jnp.float32)
-        log_decay = jax.nn.log_sigmoid(p)                              # [B,T,d] < 0
+        log_decay = jnp.minimum(jax.nn.log_sigmoid(p),                 # [B,T,d] < 0
+                                math.log(cfg.pdr_max_decay))
+        self.sow("intermediates", "log_decay", log_decay)
         k = Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_k")(x)
         q = Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_q",
                        init_scale=1.0 / cfg.pdr_rank)(x)

@@ -17,8 +17,6 @@ Three implementations behind `pdr_scan(..., impl=)`:
 
 from __future__ import annotations
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -73,34 +71,38 @@ def pdr_associative(log_decay, k, q, v, state):
     return y, states[:, -1]
 
 
-@functools.partial(jax.checkpoint, prevent_cse=False)
-def _intra_chunk(cum, k, q, v):
-    """y_t = Σ_{s≤t in chunk} (q_t·k_s) · exp(L_t − L_s) ⊙ v_s.
+def _chunk_step(state, chunk_inputs):
+    """Advance one chunk. state: [B, d, r]; chunk inputs λ, v: [B, c, d]; k, q: [B, c, r].
 
-    cum, v: [B, n, c, d]; k, q: [B, n, c, r]. The pairwise decay tensor
-    [B, n, c, c, d] has every entry ≤ 1 (t ≥ s) and is recomputed in the
-    backward pass instead of stored (jax.checkpoint).
+    With within-chunk cumulative log-decays L_t = Σ_{u≤t} λ_u (every
+    exponential below has a non-positive argument, so no factor exceeds 1):
+
+      intra  y_t += Σ_{s≤t} (q_t·k_s) exp(L_t − L_s) ⊙ v_s     (pairwise c×c×d)
+      inter  y_t += exp(L_t) ⊙ (S_in q_t)
+      state  S_out = exp(L_c) ⊙ S_in + Σ_s (exp(L_c − L_s) ⊙ v_s) k_sᵀ
     """
-    c = cum.shape[2]
+    lam, k, q, v = chunk_inputs
+    c = lam.shape[1]
+    cum = jnp.cumsum(lam, axis=1)                                  # [B,c,d] ≤ 0
+    last = cum[:, -1]                                              # [B,d]
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))[:, :, None]
-    diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]          # [B,n,t,s,d]
+    diff = cum[:, :, None, :] - cum[:, None, :, :]                 # [B,t,s,d]
     pair_decay = jnp.exp(jnp.where(causal, diff, -jnp.inf))
-    scores = jnp.einsum("bntr,bnsr->bnts", q, k)
-    return jnp.einsum("bnts,bntsd,bnsd->bntd", scores, pair_decay, v)
+    scores = jnp.einsum("btr,bsr->bts", q, k)
+    y = jnp.einsum("bts,btsd,bsd->btd", scores, pair_decay, v)
+    y = y + jnp.exp(cum) * jnp.einsum("bdr,btr->btd", state, q)
+    to_end = jnp.exp(last[:, None, :] - cum) * v
+    state = jnp.exp(last)[:, :, None] * state + jnp.einsum("bsd,bsr->bdr", to_end, k)
+    return state, y
 
 
 def pdr_chunked(log_decay, k, q, v, state, chunk: int = 16):
-    """Chunkwise-parallel PDR, stable for any decay in (0, 1).
+    """Chunkwise PDR, stable for any decay in (0, 1): `lax.scan` over chunks of
+    `chunk` tokens, each advanced by `_chunk_step` (parallel within the chunk).
 
-    T is cut into chunks of `chunk` steps with within-chunk cumulative
-    log-decays L (L_t = Σ_{u≤t} λ_u, restarting at each chunk). Every
-    exponential evaluated has a non-positive argument, so no factor exceeds 1:
-
-      intra   y_t += Σ_{s≤t} (q_t·k_s) exp(L_t − L_s) v_s       (pairwise, c×c)
-      inter   y_t += exp(L_t) ⊙ (S_in q_t)                      (state entering)
-      passing S_out = exp(L_c) ⊙ S_in + Σ_s (exp(L_c − L_s) ⊙ v_s) k_sᵀ
-
-    Only one d×r state per chunk is materialised, never one per token.
+    The step is rematerialised (`jax.checkpoint`), so reverse mode keeps only
+    the d×r state entering each chunk — never one per token — plus the inputs;
+    the c×c×d pairwise decays are recomputed one chunk at a time.
     """
     _check(log_decay, k, q, v, state)
     b, t, d = v.shape
@@ -110,28 +112,15 @@ def pdr_chunked(log_decay, k, q, v, state, chunk: int = 16):
         widths = ((0, 0), (0, pad), (0, 0))
         log_decay, k, q, v = (jnp.pad(a, widths) for a in (log_decay, k, q, v))
     n = (t + pad) // chunk
-    log_decay = log_decay.astype(jnp.float32)
-    lam, v = (a.reshape(b, n, chunk, d) for a in (log_decay, v))
-    k, q = (a.reshape(b, n, chunk, r) for a in (k, q))
 
-    cum = jnp.cumsum(lam, axis=2)                                  # [B,n,c,d] ≤ 0
-    last = cum[:, :, -1]                                           # [B,n,d]
-    y_intra = _intra_chunk(cum, k, q, v)
+    def chunk_major(a, width):                                     # [n, B, c, width]
+        return jnp.swapaxes(a.reshape(b, n, chunk, width), 0, 1)
 
-    to_end = jnp.exp(last[:, :, None, :] - cum) * v                # factors ≤ 1
-    chunk_update = jnp.einsum("bnsd,bnsr->bndr", to_end, k)        # [B,n,d,r]
-    chunk_decay = jnp.exp(last)                                    # [B,n,d]
-
-    def pass_state(s, xs):
-        a, u = xs
-        return a[:, :, None] * s + u, s                            # emit S_in
-
-    final, s_in = jax.lax.scan(
-        pass_state, state,
-        (jnp.swapaxes(chunk_decay, 0, 1), jnp.swapaxes(chunk_update, 0, 1)))
-    s_in = jnp.swapaxes(s_in, 0, 1)                                # [B,n,d,r]
-    y_inter = jnp.exp(cum) * jnp.einsum("bndr,bntr->bntd", s_in, q)
-    y = (y_intra + y_inter).reshape(b, n * chunk, d)[:, :t]
+    xs = (chunk_major(log_decay.astype(jnp.float32), d), chunk_major(k, r),
+          chunk_major(q, r), chunk_major(v, d))
+    step = jax.checkpoint(_chunk_step, prevent_cse=False)
+    final, ys = jax.lax.scan(step, state, xs)
+    y = jnp.swapaxes(ys, 0, 1).reshape(b, n * chunk, d)[:, :t]
     return y, final
 
 

@@ -1,0 +1,1 @@
+"""Flax modules of the Perspective network and their pure-function kernels."""

@@ -1,0 +1,67 @@
+"""Save and restore a decode cache (PDR states + KV rings + positions), bit-exact.
+
+A conversation can be resumed later: `save_cache(cache, path)` writes a
+safetensors file with one tensor per cache leaf (keys are '/'-joined pytree
+paths); `load_cache(path, cfg)` checks every tensor against the layout that
+`init_cache(cfg, batch)` would produce and refuses mismatches.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from perspective_jax.config import ModelConfig
+from perspective_jax.errors import UserError
+from perspective_jax.model.transformer import init_cache
+
+FORMAT = "perspective-cache/1"
+
+
+def _key(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def flatten_cache(cache) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
+    return {_key(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_cache(cache, path: str) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    save_file(flatten_cache(cache), tmp, metadata={"format": FORMAT})
+    os.replace(tmp, path)
+
+
+def load_cache(path: str, cfg: ModelConfig):
+    if not os.path.isfile(path):
+        raise UserError(f"cache file not found: {path}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable cache file ({exc})") from None
+    if "next_pos" not in tensors or tensors["next_pos"].ndim != 1:
+        raise UserError(f"{path}: not a Perspective decode cache (no next_pos tensor)")
+    template = init_cache(cfg, tensors["next_pos"].shape[0])
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for tpath, like in flat:
+        key = _key(tpath)
+        if key not in tensors:
+            raise UserError(f"{path}: missing cache tensor {key!r}; was it saved for "
+                            "another model config?")
+        got = tensors[key]
+        if got.shape != like.shape or got.dtype != like.dtype:
+            raise UserError(f"{path}: cache tensor {key!r} is {got.dtype}{list(got.shape)}, "
+                            f"this model expects {like.dtype}{list(like.shape)}")
+        leaves.append(jnp.asarray(got))
+    extra = set(tensors) - {_key(p) for p, _ in flat}
+    if extra:
+        raise UserError(f"{path}: unexpected cache tensors {sorted(extra)[:3]}")
+    return jax.tree_util.tree_unflatten(treedef, leaves)

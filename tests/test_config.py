@@ -1,0 +1,94 @@
+"""Config schema, YAML inheritance, overrides and one-line errors."""
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from perspective_jax.config import PerspectiveConfig, load_config, save_config, to_dict
+from perspective_jax.config.schema import ModelConfig, MoEConfig
+from perspective_jax.errors import ConfigError
+
+
+def shipped_yamls(repo):
+    files = sorted(glob.glob(str(repo / "curricula" / "*.yaml")))
+    assert files, "no presets found in curricula/"
+    return files
+
+
+def test_every_shipped_yaml_parses(repo):
+    for path in shipped_yamls(repo):
+        cfg = load_config(path)
+        assert isinstance(cfg, PerspectiveConfig)
+
+
+def test_presets_have_expected_sizes(repo):
+    tiny = load_config(str(repo / "curricula" / "tiny.yaml"))
+    assert tiny.model.n_layers == 4 and tiny.name == "tiny"
+    full = load_config(str(repo / "curricula" / "perspective-1t.yaml")).model
+    assert (full.d_model, full.n_layers, full.d_ff, full.pdr_rank) == (4096, 80, 11008, 256)
+    assert (full.n_heads, full.n_kv_heads, full.head_dim, full.window) == (32, 8, 128, 512)
+    assert full.vocab_size == 32768 and (full.n_pdr_layers, full.n_gqa_layers) == (60, 20)
+    moe = load_config(str(repo / "curricula" / "perspective-1t.yaml")).moe
+    assert moe.num_experts == 128 and moe.lattice == (8, 4, 4)
+
+
+def test_base_config_inheritance_and_overrides(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model: {d_model: 64, n_layers: 8}\ntrain: {steps: 5}\n")
+    (tmp_path / "child.yaml").write_text("base_config: parent.yaml\nmodel: {d_model: 96}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"),
+                      ["train.steps=7", "train.warmup_steps=2",
+                       "model.layer_pattern=[pdr, gqa]"])
+    assert cfg.model.d_model == 96          # child wins
+    assert cfg.model.n_layers == 8          # inherited
+    assert cfg.train.steps == 7             # override wins
+    assert cfg.model.layer_pattern == ("pdr", "gqa")
+
+
+def test_resolved_config_round_trips(tmp_path, repo):
+    cfg = load_config(str(repo / "curricula" / "tiny.yaml"), ["model.d_model=96"])
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, str(out))
+    assert "base_config" not in yaml.safe_load(out.read_text())
+    assert load_config(str(out)) == cfg
+    assert to_dict(cfg)["model"]["d_model"] == 96
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.d_modle=3"], "did you mean 'd_model'"),
+    (["modle.d_model=3"], "did you mean 'model'"),
+    (["model.n_heads=6", "model.n_kv_heads=4"], "model.n_heads"),
+    (["model.n_layers=6"], "model.n_layers"),
+    (["model.d_ff=0"], "model.d_ff"),
+    (["model.d_model=abc"], "model.d_model: expected an integer"),
+    (["model.layer_pattern=[pdr, mlp]"], "model.layer_pattern"),
+    (["moe.num_experts=9"], "moe.lattice"),
+    (["train.batch_size=10", "train.grad_accum=3"], "train.batch_size"),
+    (["model.pdr_init_decay=1.5"], "model.pdr_init_decay"),
+    (["model"], "section.key=value"),
+])
+def test_bad_config_gives_one_line_error_naming_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_bad_yaml_files(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "a.yaml").write_text("base_config: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base_config: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_dataclasses_validate_on_direct_construction():
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        ModelConfig(n_heads=5, n_kv_heads=2)
+    with pytest.raises(ConfigError, match="lattice"):
+        MoEConfig(num_experts=8, lattice=(2, 2, 3))
