@@ -126,7 +126,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
     """Unboxed parameter pytree of a fresh model."""
     model = PerspectiveLM(cfg)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    variables = model.init(rng, tokens)
+    variables = jax.jit(model.init)(rng, tokens)
     return nn.meta.unbox(variables)["params"]
 
 
