@@ -9,6 +9,7 @@ Sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -62,6 +63,24 @@ def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Ar
     return jax.random.categorical(rng, filter_logits(logits, sampling)).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(cfg: ModelConfig):
+    """Jitted (prefill, step) for one model config, compiled once per shape."""
+    model = PerspectiveLM(cfg)
+
+    @jax.jit
+    def prefill(p, tokens, cache):
+        logits, cache = model.apply({"params": p}, tokens, cache=cache)
+        return logits[:, -1], cache
+
+    @jax.jit
+    def step(p, token, cache):
+        logits, cache = model.apply({"params": p}, token[:, None], cache=cache)
+        return logits[:, -1], cache
+
+    return prefill, step
+
+
 def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
              sampling: Sampling = Sampling(), seed: int = 0,
              eos_id: Optional[int] = None) -> np.ndarray:
@@ -73,18 +92,7 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
         raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
         raise UserError(f"prompt ids must lie in [0, {cfg.vocab_size})")
-    model = PerspectiveLM(cfg)
-
-    @jax.jit
-    def prefill(p, tokens, cache):
-        logits, cache = model.apply({"params": p}, tokens, cache=cache)
-        return logits[:, -1], cache
-
-    @jax.jit
-    def step(p, token, cache, rng):
-        logits, cache = model.apply({"params": p}, token[:, None], cache=cache)
-        return logits[:, -1], cache
-
+    prefill, step = _compiled(cfg)
     rng = jax.random.key(seed)
     logits, cache = prefill(params, jnp.asarray(prompt), init_cache(cfg, prompt.shape[0]))
     out = []
@@ -97,5 +105,5 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
             done |= out[-1] == eos_id
             if done.all():
                 break
-        logits, cache = step(params, token, cache, sub)
+        logits, cache = step(params, token, cache)
     return np.stack(out, axis=1)

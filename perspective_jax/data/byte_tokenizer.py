@@ -11,9 +11,13 @@ import numpy as np
 class ByteTokenizer:
     PAD, BOS, EOS = 256, 257, 258
     vocab_size = 259
+    eos_id = EOS
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
         data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < 256)

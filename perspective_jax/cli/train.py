@@ -1,0 +1,58 @@
+"""`perspective-train`: run a curriculum stage (SPEC §4).
+
+    perspective-train --stage dense --config curricula/tiny.yaml --run-dir runs/x \\
+        [--data PATH ...] [--init-from RUN_DIR] [section.key=value ...]
+
+Re-running the same command resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from perspective_jax.cli.common import add_config_args, cli_entry, exit_with
+from perspective_jax.config import load_config
+
+STAGES = ("dense",)
+
+
+@cli_entry
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="perspective-train",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", required=True, choices=STAGES,
+                        help="curriculum stage to run")
+    parser.add_argument("--run-dir", required=True, help="directory of this run "
+                        "(created; resumed if it holds checkpoints)")
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="text/JSONL files, directories or globs (default: the Python "
+                             "standard library source)")
+    parser.add_argument("--init-from", metavar="RUN_DIR",
+                        help="start from another run's final parameters and tokenizer")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    from perspective_jax.train.trainer import train
+
+    result = train(cfg, args.run_dir, data=args.data, init_from=args.init_from,
+                   progress=not args.no_progress and sys.stderr.isatty())
+    if result.stopped == "signal":
+        print(f"stopped by signal at step {result.step}; checkpoint saved in "
+              f"{args.run_dir} — rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"stage {args.stage}: step {result.step}, train loss {result.train_loss:.4f}"
+          + (f", val loss {result.val_loss:.4f} nats/token, "
+             f"{result.val_bits_per_char:.3f} bits/char" if result.val_loss is not None else "")
+          + f" ({result.wall_s:.0f}s)")
+    if result.sample:
+        print(f"sample: {result.sample!r}")
+    return 0
+
+
+main = exit_with(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Tokenise a corpus once into memory-mapped token files, cached by content hash.
+
+Layout: RUN_DIR/data/<hash>/{train,val}.bin (uint16 or uint32 ids, documents
+joined by EOS) and meta.json (token and character counts). The hash covers the
+documents, the tokenizer and the split, so any change re-tokenises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from perspective_jax.data.corpus import Document, content_hash
+from perspective_jax.errors import UserError
+
+_BATCH_DOCS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSplit:
+    tokens: np.ndarray      # memory-mapped ids [n_tokens]
+    n_chars: int            # characters of text behind them (for bits per char)
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.n_chars / max(len(self.tokens), 1)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    path = getattr(tokenizer, "path", None)
+    if path is None:
+        return type(tokenizer).__name__
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
+def _write_split(docs: list[Document], tokenizer, path: str) -> tuple[int, int]:
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+    n_tokens = n_chars = 0
+    with open(path, "wb") as fh:
+        for i in range(0, len(docs), _BATCH_DOCS):
+            group = docs[i:i + _BATCH_DOCS]
+            for doc, ids in zip(group, tokenizer.encode_batch([d.text for d in group])):
+                ids = np.append(ids, tokenizer.eos_id).astype(dtype)
+                fh.write(ids.tobytes())
+                n_tokens += len(ids)
+                n_chars += len(doc.text)
+    return n_tokens, n_chars
+
+
+def build_token_store(run_dir: str, train_docs: list[Document], val_docs: list[Document],
+                      tokenizer) -> tuple[TokenSplit, TokenSplit]:
+    key = content_hash(train_docs, "train") + content_hash(val_docs, "val")
+    key = hashlib.sha256((key + tokenizer_fingerprint(tokenizer)).encode()).hexdigest()[:16]
+    out = os.path.join(run_dir, "data", key)
+    meta_path = os.path.join(out, "meta.json")
+    dtype = "uint16" if tokenizer.vocab_size <= np.iinfo(np.uint16).max else "uint32"
+    if not os.path.exists(meta_path):
+        os.makedirs(out, exist_ok=True)
+        meta = {"dtype": dtype}
+        for name, docs in (("train", train_docs), ("val", val_docs)):
+            n_tok, n_chr = _write_split(docs, tokenizer, os.path.join(out, f"{name}.bin"))
+            meta[name] = {"tokens": n_tok, "chars": n_chr, "documents": len(docs)}
+        tmp = meta_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        os.replace(tmp, meta_path)  # meta.json last: a half-written store is never reused
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    splits = []
+    for name in ("train", "val"):
+        n = meta[name]["tokens"]
+        tokens = np.memmap(os.path.join(out, f"{name}.bin"), dtype=meta["dtype"], mode="r",
+                           shape=(n,)) if n else np.zeros((0,), meta["dtype"])
+        splits.append(TokenSplit(tokens, meta[name]["chars"]))
+    return splits[0], splits[1]
+
+
+def check_long_enough(split: TokenSplit, name: str, seq_len: int) -> None:
+    if len(split.tokens) < seq_len + 1:
+        raise UserError(f"the {name} split has {len(split.tokens)} tokens, fewer than "
+                        f"data.seq_len + 1 = {seq_len + 1}; use more text or a smaller "
+                        "data.seq_len")

@@ -1,0 +1,108 @@
+"""Tokenizers with one interface: `encode(str) -> int32 ids`, `decode(ids) -> str`,
+`vocab_size`, `eos_id`. Both are lossless on arbitrary Unicode.
+
+* `ByteTokenizer` — UTF-8 bytes (character-level benchmarks).
+* `SentencePieceTokenizer` — BPE trained on the corpus with byte fallback and
+  identity normalisation, saved in the run directory and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterable
+
+import numpy as np
+
+from perspective_jax.data.byte_tokenizer import ByteTokenizer
+from perspective_jax.errors import UserError
+
+SPM_FILE = "tokenizer.model"
+BYTE_MARKER = "tokenizer.byte"
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"cannot load tokenizer {model_file}: {exc}") from None
+        self.path = model_file
+        self.vocab_size = self._sp.get_piece_size()
+        self.eos_id = self._sp.eos_id()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, np.int32) for ids in self._sp.encode(texts)]
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+
+def _training_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
+    lines = [line for text in texts for line in text.splitlines(keepends=True) if line.strip()]
+    if len(lines) > max_lines:
+        lines = random.Random(seed).sample(lines, max_lines)
+    return lines
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
+                        seed: int = 0, max_lines: int = 300_000) -> SentencePieceTokenizer:
+    """Train a lossless BPE model on `texts`; writes out_dir/tokenizer.model."""
+    import sentencepiece as spm
+
+    if vocab_size < 256 + 4:
+        raise UserError(f"a sentencepiece vocabulary needs room for 256 byte pieces plus "
+                        f"specials; got model.vocab_size={vocab_size} (use >= 260, or "
+                        "data.tokenizer=byte)")
+    lines = _training_lines(texts, max_lines, seed)
+    if not lines:
+        raise UserError("cannot train a tokenizer: the training split has no text lines")
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "tokenizer")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, split_digits=True, character_coverage=0.9995,
+            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+            minloglevel=2, hard_vocab_limit=False)
+    except RuntimeError as exc:
+        raise UserError(f"sentencepiece training failed: {exc}") from None
+    if os.path.exists(prefix + ".vocab"):
+        os.remove(prefix + ".vocab")
+    return SentencePieceTokenizer(prefix + ".model")
+
+
+def load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: int = 0):
+    """The run's tokenizer: reuse the one saved in `run_dir`, else create it."""
+    spm_path = os.path.join(run_dir, SPM_FILE)
+    byte_path = os.path.join(run_dir, BYTE_MARKER)
+    if kind == "byte":
+        if os.path.exists(spm_path):
+            raise UserError(f"{run_dir} was created with a sentencepiece tokenizer; "
+                            "use a new --run-dir for data.tokenizer=byte")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(byte_path, "w") as fh:
+            fh.write("utf-8 bytes\n")
+        return ByteTokenizer()
+    if os.path.exists(byte_path):
+        raise UserError(f"{run_dir} was created with the byte tokenizer; "
+                        "use a new --run-dir for data.tokenizer=sentencepiece")
+    if os.path.exists(spm_path):
+        return SentencePieceTokenizer(spm_path)
+    return train_sentencepiece(train_texts(), vocab_size, run_dir, seed=seed)
+
+
+def load_tokenizer(run_dir: str):
+    """The tokenizer a finished run saved (for export, inference, later stages)."""
+    if os.path.exists(os.path.join(run_dir, SPM_FILE)):
+        return SentencePieceTokenizer(os.path.join(run_dir, SPM_FILE))
+    if os.path.exists(os.path.join(run_dir, BYTE_MARKER)):
+        return ByteTokenizer()
+    raise UserError(f"{run_dir} has no tokenizer ({SPM_FILE} or {BYTE_MARKER}); "
+                    "is it a perspective-train run directory?")

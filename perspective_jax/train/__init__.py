@@ -1,0 +1,1 @@
+"""Training: mesh/sharding, optimizer and steps, checkpoints, metrics, the loop."""

@@ -1,0 +1,84 @@
+"""Orbax checkpoints carrying the train state, the grain iterator and metadata.
+
+A checkpoint is a `Composite` of `state` (params, optimizer state, step),
+`data_iter` (grain iterator position) and `meta` (JSON: resolved config, seed,
+counters). Saves are asynchronous; `latest_step` only sees finalised ones, so a
+run killed mid-save resumes from the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from perspective_jax.config import CheckpointConfig
+from perspective_jax.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a live pytree, for restoring into."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, cfg: CheckpointConfig):
+        self.every = cfg.every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR)), options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, meta: dict, force: bool = False) -> bool:
+        if not force and step % self.every:
+            return False
+        if step in self.manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, state_like, data_iter=None) -> tuple[Any, dict]:
+        items = {"state": ocp.args.StandardRestore(abstract_like(state_like)),
+                 "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(run_dir: str, params_like) -> Any:
+    """Params of the latest checkpoint of another run (for --init-from)."""
+    directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
+    if not os.path.isdir(directory):
+        raise UserError(f"--init-from {run_dir}: no checkpoints/ directory; is it a "
+                        "finished perspective-train run?")
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    if step is None:
+        raise UserError(f"--init-from {run_dir}: the run has no complete checkpoint")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    del meta
+    # Restore only the params subtree; the optimizer state of the source is dropped.
+    target = {"params": abstract_like(params_like)}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+    manager.close()
+    return restored["state"]["params"]

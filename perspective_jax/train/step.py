@@ -1,0 +1,95 @@
+"""Optimizer, train state, and the jitted train / eval steps.
+
+State is a plain dict pytree {"step", "params", "opt_state"} (what orbax saves).
+The train step accumulates gradients over the leading `grad_accum` axis of the
+batch with `lax.scan`, then applies AdamW (warmup + cosine, global-norm clip,
+decoupled weight decay on matrices only). A non-finite loss or gradient skips
+the update (state unchanged except `step`) and reports `finite = False`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from perspective_jax.config import TrainConfig
+
+NO_DECAY = ("scale", "b_p")  # norm scales and the decay bias are not weight-decayed
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+    def keep(path, _):
+        return not any(getattr(p, "key", None) in NO_DECAY for p in path)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(lr_schedule(cfg), b1=0.9, b2=0.95, eps=1e-8,
+                             weight_decay=cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def init_state(params, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood in float32. logits [B,T,V], targets [B,T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    """apply_fn(params, inputs [B,T]) -> logits. Returns step(state, batch) -> (state, metrics)
+    with batch [accum, micro, T+1] int32."""
+
+    def loss_fn(params, window):
+        logits = apply_fn(params, window[:, :-1])
+        return jnp.mean(token_nll(logits, window[:, 1:]))
+
+    def step(state, batch):
+        params = state["params"]
+
+        def micro(acc, window):
+            loss, grads = jax.value_and_grad(loss_fn)(params, window)
+            return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
+        n = batch.shape[0]
+        loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                   "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(apply_fn: Callable) -> Callable:
+    """eval(params, windows [B, T+1]) -> (sum of token NLL, token count)."""
+
+    def evaluate(params, windows):
+        nll = token_nll(apply_fn(params, windows[:, :-1]), windows[:, 1:])
+        return jnp.sum(nll), jnp.float32(nll.size)
+
+    return evaluate

@@ -1,0 +1,268 @@
+"""The training loop shared by every stage (SPEC §4).
+
+    result = train(cfg, run_dir, data=["corpus/"], init_from=None)
+
+Run directory: config.yaml (resolved), tokenizer, data/<hash>/ token files,
+checkpoints/ (orbax), metrics.jsonl, tb/. A run with checkpoints resumes from
+the latest one exactly (params, optimizer, step, data position); SIGINT/SIGTERM
+save a checkpoint and stop; K non-finite steps in a row stop the run with the
+last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perspective_jax.config import PerspectiveConfig, load_config, save_config, to_dict
+from perspective_jax.data.corpus import (default_corpus_files, expand_paths,
+                                         read_documents, split_documents)
+from perspective_jax.data.pipeline import eval_batches, train_iterator
+from perspective_jax.data.token_store import build_token_store, check_long_enough
+from perspective_jax.data.tokenizer import load_or_train
+from perspective_jax.errors import UserError
+from perspective_jax.generate import Sampling, generate
+from perspective_jax.model.transformer import PerspectiveLM, abstract_params, logical_axes
+from perspective_jax.train import sharding as shd
+from perspective_jax.train.checkpoint import Checkpointer, restore_params
+from perspective_jax.train.metrics import MetricsLogger, progress_bar
+from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
+                                        make_optimizer, make_train_step)
+
+CONFIG_FILE = "config.yaml"
+MAX_NONFINITE_IN_A_ROW = 5
+SAMPLE_PROMPT_TOKENS = 16
+SAMPLE_NEW_TOKENS = 48
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    train_loss: float
+    val_loss: Optional[float]
+    val_bits_per_char: Optional[float]
+    sample: str
+    stopped: str  # "finished" | "signal" | "nonfinite"
+    wall_s: float
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _shape_signature(cfg: PerspectiveConfig) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(cfg.model))[0]
+    return {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype)) for p, a in leaves}
+
+
+def check_resume_compatible(saved: PerspectiveConfig, cfg: PerspectiveConfig,
+                            run_dir: str) -> None:
+    """Refuse a resume whose config changes parameter shapes or the data stream."""
+    old, new = _shape_signature(saved), _shape_signature(cfg)
+    if old != new:
+        changed = [f"model.{f.name}: {getattr(saved.model, f.name)!r} -> "
+                   f"{getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(cfg.model)
+                   if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+        raise UserError(f"{run_dir} holds a model of another shape ({'; '.join(changed)}); "
+                        "resume with the original config, or use a new --run-dir "
+                        "(optionally --init-from)")
+    for section, keys in (("data", ("seq_len", "tokenizer", "seed", "val_fraction")),
+                          ("train", ("batch_size", "grad_accum", "seed"))):
+        for key in keys:
+            a, b = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+            if a != b:
+                raise UserError(f"{run_dir} was trained with {section}.{key}={a!r}; resuming "
+                                f"with {b!r} would not continue the same data stream — "
+                                "use the original value or a new --run-dir")
+
+
+def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]],
+                 tokenizer_from: Optional[str] = None):
+    """Corpus → tokenizer (trained or reused) → cached token files."""
+    files = expand_paths(data) if data else default_corpus_files()
+    docs = read_documents(files)
+    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
+    if tokenizer_from:
+        from perspective_jax.data.tokenizer import SPM_FILE, BYTE_MARKER
+        import shutil
+        for name in (SPM_FILE, BYTE_MARKER):
+            src = os.path.join(tokenizer_from, name)
+            if os.path.exists(src) and not os.path.exists(os.path.join(run_dir, name)):
+                shutil.copy(src, os.path.join(run_dir, name))
+    tokenizer = load_or_train(cfg.data.tokenizer, run_dir, cfg.model.vocab_size,
+                              lambda: (d.text for d in train_docs), seed=cfg.data.seed)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but "
+                        f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    train_split, val_split = build_token_store(run_dir, train_docs, val_docs, tokenizer)
+    check_long_enough(train_split, "training", cfg.data.seq_len)
+    check_long_enough(val_split, "validation", cfg.data.seq_len)
+    return tokenizer, train_split, val_split
+
+
+def _prepare_run_dir(cfg: PerspectiveConfig, run_dir: str) -> Optional[PerspectiveConfig]:
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CONFIG_FILE)
+    saved = load_config(path) if os.path.exists(path) else None
+    return saved
+
+
+def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = None,
+          init_from: Optional[str] = None, devices=None, progress: bool = True,
+          max_steps_this_call: Optional[int] = None) -> TrainResult:
+    """Train (or resume) the dense model described by `cfg` in `run_dir`."""
+    t_start = time.perf_counter()
+    saved_cfg = _prepare_run_dir(cfg, run_dir)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    resuming = ckpt.latest_step() is not None
+    if resuming and saved_cfg is not None:
+        check_resume_compatible(saved_cfg, cfg, run_dir)
+    save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
+    tokenizer, train_split, val_split = prepare_data(cfg, run_dir, data, init_from)
+
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    divisor = shd.batch_divisor(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % divisor:
+        raise UserError(f"micro-batch {micro} (train.batch_size / train.grad_accum) is not "
+                        f"divisible by the {divisor} data-parallel shards of the mesh "
+                        f"{dict(mesh.shape)}")
+    model = PerspectiveLM(cfg.model)
+    tx = make_optimizer(cfg.train)
+    abstract = abstract_params(cfg.model)
+    p_shard = shd.param_shardings(logical_axes(cfg.model), abstract, mesh)
+
+    def apply_fn(params, inputs):
+        return model.apply({"params": params}, inputs)[0]
+
+    with mesh:
+        if init_from and not resuming:
+            params = jax.device_put(restore_params(init_from, abstract), p_shard)
+        else:
+            from perspective_jax.model.transformer import init_params
+            params = jax.jit(lambda r: init_params(cfg.model, r), out_shardings=p_shard)(
+                jax.random.key(cfg.train.seed))
+        state = jax.jit(lambda p: init_state(p, tx))(params)
+        state_shard = jax.tree.map(lambda a: a.sharding, state)
+        data_iter = train_iterator(train_split.tokens, cfg.data.seq_len, cfg.train.batch_size,
+                                   cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        counters = {"nonfinite_total": 0}
+        if resuming:
+            state, meta = ckpt.restore(ckpt.latest_step(), state, data_iter)
+            counters["nonfinite_total"] = int(meta.get("nonfinite_total", 0))
+
+        batch_sharding = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None))
+        train_step = jax.jit(make_train_step(apply_fn, tx, lr_schedule(cfg.train)),
+                             in_shardings=(state_shard, batch_sharding),
+                             out_shardings=(state_shard, None), donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(apply_fn))
+        val_windows = eval_batches(val_split.tokens, cfg.data.seq_len, micro,
+                                   cfg.train.eval_batches)
+        logger = MetricsLogger(run_dir)
+        start = int(state["step"])
+        end = cfg.train.steps if max_steps_this_call is None else min(
+            cfg.train.steps, start + max_steps_this_call)
+        global_shape = (cfg.train.grad_accum, micro, cfg.data.seq_len + 1)
+        result = TrainResult(run_dir, start, float("nan"), None, None, "", "finished", 0.0)
+
+        def meta():
+            return {"config": to_dict(cfg), **counters}
+
+        def evaluate(step):
+            total, count = 0.0, 0.0
+            for w in val_windows:
+                w = jax.make_array_from_callback(w.shape, shd.batch_sharding(mesh),
+                                                 lambda idx, w=w: w[idx])
+                s, c = eval_step(state["params"], w)
+                total, count = total + float(s), count + float(c)
+            loss = total / count
+            prompt = np.asarray(val_split.tokens[:SAMPLE_PROMPT_TOKENS], np.int32)[None]
+            out = generate(cfg.model, state["params"], prompt, SAMPLE_NEW_TOKENS,
+                           Sampling(temperature=0.8, top_k=40), seed=step)
+            sample = tokenizer.decode(np.concatenate([prompt[0], out[0]]))
+            bpc = loss / math.log(2) / val_split.chars_per_token
+            logger.log(step, "eval", {"val_loss": loss, "val_bits_per_token": loss / math.log(2),
+                                      "val_bits_per_char": bpc, "sample": sample})
+            result.val_loss, result.val_bits_per_char, result.sample = loss, bpc, sample
+            return loss
+
+        bar = progress_bar(end, start, progress, desc=f"train {cfg.name}")
+        in_a_row, window_t, window_steps = 0, time.perf_counter(), 0
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        with _StopFlag() as stop:
+            for step in range(start, end):
+                local = next(data_iter)
+                batch = jax.make_array_from_process_local_data(batch_sharding, local,
+                                                               global_shape)
+                state, m = train_step(state, batch)
+                done = step + 1
+                window_steps += 1
+                if not bool(m["finite"]):
+                    in_a_row += 1
+                    counters["nonfinite_total"] += 1
+                    logger.log(done, "nonfinite", {"loss": float(m["loss"])})
+                    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        result.stopped = "nonfinite"
+                        break
+                else:
+                    in_a_row = 0
+                    if done % cfg.train.log_every == 0 or done == end:
+                        loss = float(m["loss"])
+                        elapsed = time.perf_counter() - window_t
+                        tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                        logger.log(done, "train", {"loss": loss, "lr": float(m["lr"]),
+                                                   "grad_norm": float(m["grad_norm"]),
+                                                   "tokens_per_s": tps})
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                        result.train_loss = loss
+                        window_t, window_steps = time.perf_counter(), 0
+                    if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                        bar.write(f"step {done}: val loss {evaluate(done):.4f}")
+                    ckpt.save(done, state, data_iter, meta(), force=done == end)
+                bar.update(1)
+                result.step = done
+                if stop.signal is not None:
+                    ckpt.save(done, state, data_iter, meta(), force=True)
+                    result.stopped = "signal"
+                    break
+        bar.close()
+        ckpt.close()
+        last_good = ckpt.latest_step()
+        logger.close()
+    result.wall_s = time.perf_counter() - t_start
+    if result.stopped == "nonfinite":
+        raise UserError(f"{MAX_NONFINITE_IN_A_ROW} non-finite steps in a row ending at step "
+                        f"{result.step}; stopped with the last good checkpoint "
+                        f"(step {last_good}) intact — lower train.learning_rate")
+    return result
