@@ -1,7 +1,18 @@
-"""Shared fixtures: a small model config and the repository paths."""
+"""Shared fixtures: a small model config, a small real corpus, repository paths.
+
+XLA is asked for 8 host devices (before jax is imported) so sharding tests can
+build real meshes on CPU; unsharded code still runs on device 0.
+"""
 
 import os
 import pathlib
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import inspect  # noqa: E402
 
 import pytest
 
@@ -28,3 +39,29 @@ def shakespeare_path() -> pathlib.Path:
     if not SHARED_DATA.is_file():
         pytest.skip("shared TinyShakespeare corpus not present beside the repository")
     return SHARED_DATA
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> pathlib.Path:
+    """A directory of real text: a few modules of Python's own standard library."""
+    import argparse
+    import difflib
+    import textwrap
+    out = tmp_path / "corpus"
+    out.mkdir()
+    for mod in (argparse, difflib, textwrap):
+        src = inspect.getsourcefile(mod)
+        (out / (mod.__name__ + ".py")).write_text(pathlib.Path(src).read_text())
+    return out
+
+
+def train_overrides(**extra) -> list[str]:
+    """A very small dense run: byte tokenizer, 2 layers of width 32."""
+    base = {"model.vocab_size": 259, "model.d_model": 32, "model.n_layers": 4,
+            "model.d_ff": 64, "model.pdr_rank": 8, "model.n_heads": 2, "model.n_kv_heads": 2,
+            "model.head_dim": 16, "model.window": 16, "data.tokenizer": "byte",
+            "data.seq_len": 32, "train.batch_size": 8, "train.steps": 6,
+            "train.warmup_steps": 2, "train.eval_every": 1000, "train.eval_batches": 1,
+            "train.log_every": 1, "checkpoint.every": 3, "checkpoint.keep": 10}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,7 +1,7 @@
 """`perspective-train`: run a curriculum stage (SPEC §4).
 
     perspective-train --stage dense --config curricula/tiny.yaml --run-dir runs/x \\
-        [--data PATH ...] [--init-from RUN_DIR] [section.key=value ...]
+        [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [section.key=value ...]
 
 Re-running the same command resumes from the run's latest checkpoint.
 """
@@ -25,9 +25,9 @@ def run(argv=None) -> int:
                         help="curriculum stage to run")
     parser.add_argument("--run-dir", required=True, help="directory of this run "
                         "(created; resumed if it holds checkpoints)")
-    parser.add_argument("--data", nargs="+", metavar="PATH",
-                        help="text/JSONL files, directories or globs (default: the Python "
-                             "standard library source)")
+    parser.add_argument("--data", action="append", metavar="PATH",
+                        help="a text/JSONL file, directory or glob; repeat for more "
+                             "(default: the Python standard library source)")
     parser.add_argument("--init-from", metavar="RUN_DIR",
                         help="start from another run's final parameters and tokenizer")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

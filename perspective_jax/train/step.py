@@ -71,7 +71,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
         (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
         n = batch.shape[0]
         loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -163,7 +163,7 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     def apply_fn(params, inputs):
         return model.apply({"params": params}, inputs)[0]
 
-    with mesh:
+    with jax.set_mesh(mesh):
         if init_from and not resuming:
             params = jax.device_put(restore_params(init_from, abstract), p_shard)
         else:
