@@ -106,3 +106,30 @@ def format_table(cfg: ModelConfig, title: str = "") -> str:
     lines.append(row("shared (all but routed slots)", "", "", info["shared_params"]))
     lines.append(row("total", "", "", info["total_params"]))
     return "\n".join(lines)
+
+
+def _matmul_params(cfg: ModelConfig) -> int:
+    """Weights used in matmuls per token: every layer's mixer and FFN, plus the head."""
+    comps = census(cfg)
+    dense = sum(c.params for c in comps if c.name.endswith(("mixer", "FFN (after GQA)",
+                                                             "(routed slot)")))
+    return dense + cfg.vocab_size * cfg.d_model
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one forward pass per token (2 per multiply-add).
+
+    Counts the projections and head (2·N), the PDR chunk work (pairwise scores
+    and decayed sums within a chunk, S·q, the state update) and windowed
+    attention over the keys a query actually sees (mean of min(t+1, W)).
+    """
+    d, r, c = cfg.d_model, cfg.pdr_rank, cfg.pdr_chunk
+    pdr = 2 * (c * r + c * d) + 4 * d * r
+    keys = sum(min(t + 1, cfg.window) for t in range(seq_len)) / seq_len
+    attn = 4 * cfg.n_heads * cfg.head_dim * keys
+    return (2 * _matmul_params(cfg) + cfg.n_pdr_layers * pdr + cfg.n_gqa_layers * attn)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward ≈ 3 × forward (without rematerialisation)."""
+    return 3 * forward_flops_per_token(cfg, seq_len)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The main job, from nothing: set up, print the census of every preset, then run
-# the tiny model forward on real text (a module of Python's own standard library).
+# The main job, from nothing: set up, print the parameter census of the presets,
+# then train the tiny dense model on the default corpus (Python's standard
+# library source) and print a generated sample. Re-running resumes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-for preset in tiny small perspective-1t; do
+for preset in tiny perspective-1t; do
   .venv/bin/perspective-info --config "curricula/${preset}.yaml"
   echo
 done
-TEXT="$(.venv/bin/python -c 'import inspect, textwrap; print(inspect.getsourcefile(textwrap))')"
-.venv/bin/perspective-info --config curricula/tiny.yaml --forward-text "$TEXT" --seq-len 512 \
-  | tail -n 1
+.venv/bin/perspective-train --stage dense --config curricula/tiny.yaml \
+  --run-dir runs/quickstart-dense "$@"

@@ -44,6 +44,7 @@ def test_base_config_inheritance_and_overrides(tmp_path):
     assert cfg.model.n_layers == 8          # inherited
     assert cfg.train.steps == 7             # override wins
     assert cfg.model.layer_pattern == ("pdr", "gqa")
+    assert load_config(None, ["train.learning_rate=3e-3"]).train.learning_rate == 3e-3
 
 
 def test_resolved_config_round_trips(tmp_path, repo):

@@ -51,7 +51,7 @@ class TrainResult:
     val_loss: Optional[float]
     val_bits_per_char: Optional[float]
     sample: str
-    stopped: str  # "finished" | "signal" | "nonfinite"
+    stopped: str  # "finished" | "signal" | "nonfinite" | "deadline"
     wall_s: float
 
 
@@ -137,8 +137,12 @@ def _prepare_run_dir(cfg: PerspectiveConfig, run_dir: str) -> Optional[Perspecti
 
 def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = None,
           init_from: Optional[str] = None, devices=None, progress: bool = True,
-          max_steps_this_call: Optional[int] = None) -> TrainResult:
-    """Train (or resume) the dense model described by `cfg` in `run_dir`."""
+          max_steps_this_call: Optional[int] = None,
+          deadline_s: Optional[float] = None) -> TrainResult:
+    """Train (or resume) the dense model described by `cfg` in `run_dir`.
+
+    `deadline_s` (seconds since this call started) ends training early — with a
+    final evaluation and checkpoint — for wall-clock-budgeted benchmarks."""
     t_start = time.perf_counter()
     saved_cfg = _prepare_run_dir(cfg, run_dir)
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
@@ -256,6 +260,14 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
                     ckpt.save(done, state, data_iter, meta(), force=True)
                     result.stopped = "signal"
                     break
+                if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
+                    if result.val_loss is None or done % cfg.train.eval_every:
+                        evaluate(done)
+                    ckpt.save(done, state, data_iter, meta(), force=True)
+                    result.stopped = "deadline"
+                    break
+        if result.val_loss is None and result.stopped != "nonfinite":
+            evaluate(result.step)  # e.g. the run was already complete: report it anyway
         bar.close()
         ckpt.close()
         last_good = ckpt.latest_step()
