@@ -13,9 +13,12 @@ import math
 
 import jax
 
-from perspective_jax.config import ModelConfig
+from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.model.transformer import abstract_params
 
+DENSE_SLOT = "FFN after PDR (dense slot)"
+EXPERTS = "routed experts (after PDR)"
+ROUTER = "torus router"
 # Bits per weight of each storage format reported by the census.
 FORMAT_BITS = {"float32": 32.0, "bfloat16": 16.0, "2-bit": 2.0, "ternary": 8.0 / 5.0}
 
@@ -36,9 +39,9 @@ def _size(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def census(cfg: ModelConfig) -> list[Component]:
+def census(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> list[Component]:
     """Parameters per SPEC component, from the model's abstract parameter tree."""
-    params = abstract_params(cfg)
+    params = abstract_params(cfg, moe)
     groups: dict[str, int] = {}
 
     def add(key, n):
@@ -50,25 +53,35 @@ def census(cfg: ModelConfig) -> list[Component]:
         layer = params["periods"][f"layer_{i}"]
         add(f"{kind.upper()} mixer", _size(layer["mixer"]))
         add("norms", _size(layer["mixer_norm"]) + _size(layer["ffn_norm"]))
-        ffn_key = "FFN after PDR (routed slot)" if kind == "pdr" else "shared FFN (after GQA)"
-        add(ffn_key, _size(layer["ffn"]))
+        if kind == "pdr" and cfg.routed:
+            ffn = dict(layer["ffn"])
+            add(ROUTER, _size(ffn.pop("router")))
+            add(EXPERTS, _size(ffn))
+        elif kind == "pdr":
+            add(DENSE_SLOT, _size(layer["ffn"]))
+        else:
+            add("shared FFN (after GQA)", _size(layer["ffn"]))
     counts = {"PDR mixer": cfg.n_pdr_layers, "GQA mixer": cfg.n_gqa_layers,
-              "shared FFN (after GQA)": cfg.n_gqa_layers,
-              "FFN after PDR (routed slot)": cfg.n_pdr_layers,
+              "shared FFN (after GQA)": cfg.n_gqa_layers, DENSE_SLOT: cfg.n_pdr_layers,
+              EXPERTS: cfg.n_pdr_layers, ROUTER: cfg.n_pdr_layers,
               "embedding (tied head)": 1, "norms": 2 * cfg.n_layers + 1}
-    return [Component(name, counts[name], n, not name.startswith("FFN after PDR"))
+    return [Component(name, counts[name], n, name not in (DENSE_SLOT, EXPERTS))
             for name, n in groups.items()]
 
 
-def summary(cfg: ModelConfig) -> dict:
-    """Machine-readable census: components, shared/total params, bytes per format."""
-    comps = census(cfg)
+def summary(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> dict:
+    """Machine-readable census: components, shared/expert/total/active params, bytes."""
+    comps = census(cfg, moe)
     shared = sum(c.params for c in comps if c.shared)
     total = sum(c.params for c in comps)
+    experts = sum(c.params for c in comps if c.name == EXPERTS)
+    slots = sum(c.params for c in comps if c.name == DENSE_SLOT)
     return {
         "components": [dict(dataclasses.asdict(c), per_layer=c.per_layer) for c in comps],
         "shared_params": shared,
+        "expert_params": experts,
         "total_params": total,
+        "active_params_per_token": shared + slots + experts // (moe.num_experts if experts else 1),
         "bytes": {fmt: int(math.ceil(total * bits / 8)) for fmt, bits in FORMAT_BITS.items()},
         "format_bits": FORMAT_BITS,
     }
@@ -88,8 +101,8 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def format_table(cfg: ModelConfig, title: str = "") -> str:
-    info = summary(cfg)
+def format_table(cfg: ModelConfig, title: str = "", moe: MoEConfig = MoEConfig()) -> str:
+    info = summary(cfg, moe)
     fmts = list(FORMAT_BITS)
     head = f"{'component':30s} {'layers':>6s} {'per layer':>11s} {'params':>11s}" + "".join(
         f" {f:>10s}" for f in fmts)
@@ -103,17 +116,21 @@ def format_table(cfg: ModelConfig, title: str = "") -> str:
     for c in info["components"]:
         lines.append(row(c["name"], str(c["count"]), human(c["per_layer"]), c["params"]))
     lines.append("-" * len(head))
-    lines.append(row("shared (all but routed slots)", "", "", info["shared_params"]))
+    lines.append(row("shared (all but FFNs after PDR)", "", "", info["shared_params"]))
+    if info["expert_params"]:
+        lines.append(row("experts", "", "", info["expert_params"]))
     lines.append(row("total", "", "", info["total_params"]))
+    lines.append(row("active per token", "", "", info["active_params_per_token"]))
     return "\n".join(lines)
 
 
-def _matmul_params(cfg: ModelConfig) -> int:
-    """Weights used in matmuls per token: every layer's mixer and FFN, plus the head."""
-    comps = census(cfg)
-    dense = sum(c.params for c in comps if c.name.endswith(("mixer", "FFN (after GQA)",
-                                                             "(routed slot)")))
-    return dense + cfg.vocab_size * cfg.d_model
+def _matmul_params(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> int:
+    """Weights used in matmuls per token: mixers, the FFN each token uses, the head."""
+    comps = {c.name: c.params for c in census(cfg, moe)}
+    used = sum(n for name, n in comps.items() if name.endswith("mixer"))
+    used += comps.get("shared FFN (after GQA)", 0) + comps.get(DENSE_SLOT, 0)
+    used += comps.get(EXPERTS, 0) // moe.num_experts
+    return used + cfg.vocab_size * cfg.d_model
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

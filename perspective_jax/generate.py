@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perspective_jax.config import ModelConfig
+from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import PerspectiveLM, init_cache
 
@@ -64,9 +64,9 @@ def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Ar
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(cfg: ModelConfig):
+def _compiled(cfg: ModelConfig, moe: MoEConfig):
     """Jitted (prefill, step) for one model config, compiled once per shape."""
-    model = PerspectiveLM(cfg)
+    model = PerspectiveLM(cfg, moe)
 
     @jax.jit
     def prefill(p, tokens, cache):
@@ -83,7 +83,7 @@ def _compiled(cfg: ModelConfig):
 
 def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
              sampling: Sampling = Sampling(), seed: int = 0,
-             eos_id: Optional[int] = None) -> np.ndarray:
+             eos_id: Optional[int] = None, moe: MoEConfig = MoEConfig()) -> np.ndarray:
     """prompt [B, T0] int → generated continuation [B, ≤ max_new_tokens]."""
     prompt = np.asarray(prompt, dtype=np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -92,7 +92,7 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
         raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
         raise UserError(f"prompt ids must lie in [0, {cfg.vocab_size})")
-    prefill, step = _compiled(cfg)
+    prefill, step = _compiled(cfg, moe)
     rng = jax.random.key(seed)
     logits, cache = prefill(params, jnp.asarray(prompt), init_cache(cfg, prompt.shape[0]))
     out = []

@@ -22,11 +22,22 @@ def test_full_preset_matches_spec_section_2(repo):
     assert within(comps["GQA mixer"].per_layer, 41.9e6)
     assert comps["GQA mixer"].count == 20
     assert within(comps["shared FFN (after GQA)"].per_layer, 135.3e6)
-    assert within(comps["FFN after PDR (routed slot)"].per_layer, 135.3e6)
-    info = summary(cfg)
+    assert comps["routed experts (after PDR)"].count == 60
+    assert within(comps["routed experts (after PDR)"].per_layer, 128 * 135.3e6)
+    info = summary(cfg, load_config(str(repo / "curricula" / "perspective-1t.yaml")).moe)
     assert within(info["shared_params"], 6.83e9)
-    # dense build: one FFN per routed slot → the active-per-token figure of SPEC §2
-    assert within(info["total_params"], 14.95e9)
+    assert within(info["expert_params"], 1039e9)
+    assert within(info["total_params"], 1.046e12)
+    assert within(info["active_params_per_token"], 14.95e9)
+
+
+def test_dense_build_of_the_full_preset(repo):
+    """Before upcycling, each PDR layer has one dense FFN: total = active ≈ 14.95B."""
+    import dataclasses
+    cfg = load_config(str(repo / "curricula" / "perspective-1t.yaml")).model
+    info = summary(dataclasses.replace(cfg, routed=False))
+    assert within(info["total_params"], 14.95e9) and info["expert_params"] == 0
+    assert info["active_params_per_token"] == info["total_params"]
 
 
 def test_census_equals_real_parameter_count(small_cfg):

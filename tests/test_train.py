@@ -131,7 +131,9 @@ def test_nonfinite_update_is_skipped():
     tcfg = TrainConfig(steps=10, warmup_steps=1)
     tx = make_optimizer(tcfg)
     params = {"w": jnp.ones((3, 3))}
-    apply_fn = lambda p, x: jnp.zeros(x.shape + (4,)) + p["w"][0, 0] * jnp.log(-1.0 + 0 * x[..., None])
+    def apply_fn(p, x):
+        logits = jnp.zeros(x.shape + (4,)) + p["w"][0, 0] * jnp.log(-1.0 + 0 * x[..., None])
+        return logits, jnp.float32(0.0), {}
     step = jax.jit(make_train_step(apply_fn, tx, lr_schedule(tcfg)))
     state = init_state(params, tx)
     new, m = step(state, jnp.zeros((1, 2, 5), jnp.int32))

@@ -76,13 +76,14 @@ def run(argv=None) -> int:
 
     from perspective_jax.census import format_table, summary
 
-    result = {"name": cfg.name, "census": summary(cfg.model)}
+    result = {"name": cfg.name, "census": summary(cfg.model, cfg.moe)}
     if args.forward_text:
         result["forward"] = forward_on_text(cfg, args.forward_text, args.seq_len)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(format_table(cfg.model, title=f"== {cfg.name} ({args.config or 'defaults'}) =="))
+    print(format_table(cfg.model, title=f"== {cfg.name} ({args.config or 'defaults'}) ==",
+                       moe=cfg.moe))
     if "forward" in result:
         f = result["forward"]
         print(f"forward on {f['file']} ({f['tokens']} byte tokens, fresh init): "

@@ -14,14 +14,14 @@ import sys
 from perspective_jax.cli.common import add_config_args, cli_entry, exit_with
 from perspective_jax.config import load_config
 
-STAGES = ("dense",)
 
 
 @cli_entry
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="perspective-train",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--stage", required=True, choices=STAGES,
+    parser.add_argument("--stage", required=True,
+                        choices=("dense", "upcycle", "sparse", "all"),
                         help="curriculum stage to run")
     parser.add_argument("--run-dir", required=True, help="directory of this run "
                         "(created; resumed if it holds checkpoints)")
@@ -35,10 +35,13 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
-    from perspective_jax.train.trainer import train
+    from perspective_jax.train.stages import run_stage
 
-    result = train(cfg, args.run_dir, data=args.data, init_from=args.init_from,
-                   progress=not args.no_progress and sys.stderr.isatty())
+    result = run_stage(args.stage, cfg, args.run_dir, data=args.data,
+                       init_from=args.init_from,
+                       progress=not args.no_progress and sys.stderr.isatty())
+    if result is None:
+        return 0
     if result.stopped == "signal":
         print(f"stopped by signal at step {result.step}; checkpoint saved in "
               f"{args.run_dir} — rerun the same command to resume", file=sys.stderr)
@@ -47,6 +50,11 @@ def run(argv=None) -> int:
           + (f", val loss {result.val_loss:.4f} nats/token, "
              f"{result.val_bits_per_char:.3f} bits/char" if result.val_loss is not None else "")
           + f" ({result.wall_s:.0f}s)")
+    if result.routing:
+        r = result.routing
+        print(f"routing: gini {r['gini']:.3f}, all experts reachable: {r['all_reachable']}, "
+              f"adjacent-token switches same/neighbour/other "
+              f"{r['switch_same']:.2f}/{r['switch_neighbour']:.2f}/{r['switch_other']:.2f}")
     if result.sample:
         print(f"sample: {result.sample!r}")
     return 0

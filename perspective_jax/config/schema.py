@@ -60,7 +60,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    scan_layers: bool = True
+    # FFN after each PDR layer: one dense SwiGLU, or routed experts (moe.*).
+    routed: bool = False
 
     def __post_init__(self):
         s = "model"
@@ -113,7 +114,16 @@ class MoEConfig:
     num_experts: int = 8
     lattice: tuple[int, int, int] = (2, 2, 2)
     router_temperature: float = 1.0
+    learn_temperature: bool = True
+    # std of W_route entries × √d: z = h·W_route spreads over ~this many torus turns
+    route_init_scale: float = 1.0
     offset_init_scale: float = 0.01
+    # straight_through: gate value 1 in the forward pass (upcycling is exact),
+    # gradient of g to the router; softmax: output scaled by g itself.
+    gate: str = "straight_through"
+    dispatch: str = "auto"          # auto | ragged | blocked | dense
+    dispatch_block: int = 64
+    upcycle_noise: float = 0.01     # relative std of the noise added per expert
     balance_weight: float = 0.01
     delta_weight: float = 0.001
     smoothness_weight: float = 0.005
@@ -127,8 +137,13 @@ class MoEConfig:
                  f"{'x'.join(map(str, self.lattice))} = {math.prod(self.lattice)} cells "
                  f"but num_experts={self.num_experts}; make them equal")
         for name in ("offset_init_scale", "balance_weight", "delta_weight",
-                     "smoothness_weight"):
+                     "smoothness_weight", "upcycle_noise", "route_init_scale"):
             _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
+        _require(self.gate in ("straight_through", "softmax"), f"{s}.gate",
+                 f"use 'straight_through' or 'softmax', got {self.gate!r}")
+        _require(self.dispatch in ("auto", "ragged", "blocked", "dense"), f"{s}.dispatch",
+                 f"use auto, ragged, blocked or dense, got {self.dispatch!r}")
+        _positive(self, "dispatch_block", section=s)
 
 
 @dataclasses.dataclass(frozen=True)

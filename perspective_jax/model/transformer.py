@@ -24,10 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from perspective_jax.config import ModelConfig
+from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.model.attention import WindowedGQA, init_kv_cache
 from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from perspective_jax.model.pdr import PDRMixer, init_pdr_cache
+from perspective_jax.moe.routed_ffn import RoutedFFN
 
 MIXERS = {"pdr": PDRMixer, "gqa": WindowedGQA}
 _REMAT_POLICIES = {
@@ -37,17 +38,25 @@ _REMAT_POLICIES = {
 
 
 class ResidualBlock(nn.Module):
-    """Pre-norm mixer + pre-norm FFN, each with a residual. x: [B, T, d]."""
+    """Pre-norm mixer + pre-norm FFN, each with a residual. x: [B, T, d].
+    The FFN after a PDR layer is routed (experts) when `cfg.routed`."""
 
     cfg: ModelConfig
     kind: str
+    moe: MoEConfig = MoEConfig()
+    route_mode: str = "nearest"
+    route_k: int = 0
 
     @nn.compact
     def __call__(self, x, segment_pos, cache=None):
         mixed, cache = MIXERS[self.kind](self.cfg, name="mixer")(
             RMSNorm(self.cfg, name="mixer_norm")(x), segment_pos, cache)
         h = x + mixed
-        out = h + SwiGLU(self.cfg, name="ffn")(RMSNorm(self.cfg, name="ffn_norm")(h))
+        if self.kind == "pdr" and self.cfg.routed:
+            ffn = RoutedFFN(self.cfg, self.moe, self.route_mode, self.route_k, name="ffn")
+        else:
+            ffn = SwiGLU(self.cfg, name="ffn")
+        out = h + ffn(RMSNorm(self.cfg, name="ffn_norm")(h))
         return out.astype(x.dtype), cache
 
 
@@ -55,13 +64,17 @@ class Period(nn.Module):
     """One repetition of `layer_pattern`; carry x, scan over the cache slice."""
 
     cfg: ModelConfig
+    moe: MoEConfig = MoEConfig()
+    route_mode: str = "nearest"
+    route_k: int = 0
 
     @nn.compact
     def __call__(self, x, segment_pos, cache):
         new_cache = {}
         for i, kind in enumerate(self.cfg.layer_pattern):
             name = f"layer_{i}"
-            x, c = ResidualBlock(self.cfg, kind, name=name)(
+            x, c = ResidualBlock(self.cfg, kind, self.moe, self.route_mode, self.route_k,
+                                 name=name)(
                 x, segment_pos, None if cache is None else cache[name])
             new_cache[name] = c
         return x, (new_cache if cache is not None else None)
@@ -79,7 +92,14 @@ def init_cache(cfg: ModelConfig, batch: int) -> dict:
 
 
 class PerspectiveLM(nn.Module):
+    """tokens [B, T] → (logits [B, T, V], cache). `moe` sizes the routed FFNs
+    when `cfg.routed`; `route_mode`/`route_k` pick the routing perspective
+    (nearest, kth, antipode, random — see `moe.routed_ffn.select_expert`)."""
+
     cfg: ModelConfig
+    moe: MoEConfig = MoEConfig()
+    route_mode: str = "nearest"
+    route_k: int = 0
 
     def setup(self):
         cfg = self.cfg
@@ -93,13 +113,13 @@ class PerspectiveLM(nn.Module):
             block = nn.remat(Period, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         self.periods = nn.scan(
             block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "aux": 0},
+            split_rngs={"params": True, "route": True},
             in_axes=(nn.broadcast, 0),
             out_axes=0,
             length=cfg.n_periods,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="periods")
+        )(cfg, self.moe, self.route_mode, self.route_k, name="periods")
         self.final_norm = RMSNorm(cfg, name="final_norm")
 
     def __call__(self, tokens: jax.Array, segment_pos: Optional[jax.Array] = None,
@@ -122,22 +142,23 @@ class PerspectiveLM(nn.Module):
         return logits, {"periods": period_cache, "next_pos": segment_pos[:, -1] + 1}
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8,
+                moe: MoEConfig = MoEConfig()) -> dict:
     """Unboxed parameter pytree of a fresh model."""
-    model = PerspectiveLM(cfg)
+    model = PerspectiveLM(cfg, moe)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     variables = jax.jit(model.init)(rng, tokens)
     return nn.meta.unbox(variables)["params"]
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
+def abstract_params(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> dict:
     """Parameter shapes/dtypes via `jax.eval_shape` — no memory is allocated."""
-    return jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
+    return jax.eval_shape(lambda r: init_params(cfg, r, moe=moe), jax.random.key(0))
 
 
-def logical_axes(cfg: ModelConfig) -> dict:
+def logical_axes(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> dict:
     """Logical axis names of every parameter (same tree as `init_params`)."""
-    model = PerspectiveLM(cfg)
+    model = PerspectiveLM(cfg, moe)
     boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32)),
                            jax.random.key(0))
     return nn.get_partition_spec(boxed)["params"]

@@ -74,10 +74,11 @@ def restore_params(run_dir: str, params_like) -> Any:
     step = manager.latest_step()
     if step is None:
         raise UserError(f"--init-from {run_dir}: the run has no complete checkpoint")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    del meta
-    # Restore only the params subtree; the optimizer state of the source is dropped.
-    target = {"params": abstract_like(params_like)}
+    # Restore only the params subtree (onto one device; callers reshard); the
+    # optimizer state of the source run is dropped.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params_like)}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
     manager.close()

@@ -53,24 +53,30 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule) -> Callable:
-    """apply_fn(params, inputs [B,T]) -> logits. Returns step(state, batch) -> (state, metrics)
-    with batch [accum, micro, T+1] int32."""
+    """apply_fn(params, inputs [B,T]) -> (logits, aux_loss, scalar aux metrics dict).
+    Returns step(state, batch) -> (state, metrics), batch [accum, micro, T+1] int32.
+    The optimised loss is mean token NLL + aux_loss; `loss` reports the NLL."""
 
     def loss_fn(params, window):
-        logits = apply_fn(params, window[:, :-1])
-        return jnp.mean(token_nll(logits, window[:, 1:]))
+        logits, aux_loss, aux = apply_fn(params, window[:, :-1])
+        nll = jnp.mean(token_nll(logits, window[:, 1:]))
+        return nll + aux_loss, (nll, aux)
 
     def step(state, batch):
         params = state["params"]
 
         def micro(acc, window):
-            loss, grads = jax.value_and_grad(loss_fn)(params, window)
-            return jax.tree.map(jnp.add, acc, (loss, grads)), None
+            (_, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, window)
+            return jax.tree.map(jnp.add, acc, (nll, aux, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
+        _, (_, aux_shape) = jax.eval_shape(loss_fn, params, batch[0])
+        zeros = (jnp.zeros((), jnp.float32),
+                 jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
+                 jax.tree.map(jnp.zeros_like, params))
+        (loss, aux, grads), _ = jax.lax.scan(micro, zeros, batch)
         n = batch.shape[0]
-        loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+        loss, aux, grads = loss / n, jax.tree.map(lambda a: a / n, aux), \
+            jax.tree.map(lambda g: g / n, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -79,17 +85,19 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(opt_state, state["opt_state"])}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
-                   "lr": schedule(state["step"])}
+                   "lr": schedule(state["step"]), **aux}
         return new_state, metrics
 
     return step
 
 
-def make_eval_step(apply_fn: Callable) -> Callable:
-    """eval(params, windows [B, T+1]) -> (sum of token NLL, token count)."""
+def make_eval_step(stats_fn: Callable) -> Callable:
+    """stats_fn(params, inputs) -> (logits, dict of summable arrays).
+    eval(params, windows [B, T+1]) -> (sum of token NLL, token count, stats)."""
 
     def evaluate(params, windows):
-        nll = token_nll(apply_fn(params, windows[:, :-1]), windows[:, 1:])
-        return jnp.sum(nll), jnp.float32(nll.size)
+        logits, stats = stats_fn(params, windows[:, :-1])
+        nll = token_nll(logits, windows[:, 1:])
+        return jnp.sum(nll), jnp.float32(nll.size), stats
 
     return evaluate

@@ -30,10 +30,12 @@ from perspective_jax.data.token_store import build_token_store, check_long_enoug
 from perspective_jax.data.tokenizer import load_or_train
 from perspective_jax.errors import UserError
 from perspective_jax.generate import Sampling, generate
-from perspective_jax.model.transformer import PerspectiveLM, abstract_params, logical_axes
+from perspective_jax.model.transformer import abstract_params, logical_axes
+from perspective_jax.moe.metrics import routing_report
 from perspective_jax.train import sharding as shd
 from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.metrics import MetricsLogger, progress_bar
+from perspective_jax.train.objective import make_apply_fns
 from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
@@ -53,6 +55,7 @@ class TrainResult:
     sample: str
     stopped: str  # "finished" | "signal" | "nonfinite" | "deadline"
     wall_s: float
+    routing: Optional[dict] = None
 
 
 class _StopFlag:
@@ -79,7 +82,7 @@ class _StopFlag:
 
 
 def _shape_signature(cfg: PerspectiveConfig) -> dict:
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(cfg.model))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(cfg.model, cfg.moe))[0]
     return {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype)) for p, a in leaves}
 
 
@@ -91,6 +94,9 @@ def check_resume_compatible(saved: PerspectiveConfig, cfg: PerspectiveConfig,
         changed = [f"model.{f.name}: {getattr(saved.model, f.name)!r} -> "
                    f"{getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(cfg.model)
                    if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+        changed += [f"moe.{f.name}: {getattr(saved.moe, f.name)!r} -> "
+                    f"{getattr(cfg.moe, f.name)!r}" for f in dataclasses.fields(cfg.moe)
+                    if getattr(saved.moe, f.name) != getattr(cfg.moe, f.name)]
         raise UserError(f"{run_dir} holds a model of another shape ({'; '.join(changed)}); "
                         "resume with the original config, or use a new --run-dir "
                         "(optionally --init-from)")
@@ -159,20 +165,18 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
         raise UserError(f"micro-batch {micro} (train.batch_size / train.grad_accum) is not "
                         f"divisible by the {divisor} data-parallel shards of the mesh "
                         f"{dict(mesh.shape)}")
-    model = PerspectiveLM(cfg.model)
     tx = make_optimizer(cfg.train)
-    abstract = abstract_params(cfg.model)
-    p_shard = shd.param_shardings(logical_axes(cfg.model), abstract, mesh)
-
-    def apply_fn(params, inputs):
-        return model.apply({"params": params}, inputs)[0]
+    abstract = abstract_params(cfg.model, cfg.moe)
+    p_shard = shd.param_shardings(logical_axes(cfg.model, cfg.moe), abstract, mesh)
+    train_apply, eval_apply = make_apply_fns(cfg)
 
     with jax.set_mesh(mesh):
         if init_from and not resuming:
             params = jax.device_put(restore_params(init_from, abstract), p_shard)
         else:
             from perspective_jax.model.transformer import init_params
-            params = jax.jit(lambda r: init_params(cfg.model, r), out_shardings=p_shard)(
+            params = jax.jit(lambda r: init_params(cfg.model, r, moe=cfg.moe),
+                             out_shardings=p_shard)(
                 jax.random.key(cfg.train.seed))
         state = jax.jit(lambda p: init_state(p, tx))(params)
         state_shard = jax.tree.map(lambda a: a.sharding, state)
@@ -187,10 +191,10 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
 
         batch_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None))
-        train_step = jax.jit(make_train_step(apply_fn, tx, lr_schedule(cfg.train)),
+        train_step = jax.jit(make_train_step(train_apply, tx, lr_schedule(cfg.train)),
                              in_shardings=(state_shard, batch_sharding),
                              out_shardings=(state_shard, None), donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(apply_fn))
+        eval_step = jax.jit(make_eval_step(eval_apply))
         val_windows = eval_batches(val_split.tokens, cfg.data.seq_len, micro,
                                    cfg.train.eval_batches)
         logger = MetricsLogger(run_dir)
@@ -204,20 +208,29 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
             return {"config": to_dict(cfg), **counters}
 
         def evaluate(step):
-            total, count = 0.0, 0.0
+            total, count, stats = 0.0, 0.0, None
             for w in val_windows:
                 w = jax.make_array_from_callback(w.shape, shd.batch_sharding(mesh),
                                                  lambda idx, w=w: w[idx])
-                s, c = eval_step(state["params"], w)
+                s, c, st = eval_step(state["params"], w)
                 total, count = total + float(s), count + float(c)
+                st = jax.tree.map(np.asarray, st)
+                stats = st if stats is None else jax.tree.map(np.add, stats, st)
             loss = total / count
             prompt = np.asarray(val_split.tokens[:SAMPLE_PROMPT_TOKENS], np.int32)[None]
             out = generate(cfg.model, state["params"], prompt, SAMPLE_NEW_TOKENS,
-                           Sampling(temperature=0.8, top_k=40), seed=step)
+                           Sampling(temperature=0.8, top_k=40), seed=step, moe=cfg.moe)
             sample = tokenizer.decode(np.concatenate([prompt[0], out[0]]))
             bpc = loss / math.log(2) / val_split.chars_per_token
-            logger.log(step, "eval", {"val_loss": loss, "val_bits_per_token": loss / math.log(2),
-                                      "val_bits_per_char": bpc, "sample": sample})
+            record = {"val_loss": loss, "val_bits_per_token": loss / math.log(2),
+                      "val_bits_per_char": bpc, "sample": sample}
+            if stats:
+                routing = routing_report(stats["counts"], stats["switches"],
+                                         stats["entropy"] / len(val_windows))
+                record.update({k: v for k, v in routing.items() if k != "utilisation"})
+                record["routing"] = routing
+                result.routing = routing
+            logger.log(step, "eval", record)
             result.val_loss, result.val_bits_per_char, result.sample = loss, bpc, sample
             return loss
 
@@ -245,9 +258,9 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
                         loss = float(m["loss"])
                         elapsed = time.perf_counter() - window_t
                         tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                        logger.log(done, "train", {"loss": loss, "lr": float(m["lr"]),
-                                                   "grad_norm": float(m["grad_norm"]),
-                                                   "tokens_per_s": tps})
+                        logger.log(done, "train", {
+                            "tokens_per_s": tps,
+                            **{k: float(v) for k, v in m.items() if k != "finite"}})
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                         result.train_loss = loss
                         window_t, window_steps = time.perf_counter(), 0

@@ -1,0 +1,130 @@
+"""The curriculum (SPEC §4): dense → upcycle → sparse (→ ternary → align, issue 5).
+
+    run_stage("all", cfg, "runs/x")   # runs/x/dense, runs/x/upcycle, runs/x/sparse
+
+Each stage is a run directory; a stage that already finished is resumed (and
+so skipped), so `--stage all` can be re-run after any interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from perspective_jax.config import PerspectiveConfig, load_config, save_config
+from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE
+from perspective_jax.errors import UserError
+from perspective_jax.model.transformer import abstract_params, init_params
+from perspective_jax.moe.routed_ffn import routed_layer_params
+from perspective_jax.train.checkpoint import Checkpointer, restore_params
+from perspective_jax.train.step import init_state, make_optimizer
+from perspective_jax.train.trainer import CONFIG_FILE, TrainResult, train
+
+STAGES = ("dense", "upcycle", "sparse", "all")
+CURRICULUM = ("dense", "upcycle", "sparse")
+ROUTED_STAGES = ("upcycle", "sparse")
+
+
+def stage_config(cfg: PerspectiveConfig, stage: str) -> PerspectiveConfig:
+    """The config a stage runs with: the FFN after PDR layers is routed from upcycle on."""
+    routed = stage in ROUTED_STAGES
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routed=routed))
+
+
+def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
+                   rng: jax.Array) -> dict:
+    """Routed params from dense ones: every PDR layer's FFN copied into its E
+    experts (+ noise of std moe.upcycle_noise × the weight's std); router and
+    offsets from `routed_init`; every other parameter copied unchanged."""
+    out = jax.tree.map(lambda a: a, dense)
+    e = cfg.moe.num_experts
+    for i, kind in enumerate(cfg.model.layer_pattern):
+        if kind != "pdr":
+            continue
+        name = f"layer_{i}"
+        src = dense["periods"][name]["ffn"]
+        new = {"router": routed_init["periods"][name]["ffn"]["router"]}
+        for w in ("w_gate", "w_up", "w_down"):
+            base = src[w]["kernel"]                                          # [P, a, b]
+            stacked = jnp.broadcast_to(base[:, None], (base.shape[0], e, *base.shape[1:]))
+            rng, sub = jax.random.split(rng)
+            noise = jax.random.normal(sub, stacked.shape, stacked.dtype)
+            new[w] = stacked + cfg.moe.upcycle_noise * jnp.std(base) * noise
+        out["periods"][name]["ffn"] = new
+    chex_tree = jax.tree.structure(routed_init)
+    if jax.tree.structure(out) != chex_tree:
+        raise UserError("upcycle: the dense checkpoint does not match this config's layers")
+    return out
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    for name in (SPM_FILE, BYTE_MARKER):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
+    """Write `run_dir` holding the upcycled routed model at step 0."""
+    if not os.path.exists(os.path.join(dense_run, CONFIG_FILE)):
+        raise UserError(f"upcycle: {dense_run} is not a finished dense run (no {CONFIG_FILE}); "
+                        "pass --init-from DENSE_RUN_DIR")
+    dense_cfg = load_config(os.path.join(dense_run, CONFIG_FILE))
+    if dense_cfg.model.routed:
+        raise UserError(f"upcycle: {dense_run} already holds a routed model")
+    cfg = stage_config(cfg, "upcycle")
+    want = jax.tree.map(lambda a: (a.shape, a.dtype),
+                        abstract_params(dataclasses.replace(cfg.model, routed=False)))
+    have = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(dense_cfg.model))
+    if want != have:
+        raise UserError(f"upcycle: {dense_run} was trained with another model shape; use the "
+                        "same model.* values as the dense stage")
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    if ckpt.latest_step() is not None:
+        ckpt.close()
+        return run_dir                                   # already upcycled
+    dense = restore_params(dense_run, abstract_params(dense_cfg.model))
+    key = jax.random.key(cfg.train.seed)
+    routed_init = init_params(cfg.model, key, moe=cfg.moe)
+    params = upcycle_params(dense, routed_init, cfg, jax.random.fold_in(key, 1))
+    os.makedirs(run_dir, exist_ok=True)
+    _copy_tokenizer(dense_run, run_dir)
+    save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
+    state = init_state(params, make_optimizer(cfg.train))
+    ckpt.save(0, state, None, {"stage": "upcycle", "from": os.path.abspath(dense_run)},
+              force=True)
+    ckpt.close()
+    return run_dir
+
+
+def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
+              data: Optional[Sequence[str]] = None, init_from: Optional[str] = None,
+              progress: bool = True, log=print) -> Optional[TrainResult]:
+    if stage not in STAGES:
+        raise UserError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if stage == "all":
+        result, previous = None, None
+        for name in CURRICULUM:
+            stage_dir = os.path.join(run_dir, name)
+            log(f"== stage {name} -> {stage_dir}")
+            result = run_stage(name, cfg, stage_dir, data, previous, progress, log) or result
+            if result is not None and result.stopped != "finished":
+                return result
+            previous = stage_dir
+        return result
+    if stage == "upcycle":
+        if not init_from:
+            raise UserError("--stage upcycle needs --init-from DENSE_RUN_DIR")
+        upcycle(cfg, init_from, run_dir)
+        log(f"upcycled {init_from} into {run_dir} "
+            f"({cfg.moe.num_experts} experts per PDR layer)")
+        return None
+    if stage == "sparse" and not init_from and not os.path.isdir(
+            os.path.join(run_dir, "checkpoints")):
+        raise UserError("--stage sparse needs --init-from UPCYCLE_RUN_DIR")
+    return train(stage_config(cfg, stage), run_dir, data=data, init_from=init_from,
+                 progress=progress)
