@@ -15,8 +15,9 @@ def within(value, target, rel=0.005):
 
 
 def test_full_preset_matches_spec_section_2(repo):
-    cfg = load_config(str(repo / "curricula" / "perspective-1t.yaml")).model
-    comps = {c.name: c for c in census(cfg)}
+    full = load_config(str(repo / "curricula" / "perspective-1t.yaml"))
+    cfg = full.model
+    comps = {c.name: c for c in census(cfg, full.moe)}
     assert within(comps["PDR mixer"].per_layer, 52.4e6)
     assert comps["PDR mixer"].count == 60
     assert within(comps["GQA mixer"].per_layer, 41.9e6)
@@ -24,7 +25,7 @@ def test_full_preset_matches_spec_section_2(repo):
     assert within(comps["shared FFN (after GQA)"].per_layer, 135.3e6)
     assert comps["routed experts (after PDR)"].count == 60
     assert within(comps["routed experts (after PDR)"].per_layer, 128 * 135.3e6)
-    info = summary(cfg, load_config(str(repo / "curricula" / "perspective-1t.yaml")).moe)
+    info = summary(cfg, full.moe)
     assert within(info["shared_params"], 6.83e9)
     assert within(info["expert_params"], 1039e9)
     assert within(info["total_params"], 1.046e12)

@@ -77,8 +77,32 @@ def test_stage_all_runs_dense_upcycle_sparse(tmp_path, text_corpus, capsys):
     assert sparse_cfg.model.routed
     evals = read_metrics(str(tmp_path / "cur" / "sparse"), "eval")
     assert "gini" in evals[-1] and len(evals[-1]["routing"]["utilisation"][0]) == 8
+    # the torus picture of the sparse run
+    import subprocess, sys
+    png = tmp_path / "torus.png"
+    tool = str(__import__("pathlib").Path(__file__).parent.parent / "tools" / "plot_manifold.py")
+    subprocess.run([sys.executable, tool, str(tmp_path / "cur" / "sparse"),
+                    "--out", str(png)], check=True, capture_output=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-running the finished curriculum resumes every stage and succeeds
     assert run(args) == 0
+
+
+def test_plot_grid_follows_the_flat_lattice_order():
+    import importlib.util
+    import pathlib
+    spec = importlib.util.spec_from_file_location(
+        "plot_manifold", pathlib.Path(__file__).parent.parent / "tools" / "plot_manifold.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from perspective_jax.moe.torus import lattice_index
+    lattice = (4, 2, 3)
+    util = np.arange(24, dtype=float)
+    grid = mod.utilisation_grid(util, lattice)
+    for i in range(4):
+        for j in range(2):
+            for k in range(3):
+                assert grid[k, i, j] == util[lattice_index(lattice, i, j, k)]
 
 
 def test_upcycle_and_sparse_need_a_source_run(tmp_path, capsys):
