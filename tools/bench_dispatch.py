@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=512)
     p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--block", type=int, default=64, help="block size of the blocked path")
+    p.add_argument("--block", type=int, default=128, help="block size of the blocked path")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--impls", default=",".join(IMPLS))
     a = p.parse_args(argv)

@@ -122,7 +122,7 @@ class MoEConfig:
     # gradient of g to the router; softmax: output scaled by g itself.
     gate: str = "straight_through"
     dispatch: str = "auto"          # auto | ragged | blocked | dense
-    dispatch_block: int = 64
+    dispatch_block: int = 128
     upcycle_noise: float = 0.01     # relative std of the noise added per expert
     balance_weight: float = 0.01
     delta_weight: float = 0.001

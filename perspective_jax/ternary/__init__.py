@@ -1,0 +1,1 @@
+"""Ternary experts (SPEC §3.4): quantisation-aware training and packed formats."""

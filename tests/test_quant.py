@@ -1,0 +1,53 @@
+"""Ternary quantisation-aware training pieces: values, STE gradients, schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perspective_jax.ternary.packing import absmean_ternarize
+from perspective_jax.ternary.quant import (quantize_activations_int8, schedule_fraction,
+                                           ternarize, ternary_ste)
+
+
+def test_ternarize_matches_numpy_absmean():
+    w = jax.random.normal(jax.random.key(0), (3, 16, 24))
+    out = np.asarray(ternarize(w))
+    for e in range(3):
+        trits, scale = absmean_ternarize(np.asarray(w[e]))
+        np.testing.assert_allclose(out[e], trits * scale[0], rtol=1e-5, atol=1e-7)
+        levels = np.unique(np.round(out[e] / scale[0], 5))
+        assert set(levels.tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_ste_gradient_is_identity():
+    w = jax.random.normal(jax.random.key(1), (2, 8, 8))
+    cot = jax.random.normal(jax.random.key(2), w.shape)
+    g = jax.grad(lambda w: jnp.sum(ternary_ste(w) * cot))(w)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(cot), rtol=1e-6)
+
+
+def test_progressive_fraction_ternarises_the_largest_weights():
+    w = jax.random.normal(jax.random.key(3), (1, 32, 32))
+    assert np.array_equal(np.asarray(ternary_ste(w, 0.0)), np.asarray(w))
+    np.testing.assert_allclose(np.asarray(ternary_ste(w, 1.0)), np.asarray(ternarize(w)),
+                               atol=1e-6)  # w + (w_t − w) rounds within an ulp
+    half = np.asarray(ternary_ste(w, 0.5))
+    changed = np.abs(half - np.asarray(w)) > 1e-6
+    assert abs(changed.mean() - 0.5) < 0.02
+    # the changed half is the large-magnitude half
+    assert np.abs(np.asarray(w))[changed].min() >= np.abs(np.asarray(w))[~changed].max()
+
+
+def test_schedule_phases():
+    sched = (0.0, 0.25, 0.5, 0.75, 1.0)
+    got = [float(schedule_fraction(sched, s, 100)) for s in (0, 19, 20, 55, 80, 99, 150)]
+    assert got == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_int8_activation_quantiser():
+    x = jax.random.normal(jax.random.key(4), (4, 32))
+    q = np.asarray(quantize_activations_int8(x))
+    scale = np.abs(np.asarray(x)).max(-1, keepdims=True) / 127
+    levels = q / scale
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert np.abs(q - np.asarray(x)).max() <= scale.max() / 2 + 1e-6
