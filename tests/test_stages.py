@@ -110,3 +110,27 @@ def test_upcycle_and_sparse_need_a_source_run(tmp_path, capsys):
     assert "--init-from" in capsys.readouterr().err
     assert run(["--stage", "sparse", "--run-dir", str(tmp_path / "s")]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_ternary_stage_distils_into_ternary_experts(tmp_path, text_corpus):
+    """dense → upcycle → sparse → ternary: afterwards every expert weight the model
+    uses is in {−1, 0, +1} × one scale per expert matrix."""
+    from perspective_jax.model.transformer import abstract_params
+    from perspective_jax.train.checkpoint import restore_params
+    from perspective_jax.train.objective import effective_params
+    args = ["--stage", "all", "--run-dir", str(tmp_path / "cur"), "--data", str(text_corpus),
+            "--no-progress", *train_overrides(**{"train.steps": 4, "train.eval_every": 4})]
+    assert run(args) == 0
+    cfg = load_config(str(tmp_path / "cur" / "ternary" / "config.yaml"))
+    assert cfg.ternary.enabled and cfg.model.routed
+    log = read_metrics(str(tmp_path / "cur" / "ternary"), "train")
+    assert [r["ternary_fraction"] for r in log] == [0.0, 0.25, 0.5, 0.75]
+    assert all(r["kd_loss"] >= 0 for r in log) and log[0]["kd_loss"] < 1e-6  # student = teacher
+    params = restore_params(str(tmp_path / "cur" / "ternary"),
+                            abstract_params(cfg.model, cfg.moe))
+    used = effective_params(cfg, params, cfg.train.steps)
+    for w in (used["periods"]["layer_0"]["ffn"][n] for n in ("w_gate", "w_up", "w_down")):
+        w = np.asarray(w)                                          # [P, E, a, b]
+        scale = np.abs(w).max(axis=(-2, -1), keepdims=True)
+        levels = np.unique(np.round(w / scale, 4))
+        assert set(levels.tolist()) <= {-1.0, 0.0, 1.0}

@@ -150,6 +150,8 @@ class MoEConfig:
 class TernaryConfig:
     """Ternary experts (SPEC §3.4): progressive schedule and distillation."""
 
+    # Experts are ternary (set by the `ternary` stage and everything after it).
+    enabled: bool = False
     # Share of expert weights (by magnitude) ternarised at each phase of the stage.
     schedule: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     ce_weight: float = 0.5

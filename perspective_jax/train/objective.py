@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.model.transformer import PerspectiveLM
 from perspective_jax.moe.routed_ffn import delta_loss
+from perspective_jax.ternary.quant import quantize_experts, schedule_fraction
 
 
 def stack_aux(aux) -> dict:
@@ -25,18 +26,45 @@ def stack_aux(aux) -> dict:
     return {k: jnp.concatenate(v, axis=0) for k, v in out.items()}
 
 
+def effective_params(cfg: PerspectiveConfig, params, step):
+    """The weights the model computes with: ternary experts (at the schedule's
+    fraction for this step of the stage) when `ternary.enabled`."""
+    if not cfg.ternary.enabled:
+        return params
+    fraction = schedule_fraction(cfg.ternary.schedule, step, cfg.train.steps)
+    return quantize_experts(params, cfg.model, fraction)
+
+
+def kl_divergence(p_logits, q_logits):
+    """Mean over tokens of KL(p ‖ q) = Σ p (log p − log q), float32."""
+    logp = jax.nn.log_softmax(p_logits.astype(jnp.float32), -1)
+    logq = jax.nn.log_softmax(q_logits.astype(jnp.float32), -1)
+    return jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+
+
 def make_apply_fns(cfg: PerspectiveConfig):
     """(train_apply, eval_apply) for the step functions of `train.step`.
 
-    train_apply(params, inputs) -> (logits, aux_loss, scalar metrics)
-    eval_apply(params, inputs)  -> (logits, summable routing statistics)
+    train_apply(params, inputs, context) -> (logits, aux_loss, scalar metrics)
+    eval_apply(params, inputs)           -> (logits, summable routing statistics)
+    With `ternary.enabled`, experts are ternarised (STE, progressive schedule) and
+    the loss adds kd_weight · KL(student ‖ teacher) against context["teacher"].
     """
     model = PerspectiveLM(cfg.model, cfg.moe)
     moe = cfg.moe
 
+    def distill(params, inputs, context, logits):
+        if not cfg.ternary.enabled or "teacher" not in context:
+            return jnp.float32(0.0), {}
+        teacher, _ = model.apply({"params": context["teacher"]}, inputs)
+        kl = kl_divergence(logits, jax.lax.stop_gradient(teacher))
+        fraction = schedule_fraction(cfg.ternary.schedule, context["step"], cfg.train.steps)
+        return cfg.ternary.kd_weight * kl, {"kd_loss": kl, "ternary_fraction": fraction}
+
     if not cfg.model.routed:
-        def train_apply(params, inputs):
-            return model.apply({"params": params}, inputs)[0], jnp.float32(0.0), {}
+        def train_apply(params, inputs, context):
+            logits = model.apply({"params": params}, inputs)[0]
+            return logits, jnp.float32(0.0), {}
 
         def eval_apply(params, inputs):
             return model.apply({"params": params}, inputs)[0], {}
@@ -46,14 +74,15 @@ def make_apply_fns(cfg: PerspectiveConfig):
         (logits, _), state = model.apply({"params": params}, inputs, mutable=["aux"])
         return logits, stack_aux(state["aux"])
 
-    def train_apply(params, inputs):
-        logits, stats = routed(params, inputs)
+    def train_apply(params, inputs, context):
+        logits, stats = routed(effective_params(cfg, params, context["step"]), inputs)
         balance, smooth = stats["balance"].mean(), stats["smooth"].mean()
         delta = delta_loss(params, cfg.model, moe)
         aux_loss = (moe.balance_weight * balance + moe.delta_weight * delta
                     + moe.smoothness_weight * smooth)
-        return logits, aux_loss, {"balance_loss": balance, "delta_loss": delta,
-                                  "smoothness_loss": smooth}
+        kd, kd_metrics = distill(params, inputs, context, logits)
+        return logits, aux_loss + kd, {"balance_loss": balance, "delta_loss": delta,
+                                       "smoothness_loss": smooth, **kd_metrics}
 
     def eval_apply(params, inputs):
         logits, stats = routed(params, inputs)

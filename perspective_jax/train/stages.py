@@ -25,15 +25,18 @@ from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.train.trainer import CONFIG_FILE, TrainResult, train
 
-STAGES = ("dense", "upcycle", "sparse", "all")
-CURRICULUM = ("dense", "upcycle", "sparse")
-ROUTED_STAGES = ("upcycle", "sparse")
+STAGES = ("dense", "upcycle", "sparse", "ternary", "all")
+CURRICULUM = ("dense", "upcycle", "sparse", "ternary")
+ROUTED_STAGES = ("upcycle", "sparse", "ternary")
+TERNARY_STAGES = ("ternary",)
 
 
 def stage_config(cfg: PerspectiveConfig, stage: str) -> PerspectiveConfig:
-    """The config a stage runs with: the FFN after PDR layers is routed from upcycle on."""
-    routed = stage in ROUTED_STAGES
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routed=routed))
+    """The config a stage runs with: the FFN after PDR layers is routed from
+    upcycle on, and its experts are ternary from the ternary stage on."""
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, routed=stage in ROUTED_STAGES),
+        ternary=dataclasses.replace(cfg.ternary, enabled=stage in TERNARY_STAGES))
 
 
 def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
@@ -123,8 +126,9 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
         log(f"upcycled {init_from} into {run_dir} "
             f"({cfg.moe.num_experts} experts per PDR layer)")
         return None
-    if stage == "sparse" and not init_from and not os.path.isdir(
+    source = {"sparse": "UPCYCLE_RUN_DIR", "ternary": "SPARSE_RUN_DIR"}
+    if stage in source and not init_from and not os.path.isdir(
             os.path.join(run_dir, "checkpoints")):
-        raise UserError("--stage sparse needs --init-from UPCYCLE_RUN_DIR")
+        raise UserError(f"--stage {stage} needs --init-from {source[stage]}")
     return train(stage_config(cfg, stage), run_dir, data=data, init_from=init_from,
                  progress=progress)

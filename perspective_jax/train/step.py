@@ -51,25 +51,33 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-    """apply_fn(params, inputs [B,T]) -> (logits, aux_loss, scalar aux metrics dict).
-    Returns step(state, batch) -> (state, metrics), batch [accum, micro, T+1] int32.
-    The optimised loss is mean token NLL + aux_loss; `loss` reports the NLL."""
+def frozen_context(state: dict) -> dict:
+    """What apply functions may read besides params: the step and frozen extras
+    (e.g. a distillation teacher), never trained."""
+    return {k: v for k, v in state.items() if k not in ("params", "opt_state")}
 
-    def loss_fn(params, window):
-        logits, aux_loss, aux = apply_fn(params, window[:, :-1])
+
+def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ce_weight: float = 1.0) -> Callable:
+    """apply_fn(params, inputs [B,T], context) -> (logits, aux_loss, scalar metrics).
+    Returns step(state, batch) -> (state, metrics), batch [accum, micro, T+1] int32.
+    The optimised loss is ce_weight · mean token NLL + aux_loss; `loss` reports the NLL."""
+
+    def loss_fn(params, window, context):
+        logits, aux_loss, aux = apply_fn(params, window[:, :-1], context)
         nll = jnp.mean(token_nll(logits, window[:, 1:]))
-        return nll + aux_loss, (nll, aux)
+        return ce_weight * nll + aux_loss, (nll, aux)
 
     def step(state, batch):
         params = state["params"]
+        context = frozen_context(state)
 
         def micro(acc, window):
-            (_, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, window)
+            (_, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, window, context)
             return jax.tree.map(jnp.add, acc, (nll, aux, grads)), None
 
-        _, (_, aux_shape) = jax.eval_shape(loss_fn, params, batch[0])
+        _, (_, aux_shape) = jax.eval_shape(loss_fn, params, batch[0], context)
         zeros = (jnp.zeros((), jnp.float32),
                  jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
                  jax.tree.map(jnp.zeros_like, params))
@@ -82,7 +90,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+        new_state = {**state, "step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(opt_state, state["opt_state"])}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                    "lr": schedule(state["step"]), **aux}
@@ -92,7 +100,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
 
 
 def make_eval_step(stats_fn: Callable) -> Callable:
-    """stats_fn(params, inputs) -> (logits, dict of summable arrays).
+    """stats_fn(params, inputs) -> (logits, dict of summable arrays); params are
+    the ones the model uses (already quantised where that applies).
     eval(params, windows [B, T+1]) -> (sum of token NLL, token count, stats)."""
 
     def evaluate(params, windows):

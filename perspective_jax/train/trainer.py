@@ -35,7 +35,7 @@ from perspective_jax.moe.metrics import routing_report
 from perspective_jax.train import sharding as shd
 from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.metrics import MetricsLogger, progress_bar
-from perspective_jax.train.objective import make_apply_fns
+from perspective_jax.train.objective import effective_params, make_apply_fns
 from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
@@ -179,6 +179,12 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
                              out_shardings=p_shard)(
                 jax.random.key(cfg.train.seed))
         state = jax.jit(lambda p: init_state(p, tx))(params)
+        if cfg.ternary.enabled:
+            if not (init_from or resuming):
+                raise UserError("the ternary stage distils from a teacher: pass --init-from "
+                                "SPARSE_RUN_DIR")
+            # the starting weights, frozen, are the distillation teacher
+            state["teacher"] = jax.tree.map(jnp.copy, params)
         state_shard = jax.tree.map(lambda a: a.sharding, state)
         data_iter = train_iterator(train_split.tokens, cfg.data.seq_len, cfg.train.batch_size,
                                    cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
@@ -191,10 +197,13 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
 
         batch_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None))
-        train_step = jax.jit(make_train_step(train_apply, tx, lr_schedule(cfg.train)),
+        ce_weight = cfg.ternary.ce_weight if cfg.ternary.enabled else 1.0
+        train_step = jax.jit(make_train_step(train_apply, tx, lr_schedule(cfg.train),
+                                             ce_weight=ce_weight),
                              in_shardings=(state_shard, batch_sharding),
                              out_shardings=(state_shard, None), donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(eval_apply))
+        used_params = jax.jit(lambda p, step: effective_params(cfg, p, step))
         val_windows = eval_batches(val_split.tokens, cfg.data.seq_len, micro,
                                    cfg.train.eval_batches)
         logger = MetricsLogger(run_dir)
@@ -209,16 +218,17 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
 
         def evaluate(step):
             total, count, stats = 0.0, 0.0, None
+            params_used = used_params(state["params"], state["step"])
             for w in val_windows:
                 w = jax.make_array_from_callback(w.shape, shd.batch_sharding(mesh),
                                                  lambda idx, w=w: w[idx])
-                s, c, st = eval_step(state["params"], w)
+                s, c, st = eval_step(params_used, w)
                 total, count = total + float(s), count + float(c)
                 st = jax.tree.map(np.asarray, st)
                 stats = st if stats is None else jax.tree.map(np.add, stats, st)
             loss = total / count
             prompt = np.asarray(val_split.tokens[:SAMPLE_PROMPT_TOKENS], np.int32)[None]
-            out = generate(cfg.model, state["params"], prompt, SAMPLE_NEW_TOKENS,
+            out = generate(cfg.model, params_used, prompt, SAMPLE_NEW_TOKENS,
                            Sampling(temperature=0.8, top_k=40), seed=step, moe=cfg.moe)
             sample = tokenizer.decode(np.concatenate([prompt[0], out[0]]))
             bpc = loss / math.log(2) / val_split.chars_per_token
