@@ -1,8 +1,11 @@
-"""Pallas kernels (SPEC §3.4): ternary matmul and chunked PDR.
+"""Pallas kernels (SPEC §3.4).
 
-Each kernel lives in its own module with a pure-jnp reference and one dispatch
-function that picks the Pallas kernel on GPU/TPU and the XLA path on CPU, in
-the style of RecurrentGemma's scan selection. The kernels arrive with the
-ternary-experts work (issue 5); until then the XLA implementations in
-`perspective_jax.model.pdr_scan` are the only ones and are used everywhere.
+Each kernel module has a pure-jnp reference and one dispatch function that picks
+the Pallas kernel on GPU/TPU and an XLA path on CPU (RecurrentGemma-style
+selection); tests run the Pallas kernels on CPU with `interpret=True`.
+
+* `ternary_matmul` — x @ (trits × scale) reading 2-bit packed weights directly.
+
+The chunked-PDR kernel (forward and a `jax.custom_vjp` backward) is not written
+yet; `perspective_jax.model.pdr_scan.pdr_chunked` (XLA) is used on every backend.
 """

@@ -51,3 +51,17 @@ def test_int8_activation_quantiser():
     levels = q / scale
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
     assert np.abs(q - np.asarray(x)).max() <= scale.max() / 2 + 1e-6
+
+
+def test_all_zero_ternary_experts_give_zero_ffn_output(small_cfg):
+    import dataclasses
+    from perspective_jax.config import MoEConfig
+    from perspective_jax.moe.routed_ffn import RoutedFFN
+    layer = RoutedFFN(dataclasses.replace(small_cfg, routed=True), MoEConfig())
+    x = jax.random.normal(jax.random.key(5), (2, 8, small_cfg.d_model))
+    params = layer.init(jax.random.key(6), x)["params"]
+    params = jax.tree.map(lambda a: getattr(a, "value", a), params,
+                          is_leaf=lambda a: hasattr(a, "value"))
+    for name in ("w_gate", "w_up", "w_down"):
+        params[name] = ternary_ste(jnp.zeros_like(params[name]))
+    assert float(jnp.abs(layer.apply({"params": params}, x)).max()) == 0.0

@@ -59,8 +59,7 @@ def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
             noise = jax.random.normal(sub, stacked.shape, stacked.dtype)
             new[w] = stacked + cfg.moe.upcycle_noise * jnp.std(base) * noise
         out["periods"][name]["ffn"] = new
-    chex_tree = jax.tree.structure(routed_init)
-    if jax.tree.structure(out) != chex_tree:
+    if jax.tree.structure(out) != jax.tree.structure(routed_init):
         raise UserError("upcycle: the dense checkpoint does not match this config's layers")
     return out
 
