@@ -53,11 +53,23 @@ def ternary_matmul_reference(x, packed, scale):
     return jnp.dot(x.astype(jnp.float32), w) * scale
 
 
-def ternary_matmul_xla(x, packed, scale):
+def ternary_matmul_xla(x, packed, scale, lut_max_rows: int = 8):
+    """CPU path. Few rows (decode): table lookup per packed byte (T-MAC style):
+    P[m, g, c] = Σ_i x[m, 4g+i]·trit_i(c) for all 256 codes c, then
+    y[m, n] = Σ_g P[m, g, packed[g, n]] — no weight is ever decoded. Many rows:
+    decode the codes through the lookup table to float32 and use one matmul."""
     k4, n = packed.shape
-    w = jnp.asarray(LUT_2BIT)[packed]                       # [K/4, N, 4] int8
-    w = jnp.transpose(w, (0, 2, 1)).reshape(4 * k4, n)[: x.shape[1]]
-    return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)) * scale
+    m, k = x.shape
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 4 * k4 - k)))
+    lut = jnp.asarray(LUT_2BIT, jnp.float32)                 # [256, 4]
+    if m <= lut_max_rows:
+        partial = x.reshape(m, k4, 4) @ lut.T                # [M, K/4, 256]
+        idx = packed.astype(jnp.int32)
+        rows = [jnp.take_along_axis(partial[i], idx, axis=1).sum(0) for i in range(m)]
+        return jnp.stack(rows) * scale
+    w = lut[packed]                                          # [K/4, N, 4]
+    w = jnp.transpose(w, (0, 2, 1)).reshape(4 * k4, n)
+    return jnp.dot(x, w) * scale
 
 
 def _kernel(x_ref, w_ref, o_ref):

@@ -7,7 +7,7 @@ import pytest
 from kernels_pallas.ternary_matmul import IMPLS, pack_rows_2bit, ternary_matmul
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (5, 37, 19), (70, 96, 200)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (5, 37, 19), (8, 12, 7), (70, 96, 200)])
 def test_ternary_matmul_matches_float64_reference(m, k, n):
     rng = np.random.default_rng(m + k + n)
     trits = rng.integers(-1, 2, (k, n)).astype(np.int8)

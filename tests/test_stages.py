@@ -1,6 +1,9 @@
 """Curriculum stages: exact upcycling, routed decode, expert sharding, stage all."""
 
 import dataclasses
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -65,22 +68,46 @@ def test_expert_sharded_step_matches_single_device(tmp_path, text_corpus):
     np.testing.assert_allclose(l8, l1, atol=1e-5)
 
 
-def test_stage_all_runs_dense_upcycle_sparse(tmp_path, text_corpus, capsys):
+def test_stage_all_runs_the_whole_curriculum(tmp_path, text_corpus, capsys):
+    """dense → upcycle → sparse → ternary → align on a tiny model, then checks each."""
+    from perspective_jax.model.transformer import abstract_params
+    from perspective_jax.train.checkpoint import restore_params
+    from perspective_jax.train.objective import effective_params
     args = ["--stage", "all", "--run-dir", str(tmp_path / "cur"), "--data", str(text_corpus),
             "--no-progress", *train_overrides(**{"train.steps": 4, "train.eval_every": 4})]
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "routing: gini" in out and "all experts reachable" in out
-    for stage in ("dense", "upcycle", "sparse"):
+    assert "re-embedded experts by MDS" in out and "neighbour share" in out
+    for stage in ("dense", "upcycle", "sparse", "ternary", "align"):
         assert (tmp_path / "cur" / stage / "checkpoints").is_dir(), stage
     sparse_cfg = load_config(str(tmp_path / "cur" / "sparse" / "config.yaml"))
-    assert sparse_cfg.model.routed
+    assert sparse_cfg.model.routed and not sparse_cfg.ternary.enabled
     evals = read_metrics(str(tmp_path / "cur" / "sparse"), "eval")
     assert "gini" in evals[-1] and len(evals[-1]["routing"]["utilisation"][0]) == 8
+
+    # ternary: progressive fractions, distillation from the frozen sparse model
+    tern = tmp_path / "cur" / "ternary"
+    cfg = load_config(str(tern / "config.yaml"))
+    assert cfg.ternary.enabled and cfg.model.routed
+    log = read_metrics(str(tern), "train")
+    assert [r["ternary_fraction"] for r in log] == [0.0, 0.25, 0.5, 0.75]
+    assert all(r["kd_loss"] >= 0 for r in log) and log[0]["kd_loss"] < 1e-6  # student = teacher
+    # every expert weight the final model uses is in {−1, 0, +1} × one scale per matrix
+    params = restore_params(str(tern), abstract_params(cfg.model, cfg.moe))
+    used = effective_params(cfg, params, cfg.train.steps)
+    for w in (used["periods"]["layer_0"]["ffn"][n] for n in ("w_gate", "w_up", "w_down")):
+        w = np.asarray(w)                                          # [P, E, a, b]
+        scale = np.abs(w).max(axis=(-2, -1), keepdims=True)
+        assert set(np.unique(np.round(w / scale, 4)).tolist()) <= {-1.0, 0.0, 1.0}
+
+    # align: a short, fully ternary fine-tune after the MDS re-embedding
+    align_cfg = load_config(str(tmp_path / "cur" / "align" / "config.yaml"))
+    assert align_cfg.ternary.schedule == (1.0,) and align_cfg.train.steps == 1
+
     # the torus picture of the sparse run
-    import subprocess, sys
     png = tmp_path / "torus.png"
-    tool = str(__import__("pathlib").Path(__file__).parent.parent / "tools" / "plot_manifold.py")
+    tool = str(pathlib.Path(__file__).parent.parent / "tools" / "plot_manifold.py")
     subprocess.run([sys.executable, tool, str(tmp_path / "cur" / "sparse"),
                     "--out", str(png)], check=True, capture_output=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -88,49 +115,8 @@ def test_stage_all_runs_dense_upcycle_sparse(tmp_path, text_corpus, capsys):
     assert run(args) == 0
 
 
-def test_plot_grid_follows_the_flat_lattice_order():
-    import importlib.util
-    import pathlib
-    spec = importlib.util.spec_from_file_location(
-        "plot_manifold", pathlib.Path(__file__).parent.parent / "tools" / "plot_manifold.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from perspective_jax.moe.torus import lattice_index
-    lattice = (4, 2, 3)
-    util = np.arange(24, dtype=float)
-    grid = mod.utilisation_grid(util, lattice)
-    for i in range(4):
-        for j in range(2):
-            for k in range(3):
-                assert grid[k, i, j] == util[lattice_index(lattice, i, j, k)]
-
-
 def test_upcycle_and_sparse_need_a_source_run(tmp_path, capsys):
     assert run(["--stage", "upcycle", "--run-dir", str(tmp_path / "u")]) == 2
     assert "--init-from" in capsys.readouterr().err
     assert run(["--stage", "sparse", "--run-dir", str(tmp_path / "s")]) == 2
     assert "--init-from" in capsys.readouterr().err
-
-
-def test_ternary_stage_distils_into_ternary_experts(tmp_path, text_corpus):
-    """dense → upcycle → sparse → ternary: afterwards every expert weight the model
-    uses is in {−1, 0, +1} × one scale per expert matrix."""
-    from perspective_jax.model.transformer import abstract_params
-    from perspective_jax.train.checkpoint import restore_params
-    from perspective_jax.train.objective import effective_params
-    args = ["--stage", "all", "--run-dir", str(tmp_path / "cur"), "--data", str(text_corpus),
-            "--no-progress", *train_overrides(**{"train.steps": 4, "train.eval_every": 4})]
-    assert run(args) == 0
-    cfg = load_config(str(tmp_path / "cur" / "ternary" / "config.yaml"))
-    assert cfg.ternary.enabled and cfg.model.routed
-    log = read_metrics(str(tmp_path / "cur" / "ternary"), "train")
-    assert [r["ternary_fraction"] for r in log] == [0.0, 0.25, 0.5, 0.75]
-    assert all(r["kd_loss"] >= 0 for r in log) and log[0]["kd_loss"] < 1e-6  # student = teacher
-    params = restore_params(str(tmp_path / "cur" / "ternary"),
-                            abstract_params(cfg.model, cfg.moe))
-    used = effective_params(cfg, params, cfg.train.steps)
-    for w in (used["periods"]["layer_0"]["ffn"][n] for n in ("w_gate", "w_up", "w_down")):
-        w = np.asarray(w)                                          # [P, E, a, b]
-        scale = np.abs(w).max(axis=(-2, -1), keepdims=True)
-        levels = np.unique(np.round(w / scale, 4))
-        assert set(levels.tolist()) <= {-1.0, 0.0, 1.0}

@@ -21,7 +21,7 @@ def run(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="perspective-train",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True,
-                        choices=("dense", "upcycle", "sparse", "ternary", "all"),
+                        choices=("dense", "upcycle", "sparse", "ternary", "align", "all"),
                         help="curriculum stage to run")
     parser.add_argument("--run-dir", required=True, help="directory of this run "
                         "(created; resumed if it holds checkpoints)")

@@ -25,18 +25,28 @@ from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.train.trainer import CONFIG_FILE, TrainResult, train
 
-STAGES = ("dense", "upcycle", "sparse", "ternary", "all")
-CURRICULUM = ("dense", "upcycle", "sparse", "ternary")
-ROUTED_STAGES = ("upcycle", "sparse", "ternary")
-TERNARY_STAGES = ("ternary",)
+STAGES = ("dense", "upcycle", "sparse", "ternary", "align", "all")
+CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
+ROUTED_STAGES = ("upcycle", "sparse", "ternary", "align")
+TERNARY_STAGES = ("ternary", "align")
+ALIGN_STEP_SHARE = 4   # the align fine-tune runs train.steps / 4 steps
 
 
 def stage_config(cfg: PerspectiveConfig, stage: str) -> PerspectiveConfig:
     """The config a stage runs with: the FFN after PDR layers is routed from
-    upcycle on, and its experts are ternary from the ternary stage on."""
+    upcycle on, and its experts are ternary from the ternary stage on. `align`
+    is a short, fully ternary fine-tune without distillation."""
+    ternary = dataclasses.replace(cfg.ternary, enabled=stage in TERNARY_STAGES)
+    train_cfg = cfg.train
+    if stage == "align":
+        ternary = dataclasses.replace(ternary, schedule=(1.0,), ce_weight=1.0, kd_weight=0.0)
+        steps = max(1, cfg.train.steps // ALIGN_STEP_SHARE)
+        train_cfg = dataclasses.replace(cfg.train, steps=steps,
+                                        warmup_steps=min(cfg.train.warmup_steps, steps // 4),
+                                        eval_every=min(cfg.train.eval_every, steps))
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, routed=stage in ROUTED_STAGES),
-        ternary=dataclasses.replace(cfg.ternary, enabled=stage in TERNARY_STAGES))
+        ternary=ternary, train=train_cfg)
 
 
 def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
@@ -62,6 +72,12 @@ def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
     if jax.tree.structure(out) != jax.tree.structure(routed_init):
         raise UserError("upcycle: the dense checkpoint does not match this config's layers")
     return out
+
+
+def _last_routing(run_dir: str) -> Optional[dict]:
+    from perspective_jax.train.metrics import read_metrics
+    evals = [r for r in read_metrics(run_dir, "eval") if "routing" in r]
+    return evals[-1]["routing"] if evals else None
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
@@ -103,6 +119,50 @@ def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
     return run_dir
 
 
+def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
+    """Write `out_dir` (a step-0 run) holding the ternary model with its experts
+    permuted onto the lattice cells MDS assigns them (offsets reset to 0)."""
+    import numpy as np
+    from perspective_jax.moe.align import align_layer
+    from perspective_jax.train.objective import effective_params
+
+    src_path = os.path.join(ternary_run, CONFIG_FILE)
+    if not os.path.exists(src_path):
+        raise UserError(f"align: {ternary_run} is not a finished ternary run; pass "
+                        "--init-from TERNARY_RUN_DIR")
+    src = load_config(src_path)
+    if not (src.model.routed and src.ternary.enabled):
+        raise UserError(f"align: {ternary_run} does not hold a ternary routed model")
+    params = restore_params(ternary_run, abstract_params(src.model, src.moe))
+    used = effective_params(src, params, src.train.steps)
+    report = {"stress_before": [], "stress_after": []}
+    for i, kind in enumerate(src.model.layer_pattern):
+        if kind != "pdr":
+            continue
+        ffn = params["periods"][f"layer_{i}"]["ffn"]
+        ffn_used = used["periods"][f"layer_{i}"]["ffn"]
+        new = {n: np.array(ffn[n]) for n in ("w_gate", "w_up", "w_down")}
+        for p in range(src.model.n_periods):
+            perm, before, after = align_layer({n: ffn_used[n][p] for n in new}, src.moe.lattice)
+            for n in new:
+                new[n][p] = new[n][p][perm]
+            report["stress_before"].append(before)
+            report["stress_after"].append(after)
+        ffn.update({n: jnp.asarray(v) for n, v in new.items()})
+        ffn["router"]["offsets"] = jnp.zeros_like(ffn["router"]["offsets"])
+    cfg = stage_config(cfg, "align")
+    ckpt = Checkpointer(out_dir, cfg.checkpoint)
+    if ckpt.latest_step() is None:
+        os.makedirs(out_dir, exist_ok=True)
+        _copy_tokenizer(ternary_run, out_dir)
+        save_config(cfg, os.path.join(out_dir, CONFIG_FILE))
+        ckpt.save(0, init_state(params, make_optimizer(cfg.train)), None,
+                  {"stage": "align", "from": os.path.abspath(ternary_run), **report},
+                  force=True)
+    ckpt.close()
+    return report
+
+
 def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
               data: Optional[Sequence[str]] = None, init_from: Optional[str] = None,
               progress: bool = True, log=print) -> Optional[TrainResult]:
@@ -125,6 +185,23 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
         log(f"upcycled {init_from} into {run_dir} "
             f"({cfg.moe.num_experts} experts per PDR layer)")
         return None
+    if stage == "align":
+        if not init_from and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            raise UserError("--stage align needs --init-from TERNARY_RUN_DIR")
+        start = os.path.join(run_dir, "reembedded")
+        if init_from:
+            rep = reembed(cfg, init_from, start)
+            log(f"re-embedded experts by MDS: lattice stress "
+                f"{sum(rep['stress_before']) / len(rep['stress_before']):.3f} -> "
+                f"{sum(rep['stress_after']) / len(rep['stress_after']):.3f}")
+        result = train(stage_config(cfg, "align"), run_dir, data=data, init_from=start,
+                       progress=progress)
+        before = _last_routing(init_from) if init_from else None
+        if before and result.routing:
+            log(f"neighbour share of adjacent-token switches: "
+                f"{before['switch_neighbour']:.3f} (ternary) -> "
+                f"{result.routing['switch_neighbour']:.3f} (aligned)")
+        return result
     source = {"sparse": "UPCYCLE_RUN_DIR", "ternary": "SPARSE_RUN_DIR"}
     if stage in source and not init_from and not os.path.isdir(
             os.path.join(run_dir, "checkpoints")):

@@ -179,7 +179,7 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
                              out_shardings=p_shard)(
                 jax.random.key(cfg.train.seed))
         state = jax.jit(lambda p: init_state(p, tx))(params)
-        if cfg.ternary.enabled:
+        if cfg.ternary.enabled and cfg.ternary.kd_weight > 0:
             if not (init_from or resuming):
                 raise UserError("the ternary stage distils from a teacher: pass --init-from "
                                 "SPARSE_RUN_DIR")
