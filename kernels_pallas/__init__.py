@@ -5,7 +5,6 @@ the Pallas kernel on GPU/TPU and an XLA path on CPU (RecurrentGemma-style
 selection); tests run the Pallas kernels on CPU with `interpret=True`.
 
 * `ternary_matmul` — x @ (trits × scale) reading 2-bit packed weights directly.
-
-The chunked-PDR kernel (forward and a `jax.custom_vjp` backward) is not written
-yet; `perspective_jax.model.pdr_scan.pdr_chunked` (XLA) is used on every backend.
+* `pdr_chunked`    — the chunked PDR recurrence (grid over batch × row blocks),
+                     differentiable through `jax.custom_vjp`.
 """

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, from nothing: set up, print the parameter census of the presets,
-# then run the tiny curriculum (dense → upcycle → sparse → ternary) on the
+# then run the tiny curriculum (dense → upcycle → sparse → ternary → align) on the
 # default corpus (Python's standard-library source) and print a sample from the
-# final ternary model. Re-running resumes (finished stages are skipped).
+# final (aligned, ternary) model. Re-running resumes (finished stages are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

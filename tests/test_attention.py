@@ -1,6 +1,5 @@
 """Windowed GQA against a naive full masked attention in float64."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@
 import math
 
 import jax
-import pytest
 
 from perspective_jax.census import census, summary
 from perspective_jax.config import load_config

@@ -1,7 +1,6 @@
 """Config schema, YAML inheritance, overrides and one-line errors."""
 
 import glob
-import os
 
 import pytest
 import yaml

@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_ms  # noqa: E402
 from perspective_jax.moe.dispatch import IMPLS, expert_swiglu  # noqa: E402
-
-
-def timed(fn, args, repeats: int) -> float:
-    """Median wall time in ms of a jitted call (after one warm-up/compile call)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -61,7 +50,7 @@ def main(argv=None) -> int:
         loss = lambda x, *w, impl=impl: jnp.sum(expert_swiglu(x, idx, *w, impl=impl,
                                                               block=a.block) ** 2)
         bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        t_f, t_b = timed(fwd, (x, *w), a.repeats), timed(bwd, (x, *w), a.repeats)
+        t_f, t_b = median_ms(fwd, (x, *w), a.repeats), median_ms(bwd, (x, *w), a.repeats)
         print(f"| {impl} | {t_f:.1f} | {t_b:.1f} | {useful / t_f / 1e6:.1f} |")
     return 0
 

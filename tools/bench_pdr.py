@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_ms  # noqa: E402
 from perspective_jax.model.pdr_scan import IMPLS, pdr_scan  # noqa: E402
 
 MB = 1024 ** 2
@@ -103,17 +103,6 @@ def compiled_mb(fn, args):
     total = (m.argument_size_in_bytes + m.output_size_in_bytes
              + m.temp_size_in_bytes - m.alias_size_in_bytes)
     return compiled, total / MB
-
-
-def median_ms(compiled, args, repeats):
-    """Warm up once, then return the median wall time (ms) of `repeats` runs."""
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def measure(impl, t, chunk, args, inputs):

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +22,12 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_ms  # noqa: E402
 from kernels_pallas.ternary_matmul import pack_rows_2bit, ternary_matmul  # noqa: E402
 from perspective_jax.config import load_config  # noqa: E402
 
 SHAPES = ((2048, 2048), (4096, 4096), (4096, 11008))
-
-
-def timed(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
 
 
 def main(argv=None) -> int:
@@ -58,7 +48,7 @@ def main(argv=None) -> int:
         tern = jax.jit(lambda x, p: ternary_matmul(x, p, 0.02))
         for b in map(int, a.batches.split(",")):
             x = jnp.asarray(rng.normal(size=(b, k)).astype(np.float32))
-            t_d, t_t = timed(dense, (x, w), a.repeats), timed(tern, (x, packed), a.repeats)
+            t_d, t_t = median_ms(dense, (x, w), a.repeats), median_ms(tern, (x, packed), a.repeats)
             print(f"| {k} → {n} | {b} | {t_d:.2f} | {t_t:.2f} | {t_d / t_t:.2f}x "
                   f"| {k * n * 4 / 1e6:.1f} | {packed.nbytes / 1e6:.1f} "
                   f"| {math.ceil(k * n / 5) / 1e6:.1f} |")

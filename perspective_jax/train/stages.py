@@ -20,7 +20,6 @@ from perspective_jax.config import PerspectiveConfig, load_config, save_config
 from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, init_params
-from perspective_jax.moe.routed_ffn import routed_layer_params
 from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.train.trainer import CONFIG_FILE, TrainResult, train
