@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=256, help="state rows (value dim)")
     p.add_argument("--r", type=int, default=64, help="state cols (key dim)")
     p.add_argument("--chunk", type=int, default=16, help="chunk size for the main table")
-    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--impls", default="chunked,scan,associative",
+                   help=f"comma-separated subset of {IMPLS} (pallas is interpreted on CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     p.add_argument("--quick", action="store_true", help="first T only, 2 repeats")
     p.add_argument("--chunks", default="", help="chunk sizes to sweep, e.g. 8,16,32,64")

@@ -16,7 +16,7 @@ from perspective_jax.errors import ConfigError
 LAYER_KINDS = ("pdr", "gqa")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-PDR_IMPLS = ("chunked", "scan", "associative")
+PDR_IMPLS = ("chunked", "scan", "associative", "pallas")
 
 
 def _require(cond: bool, field: str, message: str) -> None:

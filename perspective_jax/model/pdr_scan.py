@@ -12,6 +12,7 @@ Three implementations behind `pdr_scan(..., impl=)`:
   * ``chunked``  (default) — chunkwise-parallel; see `pdr_chunked`.
   * ``scan``     — `lax.scan` over tokens (the sequential definition).
   * ``associative`` — `lax.associative_scan`; materialises a state per token.
+  * ``pallas``   — `kernels_pallas.pdr_chunked` (interpreted on CPU: tests only).
 `pdr_step` is the O(1) decode form.
 """
 
@@ -21,7 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("chunked", "scan", "associative")
+IMPLS = ("chunked", "scan", "associative", "pallas")
 
 
 def _check(log_decay, k, q, v, state):
@@ -132,4 +133,10 @@ def pdr_scan(log_decay, k, q, v, state, *, impl: str = "chunked", chunk: int = 1
         return pdr_sequential(log_decay, k, q, v, state)
     if impl == "associative":
         return pdr_associative(log_decay, k, q, v, state)
+    if impl == "pallas":  # the Pallas kernel (interpreted on CPU); see kernels_pallas
+        from kernels_pallas.pdr_chunked import pdr_scan_kernel
+        d = v.shape[-1]
+        return pdr_scan_kernel(log_decay, k, q, v, state, chunk=chunk, impl="pallas",
+                               block_d=d if d <= 128 or d % 128 else 128,
+                               interpret=jax.default_backend() == "cpu")
     raise ValueError(f"unknown PDR implementation {impl!r}; use one of {IMPLS}")
