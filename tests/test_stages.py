@@ -92,7 +92,8 @@ def test_stage_all_runs_the_whole_curriculum(tmp_path, text_corpus, capsys):
     assert cfg.ternary.enabled and cfg.model.routed
     log = read_metrics(str(tern), "train")
     assert [r["ternary_fraction"] for r in log] == [0.0, 0.25, 0.5, 0.75]
-    assert all(r["kd_loss"] >= 0 for r in log) and log[0]["kd_loss"] < 1e-6  # student = teacher
+    # KL ≥ 0 up to float rounding; at step 0 the student is the teacher
+    assert all(r["kd_loss"] >= -1e-6 for r in log) and abs(log[0]["kd_loss"]) < 1e-6
     # every expert weight the final model uses is in {−1, 0, +1} × one scale per matrix
     params = restore_params(str(tern), abstract_params(cfg.model, cfg.moe))
     used = effective_params(cfg, params, cfg.train.steps)
