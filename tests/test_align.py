@@ -33,3 +33,18 @@ def test_align_puts_similar_experts_on_neighbouring_cells():
         for b in range(8):
             if a != b:
                 assert adj[a, b] == (np.abs(placed[a] - placed[b]).sum() == 1.0)
+
+
+def test_align_never_worsens_the_layout():
+    """Experts already laid out exactly on the lattice keep their slots."""
+    lattice = (2, 2, 2)
+    corners = np.asarray(list(itertools.product((0.0, 1.0), repeat=3)))
+    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(24, 3)))
+    flat = corners @ q.T
+    weights = {"w_gate": flat[:, :8].reshape(8, 2, 4), "w_up": flat[:, 8:16].reshape(8, 2, 4),
+               "w_down": flat[:, 16:].reshape(8, 4, 2)}
+    perm, before, after = align_layer(weights, lattice)
+    assert after <= before
+    noisy = {k: v + np.random.default_rng(4).normal(size=v.shape) for k, v in weights.items()}
+    _, before, after = align_layer(noisy, lattice)
+    assert after <= before

@@ -79,5 +79,7 @@ def align_layer(weights: dict, lattice) -> tuple[np.ndarray, float, float]:
     cells = torus.lattice_positions(lattice).astype(np.float64)
     before = _stress(dist, cells)
     assign, after = lattice_assignment(dist, lattice)
+    if after >= before:                # never make the layout worse: keep it as it is
+        return np.arange(e), before, before
     perm = np.argsort(assign)          # slot c ← the expert assigned to cell c
     return perm, before, after
