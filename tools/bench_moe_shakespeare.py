@@ -21,8 +21,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import add_shakespeare_args, load_shakespeare_config  # noqa: E402
 
-from perspective_jax.config import load_config  # noqa: E402
 from perspective_jax.train.stages import stage_config, upcycle  # noqa: E402
 from perspective_jax.train.trainer import train  # noqa: E402
 
@@ -35,18 +36,13 @@ def nats_per_char(result) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(REPO, "curricula", "shakespeare-char.yaml"))
-    p.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data",
-                                                  "tinyshakespeare.txt"))
-    p.add_argument("--budget-s", type=float, default=150.0)
+    add_shakespeare_args(p, budget_s=150.0)
     p.add_argument("--sparse-steps", type=int, default=260,
                    help="scheduled steps of the sparse half (cut by the deadline)")
-    p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    if not os.path.isfile(a.data):
-        print(f"error: corpus not found: {a.data} (pass --data)", file=sys.stderr)
+    cfg = load_shakespeare_config(a)
+    if cfg is None:
         return 2
-    cfg = load_config(a.config, a.overrides)
     half = dict(steps=cfg.train.steps // 2, warmup_steps=min(cfg.train.warmup_steps,
                                                             cfg.train.steps // 4))
     root = tempfile.mkdtemp(prefix="bench-moe-")

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from benchlib import add_shakespeare_args, load_shakespeare_config  # noqa: E402
 
 from perspective_jax.census import summary, train_flops_per_token  # noqa: E402
-from perspective_jax.config import load_config  # noqa: E402
 from perspective_jax.train.metrics import read_metrics  # noqa: E402
 from perspective_jax.train.trainer import train  # noqa: E402
 
@@ -55,18 +56,13 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(REPO, "curricula", "shakespeare-char.yaml"))
-    p.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data",
-                                                  "tinyshakespeare.txt"))
-    p.add_argument("--budget-s", type=float, default=PEER["wall_s"])
+    add_shakespeare_args(p, budget_s=PEER["wall_s"])
     p.add_argument("--run-dir", help="keep the run here (default: a temporary directory)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.data):
-        print(f"error: corpus not found: {args.data} (pass --data)", file=sys.stderr)
+    cfg = load_shakespeare_config(args)
+    if cfg is None:
         return 2
-    cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="bench-shakespeare-")
     if args.run_dir is None or not os.path.exists(os.path.join(run_dir, "checkpoints")):
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def median_ms(fn, args, repeats: int) -> float:
@@ -17,3 +22,22 @@ def median_ms(fn, args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def add_shakespeare_args(parser: argparse.ArgumentParser, budget_s: float) -> None:
+    """--config / --data / --budget-s / overrides shared by the TinyShakespeare benches."""
+    parser.add_argument("--config", default=os.path.join(REPO, "curricula",
+                                                         "shakespeare-char.yaml"))
+    parser.add_argument("--data", default=os.path.join(REPO, "..", "shared", "data",
+                                                       "tinyshakespeare.txt"))
+    parser.add_argument("--budget-s", type=float, default=budget_s)
+    parser.add_argument("overrides", nargs="*")
+
+
+def load_shakespeare_config(args):
+    """The bench config, or None (after a one-line error) if the corpus is missing."""
+    from perspective_jax.config import load_config
+    if not os.path.isfile(args.data):
+        print(f"error: corpus not found: {args.data} (pass --data)", file=sys.stderr)
+        return None
+    return load_config(args.config, args.overrides)

@@ -98,6 +98,16 @@ def load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: i
     return train_sentencepiece(train_texts(), vocab_size, run_dir, seed=seed)
 
 
+def copy_tokenizer(src_run: str, dst_run: str) -> None:
+    """Give `dst_run` the tokenizer of `src_run` (kept if it already has one)."""
+    import shutil
+    for name in (SPM_FILE, BYTE_MARKER):
+        src, dst = os.path.join(src_run, name), os.path.join(dst_run, name)
+        if os.path.exists(src) and not os.path.exists(dst):
+            os.makedirs(dst_run, exist_ok=True)
+            shutil.copy(src, dst)
+
+
 def load_tokenizer(run_dir: str):
     """The tokenizer a finished run saved (for export, inference, later stages)."""
     if os.path.exists(os.path.join(run_dir, SPM_FILE)):

@@ -13,7 +13,6 @@ balance/smoothness losses are sown into the "aux" collection.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import chex
 import flax.linen as nn
@@ -152,14 +151,3 @@ def delta_loss(params, cfg: ModelConfig, moe: MoEConfig) -> jax.Array:
             total = total + diff.mean()
             count += 1
     return total / count
-
-
-def aux_totals(aux: Optional[dict]) -> dict:
-    """Sum/mean the sown statistics over every routed layer (and period)."""
-    if not aux:
-        return {}
-    leaves = {}
-    for path, value in jax.tree_util.tree_flatten_with_path(aux)[0]:
-        name = path[-2].key if hasattr(path[-2], "key") else str(path[-2])
-        leaves.setdefault(name, []).append(value)
-    return leaves

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import PerspectiveConfig, load_config, save_config
-from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE
+from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, init_params
 from perspective_jax.train.checkpoint import Checkpointer, restore_params
@@ -79,12 +78,6 @@ def _last_routing(run_dir: str) -> Optional[dict]:
     return evals[-1]["routing"] if evals else None
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
-    for name in (SPM_FILE, BYTE_MARKER):
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
-
 def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
     """Write `run_dir` holding the upcycled routed model at step 0."""
     if not os.path.exists(os.path.join(dense_run, CONFIG_FILE)):
@@ -109,7 +102,7 @@ def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
     routed_init = init_params(cfg.model, key, moe=cfg.moe)
     params = upcycle_params(dense, routed_init, cfg, jax.random.fold_in(key, 1))
     os.makedirs(run_dir, exist_ok=True)
-    _copy_tokenizer(dense_run, run_dir)
+    copy_tokenizer(dense_run, run_dir)
     save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
     state = init_state(params, make_optimizer(cfg.train))
     ckpt.save(0, state, None, {"stage": "upcycle", "from": os.path.abspath(dense_run)},
@@ -153,7 +146,7 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     ckpt = Checkpointer(out_dir, cfg.checkpoint)
     if ckpt.latest_step() is None:
         os.makedirs(out_dir, exist_ok=True)
-        _copy_tokenizer(ternary_run, out_dir)
+        copy_tokenizer(ternary_run, out_dir)
         save_config(cfg, os.path.join(out_dir, CONFIG_FILE))
         ckpt.save(0, init_state(params, make_optimizer(cfg.train)), None,
                   {"stage": "align", "from": os.path.abspath(ternary_run), **report},

@@ -27,7 +27,7 @@ from perspective_jax.data.corpus import (default_corpus_files, expand_paths,
                                          read_documents, split_documents)
 from perspective_jax.data.pipeline import eval_batches, train_iterator
 from perspective_jax.data.token_store import build_token_store, check_long_enough
-from perspective_jax.data.tokenizer import load_or_train
+from perspective_jax.data.tokenizer import copy_tokenizer, load_or_train
 from perspective_jax.errors import UserError
 from perspective_jax.generate import Sampling, generate
 from perspective_jax.model.transformer import abstract_params, logical_axes
@@ -117,12 +117,7 @@ def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[s
     docs = read_documents(files)
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
     if tokenizer_from:
-        from perspective_jax.data.tokenizer import SPM_FILE, BYTE_MARKER
-        import shutil
-        for name in (SPM_FILE, BYTE_MARKER):
-            src = os.path.join(tokenizer_from, name)
-            if os.path.exists(src) and not os.path.exists(os.path.join(run_dir, name)):
-                shutil.copy(src, os.path.join(run_dir, name))
+        copy_tokenizer(tokenizer_from, run_dir)
     tokenizer = load_or_train(cfg.data.tokenizer, run_dir, cfg.model.vocab_size,
                               lambda: (d.text for d in train_docs), seed=cfg.data.seed)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -134,13 +129,6 @@ def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[s
     return tokenizer, train_split, val_split
 
 
-def _prepare_run_dir(cfg: PerspectiveConfig, run_dir: str) -> Optional[PerspectiveConfig]:
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, CONFIG_FILE)
-    saved = load_config(path) if os.path.exists(path) else None
-    return saved
-
-
 def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = None,
           init_from: Optional[str] = None, devices=None, progress: bool = True,
           max_steps_this_call: Optional[int] = None,
@@ -150,7 +138,9 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     `deadline_s` (seconds since this call started) ends training early — with a
     final evaluation and checkpoint — for wall-clock-budgeted benchmarks."""
     t_start = time.perf_counter()
-    saved_cfg = _prepare_run_dir(cfg, run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    saved_cfg = load_config(config_path) if os.path.exists(config_path) else None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     resuming = ckpt.latest_step() is not None
     if resuming and saved_cfg is not None:
