@@ -64,9 +64,9 @@ def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Ar
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(cfg: ModelConfig, moe: MoEConfig):
+def _compiled(cfg: ModelConfig, moe: MoEConfig, activation_bits: int = 0):
     """Jitted (prefill, step) for one model config, compiled once per shape."""
-    model = PerspectiveLM(cfg, moe)
+    model = PerspectiveLM(cfg, moe, activation_bits=activation_bits)
 
     @jax.jit
     def prefill(p, tokens, cache):
@@ -83,8 +83,10 @@ def _compiled(cfg: ModelConfig, moe: MoEConfig):
 
 def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
              sampling: Sampling = Sampling(), seed: int = 0,
-             eos_id: Optional[int] = None, moe: MoEConfig = MoEConfig()) -> np.ndarray:
-    """prompt [B, T0] int → generated continuation [B, ≤ max_new_tokens]."""
+             eos_id: Optional[int] = None, moe: MoEConfig = MoEConfig(),
+             activation_bits: int = 0) -> np.ndarray:
+    """prompt [B, T0] int → generated continuation [B, ≤ max_new_tokens].
+    `activation_bits=8`: int8 expert activations, as the ternary stage trains."""
     prompt = np.asarray(prompt, dtype=np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise UserError("prompt must be a non-empty [batch, tokens] array of ids")
@@ -92,7 +94,7 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
         raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
         raise UserError(f"prompt ids must lie in [0, {cfg.vocab_size})")
-    prefill, step = _compiled(cfg, moe)
+    prefill, step = _compiled(cfg, moe, activation_bits)
     rng = jax.random.key(seed)
     logits, cache = prefill(params, jnp.asarray(prompt), init_cache(cfg, prompt.shape[0]))
     out = []

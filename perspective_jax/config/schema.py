@@ -156,7 +156,8 @@ class TernaryConfig:
     schedule: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     ce_weight: float = 0.5
     kd_weight: float = 0.5
-    activation_bits: int = 0  # 0 = off, 8 = per-token absmax int8 activations
+    # 0 = off, 8 = per-token absmax int8 expert activations (when enabled).
+    activation_bits: int = 0
     scale_granularity: str = "tensor"
 
     def __post_init__(self):
@@ -168,10 +169,8 @@ class TernaryConfig:
                  "must be non-decreasing")
         _require(self.ce_weight >= 0 and self.kd_weight >= 0, f"{s}.ce_weight",
                  "loss weights must be >= 0")
-        # 8-bit per-token activations (ternary.quant.quantize_activations_int8) are
-        # not wired into the routed FFN yet: refuse rather than silently ignore.
-        _require(self.activation_bits == 0, f"{s}.activation_bits",
-                 f"only 0 (off) is supported so far, got {self.activation_bits}")
+        _require(self.activation_bits in (0, 8), f"{s}.activation_bits",
+                 f"use 0 (float activations) or 8 (per-token int8), got {self.activation_bits}")
         _require(self.scale_granularity in ("tensor", "row"), f"{s}.scale_granularity",
                  f"use 'tensor' or 'row', got {self.scale_granularity!r}")
 

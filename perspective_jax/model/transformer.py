@@ -46,6 +46,7 @@ class ResidualBlock(nn.Module):
     moe: MoEConfig = MoEConfig()
     route_mode: str = "nearest"
     route_k: int = 0
+    activation_bits: int = 0
 
     @nn.compact
     def __call__(self, x, segment_pos, cache=None):
@@ -53,7 +54,8 @@ class ResidualBlock(nn.Module):
             RMSNorm(self.cfg, name="mixer_norm")(x), segment_pos, cache)
         h = x + mixed
         if self.kind == "pdr" and self.cfg.routed:
-            ffn = RoutedFFN(self.cfg, self.moe, self.route_mode, self.route_k, name="ffn")
+            ffn = RoutedFFN(self.cfg, self.moe, self.route_mode, self.route_k,
+                            self.activation_bits, name="ffn")
         else:
             ffn = SwiGLU(self.cfg, name="ffn")
         out = h + ffn(RMSNorm(self.cfg, name="ffn_norm")(h))
@@ -67,6 +69,7 @@ class Period(nn.Module):
     moe: MoEConfig = MoEConfig()
     route_mode: str = "nearest"
     route_k: int = 0
+    activation_bits: int = 0
 
     @nn.compact
     def __call__(self, x, segment_pos, cache):
@@ -74,7 +77,7 @@ class Period(nn.Module):
         for i, kind in enumerate(self.cfg.layer_pattern):
             name = f"layer_{i}"
             x, c = ResidualBlock(self.cfg, kind, self.moe, self.route_mode, self.route_k,
-                                 name=name)(
+                                 self.activation_bits, name=name)(
                 x, segment_pos, None if cache is None else cache[name])
             new_cache[name] = c
         return x, (new_cache if cache is not None else None)
@@ -94,12 +97,14 @@ def init_cache(cfg: ModelConfig, batch: int) -> dict:
 class PerspectiveLM(nn.Module):
     """tokens [B, T] → (logits [B, T, V], cache). `moe` sizes the routed FFNs
     when `cfg.routed`; `route_mode`/`route_k` pick the routing perspective
-    (nearest, kth, antipode, random — see `moe.routed_ffn.select_expert`)."""
+    (nearest, kth, antipode, random — see `moe.routed_ffn.select_expert`);
+    `activation_bits=8` fake-quantises expert inputs per token (ternary stage)."""
 
     cfg: ModelConfig
     moe: MoEConfig = MoEConfig()
     route_mode: str = "nearest"
     route_k: int = 0
+    activation_bits: int = 0
 
     def setup(self):
         cfg = self.cfg
@@ -119,7 +124,7 @@ class PerspectiveLM(nn.Module):
             out_axes=0,
             length=cfg.n_periods,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.moe, self.route_mode, self.route_k, name="periods")
+        )(cfg, self.moe, self.route_mode, self.route_k, self.activation_bits, name="periods")
         self.final_norm = RMSNorm(cfg, name="final_norm")
 
     def __call__(self, tokens: jax.Array, segment_pos: Optional[jax.Array] = None,

@@ -13,6 +13,10 @@ Result [N, d] with y_n = SwiGLU_{e_n}(x_n). Implementations (identical values):
                 expert's weights. Dropless, static shapes; chosen on CPU, where
                 `ragged_dot` is ~10× slower.
 * ``dense``   — every expert on every token, then select: the reference.
+
+``hidden_fn`` (default identity) is applied to the hidden activation
+silu(x·W_gate) ⊙ (x·W_up) before W_down — the hook for 8-bit activation
+quantisation of ternary experts (it must act per token, along the last axis).
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ def default_impl() -> str:
     return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
-def _swiglu(x, w_gate, w_up, w_down):
-    return jnp.dot(jax.nn.silu(jnp.dot(x, w_gate)) * jnp.dot(x, w_up), w_down)
+def _identity(h):
+    return h
 
 
-def dispatch_dense(x, idx, w_gate, w_up, w_down):
+def _swiglu(x, w_gate, w_up, w_down, hidden_fn=_identity):
+    return jnp.dot(hidden_fn(jax.nn.silu(jnp.dot(x, w_gate)) * jnp.dot(x, w_up)), w_down)
+
+
+def dispatch_dense(x, idx, w_gate, w_up, w_down, hidden_fn=_identity):
     """Reference: all experts on all tokens ([E, N, d]), then pick each token's."""
-    every = jax.vmap(lambda g, u, d: _swiglu(x, g, u, d))(w_gate, w_up, w_down)
+    every = jax.vmap(lambda g, u, d: _swiglu(x, g, u, d, hidden_fn))(w_gate, w_up, w_down)
     return jnp.take_along_axis(every, idx[None, :, None], axis=0)[0]
 
 
@@ -44,15 +52,15 @@ def _sort(idx, n_experts):
     return order, group_sizes
 
 
-def dispatch_ragged(x, idx, w_gate, w_up, w_down):
+def dispatch_ragged(x, idx, w_gate, w_up, w_down, hidden_fn=_identity):
     order, sizes = _sort(idx, w_gate.shape[0])
     xs = x[order]
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    ys = jax.lax.ragged_dot(h, w_down, sizes)
+    ys = jax.lax.ragged_dot(hidden_fn(h), w_down, sizes)
     return jnp.zeros_like(ys).at[order].set(ys)
 
 
-def dispatch_blocked(x, idx, w_gate, w_up, w_down, block: int = 64):
+def dispatch_blocked(x, idx, w_gate, w_up, w_down, block: int = 64, hidden_fn=_identity):
     n, d = x.shape
     e = w_gate.shape[0]
     b = max(1, min(block, n))
@@ -71,12 +79,13 @@ def dispatch_blocked(x, idx, w_gate, w_up, w_down, block: int = 64):
     xb = xp.reshape(n_blocks, b, d)
     g = jnp.einsum("nbd,ndf->nbf", xb, w_gate[block_expert])
     u = jnp.einsum("nbd,ndf->nbf", xb, w_up[block_expert])
-    yb = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, w_down[block_expert])
+    yb = jnp.einsum("nbf,nfd->nbd", hidden_fn(jax.nn.silu(g) * u), w_down[block_expert])
     ys = yb.reshape(n_blocks * b, d)[row]
     return jnp.zeros((n, d), ys.dtype).at[order].set(ys)
 
 
-def expert_swiglu(x, idx, w_gate, w_up, w_down, impl: str = "auto", block: int = 64):
+def expert_swiglu(x, idx, w_gate, w_up, w_down, impl: str = "auto", block: int = 64,
+                  hidden_fn=_identity):
     """Dispatch each token to its expert's SwiGLU FFN; see module docstring."""
     n, d = x.shape
     e, _, f = w_gate.shape
@@ -85,9 +94,9 @@ def expert_swiglu(x, idx, w_gate, w_up, w_down, impl: str = "auto", block: int =
     chex.assert_shape(w_down, (e, f, d))
     impl = default_impl() if impl == "auto" else impl
     if impl == "ragged":
-        return dispatch_ragged(x, idx, w_gate, w_up, w_down)
+        return dispatch_ragged(x, idx, w_gate, w_up, w_down, hidden_fn)
     if impl == "blocked":
-        return dispatch_blocked(x, idx, w_gate, w_up, w_down, block=block)
+        return dispatch_blocked(x, idx, w_gate, w_up, w_down, block, hidden_fn)
     if impl == "dense":
-        return dispatch_dense(x, idx, w_gate, w_up, w_down)
+        return dispatch_dense(x, idx, w_gate, w_up, w_down, hidden_fn)
     raise ValueError(f"unknown dispatch {impl!r}; use one of {IMPLS} or 'auto'")

@@ -9,6 +9,10 @@ The straight-through gate has value exactly 1, so an upcycled model (all
 experts equal) computes what the dense model did, while the task loss still
 trains W_route, the offsets and τ through ∂g. Routing statistics and the
 balance/smoothness losses are sown into the "aux" collection.
+
+activation_bits=8 (ternary stage, SPEC §3.4): the expert input h and the
+hidden activation are fake-quantised per token to int8 absmax (STE), as a
+BitNet b1.58 layer sees them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.model.layers import dtype_of, logical
 from perspective_jax.moe import torus
 from perspective_jax.moe.dispatch import expert_swiglu
+from perspective_jax.ternary.quant import quantize_activations_int8
 
 ROUTE_MODES = ("nearest", "kth", "antipode", "random")
 
@@ -93,6 +98,7 @@ class RoutedFFN(nn.Module):
     moe: MoEConfig
     mode: str = "nearest"
     k: int = 0
+    activation_bits: int = 0
 
     @nn.compact
     def __call__(self, x):
@@ -105,9 +111,11 @@ class RoutedFFN(nn.Module):
         w_up = self.param("w_up", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
         w_down = self.param("w_down", logical(init, ("expert", "mlp", "embed")), (e, f, d), pdt)
         idx, gate, z, probs = TorusRouter(cfg, moe, self.mode, self.k, name="router")(x)
-        y = expert_swiglu(x.reshape(b * t, d).astype(dt), idx.reshape(-1),
+        quant = quantize_activations_int8 if self.activation_bits == 8 else (lambda a: a)
+        y = expert_swiglu(quant(x.reshape(b * t, d).astype(dt)), idx.reshape(-1),
                           w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt),
-                          impl=moe.dispatch, block=moe.dispatch_block).reshape(b, t, d)
+                          impl=moe.dispatch, block=moe.dispatch_block,
+                          hidden_fn=quant).reshape(b, t, d)
         if moe.gate == "straight_through":
             gate = gate / jax.lax.stop_gradient(gate)
         y = y * gate[..., None].astype(y.dtype)

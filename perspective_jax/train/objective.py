@@ -35,6 +35,11 @@ def effective_params(cfg: PerspectiveConfig, params, step):
     return quantize_experts(params, cfg.model, fraction)
 
 
+def expert_activation_bits(cfg: PerspectiveConfig) -> int:
+    """Bits of the expert activations the model computes with (0 = float)."""
+    return cfg.ternary.activation_bits if cfg.ternary.enabled else 0
+
+
 def kl_divergence(p_logits, q_logits):
     """Mean over tokens of KL(p ‖ q) = Σ p (log p − log q), float32."""
     logp = jax.nn.log_softmax(p_logits.astype(jnp.float32), -1)
@@ -50,13 +55,14 @@ def make_apply_fns(cfg: PerspectiveConfig):
     With `ternary.enabled`, experts are ternarised (STE, progressive schedule) and
     the loss adds kd_weight · KL(student ‖ teacher) against context["teacher"].
     """
-    model = PerspectiveLM(cfg.model, cfg.moe)
+    model = PerspectiveLM(cfg.model, cfg.moe, activation_bits=expert_activation_bits(cfg))
+    teacher_model = PerspectiveLM(cfg.model, cfg.moe)
     moe = cfg.moe
 
     def distill(params, inputs, context, logits):
         if not cfg.ternary.enabled or "teacher" not in context:
             return jnp.float32(0.0), {}
-        teacher, _ = model.apply({"params": context["teacher"]}, inputs)
+        teacher, _ = teacher_model.apply({"params": context["teacher"]}, inputs)
         kl = kl_divergence(logits, jax.lax.stop_gradient(teacher))
         fraction = schedule_fraction(cfg.ternary.schedule, context["step"], cfg.train.steps)
         return cfg.ternary.kd_weight * kl, {"kd_loss": kl, "ternary_fraction": fraction}

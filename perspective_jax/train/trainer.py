@@ -35,7 +35,8 @@ from perspective_jax.moe.metrics import routing_report
 from perspective_jax.train import sharding as shd
 from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.metrics import MetricsLogger, progress_bar
-from perspective_jax.train.objective import effective_params, make_apply_fns
+from perspective_jax.train.objective import (effective_params, expert_activation_bits,
+                                             make_apply_fns)
 from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
@@ -219,7 +220,8 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
             loss = total / count
             prompt = np.asarray(val_split.tokens[:SAMPLE_PROMPT_TOKENS], np.int32)[None]
             out = generate(cfg.model, params_used, prompt, SAMPLE_NEW_TOKENS,
-                           Sampling(temperature=0.8, top_k=40), seed=step, moe=cfg.moe)
+                           Sampling(temperature=0.8, top_k=40), seed=step, moe=cfg.moe,
+                           activation_bits=expert_activation_bits(cfg))
             sample = tokenizer.decode(np.concatenate([prompt[0], out[0]]))
             bpc = loss / math.log(2) / val_split.chars_per_token
             record = {"val_loss": loss, "val_bits_per_token": loss / math.log(2),
