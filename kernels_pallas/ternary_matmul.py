@@ -8,8 +8,9 @@ Weights are packed along K, four rows per byte: ``packed[k4, n] =
 One call, three implementations (RecurrentGemma-style selection):
 * ``pallas``  — a Pallas kernel over (M, N) blocks that decodes the codes in
                 registers and accumulates x·T; chosen on GPU/TPU.
-* ``xla``     — decode through a 256-entry lookup table to int8, float32 dot;
-                the fast path on CPU.
+* ``xla``     — a loop over blocks of packed rows that decodes each block with
+                shifts and masks, fused into the multiply-add for few rows (row by
+                row) or to a float32 block and a matmul for many; the CPU path.
 * ``reference`` — unpack with shifts, dense float32 matmul (tests).
 The Pallas kernel also runs on CPU with ``interpret=True`` (slow; correctness).
 """
@@ -22,8 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-
-from perspective_jax.ternary.packing import LUT_2BIT
 
 IMPLS = ("pallas", "xla", "reference")
 
@@ -53,23 +52,54 @@ def ternary_matmul_reference(x, packed, scale):
     return jnp.dot(x.astype(jnp.float32), w) * scale
 
 
-def ternary_matmul_xla(x, packed, scale, lut_max_rows: int = 8):
-    """CPU path. Few rows (decode): table lookup per packed byte (T-MAC style):
-    P[m, g, c] = Σ_i x[m, 4g+i]·trit_i(c) for all 256 codes c, then
-    y[m, n] = Σ_g P[m, g, packed[g, n]] — no weight is ever decoded. Many rows:
-    decode the codes through the lookup table to float32 and use one matmul."""
+def _tree_sum(terms):
+    """Pairwise sum (a balanced add tree vectorises and rounds better than a chain)."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i]
+                 for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _fused_step(xb, codes):
+    """xb [M, 4·bk], codes [bk, N] → Σ_k xb[:, k]·code_k: one elementwise fusion over N
+    that decodes every byte in registers (no float weight is written to memory)."""
+    return _tree_sum([xb[:, 4 * j + i, None] * ((codes[j] >> 2 * i) & 3).astype(jnp.float32)
+                      for j in range(codes.shape[0]) for i in range(4)])
+
+
+def _dot_step(xb, codes):
+    """xb [M, 4·bk], codes [bk, N] → xb @ codes decoded to a [4·bk, N] float32 block."""
+    shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[None, :, None]
+    w = ((codes[:, None, :] >> shifts) & 3).astype(jnp.float32)
+    return xb @ w.reshape(-1, codes.shape[1])
+
+
+def _blocked_loop(x, packed, step, bk: int):
+    """Σ over blocks of ``bk`` packed rows (4·bk rows of K) of step(x block, code block)
+    in a loop with a [M, N] accumulator; codes = trit + 1, so x·T = x·codes − Σx."""
     k4, n = packed.shape
     m, k = x.shape
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 4 * k4 - k)))
-    lut = jnp.asarray(LUT_2BIT, jnp.float32)                 # [256, 4]
-    if m <= lut_max_rows:
-        partial = x.reshape(m, k4, 4) @ lut.T                # [M, K/4, 256]
-        idx = packed.astype(jnp.int32)
-        rows = [jnp.take_along_axis(partial[i], idx, axis=1).sum(0) for i in range(m)]
-        return jnp.stack(rows) * scale
-    w = lut[packed]                                          # [K/4, N, 4]
-    w = jnp.transpose(w, (0, 2, 1)).reshape(4 * k4, n)
-    return jnp.dot(x, w) * scale
+    nb = -(-k4 // bk)
+    x = jnp.pad(x, ((0, 0), (0, 4 * nb * bk - k)))               # padded x is zero, so
+    codes = jnp.pad(packed, ((0, nb * bk - k4), (0, 0))).reshape(nb, bk, n)  # any code
+    xb = jnp.transpose(x.reshape(m, nb, 4 * bk), (1, 0, 2))     # [nb, M, 4·bk]
+    acc = jax.lax.fori_loop(0, nb, lambda b, acc: acc + step(xb[b], codes[b]),
+                            jnp.zeros((m, n), jnp.float32))
+    return acc - x.sum(1, keepdims=True)
+
+
+def ternary_matmul_xla(x, packed, scale, fused_max_rows: int = 4, fused_block: int = 32,
+                       dot_block: int = 64):
+    """CPU path. Up to ``fused_max_rows`` rows (decode): each row on its own, the codes
+    decoded inside one elementwise fusion (``_fused_step``, blocks of ``fused_block``
+    packed rows) — reads the bytes once, writes no float weight. More rows: each block of
+    ``dot_block`` packed rows decoded to float32 once, then a matmul (``_dot_step``)."""
+    x = x.astype(jnp.float32)
+    if x.shape[0] <= fused_max_rows:
+        rows = [_blocked_loop(x[r:r + 1], packed, _fused_step, fused_block)
+                for r in range(x.shape[0])]
+        return jnp.concatenate(rows) * scale
+    return _blocked_loop(x, packed, _dot_step, dot_block) * scale
 
 
 def _kernel(x_ref, w_ref, o_ref):

@@ -7,7 +7,7 @@ import pytest
 from kernels_pallas.ternary_matmul import IMPLS, pack_rows_2bit, ternary_matmul
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (5, 37, 19), (8, 12, 7), (70, 96, 200)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (3, 37, 19), (5, 37, 19), (8, 12, 7), (70, 96, 200)])
 def test_ternary_matmul_matches_float64_reference(m, k, n):
     rng = np.random.default_rng(m + k + n)
     trits = rng.integers(-1, 2, (k, n)).astype(np.int8)
@@ -18,6 +18,21 @@ def test_ternary_matmul_matches_float64_reference(m, k, n):
     for impl in IMPLS:
         out = ternary_matmul(jnp.asarray(x), packed, scale, impl=impl, interpret=True)
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-4, err_msg=impl)
+
+
+@pytest.mark.parametrize("fused_max_rows", [0, 8])
+@pytest.mark.parametrize("m,k,n", [(1, 150, 33), (6, 301, 7)])
+def test_ternary_matmul_xla_fused_and_dot_paths_match_reference(m, k, n, fused_max_rows):
+    """Both CPU paths, K not a multiple of 4 nor of the block, N odd."""
+    from kernels_pallas.ternary_matmul import ternary_matmul_reference, ternary_matmul_xla
+    rng = np.random.default_rng(m * k + n)
+    packed = jnp.asarray(pack_rows_2bit(rng.integers(-1, 2, (k, n)).astype(np.int8)))
+    x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n).astype(np.float32))
+    out = ternary_matmul_xla(x, packed, scale, fused_max_rows=fused_max_rows,
+                             fused_block=8, dot_block=16)
+    np.testing.assert_allclose(np.asarray(out), ternary_matmul_reference(x, packed, scale),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_all_zero_ternary_weights_give_zero():

@@ -32,7 +32,7 @@ SHAPES = ((2048, 2048), (4096, 4096), (4096, 11008))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="1,64")
+    p.add_argument("--batches", default="1,4,64")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--config", default=os.path.join(REPO, "curricula", "perspective-1t.yaml"))
     a = p.parse_args(argv)
