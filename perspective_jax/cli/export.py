@@ -1,0 +1,43 @@
+"""perspective-export: write a streaming model directory from a training run.
+
+    perspective-export --run-dir runs/quickstart --out models/tiny [--force]
+                       [--shared-bits 2 --group-size 64] [--calibration-text FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+from perspective_jax.cli.common import cli_entry, exit_with
+
+
+@cli_entry
+def run(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="perspective-export", description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", required=True,
+                   help="a stage run directory, or a curriculum root (its last finished "
+                        "stage is exported)")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--shared-bits", type=int, default=0,
+                   help="quantise shared kernels to this many bits with GPTQ (0 = float32)")
+    p.add_argument("--group-size", type=int, default=64, help="GPTQ group size (input rows)")
+    p.add_argument("--calibration-text", help="text file for GPTQ and routing frequencies "
+                   "(default: the run's validation split)")
+    p.add_argument("--calibration-tokens", type=int, default=4096)
+    p.add_argument("--delta-max-share", type=float, default=0.5,
+                   help="keep a neighbour delta only if it is at most this share of a "
+                        "full region's bytes")
+    a = p.parse_args(argv)
+    from perspective_jax.infer.export import export_model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
+        export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,
+                     group_size=a.group_size, calibration_text=a.calibration_text,
+                     calibration_tokens_n=a.calibration_tokens,
+                     delta_max_share=a.delta_max_share)
+    return 0
+
+
+main = exit_with(run)

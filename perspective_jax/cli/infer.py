@@ -1,0 +1,98 @@
+"""perspective-infer: generate from an exported model with layer-streamed experts.
+
+    perspective-infer --model-dir models/tiny "def main(" --max-tokens 64 --stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from perspective_jax.cli.common import cli_entry, exit_with
+from perspective_jax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perspective-infer", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", nargs="?", default="",
+                   help="prompt text ('-' reads standard input)")
+    p.add_argument("--model-dir", required=True, help="directory written by perspective-export")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    m = p.add_argument_group("memory and streaming")
+    m.add_argument("--host-budget-mb", type=float, default=1024,
+                   help="hard limit for the host expert cache")
+    m.add_argument("--device-budget-mb", type=float, default=None,
+                   help="hard limit for weights, expert slots and state on the device")
+    m.add_argument("--device-slots", type=int, default=2,
+                   help="expert-layer slots on the device (2 = double buffer)")
+    m.add_argument("--no-prefetch", action="store_true", help="load experts only when needed")
+    m.add_argument("--no-deltas", action="store_true", help="never stream neighbour deltas")
+    m.add_argument("--no-warm-start", action="store_true",
+                   help="start with an empty host cache")
+    m.add_argument("--predictor", default="auto", choices=("auto", "router", "previous"))
+    m.add_argument("--io", default="mmap", choices=("mmap", "direct"),
+                   help="direct: bypass the page cache when reading experts")
+    m.add_argument("--prefill-chunk", type=int, default=256)
+    s = p.add_argument_group("state and statistics")
+    s.add_argument("--save-state", metavar="FILE", help="save the conversation afterwards")
+    s.add_argument("--resume-state", metavar="FILE", help="continue a saved conversation")
+    s.add_argument("--stats", action="store_true", help="print run statistics to stderr")
+    s.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
+    return p
+
+
+@cli_entry
+def run(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not prompt and not a.resume_state:
+        raise UserError("the prompt is empty; pass the text to continue, e.g. "
+                        "perspective-infer --model-dir M \"Once upon a time\"")
+    if a.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
+    from perspective_jax.data.tokenizer import load_tokenizer
+    from perspective_jax.generate import Sampling
+    from perspective_jax.infer import model_dir as md
+    from perspective_jax.infer.engine import StreamingEngine
+    from perspective_jax.infer.session import Conversation, describe
+
+    md.read_manifest(a.model_dir)                 # clear errors before any heavy work
+    sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    engine = StreamingEngine(a.model_dir, host_budget_mb=a.host_budget_mb,
+                             device_budget_mb=a.device_budget_mb, device_slots=a.device_slots,
+                             prefetch=not a.no_prefetch, use_deltas=not a.no_deltas,
+                             warm_start=not a.no_warm_start, io=a.io, predictor=a.predictor,
+                             prefill_chunk=a.prefill_chunk)
+    tokenizer = load_tokenizer(a.model_dir)
+    if a.resume_state:
+        conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=None)
+    else:
+        conv = Conversation(engine, tokenizer, sampling, seed=a.seed)
+    if not a.resume_state:
+        sys.stdout.write(prompt)
+    try:
+        conv.generate(prompt, a.max_tokens, stop=a.stop, eos_id=getattr(tokenizer, "eos_id", None),
+                      on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    finally:
+        engine.close()
+    sys.stdout.write("\n")
+    if a.save_state:
+        conv.save(a.save_state)
+    report = engine.report()
+    if a.stats:
+        print(describe(report), file=sys.stderr)
+    if a.stats_json:
+        with open(a.stats_json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+main = exit_with(run)

@@ -1,0 +1,169 @@
+"""Calibration and 2-bit GPTQ quantisation of the model's shared kernels (SPEC §3.4).
+
+Shared kernels are the `Projection` / `OutProjection` kernels of the model: the
+PDR mixer's w_k, w_q, w_v, w_o; the attention's w_q, w_k, w_v, w_o; and the
+dense SwiGLU FFNs' w_gate, w_up, w_down. Not included: routed experts
+(`ffn/w_gate|w_up|w_down` of routed layers are raw params, not Projections),
+the embedding, norms, routers and the PDR decay projection w_p / b_p (a raw
+param feeding the decay gate; its input is the same as w_k's, so its Hessian is
+the w_k one should it ever be quantised).
+
+Key-path scheme: the parameter path with the period index inserted after
+"periods", '/'-joined, e.g.
+
+    periods/3/layer_0/mixer/w_q/kernel
+      ↔ params["periods"]["layer_0"]["mixer"]["w_q"]["kernel"][3]
+
+Every kernel is quantised as a 2-D matrix [in, out]: in = product of the
+leading axes the layer contracts (one axis for a Projection [in, *features],
+n_in axes for an OutProjection [*in_shape, out]), found as the shortest leading
+prefix of the kernel shape whose product equals the Hessian size; out = the
+product of the remaining axes. The
+original shape is stored beside the codes as `<path>.orig_shape`.
+
+Calibration runs the model period by period (one jitted `Period` apply, reused
+for every period's parameter slice); `flax.linen.intercept_methods` returns
+the input of every Projection/OutProjection call as an extra output, and the
+Hessians are accumulated from those values in float64 numpy; the forward
+pass is the same computation `PerspectiveLM` performs (embedding · √d, default
+segment positions 0 … T−1, no cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.infer import gptq
+from perspective_jax.model.layers import OutProjection, Projection, dtype_of
+from perspective_jax.model.transformer import PerspectiveLM, Period
+
+
+def _unbox(tree):
+    return jax.tree.map(lambda a: getattr(a, "value", a), tree,
+                        is_leaf=lambda a: hasattr(a, "value"))
+
+
+def _period_slice(periods, p: int):
+    return jax.tree.map(lambda a: a[p], periods)
+
+
+def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> dict:
+    """{path: H [in, in] float64} of every shared kernel's inputs over `tokens` [B, T]."""
+    params = _unbox(params)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    b, t = tokens.shape
+    model = PerspectiveLM(cfg, moe)
+    x = model.apply({"params": params}, tokens, method=lambda m, tok: m.embed(tok))
+    x = x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
+    segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+    period = Period(cfg, moe)
+
+    def run(period_params, x):
+        # Runs at trace time: the interceptor collects each layer input as an
+        # extra output of the jitted function (one compile serves all periods).
+        inputs = {}
+
+        def record(next_fun, args, kwargs, context):
+            mod = context.module
+            if context.method_name == "__call__" and isinstance(mod, (Projection, OutProjection)):
+                inp = args[0]
+                n_in = 1
+                if isinstance(mod, OutProjection):
+                    n_in = kwargs["n_in"] if "n_in" in kwargs else args[1]
+                width = math.prod(inp.shape[inp.ndim - n_in:])
+                inputs["/".join((*mod.scope.path, "kernel"))] = inp.reshape(-1, width)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            y, _ = period.apply({"params": period_params}, x, segment_pos, None)
+        return y, inputs
+
+    run = jax.jit(run)
+    acc: dict[str, gptq.HessianAccumulator] = {}
+    for p in range(cfg.n_periods):
+        x, inputs = run(_period_slice(params["periods"], p), x)
+        for name, inp in inputs.items():
+            inp = np.asarray(jnp.asarray(inp, jnp.float32), np.float64)
+            acc.setdefault(f"periods/{p}/{name}", gptq.HessianAccumulator(inp.shape[1])).add(inp)
+    return {k: a.value() for k, a in acc.items()}
+
+
+def _param_at(params, path: str):
+    parts = path.split("/")
+    if len(parts) < 3 or parts[0] != "periods":
+        raise ValueError(f"bad shared-kernel path {path!r}; expected periods/<p>/.../kernel")
+    node = params["periods"]
+    for name in parts[2:]:
+        node = node[name]
+    return node[int(parts[1])]
+
+
+def _as_matrix(kernel: np.ndarray, n_in: int, path: str) -> np.ndarray:
+    shape = kernel.shape
+    for k in range(1, len(shape)):
+        if math.prod(shape[:k]) == n_in:
+            return kernel.reshape(n_in, -1)
+    raise ValueError(f"{path}: kernel shape {shape} has no leading axes of size {n_in}")
+
+
+def _rel_output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """‖X(W − Ŵ)‖_F / ‖XW‖_F = sqrt(tr(ΔᵀHΔ) / tr(WᵀHW))."""
+    d = w - w_hat
+    num = float(np.sum(d * (h @ d)))
+    den = float(np.sum(w * (h @ w)))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else math.sqrt(max(num, 0.0))
+
+
+def quantize_shared(params, hessians: dict, bits: int = 2, group_size: int = 64,
+                    damp: float = 0.01, block_size: int = 128):
+    """GPTQ every kernel in `hessians` → (tensors, report).
+
+    tensors: `gptq.to_tensors` entries under each path plus `<path>.orig_shape`;
+    report: [(path, rel_error_gptq, rel_error_rtn)], the relative layer-output
+    errors ‖X(W − Ŵ)‖/‖XW‖ on the calibration inputs."""
+    params = _unbox(params)
+    tensors, report = {}, []
+    for path in sorted(hessians):
+        h = np.asarray(hessians[path], np.float64)
+        kernel = np.asarray(jnp.asarray(_param_at(params, path), jnp.float32), np.float64)
+        w = _as_matrix(kernel, h.shape[0], path)
+        q = gptq.gptq_quantize(w, h, bits, group_size, damp, block_size)
+        rtn = gptq.rtn_quantize(w, bits, group_size)
+        tensors.update(gptq.to_tensors(q, path))
+        tensors[f"{path}.orig_shape"] = np.asarray(kernel.shape, np.int64)
+        report.append((path, _rel_output_error(w, gptq.dequantize(q), h),
+                       _rel_output_error(w, gptq.dequantize(rtn), h)))
+    return tensors, report
+
+
+def dequantize_shared(tensors: dict) -> dict:
+    """{path: float32 kernel in its original shape} from `quantize_shared` tensors."""
+    out = {}
+    for key in sorted(tensors):
+        if key.endswith(".orig_shape"):
+            path = key[:-len(".orig_shape")]
+            shape = tuple(int(s) for s in tensors[key])
+            out[path] = gptq.dequantize(gptq.from_tensors(tensors, path)).reshape(shape)
+    return out
+
+
+def replace_shared(params, kernels: dict):
+    """A copy of `params` (unboxed) with the per-period shared kernels replaced."""
+    params = flax.core.unfreeze(_unbox(params))   # fresh nested dicts, same leaves
+    for path, value in kernels.items():
+        parts = path.split("/")
+        node = params["periods"]
+        for name in parts[2:-1]:
+            node = node[name]
+        stacked = node[parts[-1]]
+        node[parts[-1]] = stacked.at[int(parts[1])].set(jnp.asarray(value, stacked.dtype))
+    return params

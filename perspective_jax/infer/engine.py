@@ -1,0 +1,390 @@
+"""Layer-streamed inference over a model directory (SPEC §3.5).
+
+    engine = StreamingEngine(model_dir, host_budget_mb=1024, device_budget_mb=None)
+    state = engine.new_state()
+    logits, state = engine.forward(prompt_ids, state)     # prefill (grouped per expert)
+    logits, state = engine.forward(np.array([tok]), state)  # one decode step
+
+Tiers: disk (`ExpertStore`, memory-mapped, checksummed) → host (`HostCache`,
+pinned_host memory, hard byte budget) → device (`DeviceSlots`, two or more
+expert-layer slots). During decode, as soon as layer j has routed its token the
+engine predicts layer j+1's expert by applying layer j+1's norm and router to
+the current hidden state and starts bringing it to a free slot on a background
+thread (disk read, checksum, host→device copy) while layer j's expert computes.
+At layer j+1 the actual expert is served by, in order: a slot already holding
+it ("same": nothing moves), a slot holding a lattice neighbour with an exported
+delta ("delta": the changed bytes move and are scattered in place), or a full
+region transfer ("full"; a host-cache miss first reads it from disk). A
+misprediction costs a stall, never a wrong result.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from perspective_jax.config import PerspectiveConfig
+from perspective_jax.config.loader import from_dict
+from perspective_jax.errors import UserError
+from perspective_jax.infer import layers as L
+from perspective_jax.infer import model_dir as md
+from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
+from perspective_jax.infer.expert_store import ExpertStore
+from perspective_jax.infer.host_cache import HostCache
+from perspective_jax.model.transformer import init_cache
+
+MB = 1 << 20
+KINDS = ("same", "delta", "full")
+# Prefetch predictors: "router" applies layer j+1's router to layer j's hidden
+# state (SPEC §3.5); "previous" guesses layer j+1's expert of the previous token;
+# "auto" uses, per layer, whichever has been right more often so far.
+PREDICTORS = ("auto", "router", "previous")
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of one engine; `report()` turns them into the --stats table."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    transfers: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    bytes_moved: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    predictions: int = 0
+    predicted_right: int = 0
+    stalls: int = 0
+    stall_s: float = 0.0
+
+
+def load_shared(model_dir: str, manifest: dict) -> dict[str, np.ndarray]:
+    """Shared tensors by '/'-joined path (dequantised to float32 if exported quantised)."""
+    path = os.path.join(model_dir, md.SHARED_FILE)
+    expected = manifest["files"].get(md.SHARED_FILE, {}).get("sha256")
+    if expected and md.sha256_file(path) != expected:
+        raise md.ModelDirError(f"{path} fails its sha256 checksum; the model directory is "
+                               "corrupt — re-run perspective-export")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise md.ModelDirError(f"{path}: not a readable safetensors file ({e})") from None
+    if manifest["shared"].get("bits"):
+        from perspective_jax.infer.calibrate import dequantize_shared
+        tensors = dequantize_shared(tensors)
+    return tensors
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+class StreamingEngine:
+    def __init__(self, model_dir: str, host_budget_mb: float = 1024,
+                 device_budget_mb: Optional[float] = None, device_slots: int = 2,
+                 prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
+                 io: str = "mmap", predictor: str = "auto", prefill_chunk: int = 256,
+                 device=None):
+        if predictor not in PREDICTORS:
+            raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
+        self.predictor, self.prefill_chunk = predictor, prefill_chunk
+        self.manifest = md.read_manifest(model_dir)
+        self.cfg: PerspectiveConfig = from_dict(PerspectiveConfig, self.manifest["config"])
+        # what a saved conversation is tied to: the exact shared weights and experts
+        self.identity = md.sha256_bytes(json.dumps(
+            {k: v["sha256"] for k, v in sorted(self.manifest["files"].items())}).encode())
+        self.model, self.moe = self.cfg.model, self.cfg.moe
+        self.routed = self.model.routed
+        self.activation_bits = (self.cfg.ternary.activation_bits
+                                if self.cfg.ternary.enabled else 0)
+        self.device = device or jax.devices()[0]
+        self.prefetch, self.use_deltas = prefetch, use_deltas
+        self.stats = Stats()
+        flat = load_shared(model_dir, self.manifest)
+        scales = flat.pop(md.EXPERT_SCALES, None)
+        on_device = memory_sharding(self.device, "device")
+        tree = jax.device_put(unflatten(flat), on_device)
+        self.shared_bytes = sum(a.nbytes for a in flat.values())
+        self.embed_table = tree["embed"]["embedding"]
+        self.final_norm = tree["final_norm"]
+        self.layer_params = [[jax.tree.map(lambda a, p=p: a[p], tree["periods"][f"layer_{i}"])
+                              for i in range(len(self.model.layer_pattern))]
+                             for p in range(self.model.n_periods)]
+        self.expert_layers = md.expert_layers(self.model.layer_pattern, self.model.n_periods)
+        self.layer_index = {key: j for j, key in enumerate(self.expert_layers)}
+        self.state_bytes = sum(a.nbytes for a in jax.tree.leaves(init_cache(self.model, 1)))
+        self.host = self.store = self.slots = None
+        self.region_bytes = 0
+        if self.routed:
+            self._init_tiers(model_dir, scales, on_device, host_budget_mb, device_budget_mb,
+                             device_slots, warm_start, io)
+        elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
+            raise UserError(self._device_budget_message(device_budget_mb))
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._pending: Optional[tuple[tuple[int, int], concurrent.futures.Future]] = None
+        n = len(self.expert_layers)
+        self._last_expert: list[Optional[int]] = [None] * n
+        self._guesses: list[dict] = [{} for _ in range(n)]
+        self._right = [collections.Counter() for _ in range(n)]
+
+    # ------------------------------------------------------------------ setup
+    def _init_tiers(self, model_dir, scales, on_device, host_budget_mb, device_budget_mb,
+                    device_slots, warm_start, io):
+        self.store = ExpertStore(model_dir, self.manifest, io=io)
+        self.region_bytes = self.store.region_bytes
+        self.expert_scales = jax.device_put(scales, on_device)
+        self.shared_bytes += scales.nbytes
+        host_bytes = int(host_budget_mb * MB)
+        if host_bytes < self.region_bytes:
+            raise UserError(f"--host-budget-mb {host_budget_mb:g} cannot hold one expert "
+                            f"region ({self.region_bytes / MB:.2f} MB); raise it")
+        self.n_slots = device_slots
+        if device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
+            raise UserError(self._device_budget_message(device_budget_mb))
+        freqs = self.manifest.get("routing_frequencies")
+        priors = np.asarray(freqs, np.float64) if freqs else None
+        pinned = memory_sharding(self.device, "pinned_host")
+        self.host = HostCache(host_bytes, self.region_bytes, priors,
+                              place=lambda r: jax.device_put(r, pinned).block_until_ready())
+        self.slots = DeviceSlots(device_slots, self.region_bytes, self.device)
+        self.warmed = self.host.warm(self.store.read_region) if warm_start else 0
+
+    @property
+    def device_bytes_needed(self) -> int:
+        """Bytes the engine keeps on the device: shared weights, expert slots, state."""
+        slots = getattr(self, "n_slots", 0) * self.region_bytes
+        return self.shared_bytes + slots + self.state_bytes
+
+    def _device_budget_message(self, budget_mb) -> str:
+        return (f"--device-budget-mb {budget_mb:g} is too small: shared weights "
+                f"{self.shared_bytes / MB:.2f} MB + {getattr(self, 'n_slots', 0)} expert slots × "
+                f"{self.region_bytes / MB:.2f} MB + decode state {self.state_bytes / MB:.2f} MB "
+                f"= {self.device_bytes_needed / MB:.2f} MB")
+
+    def new_state(self) -> dict:
+        """Empty decode state: per (period, layer) caches and the next position."""
+        cache = init_cache(self.model, 1)
+        return {"layers": [[jax.tree.map(lambda a, p=p: a[p], cache["periods"][f"layer_{i}"])
+                            for i in range(len(self.model.layer_pattern))]
+                           for p in range(self.model.n_periods)],
+                "next_pos": 0}
+
+    # ------------------------------------------------------------------ tiers
+    def _host_region(self, key):
+        """Host array of (layer, expert): host cache, else disk (then cached)."""
+        value = self.host.get(key)
+        if value is None:
+            reserved = self.host.reserve()
+            value = self.host.admit(key, self.store.read_region(*key), reserved)
+        return value
+
+    def _bring(self, key, protect=()) -> tuple[str, int]:
+        """Make `key` resident in a slot; returns (transfer kind, bytes moved)."""
+        slot = self.slots.find(key)
+        if slot is not None:
+            self.slots.touch(slot)
+            return "same", 0
+        j, e = key
+        if self.use_deltas:
+            sources = self.store.delta_sources(j, e)
+            slot = self.slots.delta_slot(j, sources, protect) if sources else None
+            if slot is not None:
+                src = self.slots.keys[slot][1]
+                positions, values = self.store.read_delta(j, src, e)
+                self.slots.apply_delta(slot, key, positions, values)
+                self.slots.arrays[slot].block_until_ready()
+                return "delta", 5 * len(positions)
+        slot = self.slots.victim(protect)
+        self.slots.load(slot, key, self._host_region(key))
+        self.slots.arrays[slot].block_until_ready()
+        return "full", self.region_bytes
+
+    def _join(self):
+        """Wait for the outstanding prefetch; returns (key, kind, bytes) or None."""
+        if self._pending is None:
+            return None
+        key, future = self._pending
+        self._pending = None
+        return (key, *future.result())
+
+    def _ensure(self, key) -> int:
+        """Slot holding `key` for this token's layer, counting kind, bytes, stalls."""
+        stats = self.stats
+        if self._pending is not None:
+            pkey, future = self._pending
+            waited = not future.done()
+            t0 = time.perf_counter()
+            pkey, kind, nbytes = self._join()
+            if pkey == key:
+                stats.predicted_right += 1
+                if waited:
+                    stats.stalls += 1
+                    stats.stall_s += time.perf_counter() - t0
+                self._count(kind, nbytes)
+                return self.slots.find(key)
+            stats.bytes_moved["wasted"] += nbytes
+        slot = self.slots.find(key)
+        if slot is None:
+            t0 = time.perf_counter()
+            kind, nbytes = self._bring(key)
+            stats.stalls += 1
+            stats.stall_s += time.perf_counter() - t0
+        else:
+            self.slots.touch(slot)
+            kind, nbytes = "same", 0
+        self._count(kind, nbytes)
+        return self.slots.find(key)
+
+    def _count(self, kind: str, nbytes: int) -> None:
+        self.stats.transfers[kind] += 1
+        self.stats.bytes_moved[kind] += nbytes
+
+    def _start_prefetch(self, key, protect_slot: int) -> None:
+        self.stats.predictions += 1
+        if self.slots.find(key) is not None:
+            self._pending = (key, _done(("same", 0)))
+            return
+        self._pending = (key, self._io.submit(self._bring, key, (protect_slot,)))
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, tokens: np.ndarray, state: dict):
+        """Feed tokens [T] (prefill when T > 1, in chunks); returns (last logits [V], state)."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        if tokens.size == 0:
+            raise UserError("nothing to feed: the token sequence is empty")
+        if tokens.min() < 0 or tokens.max() >= self.model.vocab_size:
+            raise UserError(f"token ids must lie in [0, {self.model.vocab_size})")
+        t0 = time.perf_counter()
+        for s in range(0, tokens.size, self.prefill_chunk):
+            logits = self._forward_chunk(tokens[s: s + self.prefill_chunk], state)
+        logits = np.asarray(logits)[0]
+        dt = time.perf_counter() - t0
+        if tokens.size > 1:
+            self.stats.prefill_tokens += tokens.size
+            self.stats.prefill_s += dt
+        else:
+            self.stats.decode_tokens += 1
+            self.stats.decode_s += dt
+        return logits, state
+
+    def _forward_chunk(self, tokens: np.ndarray, state: dict):
+        cfg, t = self.model, tokens.size
+        pos0 = state["next_pos"]
+        segment_pos = jnp.arange(pos0, pos0 + t, dtype=jnp.int32)[None]
+        x = L.embed(cfg, self.embed_table, jnp.asarray(tokens)[None])
+        for p in range(cfg.n_periods):
+            for i, kind in enumerate(cfg.layer_pattern):
+                lp = self.layer_params[p][i]
+                h, state["layers"][p][i] = L.mixer(cfg, kind, lp, x, segment_pos,
+                                                   state["layers"][p][i])
+                if self.routed and kind == "pdr":
+                    x = self._routed(self.layer_index[(p, i)], lp, h)
+                else:
+                    x = L.dense_ffn(cfg, lp, h)
+        state["next_pos"] = pos0 + t
+        return L.head(cfg, self.final_norm, self.embed_table, x[:, -1])
+
+    def _routed(self, j: int, lp, h):
+        cfg = self.model
+        hn, idx, gate = L.route(cfg, self.moe, lp, h)
+        idx = np.asarray(idx).reshape(-1)
+        t = idx.size
+        hn_flat = hn.reshape(t, cfg.d_model)
+        y = jnp.zeros((t, cfg.d_model), hn.dtype)
+        experts = np.unique(idx)
+        if t == 1:
+            self._observe(j, int(idx[0]))
+        else:
+            self._last_expert[j] = int(idx[-1])
+        for n, e in enumerate(experts):
+            slot = self._ensure((j, int(e)))
+            if t == 1 and n == len(experts) - 1 and self.prefetch:
+                self._predict_next(j, h, slot)
+            rows = np.flatnonzero(idx == e)
+            padded = np.full(1 << max(len(rows) - 1, 0).bit_length(), rows[0], np.int32)
+            padded[: len(rows)] = rows
+            y = L.expert_rows(cfg, self.activation_bits, y, hn_flat, jnp.asarray(padded),
+                              self.slots.arrays[slot], self.expert_scales[j, e])
+        return L.combine(cfg, h, y, gate)
+
+    def _predict_next(self, j: int, h, slot: int) -> None:
+        """Guess layer j+1's expert for this token and start bringing it in."""
+        nxt = j + 1
+        if nxt >= len(self.expert_layers):
+            return
+        p, i = self.expert_layers[nxt]
+        guesses = {}
+        if self.predictor in ("auto", "router"):
+            _, idx, _ = L.route(self.model, self.moe, self.layer_params[p][i], h)
+            guesses["router"] = int(np.asarray(idx).reshape(-1)[-1])
+        if self.predictor in ("auto", "previous") and self._last_expert[nxt] is not None:
+            guesses["previous"] = self._last_expert[nxt]
+        if not guesses:
+            return
+        self._guesses[nxt] = guesses
+        best = max(guesses, key=lambda name: (self._right[nxt][name], name == "router"))
+        self._start_prefetch((nxt, guesses[best]), slot)
+
+    def _observe(self, j: int, expert: int) -> None:
+        """Score the predictors against the expert layer j actually used."""
+        for name, guess in self._guesses[j].items():
+            self._right[j][name] += guess == expert
+        self._guesses[j] = {}
+        self._last_expert[j] = expert
+
+    # ------------------------------------------------------------------ reporting
+    def report(self) -> dict:
+        s = self.stats
+        out = {
+            "prefill_tokens": s.prefill_tokens,
+            "prefill_tok_per_s": s.prefill_tokens / s.prefill_s if s.prefill_s else 0.0,
+            "decode_tokens": s.decode_tokens,
+            "decode_tok_per_s": s.decode_tokens / s.decode_s if s.decode_s else 0.0,
+            "device_bytes_held": self.device_bytes_needed,
+        }
+        if self.routed:
+            lookups = self.host.hits + self.host.misses
+            out.update({
+                "transfers": {k: s.transfers[k] for k in KINDS},
+                "bytes_moved": {k: s.bytes_moved[k] for k in (*KINDS, "wasted")},
+                "disk_bytes_read": self.store.bytes_read,
+                "host_cache_hit_rate": self.host.hits / lookups if lookups else 0.0,
+                "host_cache_evictions": self.host.evictions,
+                "host_peak_bytes": self.host.peak_bytes,
+                "host_budget_bytes": self.host.budget_bytes,
+                "prefetch_accuracy": (s.predicted_right / s.predictions
+                                      if s.predictions else 0.0),
+                "stalls": s.stalls, "stall_s": s.stall_s,
+                "device_slots": self.n_slots, "warm_start_regions": self.warmed,
+            })
+        mem = self.device.memory_stats() if hasattr(self.device, "memory_stats") else None
+        if mem and "peak_bytes_in_use" in mem:
+            out["device_peak_bytes_runtime"] = mem["peak_bytes_in_use"]
+        return out
+
+    def close(self) -> None:
+        self._join() if self._pending else None
+        self._io.shutdown(wait=True)
+
+
+def _done(value) -> concurrent.futures.Future:
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_result(value)
+    return f

@@ -1,0 +1,125 @@
+"""Disk tier: memory-mapped expert regions and neighbour deltas of a model directory.
+
+    store.read_region(j, e)      -> uint8 [region_bytes]   (a fresh host copy)
+    store.read_delta(j, src, dst) -> (positions uint32 [n], values uint8 [n]) | None
+
+Every region and delta is checked against its manifest sha256 the first time
+it is read; a mismatch raises `ModelDirError` naming the file, expert layer and
+expert. `io="direct"` bypasses the page cache (O_DIRECT reads into an aligned
+buffer, falling back to posix_fadvise(DONTNEED) before each read where the
+file system refuses O_DIRECT) — for measuring the disk itself.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import numpy as np
+
+from perspective_jax.infer import model_dir as md
+
+IO_MODES = ("mmap", "direct")
+
+
+class ExpertStore:
+    def __init__(self, model_dir: str, manifest: dict, io: str = "mmap"):
+        if io not in IO_MODES:
+            raise ValueError(f"io must be one of {IO_MODES}, got {io!r}")
+        cfg = manifest["config"]["model"]
+        self.dir, self.io = model_dir, io
+        self.layout = md.RegionLayout(cfg["d_model"], cfg["d_ff"])
+        self.layers = manifest["experts"]["layers"]
+        self.region_bytes = self.layout.nbytes
+        self._maps: dict[int, np.memmap] = {}
+        self._deltas: dict[int, np.memmap] = {}
+        self._delta_index = [{(d["src"], d["dst"]): d for d in layer["deltas"]}
+                             for layer in self.layers]
+        self._verified: set = set()
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def has_delta(self, j: int, src: int, dst: int) -> bool:
+        return (src, dst) in self._delta_index[j]
+
+    def delta_bytes(self, j: int, src: int, dst: int) -> int:
+        return 5 * self._delta_index[j][(src, dst)]["count"]
+
+    def delta_sources(self, j: int, dst: int) -> list[int]:
+        return [s for (s, d) in self._delta_index[j] if d == dst]
+
+    def _map(self, cache: dict, j: int, rel: str) -> np.memmap:
+        with self._lock:
+            if j not in cache:
+                path = os.path.join(self.dir, rel)
+                cache[j] = (np.memmap(path, np.uint8, mode="r") if os.path.getsize(path)
+                            else np.zeros((0,), np.uint8))
+            return cache[j]
+
+    def _check(self, key, data, expected: str, what: str, rel: str) -> None:
+        if key in self._verified:
+            return
+        if md.sha256_bytes(data) != expected:
+            raise md.ModelDirError(
+                f"{os.path.join(self.dir, rel)}: {what} fails its sha256 checksum; the "
+                "model directory is corrupt — re-run perspective-export")
+        with self._lock:
+            self._verified.add(key)
+
+    def read_region(self, j: int, e: int) -> np.ndarray:
+        layer = self.layers[j]
+        entry = layer["regions"][e]
+        if self.io == "direct":
+            data = self._read_direct(layer["file"], entry["offset"], self.region_bytes)
+        else:
+            mm = self._map(self._maps, j, layer["file"])
+            data = np.array(mm[entry["offset"]: entry["offset"] + self.region_bytes])
+        self._check(("region", j, e), data, entry["sha256"],
+                    f"expert {e} of expert layer {j}", layer["file"])
+        self.bytes_read += self.region_bytes
+        return data
+
+    def read_delta(self, j: int, src: int, dst: int):
+        entry = self._delta_index[j].get((src, dst))
+        if entry is None:
+            return None
+        rel = self.layers[j]["delta_file"]
+        mm = self._map(self._deltas, j, rel)
+        n = entry["count"]
+        raw = np.array(mm[entry["offset"]: entry["offset"] + 5 * n + (-5 * n) % 4])
+        self._check(("delta", j, src, dst), raw, entry["sha256"],
+                    f"delta {src}->{dst} of expert layer {j}", rel)
+        self.bytes_read += 5 * n
+        return md.parse_delta(raw, 0, n)
+
+    def _read_direct(self, rel: str, offset: int, nbytes: int) -> np.ndarray:
+        path = os.path.join(self.dir, rel)
+        size = -(-nbytes // md.REGION_ALIGN) * md.REGION_ALIGN
+        buf = mmap.mmap(-1, size)                      # page-aligned, as O_DIRECT needs
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd = None
+        try:
+            if fd is None:                              # no O_DIRECT: drop cached pages
+                fd = os.open(path, os.O_RDONLY)
+                os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+            got = os.preadv(fd, [buf], offset)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if got < nbytes:
+            raise md.ModelDirError(f"{path}: short read at offset {offset} ({got} of "
+                                   f"{nbytes} bytes); the file is truncated — re-export")
+        out = np.frombuffer(buf, np.uint8, nbytes).copy()
+        buf.close()
+        return out
+
+    def close(self) -> None:
+        self._maps.clear()
+        self._deltas.clear()

@@ -1,0 +1,279 @@
+"""Export a trained run to a model directory (SPEC §3.5; layout in `infer.model_dir`).
+
+    export_model(run_dir, out_dir, force=False, shared_bits=0, ...) -> manifest
+
+The export is written into a sibling temporary directory and renamed into
+place only when every file and finally the manifest are on disk, so an
+interrupted export never looks complete. Experts are the exact ternary values
+the trained model computes with: trits = clip(round(W / (mean|W| + ε)), −1, 1),
+scale = mean|W| per matrix (`ternary.quant.ternarize`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from perspective_jax.config import PerspectiveConfig, load_config, to_dict
+from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+from perspective_jax.errors import UserError
+from perspective_jax.infer import model_dir as md
+from perspective_jax.model.transformer import PerspectiveLM, abstract_params
+from perspective_jax.moe import torus
+from perspective_jax.ternary.quant import absmean_scale
+from perspective_jax.train.checkpoint import restore_params
+from perspective_jax.train.stages import CURRICULUM
+from perspective_jax.train.trainer import CONFIG_FILE
+
+_EPS = 1e-8  # as ternary.quant
+
+
+def resolve_run(run_dir: str) -> str:
+    """A stage run directory, or the last finished stage of a curriculum root."""
+    if os.path.exists(os.path.join(run_dir, CONFIG_FILE)) and os.path.isdir(
+            os.path.join(run_dir, "checkpoints")):
+        return run_dir
+    for stage in reversed(CURRICULUM):
+        sub = os.path.join(run_dir, stage)
+        if os.path.exists(os.path.join(sub, CONFIG_FILE)) and glob.glob(
+                os.path.join(sub, "checkpoints", "[0-9]*")):
+            return sub
+    raise UserError(f"--run-dir {run_dir}: no finished perspective-train run there (expected "
+                    f"{CONFIG_FILE} and checkpoints/, or stage subdirectories {CURRICULUM})")
+
+
+def calibration_tokens(run_dir: str, n_tokens: int, text_file: Optional[str] = None):
+    """[1, n] int32 calibration ids: from `text_file`, else the run's validation split."""
+    if text_file:
+        if not os.path.isfile(text_file):
+            raise UserError(f"--calibration-text {text_file}: no such file")
+        with open(text_file, encoding="utf-8", errors="replace") as fh:
+            ids = load_tokenizer(run_dir).encode(fh.read())
+    else:
+        metas = sorted(glob.glob(os.path.join(run_dir, "data", "*", "meta.json")),
+                       key=os.path.getmtime)
+        if not metas:
+            return None
+        with open(metas[-1]) as fh:
+            meta = json.load(fh)
+        n = meta["val"]["tokens"] or meta["train"]["tokens"]
+        split = "val" if meta["val"]["tokens"] else "train"
+        ids = np.memmap(os.path.join(os.path.dirname(metas[-1]), f"{split}.bin"),
+                        dtype=meta["dtype"], mode="r", shape=(n,))
+    ids = np.asarray(ids[:n_tokens], np.int32)
+    return ids[None] if ids.size else None
+
+
+def ternary_experts(w) -> tuple[np.ndarray, np.ndarray]:
+    """[..., K, N] float → (trits int8 [..., K, N], scale float32 [...])."""
+    w = jnp.asarray(w, jnp.float32)
+    scale = absmean_scale(w)
+    trits = jnp.clip(jnp.round(w / (scale + _EPS)), -1, 1)
+    return np.asarray(trits, np.int8), np.asarray(scale[..., 0, 0], np.float32)
+
+
+def routing_frequencies(cfg: PerspectiveConfig, params, tokens, chunk: int = 512):
+    """[L_expert, E] share of calibration tokens routed to each expert (uniform if none)."""
+    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    e = cfg.moe.num_experts
+    if tokens is None:
+        return np.full((len(layers), e), 1.0 / e)
+    model = PerspectiveLM(cfg.model, cfg.moe)
+    fn = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["aux"])[1]["aux"])
+    counts = np.zeros((len(layers), e))
+    for s in range(0, tokens.shape[1] - 1, chunk):
+        part = tokens[:, s: s + chunk]
+        if part.shape[1] < 2:
+            break
+        aux = fn(params, jnp.asarray(part))
+        for j, (p, i) in enumerate(layers):
+            c = aux["periods"][f"layer_{i}"]["ffn"]["counts"]
+            counts[j] += np.asarray(c[0] if isinstance(c, tuple) else c)[p]
+    return counts / np.maximum(counts.sum(1, keepdims=True), 1)
+
+
+def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        out[prefix + key] = np.ascontiguousarray(np.asarray(leaf))
+    return out
+
+
+def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: float, log):
+    """Expert files, delta files and their index; returns (index, scales [L, E, 3])."""
+    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
+    e = cfg.moe.num_experts
+    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    pairs = torus.neighbour_pairs(cfg.moe.lattice)
+    directed = [(int(a), int(b)) for a, b in pairs] + [(int(b), int(a)) for a, b in pairs]
+    os.makedirs(os.path.join(out, "experts"))
+    os.makedirs(os.path.join(out, "deltas"))
+    scales = np.zeros((len(layers), e, len(md.EXPERT_MATRICES)), np.float32)
+    index, n_deltas, delta_bytes = [], 0, 0
+    for j, (p, i) in enumerate(layers):
+        ffn = params["periods"][f"layer_{i}"]["ffn"]
+        quant = {n: ternary_experts(np.asarray(ffn[n][p])) for n in md.EXPERT_MATRICES}
+        for m, name in enumerate(md.EXPERT_MATRICES):
+            scales[j, :, m] = quant[name][1]
+        regions, entries = [], []
+        with open(os.path.join(out, md.expert_file(j)), "wb") as fh:
+            for x in range(e):
+                region = md.pack_region({n: quant[n][0][x] for n in md.EXPERT_MATRICES}, layout)
+                regions.append(region)
+                entries.append({"expert": x, "offset": x * layout.stride,
+                                "sha256": md.sha256_bytes(region)})
+                fh.write(region.tobytes() + b"\0" * (layout.stride - layout.nbytes))
+        deltas = []
+        with open(os.path.join(out, md.delta_file(j)), "wb") as fh:
+            at = 0
+            for a, b in directed:
+                pos, val = md.encode_delta(regions[a], regions[b])
+                if 5 * len(pos) > delta_max_share * layout.nbytes:
+                    continue                      # cheaper to move the full region
+                rec = md.delta_record(pos, val)
+                deltas.append({"src": a, "dst": b, "offset": at, "count": int(len(pos)),
+                               "sha256": md.sha256_bytes(rec)})
+                fh.write(rec)
+                at += len(rec)
+                delta_bytes += len(rec)
+        n_deltas += len(deltas)
+        index.append({"layer": j, "period": p, "position": i, "file": md.expert_file(j),
+                      "regions": entries, "delta_file": md.delta_file(j), "deltas": deltas})
+    log(f"experts: {len(layers)} layers × {e} experts, {layout.nbytes / 1e6:.3f} MB per "
+        f"region; {n_deltas} of {len(layers) * len(directed)} neighbour deltas kept "
+        f"({delta_bytes / 1e6:.3f} MB)")
+    return index, scales
+
+
+def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: int = 0,
+                 group_size: int = 64, calibration_text: Optional[str] = None,
+                 calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
+                 log=print) -> dict:
+    """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest."""
+    _check_args(out_dir, force, shared_bits, delta_max_share)
+    run = resolve_run(run_dir)
+    cfg = load_config(os.path.join(run, CONFIG_FILE))
+    if cfg.model.routed and not cfg.ternary.enabled:
+        raise UserError(f"{run} holds a routed model whose experts are not ternary yet; "
+                        "export the result of the ternary or align stage")
+    log(f"exporting {run} ({cfg.name})")
+    params = restore_params(run, abstract_params(cfg.model, cfg.moe))
+    calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
+    return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
+                           delta_max_share, log)
+
+
+def _check_args(out_dir, force, shared_bits, delta_max_share) -> None:
+    if shared_bits not in (0, 2, 3, 4, 8):
+        raise UserError(f"--shared-bits {shared_bits}: use 0 (float32) or 2, 3, 4, 8")
+    if not 0.0 <= delta_max_share <= 1.0:
+        raise UserError(f"--delta-max-share {delta_max_share}: must lie in [0, 1]")
+    if os.path.exists(out_dir) and not force:
+        raise UserError(f"--out {out_dir} already exists; pass --force to replace it")
+
+
+def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir: str,
+                    calib=None, force: bool = False, shared_bits: int = 0,
+                    group_size: int = 64, delta_max_share: float = 0.5, log=print) -> dict:
+    """Write a model directory for `params` atomically: everything goes to a sibling
+    temporary directory that is renamed into place after the manifest is written."""
+    _check_args(out_dir, force, shared_bits, delta_max_share)
+    out_dir = os.path.abspath(out_dir)
+    params = jax.tree.map(np.asarray, params)
+    tmp = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
+                                group_size, delta_max_share, log)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out_dir}")
+    return manifest
+
+
+def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_max_share, log):
+    routed = cfg.model.routed
+    shared = jax.tree.map(lambda a: a, params)
+    experts_index, scales = [], None
+    used = params
+    if routed:
+        experts_index, scales = _write_experts(out, cfg, params, delta_max_share, log)
+        used = with_ternary_experts(params, cfg)
+        for i, kind in enumerate(cfg.model.layer_pattern):
+            if kind == "pdr":
+                for name in md.EXPERT_MATRICES:
+                    del shared["periods"][f"layer_{i}"]["ffn"][name]
+    tensors = _flatten(shared)
+    quantized = []
+    if shared_bits:
+        if calib is None:
+            raise UserError("--shared-bits needs calibration text: the run has no token "
+                            "store; pass --calibration-text FILE")
+        from perspective_jax.infer.calibrate import quantize_shared, shared_linear_hessians
+        hessians = shared_linear_hessians(cfg.model, cfg.moe, used, calib)
+        qt, report = quantize_shared(used, hessians, bits=shared_bits, group_size=group_size)
+        for path, err_gptq, err_rtn in report:
+            tensors.pop(path, None)
+            quantized.append({"path": path, "rel_error": float(err_gptq),
+                              "rel_error_rtn": float(err_rtn)})
+        tensors.update(qt)
+        log(f"shared kernels quantised to {shared_bits} bits (GPTQ, group {group_size}): "
+            f"{len(quantized)} tensors")
+    if scales is not None:
+        tensors[md.EXPERT_SCALES] = scales
+    save_file(tensors, os.path.join(out, md.SHARED_FILE))
+    copy_tokenizer(run, out)
+    freqs = routing_frequencies(cfg, used, calib) if routed else None
+    files = {}
+    for root, _, names in os.walk(out):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, out)
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": md.sha256_file(full)}
+    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
+    manifest = {
+        "format": md.FORMAT_NAME, "format_version": md.FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_run": os.path.basename(os.path.abspath(run)),
+        "config": to_dict(cfg),
+        "tokenizer": "byte" if os.path.exists(os.path.join(out, "tokenizer.byte"))
+        else "sentencepiece",
+        "shared": {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
+                   "quantized": quantized,
+                   "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                               for k, v in tensors.items()}},
+        "experts": {"format": "ternary-2bit-rows", "region_bytes": layout.nbytes,
+                    "region_stride": layout.stride, "layers": experts_index},
+        "routing_frequencies": None if freqs is None else freqs.round(6).tolist(),
+        "files": files,
+    }
+    with open(os.path.join(out, md.MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    return manifest
+
+
+def with_ternary_experts(params, cfg: PerspectiveConfig):
+    """params with every expert matrix replaced by its exact ternary value."""
+    out = jax.tree.map(lambda a: a, params)
+    for i, kind in enumerate(cfg.model.layer_pattern):
+        if kind == "pdr":
+            ffn = dict(out["periods"][f"layer_{i}"]["ffn"])
+            for name in md.EXPERT_MATRICES:
+                trits, scale = ternary_experts(ffn[name])
+                ffn[name] = trits.astype(np.float32) * scale[..., None, None]
+            out["periods"][f"layer_{i}"]["ffn"] = ffn
+    return out

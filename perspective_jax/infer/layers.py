@@ -1,0 +1,89 @@
+"""Per-layer compute of the streaming engine, built from the model's own modules.
+
+The engine runs the network one layer at a time so it can stream experts; each
+function here is the exact computation `ResidualBlock` performs, jitted on its
+own (one compilation per layer kind and token-group size):
+
+    mixer:    h = x + Mixer(RMSNorm(x))                   (PDR or windowed GQA)
+    route:    hn = RMSNorm(h); e = argmin_e d²(z, pos_e); gate as the model's
+    experts:  y[rows] = SwiGLU_e(hn[rows]) with packed 2-bit ternary weights,
+              (x·T)·scale via `kernels_pallas.ternary_matmul`
+    dense:    h + SwiGLU(RMSNorm(h))
+    head:     logits = RMSNorm(x) · Eᵀ                    (tied embedding)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.ternary_matmul import ternary_matmul
+from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.infer.model_dir import RegionLayout
+from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
+from perspective_jax.model.transformer import MIXERS
+from perspective_jax.moe.routed_ffn import TorusRouter
+from perspective_jax.ternary.quant import quantize_activations_int8
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def embed(cfg: ModelConfig, table, tokens):
+    """tokens [B, T] → x [B, T, d]."""
+    return table[tokens].astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def mixer(cfg: ModelConfig, kind: str, lp, x, segment_pos, cache):
+    y = RMSNorm(cfg).apply({"params": lp["mixer_norm"]}, x)
+    mixed, cache = MIXERS[kind](cfg).apply({"params": lp["mixer"]}, y, segment_pos, cache)
+    return x + mixed, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def route(cfg: ModelConfig, moe: MoEConfig, lp, h):
+    """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]) as `RoutedFFN` computes."""
+    hn = RMSNorm(cfg).apply({"params": lp["ffn_norm"]}, h)
+    idx, gate, _, _ = TorusRouter(cfg, moe).apply({"params": lp["ffn"]["router"]}, hn)
+    if moe.gate == "straight_through":
+        gate = gate / gate                # the value of g / stop_gradient(g)
+    return hn, idx, gate
+
+
+def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):
+    """x [M, d] through one expert whose flat 2-bit region is `codes`; scales [3]."""
+    parts = RegionLayout(cfg.d_model, cfg.d_ff).split(codes)
+    dt = dtype_of(cfg.dtype)
+    quant = quantize_activations_int8 if activation_bits == 8 else (lambda a: a)
+    x = quant(x.astype(dt))
+    g = ternary_matmul(x, parts["w_gate"], scales[0])
+    u = ternary_matmul(x, parts["w_up"], scales[1])
+    hidden = quant((jax.nn.silu(g) * u).astype(dt))
+    return ternary_matmul(hidden, parts["w_down"], scales[2]).astype(dt)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def expert_rows(cfg: ModelConfig, activation_bits: int, y, hn, rows, codes, scales):
+    """y [N, d] with rows `rows` (padded by repeating an entry) set to expert(hn[rows])."""
+    out = _expert_swiglu(cfg, activation_bits, codes, scales, hn[rows])
+    return y.at[rows].set(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def combine(cfg: ModelConfig, h, y, gate):
+    return (h + y.reshape(h.shape) * gate[..., None].astype(y.dtype)).astype(h.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def dense_ffn(cfg: ModelConfig, lp, h):
+    hn = RMSNorm(cfg).apply({"params": lp["ffn_norm"]}, h)
+    return (h + SwiGLU(cfg).apply({"params": lp["ffn"]}, hn)).astype(h.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def head(cfg: ModelConfig, final_norm, table, x):
+    """x [B, d] → logits [B, V] (float32)."""
+    xn = RMSNorm(cfg).apply({"params": final_norm}, x)
+    return jnp.dot(xn.astype(jnp.float32), table.astype(jnp.float32).T)

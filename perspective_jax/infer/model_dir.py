@@ -1,0 +1,178 @@
+"""The exported model directory: layout, manifest, expert regions and deltas (SPEC §3.5).
+
+    MODEL_DIR/
+      manifest.json           format + version, resolved config, tokenizer, tensor
+                              index, expert/delta index, routing frequencies,
+                              byte size and sha256 of every file (written last)
+      shared.safetensors      every non-expert weight (float32, or 2-bit GPTQ
+                              groups for the shared kernels) + expert_scales [L, E, 3]
+      tokenizer.model | tokenizer.byte
+      experts/layer_LLL.bin   E regions, one per expert of expert layer LLL
+      deltas/layer_LLL.bin    byte deltas between lattice-neighbour experts
+
+Expert layer j enumerates the routed (PDR) layers in execution order: period p,
+pattern position i. A region holds the 2-bit codes of W_gate [d, f], W_up
+[d, f], W_down [f, d], each packed along its input axis four trits per byte
+(`kernels_pallas.ternary_matmul.pack_rows_2bit`), so the device computes on it
+directly; regions are padded to `REGION_ALIGN` bytes (page- and O_DIRECT-aligned).
+A delta src→dst lists the byte positions where dst's region differs from src's
+and dst's bytes there: applying it to src's codes gives dst's codes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+
+from perspective_jax.errors import UserError
+
+FORMAT_NAME = "perspective-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARED_FILE = "shared.safetensors"
+EXPERT_SCALES = "expert_scales"
+REGION_ALIGN = 4096
+EXPERT_MATRICES = ("w_gate", "w_up", "w_down")
+
+
+class ModelDirError(UserError):
+    """A model directory that is missing, incomplete, corrupt or of another version."""
+
+
+def expert_file(j: int) -> str:
+    return os.path.join("experts", f"layer_{j:03d}.bin")
+
+
+def delta_file(j: int) -> str:
+    return os.path.join("deltas", f"layer_{j:03d}.bin")
+
+
+def expert_layers(layer_pattern, n_periods: int) -> list[tuple[int, int]]:
+    """(period, pattern position) of every routed layer, in execution order."""
+    return [(p, i) for p in range(n_periods)
+            for i, kind in enumerate(layer_pattern) if kind == "pdr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionLayout:
+    """Byte layout of one expert's packed region: three 2-bit code matrices."""
+
+    d_model: int
+    d_ff: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Packed [ceil(K/4), N] shape of each matrix."""
+        d, f = self.d_model, self.d_ff
+        return {"w_gate": (math.ceil(d / 4), f), "w_up": (math.ceil(d / 4), f),
+                "w_down": (math.ceil(f / 4), d)}
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        out, at = {}, 0
+        for name, (k4, n) in self.shapes.items():
+            out[name] = at
+            at += k4 * n
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes in one region (what a full transfer moves)."""
+        return sum(k4 * n for k4, n in self.shapes.values())
+
+    @property
+    def stride(self) -> int:
+        """Bytes one region occupies in an expert file (padded)."""
+        return -(-self.nbytes // REGION_ALIGN) * REGION_ALIGN
+
+    def split(self, region: np.ndarray) -> dict[str, np.ndarray]:
+        """Flat uint8 region → {name: [ceil(K/4), N] uint8 view}."""
+        return {name: region[off: off + k4 * n].reshape(k4, n)
+                for (name, (k4, n)), off in zip(self.shapes.items(), self.offsets.values())}
+
+
+def pack_region(trits: dict[str, np.ndarray], layout: RegionLayout) -> np.ndarray:
+    """{'w_gate': [d, f], 'w_up': [d, f], 'w_down': [f, d]} trits → flat uint8 codes."""
+    from kernels_pallas.ternary_matmul import pack_rows_2bit
+    parts = []
+    for name, shape in layout.shapes.items():
+        packed = pack_rows_2bit(trits[name])
+        if packed.shape != shape:
+            raise ValueError(f"{name}: packed shape {packed.shape}, expected {shape}")
+        parts.append(packed.reshape(-1))
+    return np.concatenate(parts)
+
+
+def encode_delta(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Byte positions where dst differs from src (uint32) and dst's bytes there."""
+    pos = np.flatnonzero(src != dst).astype(np.uint32)
+    return pos, dst[pos]
+
+
+def apply_delta(region: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A copy of `region` with `values` written at `positions`."""
+    out = np.array(region, copy=True)
+    out[positions] = values
+    return out
+
+
+def delta_record(positions: np.ndarray, values: np.ndarray) -> bytes:
+    """positions (uint32 LE) then values (uint8), padded to 4 bytes."""
+    raw = positions.astype("<u4").tobytes() + values.astype(np.uint8).tobytes()
+    return raw + b"\0" * ((-len(raw)) % 4)
+
+
+def parse_delta(buf, offset: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    positions = np.frombuffer(buf, "<u4", count, offset)
+    values = np.frombuffer(buf, np.uint8, count, offset + 4 * count)
+    return positions, values
+
+
+def sha256_bytes(data) -> str:
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(model_dir: str) -> dict:
+    """The manifest of `model_dir`, checked for format, version and listed files."""
+    if not os.path.isdir(model_dir):
+        raise ModelDirError(f"model directory {model_dir} does not exist; create one with "
+                            "perspective-export --run-dir RUN --out MODEL_DIR")
+    path = os.path.join(model_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise ModelDirError(f"{model_dir} has no {MANIFEST}: not an exported model (or an "
+                            "interrupted export); re-run perspective-export")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path} is not valid JSON ({e}); re-run perspective-export")
+    if manifest.get("format") != FORMAT_NAME:
+        raise ModelDirError(f"{path}: format {manifest.get('format')!r} is not "
+                            f"{FORMAT_NAME!r}; is this a Perspective model directory?")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is "
+                            f"not supported (this build reads version {FORMAT_VERSION}); "
+                            "re-export the model with this version of perspective-export")
+    for rel, info in manifest.get("files", {}).items():
+        full = os.path.join(model_dir, rel)
+        if not os.path.exists(full):
+            raise ModelDirError(f"{model_dir}: file {rel} listed in the manifest is missing; "
+                                "re-run perspective-export")
+        if os.path.getsize(full) != info["bytes"]:
+            raise ModelDirError(f"{model_dir}: {rel} has {os.path.getsize(full)} bytes, the "
+                                f"manifest says {info['bytes']}; the file is truncated or "
+                                "corrupt — re-run perspective-export")
+    return manifest

@@ -1,0 +1,148 @@
+"""A conversation on a streaming engine: sampling, stop strings, streamed text,
+and a saved state (PDR states + KV rings + pending token + sampler position)
+from which it continues exactly as if it had never stopped.
+
+    conv = Conversation(engine, tokenizer, Sampling(temperature=0.8), seed=0)
+    text = conv.generate("To be", max_tokens=64, stop=["\\n\\n"], on_text=print_fn)
+    conv.save("chat.state");  conv = Conversation.load(engine, tokenizer, "chat.state", sampling)
+
+The last sampled token is not fed until the conversation continues, so a
+continuation (with or without new prompt text) feeds it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from perspective_jax.errors import UserError
+from perspective_jax.generate import Sampling, filter_logits
+from perspective_jax.model.cache_io import flatten_cache
+from perspective_jax.model.transformer import init_cache
+
+STATE_FORMAT = "perspective-conversation/1"
+
+
+@jax.jit
+def _sample(logits, key, temperature, top_k_mask):
+    return jax.random.categorical(key, logits / temperature + top_k_mask)
+
+
+def sample_token(logits: np.ndarray, sampling: Sampling, key) -> int:
+    if sampling.temperature == 0.0:
+        return int(np.argmax(logits))
+    filtered = filter_logits(jnp.asarray(logits)[None], sampling)
+    return int(jax.random.categorical(key, filtered[0]))
+
+
+class Conversation:
+    def __init__(self, engine, tokenizer, sampling: Sampling = Sampling(), seed: int = 0):
+        self.engine, self.tokenizer, self.sampling, self.seed = engine, tokenizer, sampling, seed
+        self.state = engine.new_state()
+        self.pending: list[int] = []
+        self.steps = 0                       # tokens sampled so far (the sampler's position)
+
+    def generate(self, prompt: str, max_tokens: int, stop: Sequence[str] = (),
+                 eos_id: Optional[int] = None,
+                 on_text: Optional[Callable[[str], None]] = None) -> str:
+        """Feed pending token + prompt, sample up to `max_tokens`; returns the new text
+        (cut before the first stop string). `on_text` receives text as it is produced."""
+        if max_tokens < 1:
+            raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+        feed = self.pending + (self.tokenizer.encode(prompt).tolist() if prompt else [])
+        if not feed:
+            raise UserError("the prompt is empty; give some text to continue from")
+        logits, self.state = self.engine.forward(np.asarray(feed, np.int32), self.state)
+        out: list[int] = []
+        shown = ""
+        base = jax.random.key(self.seed)
+        while True:
+            tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps))
+            self.steps += 1
+            out.append(tok)
+            self.pending = [tok]
+            text = self.tokenizer.decode(np.asarray(out))
+            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+            done = cut >= 0 or tok == eos_id or len(out) >= max_tokens
+            if cut >= 0:
+                text = text[:cut]
+            stable = text if done else text.rstrip("\ufffd")   # hold back a split UTF-8 char
+            if on_text and len(stable) > len(shown) and stable.startswith(shown):
+                on_text(stable[len(shown):])
+                shown = stable
+            if done:
+                return text
+            logits, self.state = self.engine.forward(np.asarray([tok], np.int32), self.state)
+
+    # ---------------------------------------------------------------- save/resume
+    def _stacked_cache(self) -> dict:
+        periods = {}
+        for i in range(len(self.engine.model.layer_pattern)):
+            layer = [self.state["layers"][p][i] for p in range(self.engine.model.n_periods)]
+            periods[f"layer_{i}"] = jax.tree.map(lambda *a: jnp.stack(a), *layer)
+        return {"periods": periods, "next_pos": jnp.asarray([self.state["next_pos"]], jnp.int32)}
+
+    def save(self, path: str) -> None:
+        """Write the conversation state atomically (safetensors + JSON metadata)."""
+        tensors = flatten_cache(self._stacked_cache())
+        tensors["pending"] = np.asarray(self.pending, np.int32)
+        meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
+                "model": self.engine.identity}
+        tmp = f"{path}.tmp"
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, engine, tokenizer, path: str, sampling: Sampling = Sampling(),
+             seed: Optional[int] = None) -> "Conversation":
+        if not os.path.isfile(path):
+            raise UserError(f"--resume-state {path}: no such file")
+        try:
+            tensors = load_file(path)
+            from safetensors import safe_open
+            with safe_open(path, "np") as fh:
+                meta = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a conversation state file ({e})") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise UserError(f"{path}: not a conversation state file (format "
+                            f"{meta.get('format')!r}, expected {STATE_FORMAT!r})")
+        if meta.get("model") != engine.identity:
+            raise UserError(f"{path} was saved with another model; resume it with the "
+                            "model directory that wrote it")
+        conv = cls(engine, tokenizer, sampling, int(meta["seed"]) if seed is None else seed)
+        template = init_cache(engine.model, 1)
+        flat = flatten_cache(template)
+        for key, like in flat.items():
+            if key not in tensors or tensors[key].shape != like.shape:
+                raise UserError(f"{path}: cache tensor {key!r} missing or of the wrong shape")
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        keys = list(flat)
+        stacked = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(tensors[k]) for k in keys])
+        conv.state = {"layers": [[jax.tree.map(lambda a, p=p: a[p],
+                                               stacked["periods"][f"layer_{i}"])
+                                  for i in range(len(engine.model.layer_pattern))]
+                                 for p in range(engine.model.n_periods)],
+                      "next_pos": int(stacked["next_pos"][0])}
+        conv.pending = tensors["pending"].astype(int).tolist()
+        conv.steps = int(meta["steps"])
+        return conv
+
+
+def describe(report: dict) -> str:
+    """The --stats table."""
+    lines = ["| statistic | value |", "|---|---:|"]
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"| {key} | {value} |")
+    return "\n".join(lines)

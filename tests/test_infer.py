@@ -1,0 +1,256 @@
+"""Streaming inference: export, tiered expert store, engine == in-memory model."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perspective_jax.config import MoEConfig, PerspectiveConfig, TernaryConfig
+from perspective_jax.errors import UserError
+from perspective_jax.generate import Sampling
+from perspective_jax.infer import model_dir as md
+from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.export import with_ternary_experts, write_model_dir
+from perspective_jax.infer.host_cache import HostCache
+from perspective_jax.model.transformer import PerspectiveLM, init_cache, init_params
+
+
+def _cfg(small_cfg, **ternary) -> PerspectiveConfig:
+    model = dataclasses.replace(small_cfg, vocab_size=259, routed=True)
+    return PerspectiveConfig(model=model, moe=MoEConfig(),
+                             ternary=TernaryConfig(enabled=True, **ternary))
+
+
+def _similar_experts(params, cfg, key, share=0.01):
+    """Experts = expert 0 plus a sparse perturbation, so neighbour deltas are small."""
+    for i, kind in enumerate(cfg.model.layer_pattern):
+        if kind != "pdr":
+            continue
+        ffn = params["periods"][f"layer_{i}"]["ffn"]
+        for name in md.EXPERT_MATRICES:
+            w = np.array(ffn[name])                                  # [P, E, a, b]
+            key, k1, k2 = jax.random.split(key, 3)
+            hit = np.asarray(jax.random.bernoulli(k1, share, w.shape))
+            bump = 3 * np.abs(w).mean() * np.asarray(jax.random.normal(k2, w.shape))
+            ffn[name] = w[:, :1] + hit * bump
+    return params
+
+
+def _export(tmp_path, cfg, params, name="model", **kw):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "tokenizer.byte").write_text("utf-8 bytes\n")
+    out = tmp_path / name
+    write_model_dir(str(out), cfg, params, str(tok_dir), log=lambda *_: None, **kw)
+    return str(out)
+
+
+@pytest.fixture
+def exported(tmp_path, small_cfg):
+    cfg = _cfg(small_cfg)
+    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
+    params = _similar_experts(params, cfg, jax.random.key(1))
+    return cfg, params, _export(tmp_path, cfg, params)
+
+
+def _reference_logits(cfg, params, prompt, steps):
+    """In-memory model with the exported (ternary) expert values."""
+    model = PerspectiveLM(cfg.model, cfg.moe)
+    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
+    cache = init_cache(cfg.model, 1)
+    logits, cache = model.apply({"params": used}, jnp.asarray(prompt)[None], cache=cache)
+    out = [np.asarray(logits[0, -1])]
+    for tok in steps:
+        logits, cache = model.apply({"params": used}, jnp.asarray([[tok]]), cache=cache)
+        out.append(np.asarray(logits[0, -1]))
+    return out
+
+
+def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
+    cfg, params, path = exported
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 259, 21)
+    steps = rng.integers(0, 259, 64)
+    ref = _reference_logits(cfg, params, prompt, steps)
+    region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
+    n_layers = cfg.model.n_pdr_layers
+    # host budget: 3 regions (forces evictions); one slot per expert layer + 1 so that
+    # each layer's last expert stays on the device and neighbours arrive as deltas
+    engine = StreamingEngine(path, host_budget_mb=3 * region / 2**20,
+                             device_slots=n_layers + 1)
+    state = engine.new_state()
+    got, state = engine.forward(prompt, state)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+    for k, tok in enumerate(steps):
+        got, state = engine.forward(np.array([tok]), state)
+        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4, err_msg=f"step {k}")
+    report = engine.report()
+    engine.close()
+    assert report["transfers"]["delta"] > 0 and report["transfers"]["full"] > 0
+    assert report["host_cache_evictions"] > 0
+    assert engine.host.peak_bytes <= engine.host.budget_bytes
+    assert report["bytes_moved"]["delta"] < report["transfers"]["delta"] * region
+
+
+def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
+    cfg, params, path = exported
+    rng = np.random.default_rng(1)
+    prompt, steps = rng.integers(0, 259, 30), rng.integers(0, 259, 12)
+    ref = _reference_logits(cfg, params, prompt, steps)
+    for predictor in ("router", "previous"):
+        engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor=predictor,
+                                 prefill_chunk=7, use_deltas=False)
+        state = engine.new_state()
+        got, state = engine.forward(prompt, state)
+        np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+        for k, tok in enumerate(steps):
+            got, state = engine.forward(np.array([tok]), state)
+            np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
+        report = engine.report()
+        engine.close()
+        assert report["transfers"]["delta"] == 0
+        assert sum(report["transfers"].values()) >= len(steps) * cfg.model.n_pdr_layers
+
+
+def test_delta_reproduces_target_region_exactly(exported):
+    cfg, _, path = exported
+    from perspective_jax.infer.expert_store import ExpertStore
+    manifest = md.read_manifest(path)
+    store = ExpertStore(path, manifest)
+    checked = 0
+    for j, layer in enumerate(manifest["experts"]["layers"]):
+        for d in layer["deltas"]:
+            src, dst = store.read_region(j, d["src"]), store.read_region(j, d["dst"])
+            pos, val = store.read_delta(j, d["src"], d["dst"])
+            assert np.array_equal(md.apply_delta(src, pos, val), dst)
+            checked += 1
+    assert checked > 0
+    # and on the device: the in-place scatter gives the same bytes
+    from perspective_jax.infer.device_slots import DeviceSlots
+    slots = DeviceSlots(2, store.region_bytes, jax.devices()[0])
+    d = manifest["experts"]["layers"][0]["deltas"][0]
+    slots.load(0, (0, d["src"]), store.read_region(0, d["src"]))
+    slots.apply_delta(0, (0, d["dst"]), *store.read_delta(0, d["src"], d["dst"]))
+    assert np.array_equal(np.asarray(slots.arrays[0]), store.read_region(0, d["dst"]))
+
+
+def test_exported_experts_are_exact_ternary_values(exported):
+    cfg, params, path = exported
+    from kernels_pallas.ternary_matmul import ternary_matmul_reference
+    from perspective_jax.infer.expert_store import ExpertStore
+    from safetensors.numpy import load_file
+    manifest = md.read_manifest(path)
+    store = ExpertStore(path, manifest)
+    scales = load_file(os.path.join(path, md.SHARED_FILE))[md.EXPERT_SCALES]
+    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
+    layout = store.layout
+    p, i = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)[1]
+    parts = layout.split(store.read_region(1, 5))
+    for m, name in enumerate(md.EXPERT_MATRICES):
+        k = parts[name].shape[0] * 4
+        eye = np.eye(k, dtype=np.float32)[: used["periods"][f"layer_{i}"]["ffn"][name].shape[-2]]
+        w = np.asarray(ternary_matmul_reference(jnp.asarray(eye), parts[name], scales[1, 5, m]))
+        np.testing.assert_allclose(w, used["periods"][f"layer_{i}"]["ffn"][name][p, 5],
+                                   rtol=1e-6)
+
+
+def test_flipped_byte_is_detected_and_named(exported):
+    _, _, path = exported
+    manifest = md.read_manifest(path)
+    entry = manifest["experts"]["layers"][1]["regions"][3]
+    target = os.path.join(path, md.expert_file(1))
+    with open(target, "r+b") as fh:
+        fh.seek(entry["offset"] + 17)
+        byte = fh.read(1)
+        fh.seek(entry["offset"] + 17)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    engine = StreamingEngine(path, host_budget_mb=1, warm_start=False)
+    engine.store.read_region(1, 2)                     # an intact neighbour reads fine
+    with pytest.raises(md.ModelDirError, match=r"layer_001\.bin: expert 3 of expert layer 1"):
+        engine.store.read_region(1, 3)
+    engine.close()
+
+
+def test_host_cache_budget_and_frequency_weighted_eviction():
+    priors = np.array([[0.7, 0.1, 0.1, 0.1]])
+    cache = HostCache(budget_bytes=250, entry_bytes=100, priors=priors)
+    assert cache.capacity == 2
+    assert cache.warm(lambda j, e: np.full(100, e, np.uint8)) == 2
+    assert (0, 0) in cache and len(cache) == 2
+    for e in (2, 3, 1, 2):
+        if cache.get((0, e)) is None:
+            assert cache.reserve()
+            cache.admit((0, e), np.full(100, e, np.uint8), True)
+        assert cache.bytes_held <= cache.budget_bytes
+    assert (0, 0) in cache                  # the frequent expert survives the churn
+    assert cache.peak_bytes <= 250 and cache.evictions >= 2
+
+
+def test_budgets_are_enforced_with_clear_errors(exported):
+    _, _, path = exported
+    with pytest.raises(UserError, match="host-budget-mb .* cannot hold one expert region"):
+        StreamingEngine(path, host_budget_mb=0.001)
+    with pytest.raises(UserError, match="device-budget-mb .* too small"):
+        StreamingEngine(path, host_budget_mb=1, device_budget_mb=0.01)
+    engine = StreamingEngine(path, host_budget_mb=1, device_budget_mb=64)
+    assert engine.device_bytes_needed <= 64 * 2**20
+    engine.close()
+
+
+def test_saved_conversation_resumes_identically(exported, tmp_path):
+    from perspective_jax.data.byte_tokenizer import ByteTokenizer
+    from perspective_jax.infer.session import Conversation
+    _, _, path = exported
+    tok, sampling = ByteTokenizer(), Sampling(temperature=1.0, top_k=50)
+    one = Conversation(StreamingEngine(path, host_budget_mb=1), tok, sampling, seed=3)
+    first = one.generate("hello", 12)
+    whole = first + one.generate("", 12)
+    two = Conversation(StreamingEngine(path, host_budget_mb=1), tok, sampling, seed=3)
+    assert two.generate("hello", 12) == first
+    two.save(str(tmp_path / "chat.state"))
+    three = Conversation.load(StreamingEngine(path, host_budget_mb=1), tok,
+                              str(tmp_path / "chat.state"), sampling)
+    assert first + three.generate("", 12) == whole
+    with pytest.raises(UserError, match="prompt is empty"):
+        Conversation(three.engine, tok).generate("", 4)
+
+
+def test_model_dir_errors(exported, tmp_path):
+    _, _, path = exported
+    with pytest.raises(md.ModelDirError, match="does not exist"):
+        md.read_manifest(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(md.ModelDirError, match="no manifest.json"):
+        md.read_manifest(str(tmp_path / "empty"))
+    manifest_path = os.path.join(path, md.MANIFEST)
+    manifest = json.load(open(manifest_path))
+    json.dump({**manifest, "format_version": 99}, open(manifest_path, "w"))
+    with pytest.raises(md.ModelDirError, match="format version 99 is not supported"):
+        md.read_manifest(path)
+    json.dump(manifest, open(manifest_path, "w"))
+    os.remove(os.path.join(path, md.delta_file(0)))
+    with pytest.raises(md.ModelDirError, match="deltas/layer_000.bin listed in the manifest is "
+                                               "missing"):
+        md.read_manifest(path)
+
+
+def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypatch):
+    from perspective_jax.infer import export as ex
+    cfg = _cfg(small_cfg)
+    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
+    path = _export(tmp_path, cfg, params)
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        _export(tmp_path, cfg, params)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(ex, "save_file", boom)
+    with pytest.raises(RuntimeError):
+        _export(tmp_path, cfg, params, name="broken")
+    assert not (tmp_path / "broken").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    md.read_manifest(path)                             # the earlier export is untouched
