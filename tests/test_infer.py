@@ -254,3 +254,30 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypa
     assert not (tmp_path / "broken").exists()
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
     md.read_manifest(path)                             # the earlier export is untouched
+
+
+def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cfg):
+    """--shared-bits: the engine computes with exactly the dequantised GPTQ kernels."""
+    from perspective_jax.infer.calibrate import dequantize_shared, replace_shared
+    from safetensors.numpy import load_file
+    cfg = _cfg(small_cfg)
+    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
+    calib = np.random.default_rng(0).integers(0, 259, (1, 64)).astype(np.int32)
+    path = _export(tmp_path, cfg, params, calib=calib, shared_bits=4, group_size=16)
+    manifest = md.read_manifest(path)
+    assert manifest["shared"]["bits"] == 4 and manifest["shared"]["quantized"]
+    assert all(q["rel_error"] <= q["rel_error_rtn"] + 1e-6
+               for q in manifest["shared"]["quantized"])
+    kernels = dequantize_shared(load_file(os.path.join(path, md.SHARED_FILE)))
+    assert len(kernels) == len(manifest["shared"]["quantized"])
+    dequantised = replace_shared(params, kernels)
+    prompt, steps = np.arange(5, 25), np.arange(30, 38)
+    ref = _reference_logits(cfg, dequantised, prompt, steps)
+    engine = StreamingEngine(path, host_budget_mb=1)
+    state = engine.new_state()
+    got, state = engine.forward(prompt, state)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+    for k, tok in enumerate(steps):
+        got, state = engine.forward(np.array([tok]), state)
+        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
+    engine.close()

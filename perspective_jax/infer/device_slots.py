@@ -14,7 +14,6 @@ import functools
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 

@@ -80,9 +80,24 @@ def load_shared(model_dir: str, manifest: dict) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError) as e:
         raise md.ModelDirError(f"{path}: not a readable safetensors file ({e})") from None
     if manifest["shared"].get("bits"):
-        from perspective_jax.infer.calibrate import dequantize_shared
-        tensors = dequantize_shared(tensors)
+        tensors = _dequantized(tensors)
     return tensors
+
+
+def _dequantized(tensors: dict) -> dict:
+    """Replace GPTQ groups ('periods/P/…/kernel.codes', …) by float32 kernels stacked
+    over periods again ('periods/…/kernel' [P, …]), as the model stores them."""
+    from perspective_jax.infer.calibrate import dequantize_shared
+    from perspective_jax.infer.export import stacked_key
+    per_period = dequantize_shared(tensors)
+    out = {k: v for k, v in tensors.items()
+           if not any(k.startswith(path + ".") for path in per_period)}
+    groups: dict[str, dict[int, np.ndarray]] = collections.defaultdict(dict)
+    for path, kernel in per_period.items():
+        groups[stacked_key(path)][int(path.split("/")[1])] = kernel
+    for key, by_period in groups.items():
+        out[key] = np.stack([by_period[p] for p in sorted(by_period)]).astype(np.float32)
+    return out
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:

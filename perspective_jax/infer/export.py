@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import shutil
-import time
 from typing import Optional
 
 import jax
@@ -101,6 +100,12 @@ def routing_frequencies(cfg: PerspectiveConfig, params, tokens, chunk: int = 512
     return counts / np.maximum(counts.sum(1, keepdims=True), 1)
 
 
+def stacked_key(period_path: str) -> str:
+    """'periods/3/layer_0/mixer/w_q/kernel' → 'periods/layer_0/mixer/w_q/kernel'."""
+    parts = period_path.split("/")
+    return "/".join(parts[:1] + parts[2:])
+
+
 def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -109,27 +114,21 @@ def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
     return out
 
 
-def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: float, log):
-    """Expert files, delta files and their index; returns (index, scales [L, E, 3])."""
-    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
-    e = cfg.moe.num_experts
-    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
-    pairs = torus.neighbour_pairs(cfg.moe.lattice)
+def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice,
+                       layer_regions, delta_max_share: float, log=print) -> list[dict]:
+    """experts/ and deltas/ files for every expert layer; returns the manifest index.
+
+    layer_regions(j) -> list of E flat uint8 regions of expert layer j."""
+    pairs = torus.neighbour_pairs(tuple(lattice))
     directed = [(int(a), int(b)) for a, b in pairs] + [(int(b), int(a)) for a, b in pairs]
     os.makedirs(os.path.join(out, "experts"))
     os.makedirs(os.path.join(out, "deltas"))
-    scales = np.zeros((len(layers), e, len(md.EXPERT_MATRICES)), np.float32)
     index, n_deltas, delta_bytes = [], 0, 0
-    for j, (p, i) in enumerate(layers):
-        ffn = params["periods"][f"layer_{i}"]["ffn"]
-        quant = {n: ternary_experts(np.asarray(ffn[n][p])) for n in md.EXPERT_MATRICES}
-        for m, name in enumerate(md.EXPERT_MATRICES):
-            scales[j, :, m] = quant[name][1]
-        regions, entries = [], []
+    for j in range(n_layers):
+        regions = layer_regions(j)
+        entries = []
         with open(os.path.join(out, md.expert_file(j)), "wb") as fh:
-            for x in range(e):
-                region = md.pack_region({n: quant[n][0][x] for n in md.EXPERT_MATRICES}, layout)
-                regions.append(region)
+            for x, region in enumerate(regions):
                 entries.append({"expert": x, "offset": x * layout.stride,
                                 "sha256": md.sha256_bytes(region)})
                 fh.write(region.tobytes() + b"\0" * (layout.stride - layout.nbytes))
@@ -147,11 +146,31 @@ def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: fl
                 at += len(rec)
                 delta_bytes += len(rec)
         n_deltas += len(deltas)
-        index.append({"layer": j, "period": p, "position": i, "file": md.expert_file(j),
-                      "regions": entries, "delta_file": md.delta_file(j), "deltas": deltas})
-    log(f"experts: {len(layers)} layers × {e} experts, {layout.nbytes / 1e6:.3f} MB per "
-        f"region; {n_deltas} of {len(layers) * len(directed)} neighbour deltas kept "
+        index.append({"layer": j, "file": md.expert_file(j), "regions": entries,
+                      "delta_file": md.delta_file(j), "deltas": deltas})
+    log(f"experts: {n_layers} layers × {len(regions)} experts, {layout.nbytes / 1e6:.3f} MB "
+        f"per region; {n_deltas} of {n_layers * len(directed)} neighbour deltas kept "
         f"({delta_bytes / 1e6:.3f} MB)")
+    return index
+
+
+def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: float, log):
+    """Ternarise the trained experts and write them; returns (index, scales [L, E, 3])."""
+    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
+    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    scales = np.zeros((len(layers), cfg.moe.num_experts, len(md.EXPERT_MATRICES)), np.float32)
+
+    def layer_regions(j):
+        p, i = layers[j]
+        ffn = params["periods"][f"layer_{i}"]["ffn"]
+        quant = {n: ternary_experts(np.asarray(ffn[n][p])) for n in md.EXPERT_MATRICES}
+        for m, name in enumerate(md.EXPERT_MATRICES):
+            scales[j, :, m] = quant[name][1]
+        return [md.pack_region({n: quant[n][0][x] for n in md.EXPERT_MATRICES}, layout)
+                for x in range(cfg.moe.num_experts)]
+
+    index = write_expert_files(out, layout, len(layers), cfg.moe.lattice, layer_regions,
+                               delta_max_share, log)
     return index, scales
 
 
@@ -227,7 +246,7 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
         hessians = shared_linear_hessians(cfg.model, cfg.moe, used, calib)
         qt, report = quantize_shared(used, hessians, bits=shared_bits, group_size=group_size)
         for path, err_gptq, err_rtn in report:
-            tensors.pop(path, None)
+            tensors.pop(stacked_key(path), None)   # replaced by its per-period groups
             quantized.append({"path": path, "rel_error": float(err_gptq),
                               "rel_error_rtn": float(err_rtn)})
         tensors.update(qt)
@@ -238,32 +257,12 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     save_file(tensors, os.path.join(out, md.SHARED_FILE))
     copy_tokenizer(run, out)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
-    files = {}
-    for root, _, names in os.walk(out):
-        for name in sorted(names):
-            full = os.path.join(root, name)
-            rel = os.path.relpath(full, out)
-            files[rel] = {"bytes": os.path.getsize(full), "sha256": md.sha256_file(full)}
-    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
-    manifest = {
-        "format": md.FORMAT_NAME, "format_version": md.FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source_run": os.path.basename(os.path.abspath(run)),
-        "config": to_dict(cfg),
-        "tokenizer": "byte" if os.path.exists(os.path.join(out, "tokenizer.byte"))
-        else "sentencepiece",
-        "shared": {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
+    shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
                    "quantized": quantized,
                    "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                               for k, v in tensors.items()}},
-        "experts": {"format": "ternary-2bit-rows", "region_bytes": layout.nbytes,
-                    "region_stride": layout.stride, "layers": experts_index},
-        "routing_frequencies": None if freqs is None else freqs.round(6).tolist(),
-        "files": files,
-    }
-    with open(os.path.join(out, md.MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    return manifest
+                               for k, v in tensors.items()}}
+    return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
+                             shared_meta, experts_index, freqs)
 
 
 def with_ternary_experts(params, cfg: PerspectiveConfig):

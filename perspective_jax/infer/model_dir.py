@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -175,4 +176,32 @@ def read_manifest(model_dir: str) -> dict:
             raise ModelDirError(f"{model_dir}: {rel} has {os.path.getsize(full)} bytes, the "
                                 f"manifest says {info['bytes']}; the file is truncated or "
                                 "corrupt — re-run perspective-export")
+    return manifest
+
+
+def write_manifest(out: str, config: dict, source: str, shared: dict, experts_index: list,
+                   routing_frequencies=None) -> dict:
+    """Hash every file under `out` and write the manifest (the last file written)."""
+    files = {}
+    for root, _, names in os.walk(out):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            files[os.path.relpath(full, out)] = {"bytes": os.path.getsize(full),
+                                                 "sha256": sha256_file(full)}
+    layout = RegionLayout(config["model"]["d_model"], config["model"]["d_ff"])
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_run": source, "config": config,
+        "tokenizer": "byte" if os.path.exists(os.path.join(out, "tokenizer.byte"))
+        else "sentencepiece",
+        "shared": shared,
+        "experts": {"format": "ternary-2bit-rows", "region_bytes": layout.nbytes,
+                    "region_stride": layout.stride, "layers": experts_index},
+        "routing_frequencies": (None if routing_frequencies is None
+                                else np.round(routing_frequencies, 6).tolist()),
+        "files": files,
+    }
+    with open(os.path.join(out, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1)
     return manifest

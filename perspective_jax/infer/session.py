@@ -30,11 +30,6 @@ from perspective_jax.model.transformer import init_cache
 STATE_FORMAT = "perspective-conversation/1"
 
 
-@jax.jit
-def _sample(logits, key, temperature, top_k_mask):
-    return jax.random.categorical(key, logits / temperature + top_k_mask)
-
-
 def sample_token(logits: np.ndarray, sampling: Sampling, key) -> int:
     if sampling.temperature == 0.0:
         return int(np.argmax(logits))
