@@ -281,3 +281,38 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
         got, state = engine.forward(np.array([tok]), state)
         np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
     engine.close()
+
+
+def test_infer_cli_errors_are_one_line(exported, tmp_path, capsys):
+    from perspective_jax.cli import infer
+    _, _, path = exported
+    cases = [
+        (["--model-dir", path, ""], "the prompt is empty"),
+        (["--model-dir", str(tmp_path / "missing"), "hi"], "does not exist"),
+        (["--model-dir", path, "hi", "--top-p", "0"], "top_p must lie in (0, 1]"),
+        (["--model-dir", path, "hi", "--host-budget-mb", "0.0001"], "cannot hold one expert"),
+        (["--model-dir", path, "hi", "--resume-state", str(tmp_path / "none.state")],
+         "no such file"),
+    ]
+    for argv, message in cases:
+        assert infer.run(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    with open(os.path.join(path, md.SHARED_FILE), "r+b") as fh:   # corrupt shared weights
+        fh.seek(-3, 2)
+        fh.write(b"xyz")
+    assert infer.run(["--model-dir", path, "hi"]) == 2
+    assert "shared.safetensors fails its sha256 checksum" in capsys.readouterr().err
+
+
+def test_infer_cli_streams_and_stops_at_stop_string(exported, capsys):
+    from perspective_jax.cli import infer
+    _, _, path = exported
+    assert infer.run(["--model-dir", path, "ab", "--max-tokens", "12", "--temperature", "0"]) == 0
+    full = capsys.readouterr().out[len("ab"):].rstrip("\n")
+    assert len(full) > 0
+    stop = full[3:5] if len(full) >= 5 else full[-1]
+    assert infer.run(["--model-dir", path, "ab", "--max-tokens", "12", "--temperature", "0",
+                      "--stop", stop]) == 0
+    cut = capsys.readouterr().out[len("ab"):].rstrip("\n")
+    assert cut == full[: full.find(stop)]

@@ -115,6 +115,21 @@ def test_stage_all_runs_the_whole_curriculum(tmp_path, text_corpus, capsys):
     # re-running the finished curriculum resumes every stage and succeeds
     assert run(args) == 0
 
+    # export the curriculum's result and stream text from it
+    from perspective_jax.cli import export, infer
+    capsys.readouterr()
+    model = str(tmp_path / "model")
+    assert export.run(["--run-dir", str(tmp_path / "cur"), "--out", model]) == 0
+    assert "cur/align" in capsys.readouterr().out          # the last finished stage
+    assert infer.run(["--model-dir", model, "def f(", "--max-tokens", "8", "--stats",
+                      "--temperature", "0", "--host-budget-mb", "0.05",
+                      "--save-state", str(tmp_path / "c.state")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def f(") and len(out) > len("def f(\n")
+    assert "decode_tok_per_s" in err and "prefetch_accuracy" in err
+    assert infer.run(["--model-dir", model, "--resume-state", str(tmp_path / "c.state"),
+                      "--max-tokens", "4"]) == 0
+
 
 def test_upcycle_and_sparse_need_a_source_run(tmp_path, capsys):
     assert run(["--stage", "upcycle", "--run-dir", str(tmp_path / "u")]) == 2

@@ -389,6 +389,9 @@ class StreamingEngine:
                 "stalls": s.stalls, "stall_s": s.stall_s,
                 "device_slots": self.n_slots, "warm_start_regions": self.warmed,
             })
+        rss = _peak_rss_bytes()
+        if rss is not None:
+            out["process_peak_rss_bytes"] = rss
         mem = self.device.memory_stats() if hasattr(self.device, "memory_stats") else None
         if mem and "peak_bytes_in_use" in mem:
             out["device_peak_bytes_runtime"] = mem["peak_bytes_in_use"]
@@ -397,6 +400,18 @@ class StreamingEngine:
     def close(self) -> None:
         self._join() if self._pending else None
         self._io.shutdown(wait=True)
+
+
+def _peak_rss_bytes() -> Optional[int]:
+    """Peak resident memory of this process (Linux VmHWM), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _done(value) -> concurrent.futures.Future:
