@@ -7,10 +7,13 @@ Weights are packed along K, four rows per byte: ``packed[k4, n] =
 
 One call, three implementations (RecurrentGemma-style selection):
 * ``pallas``  — a Pallas kernel over (M, N) blocks that decodes the codes in
-                registers and accumulates x·T; chosen on GPU/TPU.
+                registers and accumulates x·T; chosen on GPU/TPU for at least
+                `PALLAS_MIN_ROWS` rows (not yet compiled on a GPU: no device
+                was available; see docs/open_work.md).
 * ``xla``     — a loop over blocks of packed rows that decodes each block with
                 shifts and masks, fused into the multiply-add for few rows (row by
-                row) or to a float32 block and a matmul for many; the CPU path.
+                row) or to a float32 block and a matmul for many; the CPU path
+                and the decode (few-row) path everywhere.
 * ``reference`` — unpack with shifts, dense float32 matmul (tests).
 The Pallas kernel also runs on CPU with ``interpret=True`` (slow; correctness).
 """
@@ -133,8 +136,16 @@ def ternary_matmul_pallas(x, packed, scale, block_m: int = 64, block_n: int = 12
     return out[:m, :n] * scale
 
 
-def default_impl() -> str:
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
+# Fewest rows for which the Pallas kernel is chosen off-CPU: GPU (Triton) block
+# dots need at least 16 rows; decode-sized inputs take the XLA loop instead.
+PALLAS_MIN_ROWS = 16
+
+
+def default_impl(rows: int = PALLAS_MIN_ROWS) -> str:
+    """xla on CPU; on GPU/TPU pallas for >= PALLAS_MIN_ROWS rows, else xla."""
+    if jax.default_backend() == "cpu" or rows < PALLAS_MIN_ROWS:
+        return "xla"
+    return "pallas"
 
 
 def ternary_matmul(x, packed, scale, impl: str = "auto", interpret: bool = False):
@@ -142,7 +153,7 @@ def ternary_matmul(x, packed, scale, impl: str = "auto", interpret: bool = False
     if x.ndim != 2 or packed.ndim != 2 or -(-x.shape[1] // 4) != packed.shape[0]:
         raise ValueError(f"shapes do not match: x {x.shape}, packed {packed.shape} "
                          "(packed must be [ceil(K/4), N])")
-    impl = default_impl() if impl == "auto" else impl
+    impl = default_impl(x.shape[0]) if impl == "auto" else impl
     if impl == "pallas":
         return ternary_matmul_pallas(x, packed, scale, interpret=interpret)
     if impl == "xla":
