@@ -145,7 +145,7 @@ def test_exported_experts_are_exact_ternary_values(exported):
     from safetensors.numpy import load_file
     manifest = md.read_manifest(path)
     store = ExpertStore(path, manifest)
-    scales = load_file(os.path.join(path, md.SHARED_FILE))[md.EXPERT_SCALES]
+    shared = load_file(os.path.join(path, md.SHARED_FILE))
     used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
     layout = store.layout
     p, i = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)[1]
@@ -153,7 +153,8 @@ def test_exported_experts_are_exact_ternary_values(exported):
     for m, name in enumerate(md.EXPERT_MATRICES):
         k = parts[name].shape[0] * 4
         eye = np.eye(k, dtype=np.float32)[: used["periods"][f"layer_{i}"]["ffn"][name].shape[-2]]
-        w = np.asarray(ternary_matmul_reference(jnp.asarray(eye), parts[name], scales[1, 5, m]))
+        scale = shared[md.scale_key(name)][1, 5]
+        w = np.asarray(ternary_matmul_reference(jnp.asarray(eye), parts[name], scale))
         np.testing.assert_allclose(w, used["periods"][f"layer_{i}"]["ffn"][name][p, 5],
                                    rtol=1e-6)
 
@@ -316,3 +317,19 @@ def test_infer_cli_streams_and_stops_at_stop_string(exported, capsys):
                       "--stop", stop]) == 0
     cut = capsys.readouterr().out[len("ab"):].rstrip("\n")
     assert cut == full[: full.find(stop)]
+
+
+def test_engine_with_per_output_feature_scales(tmp_path, small_cfg):
+    cfg = _cfg(small_cfg, scale_granularity="row")
+    params = init_params(cfg.model, jax.random.key(4), moe=cfg.moe)
+    path = _export(tmp_path, cfg, params)
+    prompt, steps = np.arange(40, 52), np.arange(60, 66)
+    ref = _reference_logits(cfg, params, prompt, steps)
+    engine = StreamingEngine(path, host_budget_mb=1)
+    state = engine.new_state()
+    got, state = engine.forward(prompt, state)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+    for k, tok in enumerate(steps):
+        got, state = engine.forward(np.array([tok]), state)
+        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
+    engine.close()

@@ -108,3 +108,17 @@ def test_activation_bits_config():
     assert TernaryConfig(activation_bits=8).activation_bits == 8
     with pytest.raises(UserError, match="activation_bits"):
         TernaryConfig(activation_bits=4)
+
+
+def test_row_granularity_scales_each_output_feature():
+    w = jax.random.normal(jax.random.key(9), (2, 16, 6)) * jnp.arange(1, 7)   # columns differ
+    wt = np.asarray(ternarize(w, "row"))
+    for e in range(2):
+        for n in range(6):
+            scale = np.abs(np.asarray(w[e, :, n])).mean()
+            levels = np.round(wt[e, :, n] / scale, 5)
+            assert set(levels.tolist()) <= {-1.0, 0.0, 1.0}
+    assert not np.allclose(wt, np.asarray(ternarize(w, "tensor")))
+    import pytest
+    with pytest.raises(ValueError, match="granularity"):
+        ternarize(w, "block")

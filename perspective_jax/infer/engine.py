@@ -133,7 +133,8 @@ class StreamingEngine:
         self.prefetch, self.use_deltas = prefetch, use_deltas
         self.stats = Stats()
         flat = load_shared(model_dir, self.manifest)
-        scales = flat.pop(md.EXPERT_SCALES, None)
+        scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
+                  if md.scale_key(name) in flat}
         on_device = memory_sharding(self.device, "device")
         tree = jax.device_put(unflatten(flat), on_device)
         self.shared_bytes = sum(a.nbytes for a in flat.values())
@@ -164,8 +165,12 @@ class StreamingEngine:
                     device_slots, warm_start, io):
         self.store = ExpertStore(model_dir, self.manifest, io=io)
         self.region_bytes = self.store.region_bytes
-        self.expert_scales = jax.device_put(scales, on_device)
-        self.shared_bytes += scales.nbytes
+        if sorted(scales) != sorted(md.EXPERT_MATRICES):
+            raise md.ModelDirError(f"{model_dir}: {md.SHARED_FILE} lacks the expert scales "
+                                   f"{md.EXPERT_SCALES}/…; re-run perspective-export")
+        self.expert_scales = jax.device_put(tuple(scales[n] for n in md.EXPERT_MATRICES),
+                                            on_device)
+        self.shared_bytes += sum(v.nbytes for v in scales.values())
         host_bytes = int(host_budget_mb * MB)
         if host_bytes < self.region_bytes:
             raise UserError(f"--host-budget-mb {host_budget_mb:g} cannot hold one expert "
@@ -336,7 +341,8 @@ class StreamingEngine:
             padded = np.full(1 << max(len(rows) - 1, 0).bit_length(), rows[0], np.int32)
             padded[: len(rows)] = rows
             y = L.expert_rows(cfg, self.activation_bits, y, hn_flat, jnp.asarray(padded),
-                              self.slots.arrays[slot], self.expert_scales[j, e])
+                              self.slots.arrays[slot],
+                              tuple(s[j, e] for s in self.expert_scales))
         return L.combine(cfg, h, y, gate)
 
     def _predict_next(self, j: int, h, slot: int) -> None:

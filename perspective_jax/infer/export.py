@@ -72,12 +72,13 @@ def calibration_tokens(run_dir: str, n_tokens: int, text_file: Optional[str] = N
     return ids[None] if ids.size else None
 
 
-def ternary_experts(w) -> tuple[np.ndarray, np.ndarray]:
-    """[..., K, N] float → (trits int8 [..., K, N], scale float32 [...])."""
+def ternary_experts(w, granularity: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """[..., K, N] float → (trits int8 [..., K, N], scale float32 [..., S]),
+    S = 1 (per matrix) or N (per output feature)."""
     w = jnp.asarray(w, jnp.float32)
-    scale = absmean_scale(w)
+    scale = absmean_scale(w, granularity)
     trits = jnp.clip(jnp.round(w / (scale + _EPS)), -1, 1)
-    return np.asarray(trits, np.int8), np.asarray(scale[..., 0, 0], np.float32)
+    return np.asarray(trits, np.int8), np.asarray(scale[..., 0, :], np.float32)
 
 
 def routing_frequencies(cfg: PerspectiveConfig, params, tokens, chunk: int = 512):
@@ -155,17 +156,21 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
 
 
 def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: float, log):
-    """Ternarise the trained experts and write them; returns (index, scales [L, E, 3])."""
+    """Ternarise the trained experts and write them; returns (index, {name: scales
+    [L, E, S]})."""
     layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
     layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
-    scales = np.zeros((len(layers), cfg.moe.num_experts, len(md.EXPERT_MATRICES)), np.float32)
+    granularity = cfg.ternary.scale_granularity
+    scales = {}
 
     def layer_regions(j):
         p, i = layers[j]
         ffn = params["periods"][f"layer_{i}"]["ffn"]
-        quant = {n: ternary_experts(np.asarray(ffn[n][p])) for n in md.EXPERT_MATRICES}
-        for m, name in enumerate(md.EXPERT_MATRICES):
-            scales[j, :, m] = quant[name][1]
+        quant = {n: ternary_experts(np.asarray(ffn[n][p]), granularity)
+                 for n in md.EXPERT_MATRICES}
+        for name in md.EXPERT_MATRICES:
+            s = quant[name][1]                                       # [E, S]
+            scales.setdefault(name, np.zeros((len(layers), *s.shape), np.float32))[j] = s
         return [md.pack_region({n: quant[n][0][x] for n in md.EXPERT_MATRICES}, layout)
                 for x in range(cfg.moe.num_experts)]
 
@@ -252,8 +257,8 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
         tensors.update(qt)
         log(f"shared kernels quantised to {shared_bits} bits (GPTQ, group {group_size}): "
             f"{len(quantized)} tensors")
-    if scales is not None:
-        tensors[md.EXPERT_SCALES] = scales
+    for name, value in (scales or {}).items():
+        tensors[md.scale_key(name)] = value
     save_file(tensors, os.path.join(out, md.SHARED_FILE))
     copy_tokenizer(run, out)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
@@ -272,7 +277,7 @@ def with_ternary_experts(params, cfg: PerspectiveConfig):
         if kind == "pdr":
             ffn = dict(out["periods"][f"layer_{i}"]["ffn"])
             for name in md.EXPERT_MATRICES:
-                trits, scale = ternary_experts(ffn[name])
-                ffn[name] = trits.astype(np.float32) * scale[..., None, None]
+                trits, scale = ternary_experts(ffn[name], cfg.ternary.scale_granularity)
+                ffn[name] = trits.astype(np.float32) * scale[..., None, :]
             out["periods"][f"layer_{i}"]["ffn"] = ffn
     return out

@@ -53,7 +53,8 @@ def route(cfg: ModelConfig, moe: MoEConfig, lp, h):
 
 
 def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):
-    """x [M, d] through one expert whose flat 2-bit region is `codes`; scales [3]."""
+    """x [M, d] through one expert whose flat 2-bit region is `codes`;
+    scales = (gate, up, down) scales, each [1] or [N]."""
     parts = RegionLayout(cfg.d_model, cfg.d_ff).split(codes)
     dt = dtype_of(cfg.dtype)
     quant = quantize_activations_int8 if activation_bits == 8 else (lambda a: a)

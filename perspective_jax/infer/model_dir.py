@@ -5,7 +5,9 @@
                               index, expert/delta index, routing frequencies,
                               byte size and sha256 of every file (written last)
       shared.safetensors      every non-expert weight (float32, or 2-bit GPTQ
-                              groups for the shared kernels) + expert_scales [L, E, 3]
+                              groups for the shared kernels) + expert_scales/<matrix>
+                              [L, E, S]: one scale per matrix (S = 1) or per output
+                              feature (S = N, ternary.scale_granularity=row)
       tokenizer.model | tokenizer.byte
       experts/layer_LLL.bin   E regions, one per expert of expert layer LLL
       deltas/layer_LLL.bin    byte deltas between lattice-neighbour experts
@@ -36,13 +38,17 @@ FORMAT_NAME = "perspective-model"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
-EXPERT_SCALES = "expert_scales"
+EXPERT_SCALES = "expert_scales"      # expert_scales/<matrix>: [L, E, S], S = 1 or N
 REGION_ALIGN = 4096
 EXPERT_MATRICES = ("w_gate", "w_up", "w_down")
 
 
 class ModelDirError(UserError):
     """A model directory that is missing, incomplete, corrupt or of another version."""
+
+
+def scale_key(matrix: str) -> str:
+    return f"{EXPERT_SCALES}/{matrix}"
 
 
 def expert_file(j: int) -> str:

@@ -103,8 +103,9 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
                                                router["w_route"].shape).astype(np.float32)
     tensors = {k: v for k, v in _flatten(params).items()}
     d, f = cfg.model.d_model, cfg.model.d_ff
-    fan_in = np.asarray([d, d, f], np.float32)
-    tensors[md.EXPERT_SCALES] = np.tile(expert_gain / np.sqrt(fan_in), (len(layers), e, 1))
+    for name, fan_in in zip(md.EXPERT_MATRICES, (d, d, f)):
+        tensors[md.scale_key(name)] = np.full((len(layers), e, 1), expert_gain / np.sqrt(fan_in),
+                                              np.float32)
     save_file(tensors, os.path.join(tmp, md.SHARED_FILE))
     with open(os.path.join(tmp, "tokenizer.byte"), "w") as fh:
         fh.write("utf-8 bytes\n")

@@ -1,7 +1,11 @@
 """Quantisation-aware training of ternary experts (SPEC §3.4, BitNet b1.58).
 
-    W_t = clip(round(W / (mean|W| + ε)), −1, 1) · mean|W|      (per expert matrix)
+    W_t = clip(round(W / (mean|W| + ε)), −1, 1) · mean|W|
     forward uses W_t, backward passes the gradient straight through to W (STE).
+
+The mean is taken per expert matrix (`ternary.scale_granularity=tensor`) or per
+output feature, i.e. per column n of W [K, N] used as x @ W — a row of the
+[out, in] matrix — (`row`).
 
 Progressive schedule: at fraction φ only the φ share of each matrix's weights
 with the largest magnitude is ternarised (the rest stay float), φ stepping
@@ -21,21 +25,27 @@ EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 _EPS = 1e-8
 
 
-def absmean_scale(w: jax.Array) -> jax.Array:
-    """mean|W| over the last two axes (one scale per expert matrix), keepdims."""
-    return jnp.mean(jnp.abs(w), axis=(-2, -1), keepdims=True)
+GRANULARITIES = ("tensor", "row")
 
 
-def ternarize(w: jax.Array) -> jax.Array:
+def absmean_scale(w: jax.Array, granularity: str = "tensor") -> jax.Array:
+    """mean|W| of [..., K, N] keepdims: over K and N (tensor) or over K (row)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    axes = (-2, -1) if granularity == "tensor" else (-2,)
+    return jnp.mean(jnp.abs(w), axis=axes, keepdims=True)
+
+
+def ternarize(w: jax.Array, granularity: str = "tensor") -> jax.Array:
     """The ternary value W_t (no gradient trick)."""
-    scale = absmean_scale(w)
+    scale = absmean_scale(w, granularity)
     return jnp.clip(jnp.round(w / (scale + _EPS)), -1, 1) * scale
 
 
-def ternary_ste(w: jax.Array, fraction=1.0) -> jax.Array:
+def ternary_ste(w: jax.Array, fraction=1.0, granularity: str = "tensor") -> jax.Array:
     """W with its `fraction` largest-magnitude entries (per matrix) replaced by
     their ternary values; gradient is the identity (straight-through)."""
-    wt = ternarize(w)
+    wt = ternarize(w, granularity)
     fraction = jnp.asarray(fraction, jnp.float32)
     flat = jnp.abs(w).reshape(*w.shape[:-2], -1)
     threshold = jnp.quantile(flat, 1.0 - fraction, axis=-1)[..., None, None]
@@ -51,7 +61,8 @@ def schedule_fraction(schedule: tuple[float, ...], step, total_steps: int):
     return table[phase]
 
 
-def quantize_experts(params: dict, cfg: ModelConfig, fraction=1.0) -> dict:
+def quantize_experts(params: dict, cfg: ModelConfig, fraction=1.0,
+                     granularity: str = "tensor") -> dict:
     """Apply `ternary_ste` to every routed expert matrix of a parameter tree."""
     out = jax.tree.map(lambda a: a, params)
     for i, kind in enumerate(cfg.layer_pattern):
@@ -59,7 +70,7 @@ def quantize_experts(params: dict, cfg: ModelConfig, fraction=1.0) -> dict:
             continue
         ffn = dict(out["periods"][f"layer_{i}"]["ffn"])
         for name in EXPERT_WEIGHTS:
-            ffn[name] = ternary_ste(ffn[name], fraction)
+            ffn[name] = ternary_ste(ffn[name], fraction, granularity)
         out["periods"][f"layer_{i}"]["ffn"] = ffn
     return out
 

@@ -32,7 +32,7 @@ def effective_params(cfg: PerspectiveConfig, params, step):
     if not cfg.ternary.enabled:
         return params
     fraction = schedule_fraction(cfg.ternary.schedule, step, cfg.train.steps)
-    return quantize_experts(params, cfg.model, fraction)
+    return quantize_experts(params, cfg.model, fraction, cfg.ternary.scale_granularity)
 
 
 def expert_activation_bits(cfg: PerspectiveConfig) -> int:
