@@ -101,9 +101,10 @@ def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
     rng = np.random.default_rng(1)
     prompt, steps = rng.integers(0, 259, 30), rng.integers(0, 259, 12)
     ref = _reference_logits(cfg, params, prompt, steps)
-    for predictor in ("router", "previous"):
+    for predictor in ("router", "previous"):           # host tier in pinned_host memory
         engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor=predictor,
-                                 prefill_chunk=7, use_deltas=False)
+                                 prefill_chunk=7, use_deltas=False,
+                                 host_memory_kind="pinned_host")
         state = engine.new_state()
         got, state = engine.forward(prompt, state)
         np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)

@@ -6,7 +6,9 @@
     logits, state = engine.forward(np.array([tok]), state)  # one decode step
 
 Tiers: disk (`ExpertStore`, memory-mapped, checksummed) → host (`HostCache`,
-pinned_host memory, hard byte budget) → device (`DeviceSlots`, two or more
+pinned_host memory — on the CPU backend plain host arrays, since host memory is
+the device's own; `host_memory_kind="pinned_host"` forces the staging copy there
+too — hard byte budget) → device (`DeviceSlots`, two or more
 expert-layer slots). During decode, as soon as layer j has routed its token the
 engine predicts layer j+1's expert by applying layer j+1's norm and router to
 the current hidden state and starts bringing it to a free slot on a background
@@ -116,7 +118,7 @@ class StreamingEngine:
                  device_budget_mb: Optional[float] = None, device_slots: int = 2,
                  prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
                  io: str = "mmap", predictor: str = "auto", prefill_chunk: int = 256,
-                 device=None):
+                 host_memory_kind: Optional[str] = None, device=None):
         if predictor not in PREDICTORS:
             raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
@@ -150,7 +152,7 @@ class StreamingEngine:
         self.region_bytes = 0
         if self.routed:
             self._init_tiers(model_dir, scales, on_device, host_budget_mb, device_budget_mb,
-                             device_slots, warm_start, io)
+                             device_slots, warm_start, io, host_memory_kind)
         elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
@@ -162,7 +164,7 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ setup
     def _init_tiers(self, model_dir, scales, on_device, host_budget_mb, device_budget_mb,
-                    device_slots, warm_start, io):
+                    device_slots, warm_start, io, host_memory_kind):
         self.store = ExpertStore(model_dir, self.manifest, io=io)
         self.region_bytes = self.store.region_bytes
         if sorted(scales) != sorted(md.EXPERT_MATRICES):
@@ -180,9 +182,15 @@ class StreamingEngine:
             raise UserError(self._device_budget_message(device_budget_mb))
         freqs = self.manifest.get("routing_frequencies")
         priors = np.asarray(freqs, np.float64) if freqs else None
-        pinned = memory_sharding(self.device, "pinned_host")
-        self.host = HostCache(host_bytes, self.region_bytes, priors,
-                              place=lambda r: jax.device_put(r, pinned).block_until_ready())
+        if host_memory_kind is None:          # on CPU, host memory is the device's own
+            host_memory_kind = "pinned_host" if self.device.platform != "cpu" else "numpy"
+        if host_memory_kind == "numpy":
+            place = np.asarray
+        else:
+            pinned = memory_sharding(self.device, host_memory_kind)
+            place = lambda r: jax.device_put(r, pinned).block_until_ready()  # noqa: E731
+        self.host_memory_kind = host_memory_kind
+        self.host = HostCache(host_bytes, self.region_bytes, priors, place=place)
         self.slots = DeviceSlots(device_slots, self.region_bytes, self.device)
         self.warmed = self.host.warm(self.store.read_region) if warm_start else 0
 
@@ -245,32 +253,36 @@ class StreamingEngine:
         return (key, *future.result())
 
     def _ensure(self, key) -> int:
-        """Slot holding `key` for this token's layer, counting kind, bytes, stalls."""
+        """Slot holding `key` for this token's layer, counting kind, bytes, stalls.
+        Time spent waiting — for a right guess still in flight, for a wrong guess to
+        finish, or for a synchronous load — is a stall."""
         stats = self.stats
+        t0 = time.perf_counter()
+        stalled = False
         if self._pending is not None:
-            pkey, future = self._pending
-            waited = not future.done()
-            t0 = time.perf_counter()
+            stalled = not self._pending[1].done()
             pkey, kind, nbytes = self._join()
             if pkey == key:
                 stats.predicted_right += 1
-                if waited:
-                    stats.stalls += 1
-                    stats.stall_s += time.perf_counter() - t0
                 self._count(kind, nbytes)
+                self._stall(stalled, t0)
                 return self.slots.find(key)
             stats.bytes_moved["wasted"] += nbytes
         slot = self.slots.find(key)
         if slot is None:
-            t0 = time.perf_counter()
             kind, nbytes = self._bring(key)
-            stats.stalls += 1
-            stats.stall_s += time.perf_counter() - t0
+            stalled = True
         else:
             self.slots.touch(slot)
             kind, nbytes = "same", 0
         self._count(kind, nbytes)
+        self._stall(stalled, t0)
         return self.slots.find(key)
+
+    def _stall(self, stalled: bool, t0: float) -> None:
+        if stalled:
+            self.stats.stalls += 1
+            self.stats.stall_s += time.perf_counter() - t0
 
     def _count(self, kind: str, nbytes: int) -> None:
         self.stats.transfers[kind] += 1

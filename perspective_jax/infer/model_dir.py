@@ -35,7 +35,7 @@ import numpy as np
 from perspective_jax.errors import UserError
 
 FORMAT_NAME = "perspective-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: per-matrix expert scale tensors (expert_scales/<matrix>)
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
 EXPERT_SCALES = "expert_scales"      # expert_scales/<matrix>: [L, E, S], S = 1 or N
