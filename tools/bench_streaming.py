@@ -1,0 +1,494 @@
+"""Streaming inference engine on this machine (issue 6 measurement).
+
+(A) synthetic wide models (18 expert layers × 64 experts, ≈ 9.7 GB of packed
+    experts, built once under --work-dir): decode tok/s, bytes moved and read
+    per token, host-cache hit rate, prefetch accuracy and stalls for io="mmap"
+    (page cache, files pre-read) and io="direct" (O_DIRECT, disk), the
+    bandwidth bound (read bandwidth measured here with the same io path ÷ bytes
+    read per token), and the compute-only rate (every expert device-resident);
+    coherent routers (router prediction works) vs incoherent ones.
+(B) bytes moved per token with and without delta streaming on the exported
+    trained tiny model (runs/quickstart) and on a small synthetic model whose
+    lattice neighbours differ in 2 % of their bytes.
+(C) decode memory and tok/s after prefilling 512 / 4096 / 16384 tokens on the
+    exported tiny model (context flatness).
+
+Every measurement runs in a fresh subprocess (so RSS and caches of one do not
+leak into the next); compilation is excluded (warm-up steps before the timed
+window, statistics diffed over the window).
+
+    .venv/bin/python tools/bench_streaming.py [--work-dir /tmp/perspective-bench]
+        [--tokens 32] [--variants wide,narrow] [--parts A,B,C] [--skip-build]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+MB = 1 << 20
+TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
+        "First Citizen: You are all resolved rather to die than to famish? All: Resolved. "
+        "resolved. First Citizen: First, you know Caius Marcius is chief enemy to the "
+        "people. All: We know't, we know't. First Citizen: Let us kill him, and we'll have "
+        "corn at our own price. Is't a verdict? All: No more talking on't; let it be done: "
+        "away, away! Second Citizen: One word, good citizens.")
+# d_model, d_ff: both 3·d·f = 33.8M trits per expert-layer (8.45 MB packed)
+VARIANTS = {"wide": (2048, 5504), "narrow": (1024, 11008)}
+PROMPT_LEN = 16
+WARMUP_STEPS = 4
+
+
+# ---------------------------------------------------------------- model directories
+def synthetic_cfg(d_model: int, d_ff: int, n_layers: int = 24, experts: int = 64,
+                  lattice=(4, 4, 4)):
+    from perspective_jax.config import load_config
+    return load_config(None, [
+        "model.routed=true", "ternary.enabled=true", "model.vocab_size=259",
+        f"model.d_model={d_model}", f"model.d_ff={d_ff}", f"model.n_layers={n_layers}",
+        f"moe.num_experts={experts}", f"moe.lattice=[{','.join(map(str, lattice))}]",
+        "data.tokenizer=byte"])
+
+
+def _complete(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def build_synthetic(path: str, cfg, log, **kw) -> float:
+    """Build `path` unless a complete one is there; returns build seconds (0 if reused)."""
+    from perspective_jax.infer.synthetic import write_synthetic_model_dir
+    if _complete(path):
+        return 0.0
+    t0 = time.perf_counter()
+    write_synthetic_model_dir(path, cfg, seed=0, force=True, log=log, **kw)
+    return time.perf_counter() - t0
+
+
+def derive_incoherent(src: str, dst: str, seed: int = 1) -> None:
+    """`src` with independent random routers per layer (coherent_routers=False) — the
+    expert files are hard links to `src`'s (identical bytes; the shared file differs)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    from perspective_jax.infer import model_dir as md
+    if _complete(dst):
+        return
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp = dst + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("experts", "deltas"):
+        os.makedirs(os.path.join(tmp, sub))
+        for name in os.listdir(os.path.join(src, sub)):
+            os.link(os.path.join(src, sub, name), os.path.join(tmp, sub, name))
+    shutil.copy(os.path.join(src, "tokenizer.byte"), tmp)
+    with open(os.path.join(src, md.MANIFEST)) as fh:
+        manifest = json.load(fh)
+    tensors = load_file(os.path.join(src, md.SHARED_FILE))
+    rng = np.random.default_rng(seed)
+    d = manifest["config"]["model"]["d_model"]
+    for key in sorted(tensors):
+        if key.endswith("router/w_route"):
+            tensors[key] = rng.normal(0, 1 / np.sqrt(d), tensors[key].shape).astype(np.float32)
+    out = os.path.join(tmp, md.SHARED_FILE)
+    save_file(tensors, out)
+    manifest["files"][md.SHARED_FILE] = {"bytes": os.path.getsize(out),
+                                         "sha256": md.sha256_file(out)}
+    manifest["source_run"] += " (incoherent routers)"
+    with open(os.path.join(tmp, md.MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    os.replace(tmp, dst)
+
+
+def export_quickstart(run_dir: str, out: str, log) -> None:
+    from perspective_jax.infer.export import export_model
+    if not _complete(out):
+        export_model(run_dir, out, force=True, log=log)
+
+
+def expert_files(model_dir: str) -> list[str]:
+    d = os.path.join(model_dir, "experts")
+    return [os.path.join(d, n) for n in sorted(os.listdir(d))]
+
+
+def preread(model_dir: str) -> tuple[float, float]:
+    """Read every expert file once through the page cache; returns (GB, seconds)."""
+    total, t0 = 0, time.perf_counter()
+    for path in expert_files(model_dir):
+        with open(path, "rb", buffering=0) as fh:
+            while block := fh.read(64 * MB):
+                total += len(block)
+    return total / 1e9, time.perf_counter() - t0
+
+
+def read_bandwidth(model_dir: str, io: str, nbytes: int) -> float:
+    """Bytes/s reading region-sized chunks of expert files the way `ExpertStore` does
+    (io="mmap": copy out of a memory map; io="direct": O_DIRECT pread into an aligned
+    buffer + copy), over `nbytes` spread across the layer files."""
+    import numpy as np
+    from perspective_jax.infer import model_dir as md
+    with open(os.path.join(model_dir, md.MANIFEST)) as fh:
+        manifest = json.load(fh)
+    region, stride = manifest["experts"]["region_bytes"], manifest["experts"]["region_stride"]
+    files = expert_files(model_dir)
+    per_file = max(1, nbytes // region // len(files))
+    done, t0 = 0, time.perf_counter()
+    for path in files:
+        if io == "mmap":
+            mm = np.memmap(path, np.uint8, mode="r")
+            for e in range(per_file):
+                np.array(mm[e * stride: e * stride + region])
+                done += region
+            del mm
+        else:
+            size = -(-region // md.REGION_ALIGN) * md.REGION_ALIGN
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                for e in range(per_file):
+                    buf = mmap.mmap(-1, size)
+                    os.preadv(fd, [buf], e * stride)
+                    np.frombuffer(buf, np.uint8, region).copy()
+                    buf.close()
+                    done += region
+            finally:
+                os.close(fd)
+    return done / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- one measurement (child)
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _snapshot(engine) -> dict:
+    s = engine.stats
+    snap = {"tokens": s.decode_tokens, "seconds": s.decode_s,
+            "predictions": s.predictions, "right": s.predicted_right,
+            "stalls": s.stalls, "stall_s": s.stall_s}
+    if engine.routed:
+        snap.update({f"n_{k}": s.transfers[k] for k in ("same", "delta", "full")})
+        snap.update({f"b_{k}": s.bytes_moved[k] for k in ("same", "delta", "full", "wasted")})
+        snap.update({"disk": engine.store.bytes_read, "hits": engine.host.hits,
+                     "misses": engine.host.misses})
+    return snap
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: b[k] - a[k] for k in a}
+
+
+def decode_window(engine, tokens, n_decode: int, warmup: int = WARMUP_STEPS,
+                  state=None) -> tuple[dict, dict]:
+    """Prefill `tokens[:PROMPT_LEN]` (unless `state` is given), `warmup` decode steps
+    (compiles), then `n_decode` timed steps; returns (window diff, state)."""
+    import numpy as np
+    if state is None:
+        state = engine.new_state()
+        _, state = engine.forward(np.asarray(tokens[:PROMPT_LEN]), state)
+        at = PROMPT_LEN
+    else:
+        at = 0
+    for t in tokens[at: at + warmup]:
+        _, state = engine.forward(np.asarray([t]), state)
+    at += warmup
+    before = _snapshot(engine)
+    t0 = time.perf_counter()
+    for t in tokens[at: at + n_decode]:
+        logits, state = engine.forward(np.asarray([t]), state)
+    np.asarray(logits)
+    wall = time.perf_counter() - t0
+    out = _diff(before, _snapshot(engine))
+    out["wall_s"] = wall
+    return out, state
+
+
+def job(spec: dict) -> dict:
+    """Run one measurement described by `spec`; returns a JSON-able dict."""
+    import numpy as np
+    from perspective_jax.infer.engine import StreamingEngine
+    kind = spec["kind"]
+    if kind == "bandwidth":
+        return {"bytes_per_s": read_bandwidth(spec["dir"], spec["io"], spec["nbytes"])}
+    t0 = time.perf_counter()
+    eng = StreamingEngine(spec["dir"], host_budget_mb=spec.get("host_mb", 1024),
+                          device_slots=spec.get("slots", 2), prefetch=spec.get("prefetch", True),
+                          use_deltas=spec.get("deltas", True), io=spec.get("io", "mmap"))
+    init_s = time.perf_counter() - t0
+    vocab = eng.model.vocab_size
+    n = spec["tokens"]
+    if spec.get("random_tokens"):
+        toks = np.random.default_rng(0).integers(0, vocab, PROMPT_LEN + WARMUP_STEPS + n)
+    else:
+        toks = np.frombuffer((TEXT * 8).encode(), np.uint8).astype(np.int32) % vocab
+    out = {"init_s": init_s, "region_bytes": eng.region_bytes,
+           "expert_layers": len(eng.expert_layers)}
+    try:
+        if kind == "decode":
+            w, _ = decode_window(eng, toks, n)
+            out["window"] = w
+        elif kind == "compute_only":
+            # pass 1 brings every expert the window needs into its own device slot;
+            # pass 2 decodes the same tokens again: every transfer is "same"
+            decode_window(eng, toks, n)
+            w, _ = decode_window(eng, toks, n)
+            out["window"] = w
+        elif kind == "context":
+            ctx = np.random.default_rng(1).integers(0, vocab, spec["context"] + 64)
+            state = eng.new_state()
+            t1 = time.perf_counter()
+            _, state = eng.forward(ctx[: spec["context"]], state)
+            out["prefill_s"] = time.perf_counter() - t1
+            w, state = decode_window(eng, ctx[spec["context"]:], n, state=state)
+            out["window"] = w
+            out["rss_mb"] = rss_mb()
+            out["device_bytes_needed"] = eng.device_bytes_needed
+            out["state_bytes"] = eng.state_bytes
+            out["next_pos"] = state["next_pos"]
+        out["deltas_in_manifest"] = sum(len(layer["deltas"])
+                                        for layer in eng.manifest["experts"]["layers"])
+    finally:
+        eng.close()
+    return out
+
+
+def run_job(spec: dict, log) -> dict:
+    log(f"  job {json.dumps({k: v for k, v in spec.items() if k != 'dir'})} "
+        f"on {os.path.basename(spec.get('dir', ''))}")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"job failed: {spec}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    log(f"    {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+# ---------------------------------------------------------------- tables
+def tok_s(w: dict) -> float:
+    return w["tokens"] / w["seconds"] if w["seconds"] else float("nan")
+
+
+def per_tok(w: dict, key: str) -> float:
+    return w[key] / w["tokens"] / 1e6
+
+
+def hit_rate(w: dict) -> float:
+    n = w["hits"] + w["misses"]
+    return w["hits"] / n if n else float("nan")
+
+
+def accuracy(w: dict) -> float:
+    return w["right"] / w["predictions"] if w["predictions"] else float("nan")
+
+
+def fmt_rate(x: float) -> str:
+    return f"{100 * x:.0f} %" if x == x else "–"
+
+
+def part_a(args, log) -> list[str]:
+    lines = ["### (A) Synthetic 18 × 64-expert models, 1 GB host budget, 2 device slots, "
+             f"prefetch on, {args.tokens} decode tokens", ""]
+    rows, summary = [], []
+    for name in args.variants:
+        d, f = VARIANTS[name]
+        path = os.path.join(args.work_dir, f"synthetic-{name}")
+        inco = path + "-incoherent"
+        if not args.skip_build:
+            log(f"[A] building {path} (d_model {d}, d_ff {f}) unless present")
+            s = build_synthetic(path, synthetic_cfg(d, f), log)
+            log(f"    build {s:.0f} s" if s else "    reused")
+            derive_incoherent(path, inco)
+        gb, s = preread(path)
+        log(f"[A] pre-read {gb:.2f} GB of expert files in {s:.1f} s "
+            f"({gb / s:.2f} GB/s); the store now sits in the page cache")
+        bw = {io: run_job({"kind": "bandwidth", "dir": path, "io": io,
+                           "nbytes": args.bw_mb * MB}, log)["bytes_per_s"]
+              for io in ("mmap", "direct")}
+        preread(path)
+        compute = run_job({"kind": "compute_only", "dir": path, "tokens": args.tokens,
+                           "slots": 18 * (PROMPT_LEN + WARMUP_STEPS + args.tokens) + 2,
+                           "host_mb": 1024}, log)["window"]
+        runs = []
+        for coherent in (True, False):
+            for io in ("mmap", "direct"):
+                preread(path) if io == "mmap" else None
+                w = run_job({"kind": "decode", "dir": path if coherent else inco, "io": io,
+                             "tokens": args.tokens, "slots": 2, "host_mb": 1024}, log)["window"]
+                runs.append((coherent, io, w))
+        c_rate = tok_s(compute)
+        for coherent, io, w in runs:
+            read_mb = per_tok(w, "disk")
+            moved_mb = (w["b_full"] + w["b_delta"]) / w["tokens"] / 1e6
+            bound = bw[io] / (read_mb * 1e6) if read_mb else float("inf")
+            t_io = read_mb * 1e6 / bw[io]
+            serial = 1 / (t_io + 1 / c_rate)
+            rows.append(
+                f"| {name} ({d}/{f}) | {'yes' if coherent else 'no'} | "
+                f"{'page cache (mmap)' if io == 'mmap' else 'disk (O_DIRECT)'} | "
+                f"{tok_s(w):.2f} | {moved_mb:.1f} | {read_mb:.1f} | {per_tok(w, 'b_wasted'):.1f} | "
+                f"{w['n_same']}/{w['n_delta']}/{w['n_full']} | {fmt_rate(hit_rate(w))} | "
+                f"{fmt_rate(accuracy(w))} | {w['stalls'] / w['tokens']:.1f} "
+                f"({1e3 * w['stall_s'] / w['tokens']:.0f} ms) | {bw[io] / 1e9:.2f} | "
+                f"{bound:.1f} | {100 * tok_s(w) / bound:.0f} % | {c_rate:.2f} | "
+                f"{100 * tok_s(w) / min(bound, c_rate):.0f} % | "
+                f"{100 * tok_s(w) / serial:.0f} % |")
+        summary.append(f"| {name} ({d}/{f}) | {c_rate:.2f} | {1e3 / c_rate:.0f} | "
+                       f"{compute['n_same']}/{compute['n_delta']}/{compute['n_full']} | "
+                       f"{compute['stalls']} | {bw['mmap'] / 1e9:.2f} | {bw['direct'] / 1e9:.2f} |")
+    lines += ["Compute-only rate (same tokens decoded a second time with one device slot per "
+              "needed expert: every transfer is \"same\", nothing is read or moved) and read "
+              f"bandwidth measured with the engine's io paths ({args.bw_mb} MB of region-sized "
+              "reads):", "",
+              "| model (d_model/d_ff) | compute-only tok/s | ms/token | same/delta/full | "
+              "stalls | page-cache GB/s | disk O_DIRECT GB/s |",
+              "|---|---:|---:|---|---:|---:|---:|", *summary, "",
+              "Streaming runs (per token: MB moved host→device for the experts used, MB read from the store, MB "
+              "of wasted (mispredicted) prefetches; stalls per token and their time; bound = "
+              "read bandwidth ÷ MB read per token; \"of min\" = tok/s ÷ min(I/O bound, "
+              "compute-only rate); \"of serial\" = tok/s ÷ 1/(I/O time + compute time)):", "",
+              "| model | coherent routers | io | tok/s | MB moved/tok (used) | MB read/tok | MB wasted/tok "
+              "| same/delta/full | host hit | prefetch acc. | stalls/tok | read GB/s | "
+              "I/O bound tok/s | % of I/O bound | compute-only tok/s | % of min | "
+              "% of serial |",
+              "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+              *rows, ""]
+    return lines
+
+
+def part_b(args, log) -> list[str]:
+    tiny = os.path.join(args.work_dir, "quickstart-model")
+    small = os.path.join(args.work_dir, "synthetic-small-flip2")
+    log(f"[B] exporting {args.run_dir} → {tiny} unless present")
+    export_quickstart(args.run_dir, tiny, log)
+    small_cfg = synthetic_cfg(256, 1024, n_layers=8, experts=8, lattice=(2, 2, 2))
+    log(f"[B] building {small} unless present")
+    build_synthetic(small, small_cfg, log, neighbour_flip_share=0.02)
+    rows = []
+    for label, path in (("trained tiny (runs/quickstart)", tiny),
+                        ("synthetic small, 2 % neighbour flips", small)):
+        with open(os.path.join(path, "manifest.json")) as fh:
+            m = json.load(fh)
+        n_layers = len(m["experts"]["layers"])
+        kept = sum(len(layer["deltas"]) for layer in m["experts"]["layers"])
+        counts = [d["count"] for layer in m["experts"]["layers"] for d in layer["deltas"]]
+        region = m["experts"]["region_bytes"]
+        possible = n_layers * 2 * len(__import__("perspective_jax.moe.torus", fromlist=["x"])
+                                      .neighbour_pairs(tuple(m["config"]["moe"]["lattice"])))
+        mean_delta = (5 * sum(counts) / len(counts) / region) if counts else float("nan")
+        for slots in (n_layers + 1, 2):
+            base = None
+            for deltas in (False, True):
+                w = run_job({"kind": "decode", "dir": path, "tokens": args.tokens,
+                             "slots": slots, "deltas": deltas, "random_tokens": True,
+                             "host_mb": 1024}, log)["window"]
+                moved = (w["b_full"] + w["b_delta"] + w["b_wasted"]) / w["tokens"]
+                base = moved if base is None else base
+                rows.append(
+                    f"| {label} | {n_layers} | {region / 1e3:.1f} | {kept}/{possible} | "
+                    f"{fmt_rate(mean_delta) if counts else '–'} | {slots} | "
+                    f"{'on' if deltas else 'off'} | {w['n_same']}/{w['n_delta']}/{w['n_full']} | "
+                    f"{moved / 1e3:.1f} | {100 * moved / base:.0f} % | {tok_s(w):.1f} |")
+    return ["### (B) Delta streaming: bytes moved per decode token", "",
+            f"{args.tokens} decode tokens (random ids) after a {PROMPT_LEN}-token prompt; "
+            "\"deltas kept\" counts the neighbour deltas the exporter wrote (of all directed "
+            "neighbour pairs; one is kept only when 5 bytes × changed bytes ≤ 50 % of a region); "
+            "\"delta size\" is the mean kept delta as a share of a region.", "",
+            "| model | expert layers | region KB | deltas kept | delta size | device slots | "
+            "deltas | same/delta/full | KB moved/token (incl. wasted) | vs deltas off | tok/s |",
+            "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|", *rows, ""]
+
+
+def part_c(args, log) -> list[str]:
+    tiny = os.path.join(args.work_dir, "quickstart-model")
+    export_quickstart(args.run_dir, tiny, log)
+    rows = []
+    for ctx in args.contexts:
+        r = run_job({"kind": "context", "dir": tiny, "tokens": args.tokens, "context": ctx,
+                     "slots": 2}, log)
+        w = r["window"]
+        rows.append(f"| {ctx} | {r['prefill_s']:.1f} | {ctx / r['prefill_s']:.0f} | "
+                    f"{r['device_bytes_needed'] / MB:.2f} | {r['state_bytes'] / 1e3:.1f} | "
+                    f"{r['rss_mb']:.0f} | {tok_s(w):.1f} | {1e3 * w['seconds'] / w['tokens']:.1f} |")
+    return ["### (C) Context flatness (exported tiny model, 2 device slots)", "",
+            f"Prefill in chunks of 256 tokens (random ids), {WARMUP_STEPS} untimed decode "
+            f"steps, then {args.tokens} timed decode steps; RSS = VmRSS of the measuring "
+            "process after decoding (each context in a fresh process).", "",
+            "| context tokens | prefill s | prefill tok/s | device bytes needed (MB) | "
+            "decode state KB | process RSS MB | decode tok/s | ms/token |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def machine() -> str:
+    import jax
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    with open("/proc/meminfo") as fh:
+        mem = int(fh.readline().split()[1]) / 1024 / 1024
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GB RAM, no accelerator; "
+            f"jax {jax.__version__} ({jax.default_backend()}), Python {platform.python_version()}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work-dir", default="/tmp/perspective-bench")
+    p.add_argument("--run-dir", default=os.path.join(REPO, "runs", "quickstart"))
+    p.add_argument("--tokens", type=int, default=32, help="timed decode tokens per run")
+    p.add_argument("--variants", default="wide,narrow",
+                   help=f"synthetic models of part A, of {','.join(VARIANTS)}")
+    p.add_argument("--parts", default="A,B,C")
+    p.add_argument("--contexts", default="512,4096,16384")
+    p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
+    p.add_argument("--skip-build", action="store_true",
+                   help="use the model directories already in --work-dir")
+    p.add_argument("--build-only", action="store_true")
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.job:
+        print(json.dumps(job(json.loads(a.job))))
+        return 0
+    a.variants = [v for v in a.variants.split(",") if v]
+    a.contexts = [int(c) for c in a.contexts.split(",") if c]
+    parts = {s.strip().upper() for s in a.parts.split(",")}
+    os.makedirs(a.work_dir, exist_ok=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    if a.build_only:
+        for name in a.variants:
+            path = os.path.join(a.work_dir, f"synthetic-{name}")
+            s = build_synthetic(path, synthetic_cfg(*VARIANTS[name]), log)
+            derive_incoherent(path, path + "-incoherent")
+            log(f"{path}: {'built in %.0f s' % s if s else 'reused'}")
+        return 0
+    t0 = time.perf_counter()
+    out = [f"Machine: {machine()}", ""]
+    for part, fn in (("A", part_a), ("B", part_b), ("C", part_c)):
+        if part in parts:
+            out += fn(a, log)
+    out.append(f"Total runtime: {time.perf_counter() - t0:.0f} s")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
