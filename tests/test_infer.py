@@ -70,6 +70,16 @@ def _reference_logits(cfg, params, prompt, steps):
     return out
 
 
+def _assert_engine_matches(engine, ref, prompt, steps):
+    """Prefill `prompt`, then feed `steps` one by one; logits must equal `ref`."""
+    state = engine.new_state()
+    got, state = engine.forward(prompt, state)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+    for k, tok in enumerate(steps):
+        got, state = engine.forward(np.array([tok]), state)
+        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4, err_msg=f"step {k}")
+
+
 def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
     cfg, params, path = exported
     rng = np.random.default_rng(0)
@@ -82,12 +92,7 @@ def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
     # each layer's last expert stays on the device and neighbours arrive as deltas
     engine = StreamingEngine(path, host_budget_mb=3 * region / 2**20,
                              device_slots=n_layers + 1)
-    state = engine.new_state()
-    got, state = engine.forward(prompt, state)
-    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
-    for k, tok in enumerate(steps):
-        got, state = engine.forward(np.array([tok]), state)
-        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4, err_msg=f"step {k}")
+    _assert_engine_matches(engine, ref, prompt, steps)
     report = engine.report()
     engine.close()
     assert report["transfers"]["delta"] > 0 and report["transfers"]["full"] > 0
@@ -105,12 +110,7 @@ def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
         engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor=predictor,
                                  prefill_chunk=7, use_deltas=False,
                                  host_memory_kind="pinned_host")
-        state = engine.new_state()
-        got, state = engine.forward(prompt, state)
-        np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
-        for k, tok in enumerate(steps):
-            got, state = engine.forward(np.array([tok]), state)
-            np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
+        _assert_engine_matches(engine, ref, prompt, steps)
         report = engine.report()
         engine.close()
         assert report["transfers"]["delta"] == 0
@@ -276,12 +276,7 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     prompt, steps = np.arange(5, 25), np.arange(30, 38)
     ref = _reference_logits(cfg, dequantised, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1)
-    state = engine.new_state()
-    got, state = engine.forward(prompt, state)
-    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
-    for k, tok in enumerate(steps):
-        got, state = engine.forward(np.array([tok]), state)
-        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
+    _assert_engine_matches(engine, ref, prompt, steps)
     engine.close()
 
 
@@ -327,10 +322,5 @@ def test_engine_with_per_output_feature_scales(tmp_path, small_cfg):
     prompt, steps = np.arange(40, 52), np.arange(60, 66)
     ref = _reference_logits(cfg, params, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1)
-    state = engine.new_state()
-    got, state = engine.forward(prompt, state)
-    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
-    for k, tok in enumerate(steps):
-        got, state = engine.forward(np.array([tok]), state)
-        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
+    _assert_engine_matches(engine, ref, prompt, steps)
     engine.close()

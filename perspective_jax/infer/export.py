@@ -26,14 +26,13 @@ from perspective_jax.config import PerspectiveConfig, load_config, to_dict
 from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.infer import model_dir as md
+from perspective_jax.model.cache_io import flatten_cache
 from perspective_jax.model.transformer import PerspectiveLM, abstract_params
 from perspective_jax.moe import torus
-from perspective_jax.ternary.quant import absmean_scale
+from perspective_jax.ternary.quant import ternary_codes
 from perspective_jax.train.checkpoint import restore_params
 from perspective_jax.train.stages import CURRICULUM
 from perspective_jax.train.trainer import CONFIG_FILE
-
-_EPS = 1e-8  # as ternary.quant
 
 
 def resolve_run(run_dir: str) -> str:
@@ -75,9 +74,7 @@ def calibration_tokens(run_dir: str, n_tokens: int, text_file: Optional[str] = N
 def ternary_experts(w, granularity: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
     """[..., K, N] float → (trits int8 [..., K, N], scale float32 [..., S]),
     S = 1 (per matrix) or N (per output feature)."""
-    w = jnp.asarray(w, jnp.float32)
-    scale = absmean_scale(w, granularity)
-    trits = jnp.clip(jnp.round(w / (scale + _EPS)), -1, 1)
+    trits, scale = ternary_codes(jnp.asarray(w, jnp.float32), granularity)
     return np.asarray(trits, np.int8), np.asarray(scale[..., 0, :], np.float32)
 
 
@@ -107,12 +104,9 @@ def stacked_key(period_path: str) -> str:
     return "/".join(parts[:1] + parts[2:])
 
 
-def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
-        out[prefix + key] = np.ascontiguousarray(np.asarray(leaf))
-    return out
+def flatten_params(tree) -> dict[str, np.ndarray]:
+    """{'/'-joined path: contiguous numpy array} — the safetensors layout."""
+    return {k: np.ascontiguousarray(v) for k, v in flatten_cache(tree).items()}
 
 
 def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice,
@@ -241,7 +235,7 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
             if kind == "pdr":
                 for name in md.EXPERT_MATRICES:
                     del shared["periods"][f"layer_{i}"]["ffn"][name]
-    tensors = _flatten(shared)
+    tensors = flatten_params(shared)
     quantized = []
     if shared_bits:
         if calib is None:

@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 
 from perspective_jax.config import PerspectiveConfig, to_dict
 from perspective_jax.infer import model_dir as md
-from perspective_jax.infer.export import _flatten, write_expert_files
+from perspective_jax.infer.export import flatten_params, write_expert_files
 from perspective_jax.model.transformer import abstract_params
 from perspective_jax.moe import torus
 
@@ -103,7 +103,7 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
                 router = params["periods"][f"layer_{i}"]["ffn"]["router"]
                 router["w_route"] = rng.normal(0, 1 / np.sqrt(cfg.model.d_model),
                                                router["w_route"].shape).astype(np.float32)
-    tensors = {k: v for k, v in _flatten(params).items()}
+    tensors = flatten_params(params)
     d, f = cfg.model.d_model, cfg.model.d_ff
     for name, fan_in in zip(md.EXPERT_MATRICES, (d, d, f)):
         tensors[md.scale_key(name)] = np.full((len(layers), e, 1), expert_gain / np.sqrt(fan_in),

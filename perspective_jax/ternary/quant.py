@@ -36,10 +36,16 @@ def absmean_scale(w: jax.Array, granularity: str = "tensor") -> jax.Array:
     return jnp.mean(jnp.abs(w), axis=axes, keepdims=True)
 
 
+def ternary_codes(w: jax.Array, granularity: str = "tensor") -> tuple[jax.Array, jax.Array]:
+    """(trits in {−1, 0, +1} as float, scale keepdims) with W_t = trits · scale."""
+    scale = absmean_scale(w, granularity)
+    return jnp.clip(jnp.round(w / (scale + _EPS)), -1, 1), scale
+
+
 def ternarize(w: jax.Array, granularity: str = "tensor") -> jax.Array:
     """The ternary value W_t (no gradient trick)."""
-    scale = absmean_scale(w, granularity)
-    return jnp.clip(jnp.round(w / (scale + _EPS)), -1, 1) * scale
+    trits, scale = ternary_codes(w, granularity)
+    return trits * scale
 
 
 def ternary_ste(w: jax.Array, fraction=1.0, granularity: str = "tensor") -> jax.Array:
