@@ -25,26 +25,30 @@ from jax.experimental import pallas as pl
 from perspective_jax.model.pdr_scan import pdr_chunked
 
 IMPLS = ("pallas", "xla")
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 dots (Triton would otherwise use tf32)
 
 
 def _kernel(lam_ref, k_ref, q_ref, v_ref, s0_ref, y_ref, s_ref, *, chunk: int, n_chunks: int):
     """Refs (batch dim squeezed): lam, v [T, bd]; k, q [T, r]; s0, s [bd, r]; y [T, bd]."""
-    causal = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))[:, :, None]
+    row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    lower = (row >= col).astype(jnp.float32)       # prefix sums as a dot (no Triton cumsum)
+    causal = (row >= col)[:, :, None]
 
     def body(c, state):
         rows = pl.ds(c * chunk, chunk)
         lam, v = lam_ref[rows, :], v_ref[rows, :]
         k, q = k_ref[rows, :], q_ref[rows, :]
-        cum = jnp.cumsum(lam, axis=0)                                  # [c, bd] ≤ 0
-        last = cum[-1]
+        cum = jnp.dot(lower, lam, precision=HIGHEST)                   # [c, bd] ≤ 0
+        last = jnp.sum(lam, axis=0)                                    # = cum[-1]
         diff = cum[:, None, :] - cum[None, :, :]                       # [t, s, bd]
         pair = jnp.exp(jnp.where(causal, diff, -jnp.inf))
-        scores = jnp.dot(q, k.T)                                       # [t, s]
+        scores = jnp.dot(q, k.T, precision=HIGHEST)                    # [t, s]
         y = jnp.sum(scores[:, :, None] * pair * v[None, :, :], axis=1)
-        y = y + jnp.exp(cum) * jnp.dot(q, state.T)                     # [c, bd]
+        y = y + jnp.exp(cum) * jnp.dot(q, state.T, precision=HIGHEST)   # [c, bd]
         y_ref[rows, :] = y
         to_end = jnp.exp(last[None, :] - cum) * v
-        return jnp.exp(last)[:, None] * state + jnp.dot(to_end.T, k)
+        return jnp.exp(last)[:, None] * state + jnp.dot(to_end.T, k, precision=HIGHEST)
 
     s_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...])
 

@@ -5,16 +5,18 @@
 Weights are packed along K, four rows per byte: ``packed[k4, n] =
 Σ_i (T[4·k4 + i, n] + 1) << 2i`` (`pack_rows_2bit`). Accumulation is float32.
 
-One call, three implementations (RecurrentGemma-style selection):
-* ``pallas``  — a Pallas kernel over (M, N) blocks that decodes the codes in
-                registers and accumulates x·T; chosen on GPU/TPU for at least
-                `PALLAS_MIN_ROWS` rows (not yet compiled on a GPU: no device
-                was available; see docs/open_work.md).
+One call, four implementations (RecurrentGemma-style selection by backend and
+row count; the choice on a GPU is measured, docs/benchmarks.md "Accelerator"):
+* ``pallas``  — a Pallas kernel over (M, N) blocks that loops over K, decodes
+                the codes in registers and accumulates x·T at float32; on a GPU
+                the path for fewer than `DEQUANT_MIN_ROWS` rows (decode).
+* ``dequant`` — decode all codes to float32 once, then one XLA matmul at the
+                platform's default precision; on a GPU the path for many rows
+                (prefill), where the matmul units win over in-register decode.
 * ``xla``     — a loop over blocks of packed rows that decodes each block with
                 shifts and masks, fused into the multiply-add for few rows (row by
-                row) or to a float32 block and a matmul for many; the CPU path
-                and the decode (few-row) path everywhere.
-* ``reference`` — unpack with shifts, dense float32 matmul (tests).
+                row) or to a float32 block and a matmul for many; the CPU path.
+* ``reference`` — like ``dequant`` at HIGHEST precision (tests).
 The Pallas kernel also runs on CPU with ``interpret=True`` (slow; correctness).
 """
 
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-IMPLS = ("pallas", "xla", "reference")
+IMPLS = ("pallas", "dequant", "xla", "reference")
 
 
 def pack_rows_2bit(trits) -> np.ndarray:
@@ -48,11 +50,21 @@ def _x_by_phase(x, k4):
     return jnp.transpose(x.reshape(m, k4, 4), (2, 0, 1))
 
 
-def ternary_matmul_reference(x, packed, scale):
+def _decode(packed):
+    """[K4, N] codes → [4·K4, N] float32 trits (row 4·k4 + i from bits 2i of row k4)."""
     k4, n = packed.shape
     phases = [((packed >> (2 * i)) & 3).astype(jnp.float32) - 1.0 for i in range(4)]
-    w = jnp.stack(phases, axis=1).reshape(4 * k4, n)[: x.shape[1]]
-    return jnp.dot(x.astype(jnp.float32), w) * scale
+    return jnp.stack(phases, axis=1).reshape(4 * k4, n)
+
+
+def ternary_matmul_dequant(x, packed, scale):
+    """Decode every code to float32, then one matmul (default precision)."""
+    return jnp.dot(x.astype(jnp.float32), _decode(packed)[: x.shape[1]]) * scale
+
+
+def ternary_matmul_reference(x, packed, scale):
+    return jnp.dot(x.astype(jnp.float32), _decode(packed)[: x.shape[1]],
+                   precision=jax.lax.Precision.HIGHEST) * scale
 
 
 def _tree_sum(terms):
@@ -105,47 +117,73 @@ def ternary_matmul_xla(x, packed, scale, fused_max_rows: int = 4, fused_block: i
     return _blocked_loop(x, packed, _dot_step, dot_block) * scale
 
 
-def _kernel(x_ref, w_ref, o_ref):
-    """x_ref [4, bm, K/4] f32, w_ref [K/4, bn] uint8 → o_ref [bm, bn] f32."""
-    codes = w_ref[...].astype(jnp.int32)
-    acc = jnp.zeros(o_ref.shape, jnp.float32)
-    for i in range(4):
-        trit = (((codes >> (2 * i)) & 3) - 1).astype(jnp.float32)
-        acc += jnp.dot(x_ref[i], trit, preferred_element_type=jnp.float32)
-    o_ref[...] = acc
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, n_k: int):
+    """x_ref [4, bm, K4p] f32, w_ref [K4p, bn] uint8 → o_ref [bm, bn] f32, looping over
+    K in blocks of ``block_k`` packed rows (4·block_k inputs): decode each code block in
+    registers, accumulate four phase dots. Every loaded tile is [bm|block_k, block_k|bn]
+    (powers of two, as Triton needs); dots at HIGHEST precision (no tf32 rounding)."""
+
+    def body(kb, acc):
+        rows = pl.ds(kb * block_k, block_k)
+        codes = w_ref[rows, :].astype(jnp.int32)
+        for i in range(4):
+            trit = (((codes >> (2 * i)) & 3) - 1).astype(jnp.float32)
+            acc += jnp.dot(x_ref[i, :, rows], trit, precision=jax.lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+        return acc
+
+    o_ref[...] = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret"))
+def _block(n: int, cap: int, floor: int) -> int:
+    """Smallest power of two ≥ n, clipped to [floor, cap] (cap a power of two)."""
+    p = floor
+    while p < n and p * 2 <= cap:
+        p *= 2
+    return p
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
 def ternary_matmul_pallas(x, packed, scale, block_m: int = 64, block_n: int = 128,
-                          interpret: bool = False):
+                          block_k: int = 32, interpret: bool = False):
+    """Blocks: rows padded to a power of two ≥ MIN_DOT (Triton dots need 16), N to
+    ``block_n``, packed K rows to ``block_k`` (padding codes are zero trits)."""
     m = x.shape[0]
     k4, n = packed.shape
-    bm, bn = min(block_m, m), min(block_n, n)
-    pad_m, pad_n = (-m) % bm, (-n) % bn
-    xs = jnp.pad(_x_by_phase(x.astype(jnp.float32), k4), ((0, 0), (0, pad_m), (0, 0)))
-    w = jnp.pad(packed, ((0, 0), (0, pad_n)), constant_values=0b01010101)  # zero trits
+    bm = _block(m, block_m, MIN_DOT)
+    bn = _block(n, block_n, MIN_DOT)
+    bk = _block(k4, block_k, MIN_DOT)
+    pad_m, pad_n, pad_k = (-m) % bm, (-n) % bn, (-k4) % bk
+    xs = jnp.pad(_x_by_phase(x.astype(jnp.float32), k4), ((0, 0), (0, pad_m), (0, pad_k)))
+    w = jnp.pad(packed, ((0, pad_k), (0, pad_n)), constant_values=0b01010101)  # zero trits
+    k4p = k4 + pad_k
     out = pl.pallas_call(
-        _kernel,
+        functools.partial(_kernel, block_k=bk, n_k=k4p // bk),
         out_shape=jax.ShapeDtypeStruct((m + pad_m, n + pad_n), jnp.float32),
         grid=((m + pad_m) // bm, (n + pad_n) // bn),
-        in_specs=[pl.BlockSpec((4, bm, k4), lambda i, j: (0, i, 0)),
-                  pl.BlockSpec((k4, bn), lambda i, j: (0, j))],
+        in_specs=[pl.BlockSpec((4, bm, k4p), lambda i, j: (0, i, 0)),
+                  pl.BlockSpec((k4p, bn), lambda i, j: (0, j))],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         interpret=interpret,
     )(xs, w)
     return out[:m, :n] * scale
 
 
-# Fewest rows for which the Pallas kernel is chosen off-CPU: GPU (Triton) block
-# dots need at least 16 rows; decode-sized inputs take the XLA loop instead.
-PALLAS_MIN_ROWS = 16
+# Smallest dot operand dimension on GPU (Triton); the kernel pads rows up to it.
+MIN_DOT = 16
+# On a GPU, rows from which decode-then-matmul beats the Pallas kernel (H100: the
+# kernel is 0.17 ms at 1 row and 1.8 ms at 64 rows for 4096→11008, dequant 0.15).
+DEQUANT_MIN_ROWS = 16
+# Pallas output-column block for few rows: narrow blocks give enough programs to
+# fill the GPU when M is 1 (N / block_n programs).
+SMALL_M_BLOCK_N = 32
 
 
-def default_impl(rows: int = PALLAS_MIN_ROWS) -> str:
-    """xla on CPU; on GPU/TPU pallas for >= PALLAS_MIN_ROWS rows, else xla."""
-    if jax.default_backend() == "cpu" or rows < PALLAS_MIN_ROWS:
+def default_impl(rows: int) -> str:
+    """xla on CPU; on GPU/TPU pallas below DEQUANT_MIN_ROWS rows, else dequant."""
+    if jax.default_backend() == "cpu":
         return "xla"
-    return "pallas"
+    return "pallas" if rows < DEQUANT_MIN_ROWS else "dequant"
 
 
 def ternary_matmul(x, packed, scale, impl: str = "auto", interpret: bool = False):
@@ -155,7 +193,10 @@ def ternary_matmul(x, packed, scale, impl: str = "auto", interpret: bool = False
                          "(packed must be [ceil(K/4), N])")
     impl = default_impl(x.shape[0]) if impl == "auto" else impl
     if impl == "pallas":
-        return ternary_matmul_pallas(x, packed, scale, interpret=interpret)
+        block_n = SMALL_M_BLOCK_N if x.shape[0] < DEQUANT_MIN_ROWS else 128
+        return ternary_matmul_pallas(x, packed, scale, block_n=block_n, interpret=interpret)
+    if impl == "dequant":
+        return ternary_matmul_dequant(x, packed, scale)
     if impl == "xla":
         return ternary_matmul_xla(x, packed, scale)
     if impl == "reference":

@@ -62,10 +62,11 @@ def _reference_logits(cfg, params, prompt, steps):
     model = PerspectiveLM(cfg.model, cfg.moe)
     used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
     cache = init_cache(cfg.model, 1)
-    logits, cache = model.apply({"params": used}, jnp.asarray(prompt)[None], cache=cache)
+    apply = jax.jit(lambda p, toks, c: model.apply({"params": p}, toks, cache=c))
+    logits, cache = apply(used, jnp.asarray(prompt)[None], cache)
     out = [np.asarray(logits[0, -1])]
     for tok in steps:
-        logits, cache = model.apply({"params": used}, jnp.asarray([[tok]]), cache=cache)
+        logits, cache = apply(used, jnp.asarray([[tok]]), cache)
         out.append(np.asarray(logits[0, -1]))
     return out
 

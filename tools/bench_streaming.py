@@ -50,14 +50,23 @@ WARMUP_STEPS = 4
 
 
 # ---------------------------------------------------------------- model directories
+LATTICES = {8: (2, 2, 2), 16: (4, 2, 2), 32: (4, 4, 2), 64: (4, 4, 4)}
+
+
 def synthetic_cfg(d_model: int, d_ff: int, n_layers: int = 24, experts: int = 64,
-                  lattice=(4, 4, 4)):
+                  lattice=None):
+    lattice = lattice or LATTICES[experts]
     from perspective_jax.config import load_config
     return load_config(None, [
         "model.routed=true", "ternary.enabled=true", "model.vocab_size=259",
         f"model.d_model={d_model}", f"model.d_ff={d_ff}", f"model.n_layers={n_layers}",
         f"moe.num_experts={experts}", f"moe.lattice=[{','.join(map(str, lattice))}]",
         "data.tokenizer=byte"])
+
+
+def synthetic_path(args, name: str) -> str:
+    suffix = "" if args.experts == 64 else f"-e{args.experts}"
+    return os.path.join(args.work_dir, f"synthetic-{name}{suffix}")
 
 
 def _complete(path: str) -> bool:
@@ -300,34 +309,40 @@ def fmt_rate(x: float) -> str:
 
 
 def part_a(args, log) -> list[str]:
-    lines = ["### (A) Synthetic 18 × 64-expert models, 1 GB host budget, 2 device slots, "
-             f"prefetch on, {args.tokens} decode tokens", ""]
+    lines = [f"### (A) Synthetic 18 × {args.experts}-expert models, {args.host_mb} MB host "
+             f"budget, 2 device slots, prefetch on, {args.tokens} decode tokens", ""]
     rows, summary = [], []
     for name in args.variants:
         d, f = VARIANTS[name]
-        path = os.path.join(args.work_dir, f"synthetic-{name}")
+        path = synthetic_path(args, name)
         inco = path + "-incoherent"
         if not args.skip_build:
             log(f"[A] building {path} (d_model {d}, d_ff {f}) unless present")
-            s = build_synthetic(path, synthetic_cfg(d, f), log)
+            s = build_synthetic(path, synthetic_cfg(d, f, experts=args.experts), log)
             log(f"    build {s:.0f} s" if s else "    reused")
-            derive_incoherent(path, inco)
+            if "incoherent" in args.routers:
+                derive_incoherent(path, inco)
         gb, s = preread(path)
         log(f"[A] pre-read {gb:.2f} GB of expert files in {s:.1f} s "
             f"({gb / s:.2f} GB/s); the store now sits in the page cache")
-        bw = {io: run_job({"kind": "bandwidth", "dir": path, "io": io,
-                           "nbytes": args.bw_mb * MB}, log)["bytes_per_s"]
-              for io in ("mmap", "direct")}
+        bw = {}
+        for io in ("mmap", "direct"):
+            try:
+                bw[io] = run_job({"kind": "bandwidth", "dir": path, "io": io,
+                                  "nbytes": args.bw_mb * MB}, log)["bytes_per_s"]
+            except RuntimeError as e:      # e.g. a filesystem without O_DIRECT
+                log(f"    {io} reads unavailable here ({e}); skipping io={io}")
         preread(path)
         compute = run_job({"kind": "compute_only", "dir": path, "tokens": args.tokens,
                            "slots": 18 * (PROMPT_LEN + WARMUP_STEPS + args.tokens) + 2,
-                           "host_mb": 1024}, log)["window"]
+                           "host_mb": args.host_mb}, log)["window"]
         runs = []
-        for coherent in (True, False):
-            for io in ("mmap", "direct"):
+        for coherent in [r == "coherent" for r in args.routers]:
+            for io in bw:
                 preread(path) if io == "mmap" else None
                 w = run_job({"kind": "decode", "dir": path if coherent else inco, "io": io,
-                             "tokens": args.tokens, "slots": 2, "host_mb": 1024}, log)["window"]
+                             "tokens": args.tokens, "slots": 2, "host_mb": args.host_mb},
+                            log)["window"]
                 runs.append((coherent, io, w))
         c_rate = tok_s(compute)
         for coherent, io, w in runs:
@@ -348,7 +363,8 @@ def part_a(args, log) -> list[str]:
                 f"{100 * tok_s(w) / serial:.0f} % |")
         summary.append(f"| {name} ({d}/{f}) | {c_rate:.2f} | {1e3 / c_rate:.0f} | "
                        f"{compute['n_same']}/{compute['n_delta']}/{compute['n_full']} | "
-                       f"{compute['stalls']} | {bw['mmap'] / 1e9:.2f} | {bw['direct'] / 1e9:.2f} |")
+                       f"{compute['stalls']} | {bw.get('mmap', 0) / 1e9:.2f} | "
+                       f"{bw.get('direct', 0) / 1e9:.2f} |")
     lines += ["Compute-only rate (same tokens decoded a second time with one device slot per "
               "needed expert: every transfer is \"same\", nothing is read or moved) and read "
               f"bandwidth measured with the engine's io paths ({args.bw_mb} MB of region-sized "
@@ -443,7 +459,9 @@ def machine() -> str:
         pass
     with open("/proc/meminfo") as fh:
         mem = int(fh.readline().split()[1]) / 1024 / 1024
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GB RAM, no accelerator; "
+    dev = jax.devices()[0]
+    accel = "no accelerator" if dev.platform == "cpu" else f"accelerator {dev.device_kind}"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GB RAM, {accel}; "
             f"jax {jax.__version__} ({jax.default_backend()}), Python {platform.python_version()}")
 
 
@@ -455,6 +473,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="wide,narrow",
                    help=f"synthetic models of part A, of {','.join(VARIANTS)}")
     p.add_argument("--parts", default="A,B,C")
+    p.add_argument("--experts", type=int, default=64,
+                   help="experts per layer of the part-A models (64 → 4×4×4 lattice)")
+    p.add_argument("--host-mb", type=int, default=1024, help="part A host-cache budget")
+    p.add_argument("--routers", default="coherent,incoherent",
+                   help="part A router kinds to run: coherent, incoherent or both")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",
@@ -466,6 +489,9 @@ def main(argv=None) -> int:
         print(json.dumps(job(json.loads(a.job))))
         return 0
     a.variants = [v for v in a.variants.split(",") if v]
+    a.routers = [r for r in a.routers.split(",") if r]
+    if set(a.routers) - {"coherent", "incoherent"} or a.experts not in LATTICES:
+        p.error(f"--routers takes coherent,incoherent; --experts one of {sorted(LATTICES)}")
     a.contexts = [int(c) for c in a.contexts.split(",") if c]
     parts = {s.strip().upper() for s in a.parts.split(",")}
     os.makedirs(a.work_dir, exist_ok=True)
@@ -475,9 +501,10 @@ def main(argv=None) -> int:
 
     if a.build_only:
         for name in a.variants:
-            path = os.path.join(a.work_dir, f"synthetic-{name}")
-            s = build_synthetic(path, synthetic_cfg(*VARIANTS[name]), log)
-            derive_incoherent(path, path + "-incoherent")
+            path = synthetic_path(a, name)
+            s = build_synthetic(path, synthetic_cfg(*VARIANTS[name], experts=a.experts), log)
+            if "incoherent" in a.routers:
+                derive_incoherent(path, path + "-incoherent")
             log(f"{path}: {'built in %.0f s' % s if s else 'reused'}")
         return 0
     t0 = time.perf_counter()
