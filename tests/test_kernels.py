@@ -75,3 +75,11 @@ def test_pdr_pallas_kernel_matches_reference_values_and_gradients():
         lam, k, q, v, s0)
     for a, ref in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_default_impl_per_backend_and_rows(monkeypatch):
+    import kernels_pallas.ternary_matmul as tm
+    assert tm.default_impl(1) == tm.default_impl(512) == "xla"          # this CPU
+    monkeypatch.setattr(tm.jax, "default_backend", lambda: "gpu")
+    assert tm.default_impl(1) == tm.default_impl(tm.DEQUANT_MIN_ROWS - 1) == "pallas"
+    assert tm.default_impl(tm.DEQUANT_MIN_ROWS) == "dequant"

@@ -116,3 +116,16 @@ def test_ten_thousand_constant_steps_stay_finite():
     assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(s)).all()
     limit = (1 - gamma ** t) / (1 - gamma)
     np.testing.assert_allclose(np.asarray(s), limit, rtol=1e-3)
+
+
+def test_auto_impl_picks_pallas_only_on_gpu_where_tiles_fit(monkeypatch):
+    from perspective_jax.model import pdr_scan as mod
+    assert mod.resolve_impl("auto", 256, 64, 16) == "chunked"        # this CPU
+    assert mod.resolve_impl("scan", 256, 64, 16) == "scan"
+    assert mod.pallas_block_d(256, 64, 16) == 32
+    assert mod.pallas_block_d(48, 64, 16) == 16
+    for d, r, chunk in ((256, 48, 16), (256, 8, 16), (256, 64, 8), (40, 64, 16)):
+        assert mod.pallas_block_d(d, r, chunk) is None, (d, r, chunk)
+    monkeypatch.setattr(mod.jax, "default_backend", lambda: "gpu")
+    assert mod.resolve_impl("auto", 256, 64, 16) == "pallas"
+    assert mod.resolve_impl("auto", 40, 64, 16) == "chunked"

@@ -16,7 +16,7 @@ from perspective_jax.errors import ConfigError
 LAYER_KINDS = ("pdr", "gqa")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-PDR_IMPLS = ("chunked", "scan", "associative", "pallas")
+PDR_IMPLS = ("auto", "chunked", "scan", "associative", "pallas")
 
 
 def _require(cond: bool, field: str, message: str) -> None:
@@ -48,7 +48,7 @@ class ModelConfig:
     # Upper bound on any decay so the state stays bounded over unbounded
     # contexts (|S| ≤ |v kᵀ| / (1 − max)); float32 sigmoid would round to 1.
     pdr_max_decay: float = 0.99999
-    pdr_impl: str = "chunked"
+    pdr_impl: str = "auto"        # auto: Pallas kernel on a GPU, chunked XLA elsewhere
     # Windowed GQA (SPEC §3.2)
     n_heads: int = 4
     n_kv_heads: int = 2

@@ -8,11 +8,13 @@ The recurrence, per batch element, with per-row decay γ_t = exp(λ_t):
 Shapes: log_decay λ and v are [B, T, d]; k and q are [B, T, r]; the state
 S is [B, d, r]. Every function returns (y [B, T, d], S_T [B, d, r]).
 
-Three implementations behind `pdr_scan(..., impl=)`:
-  * ``chunked``  (default) — chunkwise-parallel; see `pdr_chunked`.
+Implementations behind `pdr_scan(..., impl=)` (``auto``, the default, picks
+``pallas`` on a GPU where its tiles fit and ``chunked`` elsewhere):
+  * ``chunked``  — chunkwise-parallel; see `pdr_chunked`.
   * ``scan``     — `lax.scan` over tokens (the sequential definition).
   * ``associative`` — `lax.associative_scan`; materialises a state per token.
-  * ``pallas``   — `kernels_pallas.pdr_chunked` (interpreted on CPU: tests only).
+  * ``pallas``   — `kernels_pallas.pdr_chunked`: compiled on a GPU (H100: 2.1× the
+                   chunked forward, float64-exact), interpreted on CPU (tests only).
 `pdr_step` is the O(1) decode form.
 """
 
@@ -22,7 +24,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("chunked", "scan", "associative", "pallas")
+IMPLS = ("auto", "chunked", "scan", "associative", "pallas")
 
 
 def _check(log_decay, k, q, v, state):
@@ -125,8 +127,29 @@ def pdr_chunked(log_decay, k, q, v, state, chunk: int = 16):
     return y, final
 
 
-def pdr_scan(log_decay, k, q, v, state, *, impl: str = "chunked", chunk: int = 16):
+def pallas_block_d(d: int, r: int, chunk: int):
+    """Row block for the Pallas kernel compiled on a GPU, or None where it cannot run:
+    Triton tiles are powers of two and its dots need ≥ 16 along M and K. 32 rows was
+    fastest on an H100 (d 256, r 64: 0.12 ms vs 0.17 at 64, 0.28 at 128, XLA 0.25)."""
+    def pow2(n):
+        return n > 0 and n & (n - 1) == 0
+    if not (pow2(r) and r >= 16 and pow2(chunk) and chunk >= 16):
+        return None
+    return next((bd for bd in (32, 16) if d % bd == 0), None)
+
+
+def resolve_impl(impl: str, d: int, r: int, chunk: int) -> str:
+    """``auto`` → ``pallas`` on a GPU where the kernel's tiles fit, else ``chunked``."""
+    if impl != "auto":
+        return impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas" if on_gpu and pallas_block_d(d, r, chunk) else "chunked"
+
+
+def pdr_scan(log_decay, k, q, v, state, *, impl: str = "auto", chunk: int = 16):
     """Dispatch to one PDR implementation; all return (y, final_state)."""
+    d, r = v.shape[-1], k.shape[-1]
+    impl = resolve_impl(impl, d, r, chunk)
     if impl == "chunked":
         return pdr_chunked(log_decay, k, q, v, state, chunk=chunk)
     if impl == "scan":
@@ -135,8 +158,12 @@ def pdr_scan(log_decay, k, q, v, state, *, impl: str = "chunked", chunk: int = 1
         return pdr_associative(log_decay, k, q, v, state)
     if impl == "pallas":  # the Pallas kernel (interpreted on CPU); see kernels_pallas
         from kernels_pallas.pdr_chunked import pdr_scan_kernel
-        d = v.shape[-1]
+        on_cpu = jax.default_backend() == "cpu"
+        block_d = (d if d <= 128 or d % 128 else 128) if on_cpu else pallas_block_d(d, r, chunk)
+        if block_d is None:
+            raise ValueError(f"the Pallas PDR kernel needs a power-of-two rank ≥ 16 and "
+                             f"chunk ≥ 16 and d divisible by 16 on a GPU (d={d}, r={r}, "
+                             f"chunk={chunk}); use model.pdr_impl=chunked")
         return pdr_scan_kernel(log_decay, k, q, v, state, chunk=chunk, impl="pallas",
-                               block_d=d if d <= 128 or d % 128 else 128,
-                               interpret=jax.default_backend() == "cpu")
+                               block_d=block_d, interpret=on_cpu)
     raise ValueError(f"unknown PDR implementation {impl!r}; use one of {IMPLS}")
