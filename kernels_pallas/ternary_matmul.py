@@ -23,6 +23,7 @@ The Pallas kernel also runs on CPU with ``interpret=True`` (slow; correctness).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -186,14 +187,17 @@ def default_impl(rows: int) -> str:
     return "pallas" if rows < DEQUANT_MIN_ROWS else "dequant"
 
 
-def ternary_matmul(x, packed, scale, impl: str = "auto", interpret: bool = False):
-    """x [M, K] float, packed [ceil(K/4), N] uint8, scale scalar or [N] → [M, N] f32."""
+def ternary_matmul(x, packed, scale, impl: str = "auto", interpret: Optional[bool] = None):
+    """x [M, K] float, packed [ceil(K/4), N] uint8, scale scalar or [N] → [M, N] f32.
+    ``interpret`` (Pallas only) defaults to True on CPU, the only way it runs there."""
     if x.ndim != 2 or packed.ndim != 2 or -(-x.shape[1] // 4) != packed.shape[0]:
         raise ValueError(f"shapes do not match: x {x.shape}, packed {packed.shape} "
                          "(packed must be [ceil(K/4), N])")
     impl = default_impl(x.shape[0]) if impl == "auto" else impl
     if impl == "pallas":
         block_n = SMALL_M_BLOCK_N if x.shape[0] < DEQUANT_MIN_ROWS else 128
+        if interpret is None:
+            interpret = jax.default_backend() == "cpu"
         return ternary_matmul_pallas(x, packed, scale, block_n=block_n, interpret=interpret)
     if impl == "dequant":
         return ternary_matmul_dequant(x, packed, scale)

@@ -102,6 +102,27 @@ def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
     assert report["bytes_moved"]["delta"] < report["transfers"]["delta"] * region
 
 
+def test_engine_with_the_gpu_kernel_choice_is_exact(exported, monkeypatch):
+    """The dispatch a GPU gets (Pallas kernel for decode rows, decode-then-matmul for
+    prefill groups), run here with the kernel interpreted."""
+    import kernels_pallas.ternary_matmul as tm
+    chosen = set()
+
+    def gpu_choice(rows):
+        chosen.add("pallas" if rows < tm.DEQUANT_MIN_ROWS else "dequant")
+        return "pallas" if rows < tm.DEQUANT_MIN_ROWS else "dequant"
+    monkeypatch.setattr(tm, "default_impl", gpu_choice)
+    cfg, params, path = exported
+    rng = np.random.default_rng(2)
+    prompt, steps = rng.integers(0, 259, 40), rng.integers(0, 259, 6)
+    ref = _reference_logits(cfg, params, prompt, steps)
+    engine = StreamingEngine(path, host_budget_mb=1, device_slots=2,
+                             host_memory_kind="pinned_host")
+    _assert_engine_matches(engine, ref, prompt, steps)
+    engine.close()
+    assert chosen == {"pallas", "dequant"}      # both GPU paths were traced and checked
+
+
 def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
     cfg, params, path = exported
     rng = np.random.default_rng(1)
