@@ -199,6 +199,40 @@ def test_flipped_byte_is_detected_and_named(exported):
     engine.close()
 
 
+def test_direct_reads_in_chunks_match_mmap_and_catch_a_flip_in_a_late_chunk(tmp_path,
+                                                                            monkeypatch):
+    from perspective_jax.config import load_config
+    from perspective_jax.infer import expert_store
+    from perspective_jax.infer.synthetic import write_synthetic_model_dir
+    monkeypatch.setattr(expert_store, "READ_CHUNK", md.REGION_ALIGN)   # many chunks
+    cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
+                             "model.d_ff=200", "model.n_layers=4", "model.vocab_size=259",
+                             "data.tokenizer=byte"])
+    path = str(tmp_path / "synthetic")
+    write_synthetic_model_dir(path, cfg, seed=0, log=lambda *_: None)
+    manifest = md.read_manifest(path)
+    mapped = expert_store.ExpertStore(path, manifest, io="mmap")
+    direct = expert_store.ExpertStore(path, manifest, io="direct")
+    assert direct.region_bytes > 2 * md.REGION_ALIGN               # 3 chunks
+    for j in range(direct.n_layers):
+        for e in range(len(manifest["experts"]["layers"][j]["regions"])):
+            got = direct.read_region(j, e)
+            assert got.ctypes.data % md.REGION_ALIGN == 0
+            np.testing.assert_array_equal(got, mapped.read_region(j, e))
+            np.testing.assert_array_equal(direct.read_region(j, e), got)   # verified re-read
+    entry = manifest["experts"]["layers"][0]["regions"][5]
+    with open(os.path.join(path, md.expert_file(0)), "r+b") as fh:
+        fh.seek(entry["offset"] + direct.region_bytes - 3)                # last chunk
+        byte = fh.read(1)
+        fh.seek(entry["offset"] + direct.region_bytes - 3)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    fresh = expert_store.ExpertStore(path, manifest, io="direct")
+    with pytest.raises(md.ModelDirError, match=r"expert 5 of expert layer 0 fails its sha256"):
+        fresh.read_region(0, 5)
+    for store in (mapped, direct, fresh):
+        store.close()
+
+
 def test_host_cache_budget_and_frequency_weighted_eviction():
     priors = np.array([[0.7, 0.1, 0.1, 0.1]])
     cache = HostCache(budget_bytes=250, entry_bytes=100, priors=priors)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -140,35 +139,29 @@ def preread(model_dir: str) -> tuple[float, float]:
 
 def read_bandwidth(model_dir: str, io: str, nbytes: int) -> float:
     """Bytes/s reading region-sized chunks of expert files the way `ExpertStore` does
-    (io="mmap": copy out of a memory map; io="direct": O_DIRECT pread into an aligned
-    buffer + copy), over `nbytes` spread across the layer files."""
+    (io="mmap": copy out of a memory map; io="direct": the store's own chunked O_DIRECT
+    reads, checksum off), over `nbytes` spread across the layer files."""
     import numpy as np
     from perspective_jax.infer import model_dir as md
-    with open(os.path.join(model_dir, md.MANIFEST)) as fh:
-        manifest = json.load(fh)
-    region, stride = manifest["experts"]["region_bytes"], manifest["experts"]["region_stride"]
-    files = expert_files(model_dir)
-    per_file = max(1, nbytes // region // len(files))
+    from perspective_jax.infer.expert_store import ExpertStore
+    manifest = md.read_manifest(model_dir)
+    store = ExpertStore(model_dir, manifest, io=io)
+    region = store.region_bytes
+    layers = manifest["experts"]["layers"]
+    per_file = max(1, nbytes // region // len(layers))
     done, t0 = 0, time.perf_counter()
-    for path in files:
+    for layer in layers:
         if io == "mmap":
-            mm = np.memmap(path, np.uint8, mode="r")
-            for e in range(per_file):
-                np.array(mm[e * stride: e * stride + region])
+            mm = np.memmap(os.path.join(model_dir, layer["file"]), np.uint8, mode="r")
+            for entry in layer["regions"][:per_file]:
+                np.array(mm[entry["offset"]: entry["offset"] + region])
                 done += region
             del mm
         else:
-            size = -(-region // md.REGION_ALIGN) * md.REGION_ALIGN
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            try:
-                for e in range(per_file):
-                    buf = mmap.mmap(-1, size)
-                    os.preadv(fd, [buf], e * stride)
-                    np.frombuffer(buf, np.uint8, region).copy()
-                    buf.close()
-                    done += region
-            finally:
-                os.close(fd)
+            for entry in layer["regions"][:per_file]:
+                store._read_direct(layer["file"], entry["offset"], region, hash_it=False)
+                done += region
+    store.close()
     return done / (time.perf_counter() - t0)
 
 

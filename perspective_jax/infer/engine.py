@@ -173,24 +173,26 @@ class StreamingEngine:
         self.expert_scales = jax.device_put(tuple(scales[n] for n in md.EXPERT_MATRICES),
                                             on_device)
         self.shared_bytes += sum(v.nbytes for v in scales.values())
+        if host_memory_kind is None:          # on CPU, host memory is the device's own
+            host_memory_kind = "pinned_host" if self.device.platform != "cpu" else "numpy"
+        # a host entry is the store's allocation when regions stay numpy (CPU backend)
+        entry = self.store.alloc_bytes if host_memory_kind == "numpy" else self.region_bytes
         host_bytes = int(host_budget_mb * MB)
-        if host_bytes < self.region_bytes:
+        if host_bytes < entry:
             raise UserError(f"--host-budget-mb {host_budget_mb:g} cannot hold one expert "
-                            f"region ({self.region_bytes / MB:.2f} MB); raise it")
+                            f"region ({entry / MB:.2f} MB); raise it")
         self.n_slots = device_slots
         if device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         freqs = self.manifest.get("routing_frequencies")
         priors = np.asarray(freqs, np.float64) if freqs else None
-        if host_memory_kind is None:          # on CPU, host memory is the device's own
-            host_memory_kind = "pinned_host" if self.device.platform != "cpu" else "numpy"
         if host_memory_kind == "numpy":
             place = np.asarray
         else:
             pinned = memory_sharding(self.device, host_memory_kind)
             place = lambda r: jax.device_put(r, pinned).block_until_ready()  # noqa: E731
         self.host_memory_kind = host_memory_kind
-        self.host = HostCache(host_bytes, self.region_bytes, priors, place=place)
+        self.host = HostCache(host_bytes, entry, priors, place=place)
         self.slots = DeviceSlots(device_slots, self.region_bytes, self.device)
         self.warmed = self.host.warm(self.store.read_region) if warm_start else 0
 

@@ -5,14 +5,18 @@
 
 Every region and delta is checked against its manifest sha256 the first time
 it is read; a mismatch raises `ModelDirError` naming the file, expert layer and
-expert. `io="direct"` bypasses the page cache (O_DIRECT reads into an aligned
-buffer, falling back to posix_fadvise(DONTNEED) before each read where the
-file system refuses O_DIRECT) — for measuring the disk itself.
+expert. `io="direct"` bypasses the page cache (O_DIRECT reads, falling back to
+posix_fadvise(DONTNEED) before each read where the file system refuses
+O_DIRECT) — for measuring the disk itself. Direct reads go in `READ_CHUNK`
+pieces straight into the page-aligned array that is returned (no copy), and a
+first read's sha256 is computed by a helper thread one chunk behind the disk,
+so hashing overlaps the reading instead of following it.
 """
 
 from __future__ import annotations
 
-import mmap
+import concurrent.futures
+import hashlib
 import os
 import threading
 
@@ -21,6 +25,7 @@ import numpy as np
 from perspective_jax.infer import model_dir as md
 
 IO_MODES = ("mmap", "direct")
+READ_CHUNK = 1 << 20          # bytes per O_DIRECT read (a multiple of REGION_ALIGN)
 
 
 class ExpertStore:
@@ -38,7 +43,11 @@ class ExpertStore:
                              for layer in self.layers]
         self._verified: set = set()
         self._lock = threading.Lock()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, "expert-sha256")
         self.bytes_read = 0
+        padded = -(-self.region_bytes // md.REGION_ALIGN) * md.REGION_ALIGN
+        # host bytes one region read from the store occupies (direct: aligned allocation)
+        self.alloc_bytes = padded + md.REGION_ALIGN if io == "direct" else self.region_bytes
 
     @property
     def n_layers(self) -> int:
@@ -61,10 +70,10 @@ class ExpertStore:
                             else np.zeros((0,), np.uint8))
             return cache[j]
 
-    def _check(self, key, data, expected: str, what: str, rel: str) -> None:
+    def _check(self, key, data, expected: str, what: str, rel: str, digest=None) -> None:
         if key in self._verified:
             return
-        if md.sha256_bytes(data) != expected:
+        if (digest if digest is not None else md.sha256_bytes(data)) != expected:
             raise md.ModelDirError(
                 f"{os.path.join(self.dir, rel)}: {what} fails its sha256 checksum; the "
                 "model directory is corrupt — re-run perspective-export")
@@ -74,13 +83,16 @@ class ExpertStore:
     def read_region(self, j: int, e: int) -> np.ndarray:
         layer = self.layers[j]
         entry = layer["regions"][e]
+        key = ("region", j, e)
+        digest = None
         if self.io == "direct":
-            data = self._read_direct(layer["file"], entry["offset"], self.region_bytes)
+            data, digest = self._read_direct(layer["file"], entry["offset"], self.region_bytes,
+                                             hash_it=key not in self._verified)
         else:
             mm = self._map(self._maps, j, layer["file"])
             data = np.array(mm[entry["offset"]: entry["offset"] + self.region_bytes])
-        self._check(("region", j, e), data, entry["sha256"],
-                    f"expert {e} of expert layer {j}", layer["file"])
+        self._check(key, data, entry["sha256"], f"expert {e} of expert layer {j}",
+                    layer["file"], digest)
         self.bytes_read += self.region_bytes
         return data
 
@@ -97,10 +109,15 @@ class ExpertStore:
         self.bytes_read += 5 * n
         return md.parse_delta(raw, 0, n)
 
-    def _read_direct(self, rel: str, offset: int, nbytes: int) -> np.ndarray:
+    def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool):
+        """(uint8 [nbytes] view of a page-aligned buffer, sha256 hex or None)."""
         path = os.path.join(self.dir, rel)
         size = -(-nbytes // md.REGION_ALIGN) * md.REGION_ALIGN
-        buf = mmap.mmap(-1, size)                      # page-aligned, as O_DIRECT needs
+        raw = np.empty(size + md.REGION_ALIGN, np.uint8)
+        start = (-raw.ctypes.data) % md.REGION_ALIGN        # O_DIRECT needs alignment
+        buf = raw[start: start + size]
+        sha = hashlib.sha256() if hash_it else None
+        pending = None
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
         except OSError:
@@ -109,17 +126,26 @@ class ExpertStore:
             if fd is None:                              # no O_DIRECT: drop cached pages
                 fd = os.open(path, os.O_RDONLY)
                 os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
-            got = os.preadv(fd, [buf], offset)
+            got = 0
+            for a in range(0, size, READ_CHUNK):
+                b = min(a + READ_CHUNK, size)
+                n = os.preadv(fd, [memoryview(buf[a:b])], offset + a)
+                got += n
+                if sha is not None:                     # hash this chunk while reading on
+                    pending = self._hasher.submit(sha.update, buf[a: min(a + n, nbytes)])
+                if n < b - a:
+                    break
         finally:
             if fd is not None:
                 os.close(fd)
+            if pending is not None:
+                pending.result()                        # single worker: all updates done
         if got < nbytes:
             raise md.ModelDirError(f"{path}: short read at offset {offset} ({got} of "
                                    f"{nbytes} bytes); the file is truncated — re-export")
-        out = np.frombuffer(buf, np.uint8, nbytes).copy()
-        buf.close()
-        return out
+        return buf[:nbytes], (sha.hexdigest() if sha is not None else None)
 
     def close(self) -> None:
+        self._hasher.shutdown(wait=True)
         self._maps.clear()
         self._deltas.clear()
