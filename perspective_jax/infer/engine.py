@@ -74,6 +74,8 @@ def load_shared(model_dir: str, manifest: dict) -> dict[str, np.ndarray]:
     """Shared tensors by '/'-joined path (dequantised to float32 if exported quantised)."""
     path = os.path.join(model_dir, md.SHARED_FILE)
     expected = manifest["files"].get(md.SHARED_FILE, {}).get("sha256")
+    # Hash first, then load: the second pass reads from the page cache; hashing an
+    # in-memory copy instead would hold the shared weights twice at start-up.
     if expected and md.sha256_file(path) != expected:
         raise md.ModelDirError(f"{path} fails its sha256 checksum; the model directory is "
                                "corrupt — re-run perspective-export")

@@ -24,8 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from perspective_jax.errors import UserError
 from perspective_jax.generate import Sampling, filter_logits
-from perspective_jax.model.cache_io import flatten_cache
-from perspective_jax.model.transformer import init_cache
+from perspective_jax.model.cache_io import cache_from_tensors, flatten_cache
 
 STATE_FORMAT = "perspective-conversation/1"
 
@@ -113,14 +112,10 @@ class Conversation:
             raise UserError(f"{path} was saved with another model; resume it with the "
                             "model directory that wrote it")
         conv = cls(engine, tokenizer, sampling, int(meta["seed"]) if seed is None else seed)
-        template = init_cache(engine.model, 1)
-        flat = flatten_cache(template)
-        for key, like in flat.items():
-            if key not in tensors or tensors[key].shape != like.shape:
-                raise UserError(f"{path}: cache tensor {key!r} missing or of the wrong shape")
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        keys = list(flat)
-        stacked = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(tensors[k]) for k in keys])
+        stacked = cache_from_tensors(tensors, engine.model, path, allowed_extra=("pending",))
+        if stacked["next_pos"].shape != (1,):
+            raise UserError(f"{path}: holds a batch of {stacked['next_pos'].shape[0]} "
+                            "conversations; perspective-infer resumes one")
         conv.state = {"layers": [[jax.tree.map(lambda a, p=p: a[p],
                                                stacked["periods"][f"layer_{i}"])
                                   for i in range(len(engine.model.layer_pattern))]

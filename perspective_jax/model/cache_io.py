@@ -46,22 +46,28 @@ def load_cache(path: str, cfg: ModelConfig):
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable cache file ({exc})") from None
+    return cache_from_tensors(tensors, cfg, path)
+
+
+def cache_from_tensors(tensors: dict, cfg: ModelConfig, source: str, allowed_extra=()):
+    """The cache pytree from flat tensors, each checked against `init_cache`'s layout
+    (name, shape, dtype); tensors other than the cache's and `allowed_extra` are refused."""
     if "next_pos" not in tensors or tensors["next_pos"].ndim != 1:
-        raise UserError(f"{path}: not a Perspective decode cache (no next_pos tensor)")
+        raise UserError(f"{source}: not a Perspective decode cache (no next_pos tensor)")
     template = init_cache(cfg, tensors["next_pos"].shape[0])
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for tpath, like in flat:
         key = _key(tpath)
         if key not in tensors:
-            raise UserError(f"{path}: missing cache tensor {key!r}; was it saved for "
+            raise UserError(f"{source}: missing cache tensor {key!r}; was it saved for "
                             "another model config?")
         got = tensors[key]
         if got.shape != like.shape or got.dtype != like.dtype:
-            raise UserError(f"{path}: cache tensor {key!r} is {got.dtype}{list(got.shape)}, "
+            raise UserError(f"{source}: cache tensor {key!r} is {got.dtype}{list(got.shape)}, "
                             f"this model expects {like.dtype}{list(like.shape)}")
         leaves.append(jnp.asarray(got))
-    extra = set(tensors) - {_key(p) for p, _ in flat}
+    extra = set(tensors) - {_key(p) for p, _ in flat} - set(allowed_extra)
     if extra:
-        raise UserError(f"{path}: unexpected cache tensors {sorted(extra)[:3]}")
+        raise UserError(f"{source}: unexpected cache tensors {sorted(extra)[:3]}")
     return jax.tree_util.tree_unflatten(treedef, leaves)
