@@ -131,9 +131,10 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
         with open(os.path.join(out, md.delta_file(j)), "wb") as fh:
             at = 0
             for a, b in directed:
-                pos, val = md.encode_delta(regions[a], regions[b])
-                if 5 * len(pos) > delta_max_share * layout.nbytes:
+                if 5 * np.count_nonzero(regions[a] != regions[b]) > (delta_max_share
+                                                                     * layout.nbytes):
                     continue                      # cheaper to move the full region
+                pos, val = md.encode_delta(regions[a], regions[b])
                 rec = md.delta_record(pos, val)
                 deltas.append({"src": a, "dst": b, "offset": at, "count": int(len(pos)),
                                "sha256": md.sha256_bytes(rec)})

@@ -86,11 +86,11 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
         regions = [None] * e
         for x, parent in order:
             if neighbour_flip_share is None or parent is None:
-                regions[x] = VALID_BYTES[rng.integers(0, 81, layout.nbytes)]
+                regions[x] = VALID_BYTES[rng.integers(0, 81, layout.nbytes, dtype=np.uint8)]
             else:
                 region = regions[parent].copy()
                 flip = rng.random(layout.nbytes) < neighbour_flip_share
-                region[flip] = VALID_BYTES[rng.integers(0, 81, int(flip.sum()))]
+                region[flip] = VALID_BYTES[rng.integers(0, 81, int(flip.sum()), dtype=np.uint8)]
                 regions[x] = region
         return regions
 
