@@ -217,13 +217,14 @@ def section_ffn(args, rng) -> dict:
     trits = {name: rng.integers(-1, 2, shape).astype(np.int8)
              for name, shape in (("w_gate", (d, f)), ("w_up", (d, f)), ("w_down", (f, d)))}
     region = jnp.asarray(pack_region(trits, layout))
-    scales = tuple(jnp.full((1,), 0.02, jnp.float32) for _ in range(3))
+    scales = tuple(jnp.full((1, 1, 1), 0.02, jnp.float32) for _ in range(3))   # [L, E, S]
     res = {"d_model": cfg.d_model, "d_ff": cfg.d_ff, "dtype": cfg.dtype}
     for m in (1, 16):
         hn = jnp.asarray(rng.standard_normal((m, cfg.d_model)), layers.dtype_of(cfg.dtype))
         y = jnp.zeros((m, cfg.d_model), hn.dtype)
         rows = jnp.arange(m)
-        fn = lambda y_, hn_: layers.expert_rows(cfg, 0, y_, hn_, rows, region, scales)  # noqa
+        fn = lambda y_, hn_: layers.expert_rows(cfg, 0, y_, hn_, rows, region, scales,  # noqa
+                                                0, 0)
         # expert_rows donates y: hand it a fresh buffer each call
         res[f"rows{m}_ms"] = timed(lambda hn_: fn(jnp.zeros_like(y), hn_), hn)
         ref = _ffn_reference(trits, np.asarray(hn, np.float64), 0.02)

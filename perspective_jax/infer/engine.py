@@ -342,23 +342,26 @@ class StreamingEngine:
         hn, idx, gate = L.route(cfg, self.moe, lp, h)
         idx = np.asarray(idx).reshape(-1)
         t = idx.size
+        if t == 1:                                   # decode: one expert, one fused call
+            e = int(idx[0])
+            self._observe(j, e)
+            slot = self._ensure((j, e))
+            if self.prefetch:
+                self._predict_next(j, h, slot)
+            return L.expert_token(cfg, self.activation_bits, h, hn, gate,
+                                  self.slots.arrays[slot], self.expert_scales,
+                                  np.int32(j), np.int32(e))
+        self._last_expert[j] = int(idx[-1])
         hn_flat = hn.reshape(t, cfg.d_model)
         y = jnp.zeros((t, cfg.d_model), hn.dtype)
-        experts = np.unique(idx)
-        if t == 1:
-            self._observe(j, int(idx[0]))
-        else:
-            self._last_expert[j] = int(idx[-1])
-        for n, e in enumerate(experts):
+        for e in np.unique(idx):
             slot = self._ensure((j, int(e)))
-            if t == 1 and n == len(experts) - 1 and self.prefetch:
-                self._predict_next(j, h, slot)
             rows = np.flatnonzero(idx == e)
             padded = np.full(1 << max(len(rows) - 1, 0).bit_length(), rows[0], np.int32)
             padded[: len(rows)] = rows
             y = L.expert_rows(cfg, self.activation_bits, y, hn_flat, jnp.asarray(padded),
-                              self.slots.arrays[slot],
-                              tuple(s[j, e] for s in self.expert_scales))
+                              self.slots.arrays[slot], self.expert_scales,
+                              np.int32(j), np.int32(e))
         return L.combine(cfg, h, y, gate)
 
     def _predict_next(self, j: int, h, slot: int) -> None:

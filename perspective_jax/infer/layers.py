@@ -65,11 +65,26 @@ def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):
     return ternary_matmul(hidden, parts["w_down"], scales[2]).astype(dt)
 
 
+def _scales_at(scales, j, e):
+    """(gate, up, down) scales [L, E, S] of all experts → those of expert e of layer j."""
+    return tuple(s[j, e] for s in scales)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def expert_rows(cfg: ModelConfig, activation_bits: int, y, hn, rows, codes, scales):
-    """y [N, d] with rows `rows` (padded by repeating an entry) set to expert(hn[rows])."""
-    out = _expert_swiglu(cfg, activation_bits, codes, scales, hn[rows])
+def expert_rows(cfg: ModelConfig, activation_bits: int, y, hn, rows, codes, scales, j, e):
+    """Prefill: y [N, d] with rows `rows` (padded by repeating an entry) set to
+    expert(hn[rows]); `codes` is expert e of expert layer j."""
+    out = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e), hn[rows])
     return y.at[rows].set(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def expert_token(cfg: ModelConfig, activation_bits: int, h, hn, gate, codes, scales, j, e):
+    """Decode: h, hn [1, 1, d], gate [1, 1] → h + gate · expert(hn) in one call (scale
+    lookup, expert, combine: no eager ops between route and the next mixer)."""
+    y = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e),
+                       hn.reshape(1, cfg.d_model))
+    return (h + y.reshape(h.shape) * gate[..., None].astype(y.dtype)).astype(h.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
