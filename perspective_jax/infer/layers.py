@@ -84,12 +84,17 @@ def expert_token(cfg: ModelConfig, activation_bits: int, h, hn, gate, codes, sca
     lookup, expert, combine: no eager ops between route and the next mixer)."""
     y = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e),
                        hn.reshape(1, cfg.d_model))
+    return _combine(h, y, gate)
+
+
+def _combine(h, y, gate):
+    """h [B, T, d] + y [B·T, d] · gate [B, T] (the routed FFN's gated residual)."""
     return (h + y.reshape(h.shape) * gate[..., None].astype(y.dtype)).astype(h.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def combine(cfg: ModelConfig, h, y, gate):
-    return (h + y.reshape(h.shape) * gate[..., None].astype(y.dtype)).astype(h.dtype)
+    return _combine(h, y, gate)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
