@@ -317,6 +317,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypa
 def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cfg):
     """--shared-bits: the engine computes with exactly the dequantised GPTQ kernels."""
     from perspective_jax.infer.calibrate import dequantize_shared, replace_shared
+    from perspective_jax.model.quantized_kernel import QuantizedKernel
     from safetensors.numpy import load_file
     cfg = _cfg(small_cfg)
     params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
@@ -332,6 +333,18 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     prompt, steps = np.arange(5, 25), np.arange(30, 38)
     ref = _reference_logits(cfg, dequantised, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1)
+    # the engine computes from the packed codes: every quantised kernel stays a
+    # QuantizedKernel on the device, and the device bytes count codes, not floats
+    held = [leaf for layer in engine.layer_params for lp in layer
+            for leaf in jax.tree.leaves(lp, is_leaf=lambda a: isinstance(a, QuantizedKernel))
+            if isinstance(leaf, QuantizedKernel)]
+    assert len(held) == len(kernels)
+    f32_bytes = sum(4 * int(np.prod(k.shape)) for k in held)
+    assert sum(k.nbytes for k in held) < f32_bytes / 3
+    stored = load_file(os.path.join(path, md.SHARED_FILE))
+    meta = (".shape", ".bits", ".group_size", ".orig_shape")
+    assert engine.shared_bytes == sum(v.nbytes for k, v in stored.items()
+                                      if not k.endswith(meta))
     _assert_engine_matches(engine, ref, prompt, steps)
     engine.close()
 

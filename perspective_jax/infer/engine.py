@@ -39,11 +39,13 @@ from safetensors.numpy import load_file
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.config.loader import from_dict
 from perspective_jax.errors import UserError
+from perspective_jax.infer import gptq
 from perspective_jax.infer import layers as L
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
 from perspective_jax.infer.expert_store import ExpertStore
 from perspective_jax.infer.host_cache import HostCache
+from perspective_jax.model.quantized_kernel import from_quantized_matrix
 from perspective_jax.model.transformer import init_cache
 
 MB = 1 << 20
@@ -70,8 +72,9 @@ class Stats:
     stall_s: float = 0.0
 
 
-def load_shared(model_dir: str, manifest: dict) -> dict[str, np.ndarray]:
-    """Shared tensors by '/'-joined path (dequantised to float32 if exported quantised)."""
+def load_shared(model_dir: str, manifest: dict):
+    """(float tensors by '/'-joined path, {kernel path: QuantizedKernel}) of the shared
+    weights; the second is empty unless the export quantised them (--shared-bits)."""
     path = os.path.join(model_dir, md.SHARED_FILE)
     expected = manifest["files"].get(md.SHARED_FILE, {}).get("sha256")
     # Hash first, then load: the second pass reads from the page cache; hashing an
@@ -83,25 +86,33 @@ def load_shared(model_dir: str, manifest: dict) -> dict[str, np.ndarray]:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise md.ModelDirError(f"{path}: not a readable safetensors file ({e})") from None
-    if manifest["shared"].get("bits"):
-        tensors = _dequantized(tensors)
-    return tensors
+    quantized = _quantized_kernels(tensors, path) if manifest["shared"].get("bits") else {}
+    return tensors, quantized
 
 
-def _dequantized(tensors: dict) -> dict:
-    """Replace GPTQ groups ('periods/P/…/kernel.codes', …) by float32 kernels stacked
-    over periods again ('periods/…/kernel' [P, …]), as the model stores them."""
-    from perspective_jax.infer.calibrate import dequantize_shared
-    from perspective_jax.infer.export import stacked_key
-    per_period = dequantize_shared(tensors)
-    out = {k: v for k, v in tensors.items()
-           if not any(k.startswith(path + ".") for path in per_period)}
-    groups: dict[str, dict[int, np.ndarray]] = collections.defaultdict(dict)
-    for path, kernel in per_period.items():
-        groups[stacked_key(path)][int(path.split("/")[1])] = kernel
-    for key, by_period in groups.items():
-        out[key] = np.stack([by_period[p] for p in sorted(by_period)]).astype(np.float32)
+def _quantized_kernels(tensors: dict, file: str) -> dict:
+    """Take every GPTQ group ('<kernel path>.codes', '.scales', …, '.orig_shape') out of
+    `tensors`; returns {kernel path: QuantizedKernel} (numpy leaves)."""
+    out = {}
+    for key in sorted(k for k in tensors if k.endswith(".orig_shape")):
+        path = key[: -len(".orig_shape")]
+        try:
+            out[path] = from_quantized_matrix(gptq.from_tensors(tensors, path), tensors[key])
+        except ValueError as e:
+            raise md.ModelDirError(f"{file}: {e}; re-run perspective-export") from None
+        for field in (*gptq.TENSOR_FIELDS, "orig_shape"):
+            del tensors[f"{path}.{field}"]
     return out
+
+
+def _insert_kernels(layer_params: list, quantized: dict, sharding) -> None:
+    """Place each 'periods/P/layer_i/…/kernel' QuantizedKernel in layer_params[P][i]."""
+    for path, kernel in quantized.items():
+        _, p, layer, *inner, leaf = path.split("/")
+        node = layer_params[int(p)][int(layer.removeprefix("layer_"))]
+        for name in inner:
+            node = node.setdefault(name, {})
+        node[leaf] = jax.device_put(kernel, sharding)
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
@@ -136,17 +147,19 @@ class StreamingEngine:
         self.device = device or jax.devices()[0]
         self.prefetch, self.use_deltas = prefetch, use_deltas
         self.stats = Stats()
-        flat = load_shared(model_dir, self.manifest)
+        flat, quantized = load_shared(model_dir, self.manifest)
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
                   if md.scale_key(name) in flat}
         on_device = memory_sharding(self.device, "device")
         tree = jax.device_put(unflatten(flat), on_device)
-        self.shared_bytes = sum(a.nbytes for a in flat.values())
+        self.shared_bytes = (sum(a.nbytes for a in flat.values())
+                             + sum(k.nbytes for k in quantized.values()))
         self.embed_table = tree["embed"]["embedding"]
         self.final_norm = tree["final_norm"]
         self.layer_params = [[jax.tree.map(lambda a, p=p: a[p], tree["periods"][f"layer_{i}"])
                               for i in range(len(self.model.layer_pattern))]
                              for p in range(self.model.n_periods)]
+        _insert_kernels(self.layer_params, quantized, on_device)
         self.expert_layers = md.expert_layers(self.model.layer_pattern, self.model.n_periods)
         self.layer_index = {key: j for j, key in enumerate(self.expert_layers)}
         self.state_bytes = sum(a.nbytes for a in jax.tree.leaves(init_cache(self.model, 1)))

@@ -234,7 +234,7 @@ def gptq_quantize(w, hessian, bits: int = 2, group_size: int = 64, damp: float =
 
 
 # ----------------------------------------------------------------------------- tensors
-_FIELDS = ("codes", "scales", "zeros", "shape", "bits", "group_size")
+TENSOR_FIELDS = ("codes", "scales", "zeros", "shape", "bits", "group_size")
 
 
 def to_tensors(q: QuantizedMatrix, prefix: str) -> dict:
@@ -246,10 +246,10 @@ def to_tensors(q: QuantizedMatrix, prefix: str) -> dict:
 
 
 def from_tensors(tensors: dict, prefix: str) -> QuantizedMatrix:
-    missing = [f for f in _FIELDS if f"{prefix}.{f}" not in tensors]
+    missing = [f for f in TENSOR_FIELDS if f"{prefix}.{f}" not in tensors]
     if missing:
         raise ValueError(f"quantised matrix {prefix!r} lacks tensors {missing}")
-    t = {f: np.asarray(tensors[f"{prefix}.{f}"]) for f in _FIELDS}
+    t = {f: np.asarray(tensors[f"{prefix}.{f}"]) for f in TENSOR_FIELDS}
     shape = tuple(int(s) for s in t["shape"])
     bits, group_size = int(t["bits"].reshape(-1)[0]), int(t["group_size"].reshape(-1)[0])
     _check_bits_group(bits, group_size)

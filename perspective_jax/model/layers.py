@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
+from perspective_jax.model.quantized_kernel import QuantizedKernel
 
 
 def dtype_of(name: str):
@@ -24,8 +25,19 @@ def logical(init, axes: Sequence[str]):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def _quantized_kernel(module: nn.Module):
+    """The module's "kernel" if the params hold a `QuantizedKernel` there, else None
+    (read before `self.param`, whose shape check expects a float array)."""
+    if module.has_variable("params", "kernel"):
+        kernel = module.get_variable("params", "kernel")
+        if isinstance(kernel, QuantizedKernel):
+            return kernel
+    return None
+
+
 class Projection(nn.Module):
-    """y = x @ W over the last axis of x; W: [in, *features] (no bias)."""
+    """y = x @ W over the last axis of x; W: [in, *features] (no bias), or a
+    `QuantizedKernel` of that shape (a GPTQ export at inference)."""
 
     features: tuple[int, ...]
     axes: tuple[str, ...]  # logical names: input axis, then one per feature axis
@@ -36,9 +48,12 @@ class Projection(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "normal",
                                                 in_axis=0, out_axis=tuple(range(1, 1 + len(self.features))))
+        dt = dtype_of(self.cfg.dtype)
+        quantized = _quantized_kernel(self)
+        if quantized is not None:
+            return quantized.contract(x.astype(dt), 1).astype(dt)
         kernel = self.param("kernel", logical(init, self.axes),
                             (x.shape[-1], *self.features), dtype_of(self.cfg.param_dtype))
-        dt = dtype_of(self.cfg.dtype)
         out = jnp.tensordot(x.astype(dt), kernel.astype(dt), axes=((x.ndim - 1,), (0,)))
         return out
 
@@ -55,9 +70,12 @@ class OutProjection(nn.Module):
         in_shape = x.shape[-n_in:]
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                                 in_axis=tuple(range(n_in)), out_axis=n_in)
+        dt = dtype_of(self.cfg.dtype)
+        quantized = _quantized_kernel(self)
+        if quantized is not None:
+            return quantized.contract(x.astype(dt), n_in).astype(dt)
         kernel = self.param("kernel", logical(init, self.axes),
                             (*in_shape, self.features), dtype_of(self.cfg.param_dtype))
-        dt = dtype_of(self.cfg.dtype)
         dims = tuple(range(x.ndim - n_in, x.ndim))
         return jnp.tensordot(x.astype(dt), kernel.astype(dt), axes=(dims, tuple(range(n_in))))
 
