@@ -12,6 +12,7 @@ import pytest
 from perspective_jax.config import MoEConfig, PerspectiveConfig, TernaryConfig
 from perspective_jax.errors import UserError
 from perspective_jax.generate import Sampling
+from perspective_jax.infer import gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.engine import StreamingEngine
 from perspective_jax.infer.export import with_ternary_experts, write_model_dir
@@ -231,6 +232,49 @@ def test_direct_reads_in_chunks_match_mmap_and_catch_a_flip_in_a_late_chunk(tmp_
         fresh.read_region(0, 5)
     for store in (mapped, direct, fresh):
         store.close()
+
+
+def test_synthetic_model_with_2bit_shared_weights_equals_dequantised_floats(tmp_path):
+    """The engine's packed shared kernels (fused decode row, blocked prefill) compute
+    what the same kernels expanded to float32 compute."""
+    from perspective_jax.config import load_config
+    from perspective_jax.infer.synthetic import write_synthetic_model_dir
+    from perspective_jax.model.quantized_kernel import QuantizedKernel
+    cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
+                             "model.d_ff=96", "model.n_layers=4", "model.vocab_size=259",
+                             "data.tokenizer=byte"])
+    paths = {}
+    for bits in (0, 2):
+        paths[bits] = str(tmp_path / f"bits{bits}")
+        write_synthetic_model_dir(paths[bits], cfg, seed=0, shared_bits=bits, group_size=32,
+                                  log=lambda *_: None)
+    manifest = md.read_manifest(paths[2])
+    assert manifest["shared"]["bits"] == 2 and len(manifest["shared"]["quantized"]) > 0
+    assert all(q["method"] == "rtn" for q in manifest["shared"]["quantized"])
+    packed, floats = (StreamingEngine(paths[2], host_budget_mb=1) for _ in range(2))
+    plain = StreamingEngine(paths[0], host_budget_mb=1)
+    assert packed.shared_bytes < 0.5 * plain.shared_bytes
+
+    def expand(leaf):
+        if not isinstance(leaf, QuantizedKernel):
+            return leaf
+        q = gptq.QuantizedMatrix(np.asarray(leaf.codes), np.asarray(leaf.scales),
+                                 np.asarray(leaf.zeros), (leaf.n_in, leaf.codes.shape[1]),
+                                 leaf.bits, leaf.group_size)
+        return jnp.asarray(gptq.dequantize(q).reshape(leaf.shape))
+    floats.layer_params = jax.tree.map(expand, floats.layer_params,
+                                       is_leaf=lambda a: isinstance(a, QuantizedKernel))
+    rng = np.random.default_rng(3)
+    prompt, steps = rng.integers(0, 259, 12), rng.integers(0, 259, 6)
+    state_p, state_f, state_0 = packed.new_state(), floats.new_state(), plain.new_state()
+    for toks in [prompt, *([t] for t in steps)]:
+        got, state_p = packed.forward(np.asarray(toks), state_p)
+        want, state_f = floats.forward(np.asarray(toks), state_f)
+        unquantised, state_0 = plain.forward(np.asarray(toks), state_0)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert np.abs(got - unquantised).max() > 1e-3       # the codes were really used
+    for engine in (packed, floats, plain):
+        engine.close()
 
 
 def test_host_cache_budget_and_frequency_weighted_eviction():

@@ -54,17 +54,8 @@ def _period_slice(periods, p: int):
     return jax.tree.map(lambda a: a[p], periods)
 
 
-def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> dict:
-    """{path: H [in, in] float64} of every shared kernel's inputs over `tokens` [B, T]."""
-    params = _unbox(params)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
-    b, t = tokens.shape
-    model = PerspectiveLM(cfg, moe)
-    x = model.apply({"params": params}, tokens, method=lambda m, tok: m.embed(tok))
-    x = x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
-    segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+def _period_with_inputs(cfg: ModelConfig, moe: MoEConfig, segment_pos):
+    """run(period_params, x) → (y, {kernel path in the period: its input [N, in]})."""
     period = Period(cfg, moe)
 
     def run(period_params, x):
@@ -87,7 +78,49 @@ def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> 
             y, _ = period.apply({"params": period_params}, x, segment_pos, None)
         return y, inputs
 
-    run = jax.jit(run)
+    return run
+
+
+def shared_kernel_widths(cfg: ModelConfig, moe: MoEConfig) -> dict:
+    """{kernel path within a period ('layer_0/mixer/w_q/kernel'): input width} of every
+    shared kernel — shapes only (jax.eval_shape), no weights or compute."""
+    from perspective_jax.model.transformer import abstract_params
+    periods = abstract_params(cfg, moe)["periods"]
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), periods)
+    x = jax.ShapeDtypeStruct((1, 1, cfg.d_model), dtype_of(cfg.dtype))
+    run = _period_with_inputs(cfg, moe, jnp.zeros((1, 1), jnp.int32))
+    _, inputs = jax.eval_shape(run, one, x)
+    return {path: inp.shape[1] for path, inp in inputs.items()}
+
+
+def rtn_quantize_shared(params, widths: dict, n_periods: int, bits: int = 2,
+                        group_size: int = 64) -> dict:
+    """Round-to-nearest group-wise codes of every shared kernel (no calibration; for
+    synthetic models) in `quantize_shared`'s tensor format."""
+    params = _unbox(params)
+    tensors = {}
+    for p in range(n_periods):
+        for name, n_in in sorted(widths.items()):
+            path = f"periods/{p}/{name}"
+            kernel = np.asarray(_param_at(params, path), np.float32)
+            q = gptq.rtn_quantize(_as_matrix(kernel, n_in, path), bits, group_size)
+            tensors.update(gptq.to_tensors(q, path))
+            tensors[f"{path}.orig_shape"] = np.asarray(kernel.shape, np.int64)
+    return tensors
+
+
+def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> dict:
+    """{path: H [in, in] float64} of every shared kernel's inputs over `tokens` [B, T]."""
+    params = _unbox(params)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    b, t = tokens.shape
+    model = PerspectiveLM(cfg, moe)
+    x = model.apply({"params": params}, tokens, method=lambda m, tok: m.embed(tok))
+    x = x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
+    segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+    run = jax.jit(_period_with_inputs(cfg, moe, segment_pos))
     acc: dict[str, gptq.HessianAccumulator] = {}
     for p in range(cfg.n_periods):
         x, inputs = run(_period_slice(params["periods"], p), x)

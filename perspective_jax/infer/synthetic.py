@@ -66,7 +66,7 @@ def _shared_params(cfg: PerspectiveConfig, rng: np.random.Generator) -> dict:
 def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
                               neighbour_flip_share=None, coherent_routers: bool = True,
                               expert_gain: float = 0.05, force: bool = False,
-                              log=print) -> dict:
+                              shared_bits: int = 0, group_size: int = 64, log=print) -> dict:
     if not (cfg.model.routed and cfg.ternary.enabled):
         raise ValueError("a synthetic streaming model needs model.routed and ternary.enabled")
     if os.path.exists(out):
@@ -104,6 +104,9 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
                 router["w_route"] = rng.normal(0, 1 / np.sqrt(cfg.model.d_model),
                                                router["w_route"].shape).astype(np.float32)
     tensors = flatten_params(params)
+    quantized = []
+    if shared_bits:
+        tensors, quantized = rtn_quantized_tensors(cfg, tensors, shared_bits, group_size)
     d, f = cfg.model.d_model, cfg.model.d_ff
     for name, fan_in in zip(md.EXPERT_MATRICES, (d, d, f)):
         tensors[md.scale_key(name)] = np.full((len(layers), e, 1), expert_gain / np.sqrt(fan_in),
@@ -111,13 +114,36 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
     save_file(tensors, os.path.join(tmp, md.SHARED_FILE))
     with open(os.path.join(tmp, "tokenizer.byte"), "w") as fh:
         fh.write("utf-8 bytes\n")
-    shared = {"file": md.SHARED_FILE, "bits": 0, "group_size": 0, "quantized": [],
+    shared = {"file": md.SHARED_FILE, "bits": shared_bits,
+              "group_size": group_size if shared_bits else 0, "quantized": quantized,
               "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                           for k, v in tensors.items()}}
     manifest = md.write_manifest(tmp, to_dict(cfg), f"synthetic(seed={seed})", shared, index,
                                  np.full((len(layers), e), 1.0 / e))
     os.replace(tmp, out)
     return manifest
+
+
+def rtn_quantized_tensors(cfg: PerspectiveConfig, tensors: dict, bits: int,
+                          group_size: int) -> tuple[dict, list]:
+    """Flat shared tensors with every shared kernel ('periods/layer_i/…/kernel' [P, …])
+    replaced by per-period round-to-nearest group codes (the GPTQ export's format,
+    without calibration); returns (tensors, the manifest's "quantized" list)."""
+    from perspective_jax.infer.calibrate import rtn_quantize_shared, shared_kernel_widths
+    widths = shared_kernel_widths(cfg.model, cfg.moe)
+    stacked = {"periods": {}}
+    for name in widths:
+        node = stacked["periods"]
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = tensors[f"periods/{name}"]
+    qt = rtn_quantize_shared(stacked, widths, cfg.model.n_periods, bits, group_size)
+    out = {k: v for k, v in tensors.items()
+           if not (k.startswith("periods/") and k[len("periods/"):] in widths)}
+    out.update(qt)
+    paths = sorted(k[: -len(".orig_shape")] for k in qt if k.endswith(".orig_shape"))
+    return out, [{"path": p, "method": "rtn"} for p in paths]
 
 
 def _lattice_walk(lattice) -> list[tuple[int, object]]:
