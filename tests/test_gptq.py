@@ -147,6 +147,8 @@ def expected_kernels(cfg):
             for name, size in (("w_q", cfg.d_model), ("w_k", cfg.d_model),
                                ("w_v", cfg.d_model), ("w_o", o_in)):
                 out[f"{base}/mixer/{name}/kernel"] = size
+            if kind == "pdr":                      # the decay projection, input = w_k's
+                out[f"{base}/mixer/w_p"] = cfg.d_model
             if not (kind == "pdr" and cfg.routed):
                 for name, size in (("w_gate", cfg.d_model), ("w_up", cfg.d_model),
                                    ("w_down", cfg.d_ff)):
@@ -163,6 +165,8 @@ def test_routed_model_hessians_skip_experts(small_cfg):
     want = expected_kernels(cfg)
     assert {k: v.shape for k, v in hess.items()} == {k: (n, n) for k, n in want.items()}
     assert not any("/layer_0/ffn/" in k for k in hess)
+    np.testing.assert_array_equal(hess["periods/1/layer_0/mixer/w_p"],
+                                  hess["periods/1/layer_0/mixer/w_k/kernel"])
 
 
 def test_small_model_quantize_shared(small_cfg):

@@ -50,8 +50,8 @@ PROMPT_LEN = 16
 WARMUP_STEPS = 4
 
 from streaming_models import (LATTICES, build_synthetic, derive_incoherent,  # noqa: E402
-                              export_quickstart, preread, read_bandwidth, synthetic_cfg,
-                              synthetic_path)
+                              derive_quantized, export_quickstart, preread, read_bandwidth,
+                              synthetic_cfg, synthetic_path)
 
 
 # ---------------------------------------------------------------- one measurement (child)
@@ -191,8 +191,11 @@ def fmt_rate(x: float) -> str:
 
 
 def part_a(args, log) -> list[str]:
-    lines = [f"### (A) Synthetic 18 × {args.experts}-expert models, {args.host_mb} MB host "
-             f"budget, 2 device slots, prefetch on, {args.tokens} decode tokens", ""]
+    shared = (f"{args.shared_bits}-bit packed shared weights" if args.shared_bits
+              else "float32 shared weights")
+    lines = [f"### (A) Synthetic 18 × {args.experts}-expert models, {shared}, "
+             f"{args.host_mb} MB host budget, 2 device slots, prefetch on, "
+             f"{args.tokens} decode tokens", ""]
     rows, summary = [], []
     for name in args.variants:
         d, f = VARIANTS[name]
@@ -204,6 +207,13 @@ def part_a(args, log) -> list[str]:
             log(f"    build {s:.0f} s" if s else "    reused")
             if "incoherent" in args.routers:
                 derive_incoherent(path, inco)
+        if args.shared_bits:                  # same expert files, packed shared weights
+            log(f"[A] deriving {args.shared_bits}-bit shared-weight copies unless present")
+            derive_quantized(path, path + f"-shared{args.shared_bits}", args.shared_bits)
+            path += f"-shared{args.shared_bits}"
+            if "incoherent" in args.routers:
+                derive_quantized(inco, inco + f"-shared{args.shared_bits}", args.shared_bits)
+                inco += f"-shared{args.shared_bits}"
         gb, s = preread(path)
         log(f"[A] pre-read {gb:.2f} GB of expert files in {s:.1f} s "
             f"({gb / s:.2f} GB/s); the store now sits in the page cache")
@@ -360,6 +370,9 @@ def main(argv=None) -> int:
     p.add_argument("--host-mb", type=int, default=1024, help="part A host-cache budget")
     p.add_argument("--routers", default="coherent,incoherent",
                    help="part A router kinds to run: coherent, incoherent or both")
+    p.add_argument("--shared-bits", type=int, default=0, choices=(0, 2, 3, 4, 8),
+                   help="part A: run on copies of the stores whose shared kernels are "
+                        "round-to-nearest group codes of this many bits (0: float32)")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",

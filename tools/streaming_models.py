@@ -51,10 +51,9 @@ def build_synthetic(path: str, cfg, log, **kw) -> float:
     return time.perf_counter() - t0
 
 
-def derive_incoherent(src: str, dst: str, seed: int = 1) -> None:
-    """`src` with independent random routers per layer (coherent_routers=False) — the
-    expert files are hard links to `src`'s (identical bytes; the shared file differs)."""
-    import numpy as np
+def _derive(src: str, dst: str, transform, label: str) -> None:
+    """`dst` = `src` with its shared file rewritten by transform(tensors, manifest) —
+    the expert and delta files are hard links to `src`'s (identical bytes)."""
     from safetensors.numpy import load_file, save_file
     from perspective_jax.infer import model_dir as md
     if _complete(dst):
@@ -69,20 +68,47 @@ def derive_incoherent(src: str, dst: str, seed: int = 1) -> None:
     shutil.copy(os.path.join(src, "tokenizer.byte"), tmp)
     with open(os.path.join(src, md.MANIFEST)) as fh:
         manifest = json.load(fh)
-    tensors = load_file(os.path.join(src, md.SHARED_FILE))
-    rng = np.random.default_rng(seed)
-    d = manifest["config"]["model"]["d_model"]
-    for key in sorted(tensors):
-        if key.endswith("router/w_route"):
-            tensors[key] = rng.normal(0, 1 / np.sqrt(d), tensors[key].shape).astype(np.float32)
+    tensors = transform(load_file(os.path.join(src, md.SHARED_FILE)), manifest)
     out = os.path.join(tmp, md.SHARED_FILE)
     save_file(tensors, out)
     manifest["files"][md.SHARED_FILE] = {"bytes": os.path.getsize(out),
                                          "sha256": md.sha256_file(out)}
-    manifest["source_run"] += " (incoherent routers)"
+    manifest["source_run"] += f" ({label})"
     with open(os.path.join(tmp, md.MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=1)
     os.replace(tmp, dst)
+
+
+def derive_incoherent(src: str, dst: str, seed: int = 1) -> None:
+    """`src` with independent random routers per layer (coherent_routers=False)."""
+    import numpy as np
+
+    def transform(tensors, manifest):
+        rng = np.random.default_rng(seed)
+        d = manifest["config"]["model"]["d_model"]
+        for key in sorted(tensors):
+            if key.endswith("router/w_route"):
+                tensors[key] = rng.normal(0, 1 / np.sqrt(d), tensors[key].shape).astype(
+                    np.float32)
+        return tensors
+    _derive(src, dst, transform, "incoherent routers")
+
+
+def derive_quantized(src: str, dst: str, bits: int, group_size: int = 64) -> None:
+    """`src` with its shared kernels as round-to-nearest `bits`-bit group codes (the
+    format `perspective-export --shared-bits` writes); the engine keeps them packed."""
+    from perspective_jax.config import PerspectiveConfig
+    from perspective_jax.config.loader import from_dict
+    from perspective_jax.infer.synthetic import rtn_quantized_tensors
+
+    def transform(tensors, manifest):
+        cfg = from_dict(PerspectiveConfig, manifest["config"])
+        tensors, quantized = rtn_quantized_tensors(cfg, tensors, bits, group_size)
+        manifest["shared"].update(bits=bits, group_size=group_size, quantized=quantized,
+                                  tensors={k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                                           for k, v in tensors.items()})
+        return tensors
+    _derive(src, dst, transform, f"{bits}-bit shared weights")
 
 
 def export_quickstart(run_dir: str, out: str, log) -> None:

@@ -1,12 +1,13 @@
 """Calibration and 2-bit GPTQ quantisation of the model's shared kernels (SPEC §3.4).
 
-Shared kernels are the `Projection` / `OutProjection` kernels of the model: the
-PDR mixer's w_k, w_q, w_v, w_o; the attention's w_q, w_k, w_v, w_o; and the
-dense SwiGLU FFNs' w_gate, w_up, w_down. Not included: routed experts
+Shared kernels are the `Projection` / `OutProjection` kernels of the model — the
+PDR mixer's w_k, w_q, w_v, w_o; the attention's w_q, w_k, w_v, w_o; the dense
+SwiGLU FFNs' w_gate, w_up, w_down — and the PDR decay projection w_p (a raw
+param of the mixer, `periods/P/layer_i/mixer/w_p`, whose input is w_k's, so it
+shares w_k's Hessian): SPEC §3.4 quantises every shared matrix to 2 bits, and
+the budget (tools/budget.py) counts them so. Not included: routed experts
 (`ffn/w_gate|w_up|w_down` of routed layers are raw params, not Projections),
-the embedding, norms, routers and the PDR decay projection w_p / b_p (a raw
-param feeding the decay gate; its input is the same as w_k's, so its Hessian is
-the w_k one should it ever be quantised).
+the embedding, norms, the decay bias b_p and routers.
 
 Key-path scheme: the parameter path with the period index inserted after
 "periods", '/'-joined, e.g.
@@ -42,6 +43,7 @@ import numpy as np
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.infer import gptq
 from perspective_jax.model.layers import OutProjection, Projection, dtype_of
+from perspective_jax.model.pdr import PDRMixer
 from perspective_jax.model.transformer import PerspectiveLM, Period
 
 
@@ -72,6 +74,9 @@ def _period_with_inputs(cfg: ModelConfig, moe: MoEConfig, segment_pos):
                     n_in = kwargs["n_in"] if "n_in" in kwargs else args[1]
                 width = math.prod(inp.shape[inp.ndim - n_in:])
                 inputs["/".join((*mod.scope.path, "kernel"))] = inp.reshape(-1, width)
+                if isinstance(mod.parent, PDRMixer) and mod.name == "w_k":
+                    # W_p (a raw param of the mixer) sees the same input as W_k
+                    inputs["/".join((*mod.parent.scope.path, "w_p"))] = inp.reshape(-1, width)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(record):

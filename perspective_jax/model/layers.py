@@ -25,13 +25,13 @@ def logical(init, axes: Sequence[str]):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
-def _quantized_kernel(module: nn.Module):
-    """The module's "kernel" if the params hold a `QuantizedKernel` there, else None
-    (read before `self.param`, whose shape check expects a float array)."""
-    if module.has_variable("params", "kernel"):
-        kernel = module.get_variable("params", "kernel")
-        if isinstance(kernel, QuantizedKernel):
-            return kernel
+def quantized_param(module: nn.Module, name: str = "kernel"):
+    """The module's param `name` if the params hold a `QuantizedKernel` there, else
+    None (read before `self.param`, whose shape check expects a float array)."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if isinstance(value, QuantizedKernel):
+            return value
     return None
 
 
@@ -49,7 +49,7 @@ class Projection(nn.Module):
         init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "normal",
                                                 in_axis=0, out_axis=tuple(range(1, 1 + len(self.features))))
         dt = dtype_of(self.cfg.dtype)
-        quantized = _quantized_kernel(self)
+        quantized = quantized_param(self)
         if quantized is not None:
             return quantized.contract(x.astype(dt), 1).astype(dt)
         kernel = self.param("kernel", logical(init, self.axes),
@@ -71,7 +71,7 @@ class OutProjection(nn.Module):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                                 in_axis=tuple(range(n_in)), out_axis=n_in)
         dt = dtype_of(self.cfg.dtype)
-        quantized = _quantized_kernel(self)
+        quantized = quantized_param(self)
         if quantized is not None:
             return quantized.contract(x.astype(dt), n_in).astype(dt)
         kernel = self.param("kernel", logical(init, self.axes),
