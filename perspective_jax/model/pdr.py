@@ -46,17 +46,18 @@ class PDRMixer(nn.Module):
         b, t, d = x.shape
         chex.assert_shape(segment_pos, (b, t))
         pdt = dtype_of(cfg.param_dtype)
-        b_p = self.param("b_p", logical(nn.initializers.constant(
-            math.log(cfg.pdr_init_decay / (1.0 - cfg.pdr_init_decay))), ("pdr_rows",)),
-            (d,), pdt)
         # W_p stored as [in, out] like every projection: p = x @ W_p + b_p; at inference
         # of a --shared-bits export it is a QuantizedKernel (group codes, never expanded).
         w_p_codes = quantized_param(self, "w_p")
+        if w_p_codes is None:
+            w_p = self.param("w_p", logical(self._perspective_init, ("embed", "pdr_rows")),
+                             (d, d), pdt)
+        b_p = self.param("b_p", logical(nn.initializers.constant(
+            math.log(cfg.pdr_init_decay / (1.0 - cfg.pdr_init_decay))), ("pdr_rows",)),
+            (d,), pdt)
         if w_p_codes is not None:
             p = w_p_codes.contract(x.astype(jnp.float32), 1)
         else:
-            w_p = self.param("w_p", logical(self._perspective_init, ("embed", "pdr_rows")),
-                             (d, d), pdt)
             p = jnp.dot(x.astype(jnp.float32), w_p.astype(jnp.float32))
         p = p + b_p.astype(jnp.float32)
         log_decay = jnp.minimum(jax.nn.log_sigmoid(p),                 # [B,T,d] < 0
