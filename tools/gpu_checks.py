@@ -8,6 +8,8 @@ failure in one is reported and the rest still run:
             (‖out − ref‖ / ‖ref‖), and median times of: pallas, the XLA decode loop,
             decode-to-float32 + dot ("dequant"), the `auto` choice, dense float32 and
             bf16 matmuls; at 1 row a sweep of the kernel's block sizes.
+  shared    2-bit GPTQ shared-weight `group_matmul` (dequant, xla loop, auto) vs a
+            float64 reference, and the float32 / bf16 matmuls it replaces.
   pdr       `pdr_scan_kernel(impl="pallas")` vs the XLA chunked form: values,
             final state and gradients; forward times of both.
   transfer  one *full* expert-layer of a config (3 × d_model × d_ff 2-bit codes)
@@ -17,7 +19,7 @@ failure in one is reported and the rest still run:
             streaming engine runs it (`infer.layers.expert_rows`), vs SPEC's 0.14 ms.
 
     python tools/gpu_checks.py [--config curricula/perspective-1t.yaml] [--out DIR]
-        [--sections ternary,pdr,transfer,ffn] [--quick]
+        [--sections ternary,shared,pdr,transfer,ffn] [--quick]
 
 Prints a table per section; writes every number to DIR/gpu_checks.json.
 """
@@ -108,6 +110,39 @@ def section_ternary(args, rng) -> dict:
             row["dense_f32_ms"] = timed(jax.jit(lambda a, w: a @ w), xj, dense32)
             row["dense_bf16_ms"] = timed(jax.jit(lambda a, w: a @ w),
                                          xj.astype(jnp.bfloat16), dense16)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return {"rows": results}
+
+
+def section_shared(args, rng) -> dict:
+    """2-bit GPTQ shared-weight matmul (`group_matmul`, group 64): error vs float64 and
+    time of each impl against the float32 / bf16 matrix it replaces."""
+    from kernels_pallas.group_matmul import default_impl, group_matmul
+    from perspective_jax.infer import gptq
+    shapes = [(256, 384)] if ON_CPU else [(4096, 4096), (4096, 11008), (11008, 4096)]
+    results = []
+    for k, n in shapes:
+        q = gptq.rtn_quantize(rng.standard_normal((k, n)).astype(np.float32), 2, 64)
+        w64 = gptq.dequantize(q).astype(np.float64)
+        parts = [jnp.asarray(a) for a in (q.codes, q.scales, q.zeros)]
+        dense32 = jnp.asarray(w64, jnp.float32)
+        for m in ([1, 64] if args.quick else [1, 16, 256]):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            ref, xj = x.astype(np.float64) @ w64, jnp.asarray(x)
+            row = {"m": m, "k": k, "n": n, "auto_impl": default_impl(2, 64)}
+            for impl in ("dequant", "xla", None):
+                name = impl or "auto"
+                fn = jax.jit(lambda a, c, s_, z, impl=impl: group_matmul(a, c, s_, z, 2, 64,
+                                                                         impl=impl))
+                try:
+                    row[f"{name}_err"] = rel_err(fn(xj, *parts), ref)
+                    row[f"{name}_ms"] = timed(fn, xj, *parts)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["dense_f32_ms"] = timed(jax.jit(lambda a, w: a @ w), xj, dense32)
+            row["dense_bf16_ms"] = timed(jax.jit(lambda a, w: a @ w), xj.astype(jnp.bfloat16),
+                                         dense32.astype(jnp.bfloat16))
             results.append(row)
             print(json.dumps(row), flush=True)
     return {"rows": results}
@@ -239,8 +274,8 @@ def _ffn_reference(trits, x, scale):
     return h @ (trits["w_down"] * scale)
 
 
-SECTIONS = {"ternary": section_ternary, "pdr": section_pdr, "transfer": section_transfer,
-            "ffn": section_ffn}
+SECTIONS = {"ternary": section_ternary, "shared": section_shared, "pdr": section_pdr,
+            "transfer": section_transfer, "ffn": section_ffn}
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@
 #   1. tools/gpu_checks.py   Pallas kernels compiled for the device vs references,
 #                            one full expert-layer host→device, one expert's FFN
 #   2. engine tests on the device (pinned_host staging, Pallas prefill path)
-#   3. tools/bench_streaming.py part A on a reduced synthetic model
+#   3. tools/bench_streaming.py part A on a reduced synthetic model (2-bit shared)
 # Usage: bash tools/gpu_session.sh OUT_DIR [PYTHON]
 set -u
 out=${1:?usage: tools/gpu_session.sh OUT_DIR [PYTHON]}
@@ -28,8 +28,9 @@ fi
 if [[ $STEPS == *2* ]]; then
 step "2. engine + kernel tests on the device"
 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$T_TESTS" \
-  $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_infer.py \
-  -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved}" \
+  $py -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_group_matmul.py \
+  tests/test_infer.py \
+  -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved or group or 2bit or gptq}" \
   --durations=8 > "$out/pytest_device.log" 2>&1
 echo "rc $?"; tail -15 "$out/pytest_device.log"
 fi
@@ -38,6 +39,7 @@ if [[ $STEPS == *3* ]]; then
 step "3. streaming bench (synthetic wide, 18 x 16 experts, 256 MB host)"
 timeout "$T_BENCH" $py tools/bench_streaming.py --parts A --variants wide --experts 16 \
   --host-mb 256 --routers coherent --tokens 32 --work-dir /tmp/perspective-bench \
+  --shared-bits 2 \
   > "$out/bench_streaming.log" 2>&1
 echo "rc $?"; tail -22 "$out/bench_streaming.log"
 fi

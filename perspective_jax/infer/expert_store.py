@@ -3,24 +3,24 @@
     store.read_region(j, e)      -> uint8 [region_bytes]   (a fresh host copy)
     store.read_delta(j, src, dst) -> (positions uint32 [n], values uint8 [n]) | None
 
-Every region and delta is checked against its manifest sha256 the first time
-it is read; a mismatch raises `ModelDirError` naming the file, expert layer and
+Every region and delta is checked against its manifest XXH3-128 checksum the
+first time it is read; a mismatch raises `ModelDirError` naming the file, expert layer and
 expert. `io="direct"` bypasses the page cache (O_DIRECT reads, falling back to
 posix_fadvise(DONTNEED) before each read where the file system refuses
 O_DIRECT) — for measuring the disk itself. Direct reads go in `READ_CHUNK`
 pieces straight into the page-aligned array that is returned (no copy), and a
-first read's sha256 is computed by a helper thread one chunk behind the disk,
+first read's checksum is computed by a helper thread one chunk behind the disk,
 so hashing overlaps the reading instead of following it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import os
 import threading
 
 import numpy as np
+import xxhash
 
 from perspective_jax.infer import model_dir as md
 
@@ -43,7 +43,7 @@ class ExpertStore:
                              for layer in self.layers]
         self._verified: set = set()
         self._lock = threading.Lock()
-        self._hasher = concurrent.futures.ThreadPoolExecutor(1, "expert-sha256")
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, "expert-checksum")
         self.bytes_read = 0
         padded = -(-self.region_bytes // md.REGION_ALIGN) * md.REGION_ALIGN
         # host bytes one region read from the store occupies (direct: aligned allocation)
@@ -73,9 +73,9 @@ class ExpertStore:
     def _check(self, key, data, expected: str, what: str, rel: str, digest=None) -> None:
         if key in self._verified:
             return
-        if (digest if digest is not None else md.sha256_bytes(data)) != expected:
+        if (digest if digest is not None else md.region_digest(data)) != expected:
             raise md.ModelDirError(
-                f"{os.path.join(self.dir, rel)}: {what} fails its sha256 checksum; the "
+                f"{os.path.join(self.dir, rel)}: {what} fails its checksum; the "
                 "model directory is corrupt — re-run perspective-export")
         with self._lock:
             self._verified.add(key)
@@ -91,7 +91,7 @@ class ExpertStore:
         else:
             mm = self._map(self._maps, j, layer["file"])
             data = np.array(mm[entry["offset"]: entry["offset"] + self.region_bytes])
-        self._check(key, data, entry["sha256"], f"expert {e} of expert layer {j}",
+        self._check(key, data, entry[md.REGION_CHECKSUM], f"expert {e} of expert layer {j}",
                     layer["file"], digest)
         self.bytes_read += self.region_bytes
         return data
@@ -104,19 +104,19 @@ class ExpertStore:
         mm = self._map(self._deltas, j, rel)
         n = entry["count"]
         raw = np.array(mm[entry["offset"]: entry["offset"] + 5 * n + (-5 * n) % 4])
-        self._check(("delta", j, src, dst), raw, entry["sha256"],
+        self._check(("delta", j, src, dst), raw, entry[md.REGION_CHECKSUM],
                     f"delta {src}->{dst} of expert layer {j}", rel)
         self.bytes_read += 5 * n
         return md.parse_delta(raw, 0, n)
 
     def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool):
-        """(uint8 [nbytes] view of a page-aligned buffer, sha256 hex or None)."""
+        """(uint8 [nbytes] view of a page-aligned buffer, checksum hex or None)."""
         path = os.path.join(self.dir, rel)
         size = -(-nbytes // md.REGION_ALIGN) * md.REGION_ALIGN
         raw = np.empty(size + md.REGION_ALIGN, np.uint8)
         start = (-raw.ctypes.data) % md.REGION_ALIGN        # O_DIRECT needs alignment
         buf = raw[start: start + size]
-        sha = hashlib.sha256() if hash_it else None
+        hasher = xxhash.xxh3_128() if hash_it else None
         pending = None
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
@@ -131,8 +131,8 @@ class ExpertStore:
                 b = min(a + READ_CHUNK, size)
                 n = os.preadv(fd, [memoryview(buf[a:b])], offset + a)
                 got += n
-                if sha is not None:                     # hash this chunk while reading on
-                    pending = self._hasher.submit(sha.update, buf[a: min(a + n, nbytes)])
+                if hasher is not None:                  # hash this chunk while reading on
+                    pending = self._hasher.submit(hasher.update, buf[a: min(a + n, nbytes)])
                 if n < b - a:
                     break
         finally:
@@ -143,7 +143,7 @@ class ExpertStore:
         if got < nbytes:
             raise md.ModelDirError(f"{path}: short read at offset {offset} ({got} of "
                                    f"{nbytes} bytes); the file is truncated — re-export")
-        return buf[:nbytes], (sha.hexdigest() if sha is not None else None)
+        return buf[:nbytes], (hasher.hexdigest() if hasher is not None else None)
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True)

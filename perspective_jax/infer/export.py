@@ -125,7 +125,7 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
         with open(os.path.join(out, md.expert_file(j)), "wb") as fh:
             for x, region in enumerate(regions):
                 entries.append({"expert": x, "offset": x * layout.stride,
-                                "sha256": md.sha256_bytes(region)})
+                                md.REGION_CHECKSUM: md.region_digest(region)})
                 fh.write(region.tobytes() + b"\0" * (layout.stride - layout.nbytes))
         deltas = []
         with open(os.path.join(out, md.delta_file(j)), "wb") as fh:
@@ -137,7 +137,7 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
                 pos, val = md.encode_delta(regions[a], regions[b])
                 rec = md.delta_record(pos, val)
                 deltas.append({"src": a, "dst": b, "offset": at, "count": int(len(pos)),
-                               "sha256": md.sha256_bytes(rec)})
+                               md.REGION_CHECKSUM: md.region_digest(rec)})
                 fh.write(rec)
                 at += len(rec)
                 delta_bytes += len(rec)

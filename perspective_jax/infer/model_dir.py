@@ -3,7 +3,8 @@
     MODEL_DIR/
       manifest.json           format + version, resolved config, tokenizer, tensor
                               index, expert/delta index, routing frequencies,
-                              byte size and sha256 of every file (written last)
+                              XXH3-128 of every region and delta, byte size and
+                              sha256 of every file (written last)
       shared.safetensors      every non-expert weight (float32, or 2-bit GPTQ
                               groups for the shared kernels) + expert_scales/<matrix>
                               [L, E, S]: one scale per matrix (S = 1) or per output
@@ -31,11 +32,14 @@ import os
 import time
 
 import numpy as np
+import xxhash
 
 from perspective_jax.errors import UserError
 
 FORMAT_NAME = "perspective-model"
-FORMAT_VERSION = 2   # 2: per-matrix expert scale tensors (expert_scales/<matrix>)
+FORMAT_VERSION = 3   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
+                     # 3: region and delta checksums are XXH3-128 ("xxh3_128")
+REGION_CHECKSUM = "xxh3_128"   # manifest key of a region's / delta's checksum
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
 EXPERT_SCALES = "expert_scales"      # expert_scales/<matrix>: [L, E, S], S = 1 or N
@@ -138,6 +142,13 @@ def parse_delta(buf, offset: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     positions = np.frombuffer(buf, "<u4", count, offset)
     values = np.frombuffer(buf, np.uint8, count, offset + 4 * count)
     return positions, values
+
+
+def region_digest(data) -> str:
+    """XXH3-128 hex digest of a region or delta record: a corruption check fast
+    enough (~25 GB/s on one core) to run on every first read while decoding;
+    sha256 (~1.8 GB/s) cost 4.8 ms of CPU per 8.45 MB region."""
+    return xxhash.xxh3_128_hexdigest(memoryview(data))
 
 
 def sha256_bytes(data) -> str:
