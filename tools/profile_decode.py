@@ -4,7 +4,7 @@ Every expert the window needs stays in its own device slot (no transfers), the
 tokens are decoded twice, and the second pass is repeated with each jitted
 piece of `perspective_jax.infer.layers` synchronised on its own:
 
-    python tools/profile_decode.py MODEL_DIR [--tokens 24] [--slots 40]
+    python tools/profile_decode.py MODEL_DIR [--tokens 24] [--prompt 16]
 
 Prints ms per token and per call of: embed, PDR / GQA mixers, routing, the
 fused expert call, dense FFNs, the head; and the unsynchronised step time.
@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from perspective_jax.infer import layers as L  # noqa: E402
+from perspective_jax.infer import model_dir as md  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
 
 PIECES = ("embed", "mixer", "route", "expert_token", "dense_ffn", "head")
@@ -36,11 +37,13 @@ def main(argv=None) -> int:
     p.add_argument("model_dir")
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--prompt", type=int, default=16)
-    p.add_argument("--slots", type=int, default=40,
-                   help="device slots: enough to keep every expert the window uses")
+    p.add_argument("--host-mb", type=float, default=4096)
     a = p.parse_args(argv)
-    eng = StreamingEngine(a.model_dir, host_budget_mb=4096, device_slots=a.slots,
-                          prefetch=False)
+    # one device slot per expert the window can touch: after the first pass every
+    # transfer is "same" (the report line shows it), so only compute is timed
+    layers = len(md.read_manifest(a.model_dir)["experts"]["layers"])
+    eng = StreamingEngine(a.model_dir, host_budget_mb=a.host_mb,
+                          device_slots=layers * (a.prompt + a.tokens) + 2, prefetch=False)
     toks = np.frombuffer(TEXT * 4, np.uint8).astype(np.int32) % eng.model.vocab_size
 
     counting = [False]                                # only decode steps are profiled
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
         return (time.perf_counter() - t0) / a.tokens * 1e3
 
     window()                                          # compiles, brings the experts in
+    full_before = eng.report()["transfers"]["full"]
     step_ms = window()
     spent, calls = collections.Counter(), collections.Counter()
     original = {name: getattr(L, name) for name in PIECES}
@@ -79,8 +83,10 @@ def main(argv=None) -> int:
     finally:
         for name in PIECES:
             setattr(L, name, original[name])
+    moved = eng.report()["transfers"]["full"] - full_before
     print(f"{a.model_dir}: decode step {step_ms:.1f} ms/token "
-          f"({synced_ms:.1f} with every piece synchronised), {eng.report()['transfers']}")
+          f"({synced_ms:.1f} with every piece synchronised); full transfers in the timed "
+          f"windows: {moved}{'' if moved == 0 else ' — not compute-only, raise --host-mb'}")
     print("| piece | ms / token | ms / call | calls / token |\n|---|---:|---:|---:|")
     for key in sorted(spent, key=spent.get, reverse=True):
         print(f"| {key} | {spent[key] / a.tokens * 1e3:.2f} | "
