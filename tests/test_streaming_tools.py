@@ -1,0 +1,46 @@
+"""Smoke tests of the streaming benchmark helpers (tools/streaming_models.py,
+tools/profile_decode.py) on a tiny synthetic model."""
+
+import os
+
+import pytest
+
+from perspective_jax.config import load_config
+from perspective_jax.infer import model_dir as md
+from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.synthetic import write_synthetic_model_dir
+from perspective_jax.model.quantized_kernel import QuantizedKernel
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+
+@pytest.fixture
+def tools_path(monkeypatch):
+    monkeypatch.syspath_prepend(TOOLS)
+
+
+def test_derive_quantized_links_experts_and_profile_is_compute_only(tmp_path, tools_path,
+                                                                   capsys):
+    import profile_decode
+    from streaming_models import derive_quantized
+    cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
+                             "model.d_ff=96", "model.n_layers=4", "model.vocab_size=259",
+                             "moe.num_experts=8", "moe.lattice=[2,2,2]", "data.tokenizer=byte"])
+    src, dst = str(tmp_path / "float"), str(tmp_path / "packed")
+    write_synthetic_model_dir(src, cfg, seed=0, log=lambda *_: None)
+    derive_quantized(src, dst, bits=2, group_size=32)
+    manifest = md.read_manifest(dst)
+    assert manifest["shared"]["bits"] == 2 and manifest["shared"]["quantized"]
+    for name in os.listdir(os.path.join(src, "experts")):       # hard links, same bytes
+        assert os.path.samefile(os.path.join(src, "experts", name),
+                                os.path.join(dst, "experts", name))
+    engine = StreamingEngine(dst, host_budget_mb=1)
+    kinds = {type(k["mixer"]["w_p"]) for layer in engine.layer_params for k in layer
+             if "w_p" in k["mixer"]}
+    assert kinds == {QuantizedKernel}
+    engine.close()
+
+    assert profile_decode.main([dst, "--tokens", "3", "--prompt", "4", "--host-mb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "full transfers in the timed windows: 0" in out
+    assert "| expert_token |" in out and "| mixer:pdr |" in out
