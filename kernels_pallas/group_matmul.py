@@ -5,7 +5,8 @@
 
 Codes c < 2^bits are packed along the input axis, k = 8 // bits per byte:
 ``packed[r, o] = Σ_j c[k·r + j, o] << (bits·j)`` (`perspective_jax.infer.gptq.pack_codes`);
-scales s and integer zero points z are float32 [n_groups, out].
+scales s and integer zero points z are [n_groups, out], float16 (as exported; float32
+accepted), widened to float32 inside the loop.
 
 Implementations (chosen per backend and row count by `default_impl`):
 * ``xla``     — CPU. Up to ``fused_max_rows`` rows (decode): a loop over groups,
@@ -45,7 +46,8 @@ def _unpack(packed, bits: int, n_rows: int):
 
 def _dequantized(packed, scales, zeros, bits: int, group_size: int, n_in: int):
     g = jnp.arange(n_in) // group_size
-    return (_unpack(packed, bits, n_in) - zeros[g]) * scales[g]
+    f32 = jnp.float32
+    return (_unpack(packed, bits, n_in) - zeros[g].astype(f32)) * scales[g].astype(f32)
 
 
 def group_matmul_dequant(x, packed, scales, zeros, bits: int, group_size: int):
@@ -82,7 +84,7 @@ def _fused_group(xg, xs, codes, s, z, bits: int):
     k, mask = 8 // bits, (1 << bits) - 1
     part = _tree_sum([xg[k * j + i] * ((codes[j] >> (bits * i)) & mask).astype(jnp.float32)
                       for j in range(codes.shape[0]) for i in range(k)])
-    return s * (part - z * xs)
+    return s.astype(jnp.float32) * (part - z.astype(jnp.float32) * xs)
 
 
 def _dot_block(xb, codes, s, z, bits: int):
@@ -92,6 +94,7 @@ def _dot_block(xb, codes, s, z, bits: int):
     r, n = codes.shape
     rpg = r // s.shape[0]
     c = jnp.stack([((codes >> (bits * i)) & mask).astype(jnp.float32) for i in range(k)])
+    s, z = s.astype(jnp.float32), z.astype(jnp.float32)
     w = (c.reshape(k, -1, rpg, n) - z[None, :, None]) * s[None, :, None]
     xp = jnp.transpose(xb.reshape(xb.shape[0], r, k), (0, 2, 1)).reshape(xb.shape[0], k * r)
     return xp @ w.reshape(k * r, n)
@@ -135,6 +138,8 @@ def group_matmul(x, packed, scales, zeros, bits: int, group_size: int,
         raise ValueError(f"group_matmul: x {x.shape}, codes {packed.shape}, scales "
                          f"{scales.shape}, zeros {zeros.shape} do not match bits={bits}, "
                          f"group_size={group_size}")
+    if x.shape[0] == 0:
+        return jnp.zeros((0, n), jnp.float32)
     impl = impl or default_impl(bits, group_size)
     if impl not in IMPLS:
         raise ValueError(f"unknown group_matmul impl {impl!r}; use one of {IMPLS}")

@@ -30,7 +30,10 @@ def reference_gptq(w, h, bits, group_size, damp):
             lo, hi = np.minimum(g.min(0), 0), np.maximum(g.max(0), 0)
             zero_both = (lo == 0) & (hi == 0)
             lo, hi = np.where(zero_both, -1, lo), np.where(zero_both, 1, hi)
-            scale = (hi - lo) / maxq
+            scale = (hi - lo) / maxq                   # stored as the float16 ≥ it
+            s16 = scale.astype(np.float16)
+            scale = np.where(s16 < scale, np.nextafter(s16, np.float16(np.inf)),
+                             s16).astype(np.float64)
             zero = np.round(-lo / scale)
         q = np.clip(np.round(w[i] / scale) + zero, 0, maxq)
         codes[i] = q
@@ -99,7 +102,8 @@ def test_codes_range_and_tensor_round_trip(bits, tmp_path):
     assert codes.shape == (67, 9) and codes.min() >= 0 and codes.max() < 2 ** bits
     assert q.codes.dtype == np.uint8 and q.codes.shape == (-(-67 // (8 // bits)), 9)
     np.testing.assert_array_equal(gptq.pack_codes(codes, bits), q.codes)
-    assert gptq.nbytes(q) == q.codes.nbytes + 2 * 4 * 5 * 9
+    assert q.scales.dtype == q.zeros.dtype == np.float16      # 2 + 2 bytes per group
+    assert gptq.nbytes(q) == q.codes.nbytes + 2 * 2 * 5 * 9
     deq = gptq.dequantize(q)
     assert deq.dtype == np.float32 and deq.shape == (67, 9)
     rtn = gptq.rtn_quantize(w, bits, 16)                # RTN: error within half a step

@@ -47,6 +47,15 @@ def test_group_matmul_rejects_mismatched_shapes():
         group_matmul(x, q.codes, q.scales, q.zeros, 5, 16)
     with pytest.raises(ValueError, match="unknown group_matmul impl"):
         group_matmul(x, q.codes, q.scales, q.zeros, 2, 16, impl="cuda")
+    assert group_matmul(x[:0], q.codes, q.scales, q.zeros, 2, 16).shape == (0, 8)
+
+
+def test_group_parameters_are_float16_and_float32_ones_still_work():
+    q, x, want = _case(128, 12, 2, 2, 32)
+    assert q.scales.dtype == q.zeros.dtype == np.float16
+    wide = (q.scales.astype(np.float32), q.zeros.astype(np.float32))
+    got = group_matmul(x, q.codes, *wide, 2, 32)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def _quantized_params(module, x, bits, group_size, *args):

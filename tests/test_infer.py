@@ -279,6 +279,20 @@ def test_synthetic_model_with_2bit_shared_weights_equals_dequantised_floats(tmp_
         engine.close()
 
 
+def test_delta_into_a_slot_never_writes_the_host_copy_it_came_from():
+    """On CPU an aligned host region is aliased by the slot (no copy); the delta
+    scatter donates the slot — the host cache's bytes must stay as they were."""
+    from perspective_jax.infer import expert_store
+    from perspective_jax.infer.device_slots import DeviceSlots
+    host = expert_store._aligned_empty(1 << 14, expert_store.ARRAY_ALIGN)
+    host[:] = 5
+    slots = DeviceSlots(2, host.size, jax.devices()[0])
+    slots.load(0, (0, 1), host)
+    slots.apply_delta(0, (0, 2), np.array([3, 10], np.uint32), np.array([9, 9], np.uint8))
+    np.testing.assert_array_equal(np.asarray(slots.arrays[0])[[2, 3, 10]], [5, 9, 9])
+    assert (host == 5).all()
+
+
 def test_host_cache_budget_and_frequency_weighted_eviction():
     priors = np.array([[0.7, 0.1, 0.1, 0.1]])
     cache = HostCache(budget_bytes=250, entry_bytes=100, priors=priors)

@@ -270,12 +270,13 @@ def part_a(args, log) -> list[str]:
               "|---|---:|---:|---|---:|---:|---:|", *summary, "",
               "Streaming runs (per token: MB moved host→device for the experts used, MB read from the store, MB "
               "of wasted (mispredicted) prefetches; stalls per token and their time; bound = "
-              "read bandwidth ÷ MB read per token (\"used bytes only\": ÷ MB moved for the "
-              "experts used, wasted prefetches not counted); \"of min\" = tok/s ÷ min(I/O bound, "
+              "read bandwidth ÷ MB read per token (\"used experts' bytes\": ÷ MB moved "
+              "host→device for the experts used — host-cache hits included, wasted "
+              "prefetches not); \"of min\" = tok/s ÷ min(I/O bound, "
               "compute-only rate); \"of serial\" = tok/s ÷ 1/(I/O time + compute time)):", "",
               "| model | coherent routers | io | tok/s | MB moved/tok (used) | MB read/tok | MB wasted/tok "
               "| same/delta/full | host hit | prefetch acc. | stalls/tok | read GB/s | "
-              "I/O bound tok/s | % of I/O bound | % of bound, used bytes only | "
+              "I/O bound tok/s | % of I/O bound | % of bound, used experts' bytes | "
               "compute-only tok/s | % of min | % of serial |",
               "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
               "---:|",

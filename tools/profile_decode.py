@@ -39,12 +39,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--host-mb", type=float, default=4096)
     a = p.parse_args(argv)
+    if a.tokens < 1 or a.prompt < 2:
+        p.error("--tokens must be ≥ 1 and --prompt ≥ 2 (a prompt of one token is a decode step)")
     # one device slot per expert the window can touch: after the first pass every
     # transfer is "same" (the report line shows it), so only compute is timed
     layers = len(md.read_manifest(a.model_dir)["experts"]["layers"])
     eng = StreamingEngine(a.model_dir, host_budget_mb=a.host_mb,
                           device_slots=layers * (a.prompt + a.tokens) + 2, prefetch=False)
-    toks = np.frombuffer(TEXT * 4, np.uint8).astype(np.int32) % eng.model.vocab_size
+    repeats = -(-(a.prompt + a.tokens) // len(TEXT))
+    toks = np.frombuffer(TEXT * repeats, np.uint8).astype(np.int32) % eng.model.vocab_size
 
     counting = [False]                                # only decode steps are profiled
 
@@ -59,39 +62,41 @@ def main(argv=None) -> int:
         counting[0] = False
         return (time.perf_counter() - t0) / a.tokens * 1e3
 
-    window()                                          # compiles, brings the experts in
-    full_before = eng.report()["transfers"]["full"]
-    step_ms = window()
-    spent, calls = collections.Counter(), collections.Counter()
-    original = {name: getattr(L, name) for name in PIECES}
-
-    def synced(name):
-        def run(*args, **kw):
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(original[name](*args, **kw))
-            if counting[0]:
-                key = f"{name}:{args[1]}" if name == "mixer" else name
-                spent[key] += time.perf_counter() - t0
-                calls[key] += 1
-            return out
-        return run
-
-    for name in PIECES:
-        setattr(L, name, synced(name))
     try:
-        synced_ms = window()
-    finally:
+        window()                                          # compiles, brings the experts in
+        full_before = eng.report()["transfers"]["full"]
+        step_ms = window()
+        spent, calls = collections.Counter(), collections.Counter()
+        original = {name: getattr(L, name) for name in PIECES}
+
+        def synced(name):
+            def run(*args, **kw):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(original[name](*args, **kw))
+                if counting[0]:
+                    key = f"{name}:{args[1]}" if name == "mixer" else name
+                    spent[key] += time.perf_counter() - t0
+                    calls[key] += 1
+                return out
+            return run
+
         for name in PIECES:
-            setattr(L, name, original[name])
-    moved = eng.report()["transfers"]["full"] - full_before
-    print(f"{a.model_dir}: decode step {step_ms:.1f} ms/token "
-          f"({synced_ms:.1f} with every piece synchronised); full transfers in the timed "
-          f"windows: {moved}{'' if moved == 0 else ' — not compute-only, raise --host-mb'}")
-    print("| piece | ms / token | ms / call | calls / token |\n|---|---:|---:|---:|")
-    for key in sorted(spent, key=spent.get, reverse=True):
-        print(f"| {key} | {spent[key] / a.tokens * 1e3:.2f} | "
-              f"{spent[key] / calls[key] * 1e3:.3f} | {calls[key] / a.tokens:.1f} |")
-    eng.close()
+            setattr(L, name, synced(name))
+        try:
+            synced_ms = window()
+        finally:
+            for name in PIECES:
+                setattr(L, name, original[name])
+        moved = eng.report()["transfers"]["full"] - full_before
+        print(f"{a.model_dir}: decode step {step_ms:.1f} ms/token "
+              f"({synced_ms:.1f} with every piece synchronised); full transfers in the timed "
+              f"windows: {moved}{'' if moved == 0 else ' — not compute-only, raise --host-mb'}")
+        print("| piece | ms / token | ms / call | calls / token |\n|---|---:|---:|---:|")
+        for key in sorted(spent, key=spent.get, reverse=True):
+            print(f"| {key} | {spent[key] / a.tokens * 1e3:.2f} | "
+                  f"{spent[key] / calls[key] * 1e3:.3f} | {calls[key] / a.tokens:.1f} |")
+    finally:
+        eng.close()
     return 0
 
 

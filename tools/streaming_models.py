@@ -51,13 +51,17 @@ def build_synthetic(path: str, cfg, log, **kw) -> float:
     return time.perf_counter() - t0
 
 
-def _derive(src: str, dst: str, transform, label: str) -> None:
+def _derive(src: str, dst: str, transform, label: str, current=None) -> None:
     """`dst` = `src` with its shared file rewritten by transform(tensors, manifest) —
-    the expert and delta files are hard links to `src`'s (identical bytes)."""
+    the expert and delta files are hard links to `src`'s (identical bytes). An
+    existing `dst` is reused only if it links `src`'s experts and, when given,
+    current(its manifest) holds."""
     from safetensors.numpy import load_file, save_file
     from perspective_jax.infer import model_dir as md
-    if _complete(dst):
-        return
+    if _complete(dst) and _links(src, dst):
+        with open(os.path.join(dst, md.MANIFEST)) as fh:
+            if current is None or current(json.load(fh)):
+                return
     shutil.rmtree(dst, ignore_errors=True)
     tmp = dst + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +81,15 @@ def _derive(src: str, dst: str, transform, label: str) -> None:
     with open(os.path.join(tmp, md.MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=1)
     os.replace(tmp, dst)
+
+
+def _links(src: str, dst: str) -> bool:
+    """Whether dst's expert files are src's (hard links to the same inodes)."""
+    names = sorted(os.listdir(os.path.join(src, "experts")))
+    return bool(names) and all(
+        os.path.exists(os.path.join(dst, "experts", n))
+        and os.path.samefile(os.path.join(src, "experts", n), os.path.join(dst, "experts", n))
+        for n in names)
 
 
 def derive_incoherent(src: str, dst: str, seed: int = 1) -> None:
@@ -108,7 +121,13 @@ def derive_quantized(src: str, dst: str, bits: int, group_size: int = 64) -> Non
                                   tensors={k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                                            for k, v in tensors.items()})
         return tensors
-    _derive(src, dst, transform, f"{bits}-bit shared weights")
+    def current(manifest):
+        shared = manifest["shared"]
+        dtypes = {v["dtype"] for k, v in shared.get("tensors", {}).items()
+                  if k.endswith(".scales")}
+        return (shared.get("bits") == bits and shared.get("group_size") == group_size
+                and dtypes == {"float16"})
+    _derive(src, dst, transform, f"{bits}-bit shared weights", current)
 
 
 def export_quickstart(run_dir: str, out: str, log) -> None:

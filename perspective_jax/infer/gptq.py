@@ -100,8 +100,8 @@ def hessian_from_inputs(x) -> np.ndarray:
 @dataclasses.dataclass
 class QuantizedMatrix:
     codes: np.ndarray    # uint8 [ceil(in / (8 // bits)), out], packed along the input axis
-    scales: np.ndarray   # float32 [n_groups, out]
-    zeros: np.ndarray    # float32 [n_groups, out] (integer-valued zero points)
+    scales: np.ndarray   # float16 [n_groups, out] (float32 in older exports)
+    zeros: np.ndarray    # float16 [n_groups, out] (integer-valued zero points)
     shape: tuple         # (in, out)
     bits: int
     group_size: int
@@ -137,8 +137,18 @@ def _group_params(wg: np.ndarray, maxq: int):
     hi = np.maximum(wg.max(axis=0), 0.0)
     both0 = (lo == 0) & (hi == 0)
     lo, hi = np.where(both0, -1.0, lo), np.where(both0, 1.0, hi)
-    scale = (hi - lo) / maxq
+    scale = _fp16_scale((hi - lo) / maxq)
     return scale, np.round(-lo / scale)
+
+
+def _fp16_scale(scale: np.ndarray) -> np.ndarray:
+    """The smallest float16 ≥ scale (as float64): group parameters are stored as
+    float16 (the 2.5 bits per weight `tools/budget.py` counts at group 64), and
+    rounding up keeps [lo, hi] inside the code range."""
+    tiny = np.finfo(np.float16).tiny
+    s16 = np.maximum(scale, tiny).astype(np.float16)
+    s16 = np.where(s16.astype(np.float64) < scale, np.nextafter(s16, np.float16(np.inf)), s16)
+    return s16.astype(np.float64)
 
 
 def _quant(w, scale, zero, maxq):
@@ -155,8 +165,8 @@ def dequantize(q: QuantizedMatrix) -> np.ndarray:
 
 
 def _finish(codes, scales, zeros, shape, bits, group_size) -> QuantizedMatrix:
-    return QuantizedMatrix(pack_codes(codes, bits), np.asarray(scales, np.float32),
-                           np.asarray(zeros, np.float32), tuple(int(s) for s in shape),
+    return QuantizedMatrix(pack_codes(codes, bits), np.asarray(scales, np.float16),
+                           np.asarray(zeros, np.float16), tuple(int(s) for s in shape),
                            int(bits), int(group_size))
 
 
@@ -253,8 +263,8 @@ def from_tensors(tensors: dict, prefix: str) -> QuantizedMatrix:
     shape = tuple(int(s) for s in t["shape"])
     bits, group_size = int(t["bits"].reshape(-1)[0]), int(t["group_size"].reshape(-1)[0])
     _check_bits_group(bits, group_size)
-    q = QuantizedMatrix(t["codes"].astype(np.uint8), t["scales"].astype(np.float32),
-                        t["zeros"].astype(np.float32), shape, bits, group_size)
+    q = QuantizedMatrix(t["codes"].astype(np.uint8), _group_dtype(t["scales"]),
+                        _group_dtype(t["zeros"]), shape, bits, group_size)
     k = _codes_per_byte(bits)
     want = {"codes": (-(-shape[0] // k), shape[1]), "scales": (q.n_groups, shape[1])}
     want["zeros"] = want["scales"]
@@ -262,6 +272,11 @@ def from_tensors(tensors: dict, prefix: str) -> QuantizedMatrix:
         if getattr(q, f).shape != s:
             raise ValueError(f"{prefix}.{f} has shape {getattr(q, f).shape}, expected {s}")
     return q
+
+
+def _group_dtype(a: np.ndarray) -> np.ndarray:
+    """Group parameters as stored: float16 (this format) or float32 (older exports)."""
+    return a if a.dtype in (np.float16, np.float32) else a.astype(np.float32)
 
 
 def nbytes(q: QuantizedMatrix) -> int:

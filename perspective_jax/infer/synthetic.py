@@ -1,7 +1,11 @@
 """Synthetic model directories for streaming benchmarks (no training, any size).
 
     write_synthetic_model_dir(out, cfg, seed=0, neighbour_flip_share=None,
-                              coherent_routers=True)
+                              coherent_routers=True, shared_bits=0, group_size=64)
+
+With `shared_bits` the shared matrices are written as round-to-nearest group
+codes in the `--shared-bits` export format (`rtn_quantized_tensors`; no
+calibration text, so no GPTQ error compensation).
 
 Experts are random ternary regions (drawn from the 81 valid 4-trit codes, so
 every byte is a legal code). With `neighbour_flip_share` s, expert e of each

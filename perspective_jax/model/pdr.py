@@ -47,7 +47,7 @@ class PDRMixer(nn.Module):
         chex.assert_shape(segment_pos, (b, t))
         pdt = dtype_of(cfg.param_dtype)
         # W_p stored as [in, out] like every projection: p = x @ W_p + b_p; at inference
-        # of a --shared-bits export it is a QuantizedKernel (group codes, never expanded).
+        # of a --shared-bits export it is a QuantizedKernel (group codes, used packed).
         w_p_codes = quantized_param(self, "w_p")
         if w_p_codes is None:
             w_p = self.param("w_p", logical(self._perspective_init, ("embed", "pdr_rows")),

@@ -3,8 +3,11 @@
 `QuantizedKernel` is a pytree that stands in for a float `kernel` parameter of a
 `Projection` / `OutProjection` at inference: the engine puts it where the float
 array would be, and the projection multiplies through
-`kernels_pallas.group_matmul` — the weights stay 2–8 bit codes plus per-group
-scales and zero points on the device and are never expanded to float32.
+`kernels_pallas.group_matmul` — the weights stay 2–8 bit codes plus float16
+per-group scales and zero points on the device (2.5 bits per weight at 2 bits,
+group 64); the CPU decode path (≤ 4 rows) never forms a float copy of the
+matrix, the others expand one block (CPU, many rows) or the whole matrix per
+call (accelerators: no Pallas kernel for it yet).
 
     kernel shape (in_0, …, out_0, …)  ≡  matrix Ŵ [in, out]  (in = ∏ in axes)
     Ŵ[i, o] = (code[i, o] − zero[i // group_size, o]) · scale[i // group_size, o]
@@ -25,8 +28,8 @@ from kernels_pallas.group_matmul import group_matmul
 @dataclasses.dataclass(frozen=True)
 class QuantizedKernel:
     codes: jax.Array            # uint8 [ceil(in / (8 // bits)), out]
-    scales: jax.Array           # float32 [n_groups, out]
-    zeros: jax.Array            # float32 [n_groups, out]
+    scales: jax.Array           # float16 [n_groups, out] (float32 from older exports)
+    zeros: jax.Array            # float16 [n_groups, out], integer-valued
     shape: tuple = dataclasses.field(metadata={"static": True})   # the float kernel's
     n_in: int = dataclasses.field(metadata={"static": True})      # ∏ contracted axes
     bits: int = dataclasses.field(metadata={"static": True})
@@ -54,10 +57,7 @@ def from_quantized_matrix(q, kernel_shape) -> QuantizedKernel:
     n_in, n_out = q.shape
     if math.prod(kernel_shape) != n_in * n_out:
         raise ValueError(f"quantised matrix {q.shape} does not hold a kernel {kernel_shape}")
-    n_axes = next((a for a in range(1, len(kernel_shape))
-                   if math.prod(kernel_shape[:a]) == n_in), None)
-    if n_axes is None:
+    if not any(math.prod(kernel_shape[:a]) == n_in for a in range(1, len(kernel_shape))):
         raise ValueError(f"no leading axes of {kernel_shape} have {n_in} elements")
-    return QuantizedKernel(np.asarray(q.codes, np.uint8), np.asarray(q.scales, np.float32),
-                           np.asarray(q.zeros, np.float32), kernel_shape, n_in, q.bits,
-                           q.group_size)
+    return QuantizedKernel(np.asarray(q.codes, np.uint8), np.asarray(q.scales),
+                           np.asarray(q.zeros), kernel_shape, n_in, q.bits, q.group_size)
