@@ -109,8 +109,7 @@ def rtn_quantize_shared(params, widths: dict, n_periods: int, bits: int = 2,
             path = f"periods/{p}/{name}"
             kernel = np.asarray(_param_at(params, path), np.float32)
             q = gptq.rtn_quantize(_as_matrix(kernel, n_in, path), bits, group_size)
-            tensors.update(gptq.to_tensors(q, path))
-            tensors[f"{path}.orig_shape"] = np.asarray(kernel.shape, np.int64)
+            tensors.update(gptq.kernel_tensors(q, path, kernel.shape))
     return tensors
 
 
@@ -165,7 +164,7 @@ def quantize_shared(params, hessians: dict, bits: int = 2, group_size: int = 64,
                     damp: float = 0.01, block_size: int = 128):
     """GPTQ every kernel in `hessians` → (tensors, report).
 
-    tensors: `gptq.to_tensors` entries under each path plus `<path>.orig_shape`;
+    tensors: `gptq.kernel_tensors` entries under each path (codes + `<path>.orig_shape`);
     report: [(path, rel_error_gptq, rel_error_rtn)], the relative layer-output
     errors ‖X(W − Ŵ)‖/‖XW‖ on the calibration inputs."""
     params = _unbox(params)
@@ -176,8 +175,7 @@ def quantize_shared(params, hessians: dict, bits: int = 2, group_size: int = 64,
         w = _as_matrix(kernel, h.shape[0], path)
         q = gptq.gptq_quantize(w, h, bits, group_size, damp, block_size)
         rtn = gptq.rtn_quantize(w, bits, group_size)
-        tensors.update(gptq.to_tensors(q, path))
-        tensors[f"{path}.orig_shape"] = np.asarray(kernel.shape, np.int64)
+        tensors.update(gptq.kernel_tensors(q, path, kernel.shape))
         report.append((path, _rel_output_error(w, gptq.dequantize(q), h),
                        _rel_output_error(w, gptq.dequantize(rtn), h)))
     return tensors, report
@@ -185,13 +183,8 @@ def quantize_shared(params, hessians: dict, bits: int = 2, group_size: int = 64,
 
 def dequantize_shared(tensors: dict) -> dict:
     """{path: float32 kernel in its original shape} from `quantize_shared` tensors."""
-    out = {}
-    for key in sorted(tensors):
-        if key.endswith(".orig_shape"):
-            path = key[:-len(".orig_shape")]
-            shape = tuple(int(s) for s in tensors[key])
-            out[path] = gptq.dequantize(gptq.from_tensors(tensors, path)).reshape(shape)
-    return out
+    return {path: gptq.dequantize(q).reshape(shape)
+            for path, (q, shape) in gptq.read_kernels(tensors).items()}
 
 
 def replace_shared(params, kernels: dict):

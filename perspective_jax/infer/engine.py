@@ -45,6 +45,7 @@ from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
 from perspective_jax.infer.expert_store import ExpertStore
 from perspective_jax.infer.host_cache import HostCache
+from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.quantized_kernel import from_quantized_matrix
 from perspective_jax.model.transformer import init_cache
 
@@ -91,17 +92,16 @@ def load_shared(model_dir: str, manifest: dict):
 
 
 def _quantized_kernels(tensors: dict, file: str) -> dict:
-    """Take every GPTQ group ('<kernel path>.codes', '.scales', …, '.orig_shape') out of
+    """Take every GPTQ group (`gptq.kernel_keys`: '<kernel path>.codes', …) out of
     `tensors`; returns {kernel path: QuantizedKernel} (numpy leaves)."""
-    out = {}
-    for key in sorted(k for k in tensors if k.endswith(".orig_shape")):
-        path = key[: -len(".orig_shape")]
-        try:
-            out[path] = from_quantized_matrix(gptq.from_tensors(tensors, path), tensors[key])
-        except ValueError as e:
-            raise md.ModelDirError(f"{file}: {e}; re-run perspective-export") from None
-        for field in (*gptq.TENSOR_FIELDS, "orig_shape"):
-            del tensors[f"{path}.{field}"]
+    try:
+        out = {path: from_quantized_matrix(q, shape)
+               for path, (q, shape) in gptq.read_kernels(tensors).items()}
+    except ValueError as e:
+        raise md.ModelDirError(f"{file}: {e}; re-run perspective-export") from None
+    for path in out:
+        for key in gptq.kernel_keys(path):
+            del tensors[key]
     return out
 
 
@@ -113,17 +113,6 @@ def _insert_kernels(layer_params: list, quantized: dict, sharding) -> None:
         for name in inner:
             node = node.setdefault(name, {})
         node[leaf] = jax.device_put(kernel, sharding)
-
-
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 class StreamingEngine:
@@ -151,7 +140,7 @@ class StreamingEngine:
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
                   if md.scale_key(name) in flat}
         on_device = memory_sharding(self.device, "device")
-        tree = jax.device_put(unflatten(flat), on_device)
+        tree = jax.device_put(unflatten_paths(flat), on_device)
         self.shared_bytes = (sum(a.nbytes for a in flat.values())
                              + sum(k.nbytes for k in quantized.values()))
         self.embed_table = tree["embed"]["embedding"]

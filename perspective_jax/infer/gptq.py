@@ -279,6 +279,29 @@ def _group_dtype(a: np.ndarray) -> np.ndarray:
     return a if a.dtype in (np.float16, np.float32) else a.astype(np.float32)
 
 
+ORIG_SHAPE = "orig_shape"     # '<kernel path>.orig_shape': the float kernel's shape
+
+
+def kernel_tensors(q: QuantizedMatrix, path: str, kernel_shape) -> dict:
+    """`to_tensors` of a model kernel's codes plus '<path>.orig_shape'."""
+    return {**to_tensors(q, path),
+            f"{path}.{ORIG_SHAPE}": np.asarray(kernel_shape, np.int64)}
+
+
+def kernel_keys(path: str) -> list[str]:
+    """Every tensor key `kernel_tensors` writes for `path`."""
+    return [f"{path}.{f}" for f in (*TENSOR_FIELDS, ORIG_SHAPE)]
+
+
+def read_kernels(tensors: dict) -> dict:
+    """{kernel path: (QuantizedMatrix, kernel shape)} of every `kernel_tensors` group
+    in `tensors` (ValueError on a malformed group)."""
+    suffix = f".{ORIG_SHAPE}"
+    return {key[: -len(suffix)]: (from_tensors(tensors, key[: -len(suffix)]),
+                                  tuple(int(s) for s in tensors[key]))
+            for key in sorted(tensors) if key.endswith(suffix)}
+
+
 def nbytes(q: QuantizedMatrix) -> int:
     """Stored bytes of codes + scales + zeros (metadata not counted)."""
     return int(q.codes.nbytes + q.scales.nbytes + q.zeros.nbytes)

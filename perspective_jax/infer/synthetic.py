@@ -32,8 +32,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from perspective_jax.config import PerspectiveConfig, to_dict
+from perspective_jax.infer import gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.export import flatten_params, write_expert_files
+from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import abstract_params
 from perspective_jax.moe import torus
 
@@ -135,19 +137,12 @@ def rtn_quantized_tensors(cfg: PerspectiveConfig, tensors: dict, bits: int,
     without calibration); returns (tensors, the manifest's "quantized" list)."""
     from perspective_jax.infer.calibrate import rtn_quantize_shared, shared_kernel_widths
     widths = shared_kernel_widths(cfg.model, cfg.moe)
-    stacked = {"periods": {}}
-    for name in widths:
-        node = stacked["periods"]
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = tensors[f"periods/{name}"]
+    kernels = {f"periods/{name}" for name in widths}
+    stacked = unflatten_paths({k: tensors[k] for k in kernels})
     qt = rtn_quantize_shared(stacked, widths, cfg.model.n_periods, bits, group_size)
-    out = {k: v for k, v in tensors.items()
-           if not (k.startswith("periods/") and k[len("periods/"):] in widths)}
+    out = {k: v for k, v in tensors.items() if k not in kernels}
     out.update(qt)
-    paths = sorted(k[: -len(".orig_shape")] for k in qt if k.endswith(".orig_shape"))
-    return out, [{"path": p, "method": "rtn"} for p in paths]
+    return out, [{"path": p, "method": "rtn"} for p in sorted(gptq.read_kernels(qt))]
 
 
 def _lattice_walk(lattice) -> list[tuple[int, object]]:

@@ -32,6 +32,18 @@ def flatten_cache(cache) -> dict[str, np.ndarray]:
     return {_key(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def unflatten_paths(flat: dict) -> dict:
+    """Inverse of `flatten_cache`'s keys: '/'-joined paths → nested dicts."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
 def save_cache(cache, path: str) -> None:
     """Write atomically (temp file + rename) so a crash never leaves half a file."""
     tmp = f"{path}.tmp"
