@@ -408,6 +408,10 @@ def main(argv=None) -> int:
             if "incoherent" in a.routers:
                 derive_incoherent(path, path + "-incoherent")
             log(f"{path}: {'built in %.0f s' % s if s else 'reused'}")
+            if a.shared_bits:
+                for src in [path] + [path + "-incoherent"] * ("incoherent" in a.routers):
+                    derive_quantized(src, src + f"-shared{a.shared_bits}", a.shared_bits)
+                    log(f"{src}-shared{a.shared_bits}: derived or current")
         return 0
     t0 = time.perf_counter()
     out = [f"Machine: {machine()}", ""]
