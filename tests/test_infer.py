@@ -140,6 +140,41 @@ def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
         assert sum(report["transfers"].values()) >= len(steps) * cfg.model.n_pdr_layers
 
 
+def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
+    """A disk read goes to the device from its read buffer and is pinned for the host
+    cache afterwards: same logits as staging first, the cache ends up holding
+    pinned_host arrays, and a replay of the same tokens reads nothing from disk."""
+    cfg, _, path = exported
+    rng = np.random.default_rng(3)
+    prompt, steps = rng.integers(0, 259, 9), rng.integers(0, 259, 10)
+    everything = cfg.model.n_pdr_layers * cfg.moe.num_experts * md.RegionLayout(
+        cfg.model.d_model, cfg.model.d_ff).nbytes
+    runs = {}
+    for first in (False, True):
+        engine = StreamingEngine(path, host_budget_mb=2 * everything / 2**20,
+                                 device_slots=2, warm_start=False, use_deltas=False,
+                                 host_memory_kind="pinned_host", pin_before_transfer=first)
+        out = []
+        for rep in range(2):                            # the second pass replays the first
+            state = engine.new_state()
+            logits, state = engine.forward(prompt, state)
+            out.append(logits)
+            for tok in steps:
+                logits, state = engine.forward(np.array([tok]), state)
+                out.append(logits)
+            if rep == 0:
+                engine._admit.submit(lambda: None).result()   # admissions are in order
+                read = engine.store.bytes_read
+        entries = list(engine.host._entries.values())
+        engine.close()
+        runs[first] = np.stack(out)
+        assert entries and all(a.sharding.memory_kind == "pinned_host" for a in entries)
+        assert engine.host.hits > 0 and engine.host.peak_bytes <= engine.host.budget_bytes
+        if not first:
+            assert engine.store.bytes_read == read     # replay: every region was cached
+    np.testing.assert_array_equal(runs[False], runs[True])
+
+
 def test_delta_reproduces_target_region_exactly(exported):
     cfg, _, path = exported
     from perspective_jax.infer.expert_store import ExpertStore

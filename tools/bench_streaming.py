@@ -115,7 +115,8 @@ def job(spec: dict) -> dict:
     t0 = time.perf_counter()
     eng = StreamingEngine(spec["dir"], host_budget_mb=spec.get("host_mb", 1024),
                           device_slots=spec.get("slots", 2), prefetch=spec.get("prefetch", True),
-                          use_deltas=spec.get("deltas", True), io=spec.get("io", "mmap"))
+                          use_deltas=spec.get("deltas", True), io=spec.get("io", "mmap"),
+                          pin_before_transfer=spec.get("pin_first", False))
     init_s = time.perf_counter() - t0
     vocab = eng.model.vocab_size
     n = spec["tokens"]
@@ -231,13 +232,15 @@ def part_a(args, log) -> list[str]:
         runs = []
         for coherent in [r == "coherent" for r in args.routers]:
             for io in bw:
-                preread(path) if io == "mmap" else None
-                w = run_job({"kind": "decode", "dir": path if coherent else inco, "io": io,
-                             "tokens": args.tokens, "slots": 2, "host_mb": args.host_mb},
-                            log)["window"]
-                runs.append((coherent, io, w))
+                for pin_first in (False, True)[: 1 + args.compare_staging]:
+                    preread(path) if io == "mmap" else None
+                    w = run_job({"kind": "decode", "dir": path if coherent else inco,
+                                 "io": io, "tokens": args.tokens, "slots": 2,
+                                 "host_mb": args.host_mb, "pin_first": pin_first},
+                                log)["window"]
+                    runs.append((coherent, io, pin_first, w))
         c_rate = tok_s(compute)
-        for coherent, io, w in runs:
+        for coherent, io, pin_first, w in runs:
             read_mb = per_tok(w, "disk")
             moved_mb = (w["b_full"] + w["b_delta"]) / w["tokens"] / 1e6
             bound = bw[io] / (read_mb * 1e6) if read_mb else float("inf")
@@ -248,7 +251,8 @@ def part_a(args, log) -> list[str]:
             serial = 1 / (t_io + 1 / c_rate)
             rows.append(
                 f"| {name} ({d}/{f}) | {'yes' if coherent else 'no'} | "
-                f"{'page cache (mmap)' if io == 'mmap' else 'disk (O_DIRECT)'} | "
+                f"{'page cache (mmap)' if io == 'mmap' else 'disk (O_DIRECT)'}"
+                f"{', pinned before transfer' if pin_first else ''} | "
                 f"{tok_s(w):.2f} | {moved_mb:.1f} | {read_mb:.1f} | {per_tok(w, 'b_wasted'):.1f} | "
                 f"{w['n_same']}/{w['n_delta']}/{w['n_full']} | {fmt_rate(hit_rate(w))} | "
                 f"{fmt_rate(accuracy(w))} | {w['stalls'] / w['tokens']:.1f} "
@@ -380,6 +384,9 @@ def main(argv=None) -> int:
     p.add_argument("--shared-bits", type=int, default=0, choices=(0, 2, 3, 4, 8),
                    help="part A: run on copies of the stores whose shared kernels are "
                         "round-to-nearest group codes of this many bits (0: float32)")
+    p.add_argument("--compare-staging", action="store_true",
+                   help="part A: also decode with each disk read staged through the pinned "
+                        "host tier before its device transfer (the engine's old order)")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",

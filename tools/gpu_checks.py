@@ -15,11 +15,13 @@ failure in one is reported and the rest still run:
   transfer  one *full* expert-layer of a config (3 × d_model × d_ff 2-bit codes)
             host → device: from pinned_host memory and from a numpy array; vs the
             SPEC §3.5 model (27.05 MB base-3 over 7 GB/s PCIe = 3.86 ms).
+  staging   one region read from disk to the device: staged through pinned_host
+            memory vs sent straight from the read buffer (what the engine does).
   ffn       the ternary SwiGLU of one expert at batch 1 on the device, as the
             streaming engine runs it (`infer.layers.expert_rows`), vs SPEC's 0.14 ms.
 
     python tools/gpu_checks.py [--config curricula/perspective-1t.yaml] [--out DIR]
-        [--sections ternary,shared,pdr,transfer,ffn] [--quick]
+        [--sections ternary,shared,pdr,transfer,staging,ffn] [--quick]
 
 Prints a table per section; writes every number to DIR/gpu_checks.json.
 """
@@ -241,6 +243,46 @@ def section_transfer(args, rng) -> dict:
     return res
 
 
+def _waited_ms(fn, reps: int = 15) -> float:
+    """Median ms of fn() run and waited for one at a time (as the engine's loads are)."""
+    times = []
+    for _ in range(reps + 3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[3:])
+
+
+def section_staging(args, rng) -> dict:
+    """What one region read from disk costs to reach the device, by route: staged
+    through pinned_host (copy into pinned memory, then DMA) or sent straight from the
+    (64-byte-aligned) read buffer; for the synthetic-wide region and the config's."""
+    from perspective_jax.infer.device_slots import memory_sharding
+    from perspective_jax.infer.expert_store import ARRAY_ALIGN, _aligned_empty
+    from perspective_jax.infer.model_dir import RegionLayout
+    dev = jax.devices()[0]
+    to_dev, pinned = memory_sharding(dev, "device"), memory_sharding(dev, "pinned_host")
+    cfg = _model_cfg(args.config)
+    rows = []
+    for d, f in ((2048, 5504), (cfg.d_model, cfg.d_ff)):
+        nbytes = RegionLayout(d, f).nbytes
+        buf = _aligned_empty(nbytes, ARRAY_ALIGN)[:nbytes]
+        buf[:] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        host = jax.device_put(buf, pinned).block_until_ready()
+        row = {"d_model": d, "d_ff": f, "region_bytes": nbytes,
+               "memcpy_ms": _waited_ms(lambda: np.copyto(_aligned_empty(nbytes, 64)[:nbytes],
+                                                         buf)),
+               "numpy_to_pinned_ms": _waited_ms(lambda: jax.device_put(buf, pinned)),
+               "pinned_to_device_ms": _waited_ms(lambda: jax.device_put(host, to_dev)),
+               "numpy_to_device_ms": _waited_ms(lambda: jax.device_put(buf, to_dev)),
+               "staged_ms": _waited_ms(lambda: jax.device_put(
+                   jax.device_put(buf, pinned).block_until_ready(), to_dev))}
+        np.testing.assert_array_equal(np.asarray(jax.device_put(buf, to_dev)), buf)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"rows": rows}
+
+
 def section_ffn(args, rng) -> dict:
     from perspective_jax.infer import layers
     from perspective_jax.infer.model_dir import RegionLayout, pack_region
@@ -275,7 +317,7 @@ def _ffn_reference(trits, x, scale):
 
 
 SECTIONS = {"ternary": section_ternary, "shared": section_shared, "pdr": section_pdr,
-            "transfer": section_transfer, "ffn": section_ffn}
+            "transfer": section_transfer, "staging": section_staging, "ffn": section_ffn}
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Optional
 
@@ -120,7 +121,8 @@ class StreamingEngine:
                  device_budget_mb: Optional[float] = None, device_slots: int = 2,
                  prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
                  io: str = "mmap", predictor: str = "auto", prefill_chunk: int = 256,
-                 host_memory_kind: Optional[str] = None, device=None):
+                 host_memory_kind: Optional[str] = None, pin_before_transfer: bool = False,
+                 device=None):
         if predictor not in PREDICTORS:
             raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
@@ -135,6 +137,10 @@ class StreamingEngine:
                                 if self.cfg.ternary.enabled else 0)
         self.device = device or jax.devices()[0]
         self.prefetch, self.use_deltas = prefetch, use_deltas
+        self.pin_before_transfer = pin_before_transfer
+        self._admit = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
+        self._admits: list[concurrent.futures.Future] = []
+        self._admit_lock = threading.Lock()
         self.stats = Stats()
         flat, quantized = load_shared(model_dir, self.manifest)
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
@@ -222,12 +228,26 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ tiers
     def _host_region(self, key):
-        """Host array of (layer, expert): host cache, else disk (then cached)."""
+        """Host array to transfer (layer, expert) from: the host cache's, else a fresh
+        read from disk. With a pinned host tier the fresh region goes to the device
+        straight from the read buffer, and its pinned copy is made for the cache on
+        the admit thread afterwards — the staging copy is off the critical path
+        (`pin_before_transfer=True` restores staging first, for comparison)."""
         value = self.host.get(key)
-        if value is None:
-            reserved = self.host.reserve()
-            value = self.host.admit(key, self.store.read_region(*key), reserved)
-        return value
+        if value is not None:
+            return value
+        reserved = self.host.reserve()
+        region = self.store.read_region(*key)
+        if self.host_memory_kind == "numpy" or self.pin_before_transfer:
+            return self.host.admit(key, region, reserved)
+        if reserved:
+            future = self._admit.submit(self.host.admit, key, region, True)
+            with self._admit_lock:
+                for f in [f for f in self._admits if f.done()]:
+                    f.result()                # a failed admission surfaces here
+                    self._admits.remove(f)
+                self._admits.append(future)
+        return region
 
     def _bring(self, key, protect=()) -> tuple[str, int]:
         """Make `key` resident in a slot; returns (transfer kind, bytes moved)."""
@@ -427,6 +447,9 @@ class StreamingEngine:
     def close(self) -> None:
         self._join() if self._pending else None
         self._io.shutdown(wait=True)
+        self._admit.shutdown(wait=True)
+        for f in self._admits:
+            f.result()                        # re-raise a failed admission
 
 
 def _peak_rss_bytes() -> Optional[int]:
