@@ -271,6 +271,66 @@ def test_direct_reads_in_chunks_match_mmap_and_catch_a_flip_in_a_late_chunk(tmp_
         store.close()
 
 
+class _SetAfter:
+    """A cancel flag that turns set on its n-th look (a cancel arriving mid-read)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def is_set(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def test_a_cancelled_read_stops_between_pieces_and_leaves_nothing_verified(tmp_path,
+                                                                          monkeypatch):
+    from perspective_jax.config import load_config
+    from perspective_jax.infer import expert_store
+    from perspective_jax.infer.synthetic import write_synthetic_model_dir
+    monkeypatch.setattr(expert_store, "READ_CHUNK", md.REGION_ALIGN)   # 3 pieces
+    cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
+                             "model.d_ff=200", "model.n_layers=4", "model.vocab_size=259",
+                             "data.tokenizer=byte"])
+    path = str(tmp_path / "synthetic")
+    write_synthetic_model_dir(path, cfg, seed=0, log=lambda *_: None)
+    manifest = md.read_manifest(path)
+    for io in expert_store.IO_MODES:
+        store = expert_store.ExpertStore(path, manifest, io=io)
+        with pytest.raises(expert_store.ReadCancelled):
+            store.read_region(1, 2, cancel=_SetAfter(2))        # after two pieces
+        assert store.bytes_read == 2 * md.REGION_ALIGN
+        assert ("region", 1, 2) not in store._verified
+        full = store.read_region(1, 2, cancel=_SetAfter(99))     # never set: reads it all
+        np.testing.assert_array_equal(full, expert_store.ExpertStore(path, manifest)
+                                      .read_region(1, 2))
+        store.close()
+
+
+def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(exported):
+    """Slow disk reads keep wrong guesses in flight when their layer arrives: they are
+    stopped, the right expert is loaded, logits equal the in-memory model's and the
+    host cache's reservations all come back."""
+    import time as _time
+    cfg, params, path = exported
+    rng = np.random.default_rng(4)
+    prompt, steps = rng.integers(0, 259, 12), rng.integers(0, 259, 16)
+    ref = _reference_logits(cfg, params, prompt, steps)
+    region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
+    engine = StreamingEngine(path, host_budget_mb=2 * region / 2**20, device_slots=2,
+                             warm_start=False, use_deltas=False, predictor="previous")
+    read = engine.store.read_region
+
+    def slow_read(j, e, cancel=None):
+        _time.sleep(0.03)
+        return read(j, e, cancel=cancel)
+    engine.store.read_region = slow_read
+    _assert_engine_matches(engine, ref, prompt, steps)
+    report = engine.report()
+    engine.close()
+    assert report["prefetch_cancelled"] > 0
+    assert engine.host._reserved == 0 and engine.host.peak_bytes <= engine.host.budget_bytes
+
+
 def test_synthetic_model_with_2bit_shared_weights_equals_dequantised_floats(tmp_path):
     """The engine's packed shared kernels (fused decode row, blocked prefill) compute
     what the same kernels expanded to float32 compute."""

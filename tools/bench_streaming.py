@@ -55,6 +55,14 @@ from streaming_models import (LATTICES, build_synthetic, derive_incoherent,  # n
 
 
 # ---------------------------------------------------------------- one measurement (child)
+# part A --compare: engine variants decoded beside the default one
+VARIANT_KWARGS = {"": {}, "pin_first": {"pin_before_transfer": True},
+                  "no_cancel": {"cancel_wrong_reads": False}}
+VARIANT_LABELS = {"pin_first": "pinned before transfer",
+                  "no_cancel": "wrong prefetches not cancelled"}
+COMPARE = {"staging": ("pin_first",), "cancel": ("no_cancel",)}
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -67,7 +75,7 @@ def _snapshot(engine) -> dict:
     s = engine.stats
     snap = {"tokens": s.decode_tokens, "seconds": s.decode_s,
             "predictions": s.predictions, "right": s.predicted_right,
-            "stalls": s.stalls, "stall_s": s.stall_s}
+            "stalls": s.stalls, "stall_s": s.stall_s, "cancelled": s.cancelled}
     if engine.routed:
         snap.update({f"n_{k}": s.transfers[k] for k in ("same", "delta", "full")})
         snap.update({f"b_{k}": s.bytes_moved[k] for k in ("same", "delta", "full", "wasted")})
@@ -116,7 +124,7 @@ def job(spec: dict) -> dict:
     eng = StreamingEngine(spec["dir"], host_budget_mb=spec.get("host_mb", 1024),
                           device_slots=spec.get("slots", 2), prefetch=spec.get("prefetch", True),
                           use_deltas=spec.get("deltas", True), io=spec.get("io", "mmap"),
-                          pin_before_transfer=spec.get("pin_first", False))
+                          **VARIANT_KWARGS[spec.get("variant", "")])
     init_s = time.perf_counter() - t0
     vocab = eng.model.vocab_size
     n = spec["tokens"]
@@ -232,15 +240,15 @@ def part_a(args, log) -> list[str]:
         runs = []
         for coherent in [r == "coherent" for r in args.routers]:
             for io in bw:
-                for pin_first in (False, True)[: 1 + args.compare_staging]:
+                for variant in ("",) + COMPARE.get(args.compare, ()):
                     preread(path) if io == "mmap" else None
                     w = run_job({"kind": "decode", "dir": path if coherent else inco,
                                  "io": io, "tokens": args.tokens, "slots": 2,
-                                 "host_mb": args.host_mb, "pin_first": pin_first},
+                                 "host_mb": args.host_mb, "variant": variant},
                                 log)["window"]
-                    runs.append((coherent, io, pin_first, w))
+                    runs.append((coherent, io, variant, w))
         c_rate = tok_s(compute)
-        for coherent, io, pin_first, w in runs:
+        for coherent, io, variant, w in runs:
             read_mb = per_tok(w, "disk")
             moved_mb = (w["b_full"] + w["b_delta"]) / w["tokens"] / 1e6
             bound = bw[io] / (read_mb * 1e6) if read_mb else float("inf")
@@ -252,10 +260,11 @@ def part_a(args, log) -> list[str]:
             rows.append(
                 f"| {name} ({d}/{f}) | {'yes' if coherent else 'no'} | "
                 f"{'page cache (mmap)' if io == 'mmap' else 'disk (O_DIRECT)'}"
-                f"{', pinned before transfer' if pin_first else ''} | "
+                f"{', ' + VARIANT_LABELS[variant] if variant else ''} | "
                 f"{tok_s(w):.2f} | {moved_mb:.1f} | {read_mb:.1f} | {per_tok(w, 'b_wasted'):.1f} | "
                 f"{w['n_same']}/{w['n_delta']}/{w['n_full']} | {fmt_rate(hit_rate(w))} | "
-                f"{fmt_rate(accuracy(w))} | {w['stalls'] / w['tokens']:.1f} "
+                f"{fmt_rate(accuracy(w))} | {w.get('cancelled', 0) / w['tokens']:.1f} | "
+                f"{w['stalls'] / w['tokens']:.1f} "
                 f"({1e3 * w['stall_s'] / w['tokens']:.0f} ms) | {bw[io] / 1e9:.2f} | "
                 f"{bound:.1f} | {100 * tok_s(w) / bound:.0f} % | "
                 f"{100 * tok_s(w) / bound_used:.0f} % | {c_rate:.2f} | "
@@ -279,11 +288,11 @@ def part_a(args, log) -> list[str]:
               "prefetches not); \"of min\" = tok/s ÷ min(I/O bound, "
               "compute-only rate); \"of serial\" = tok/s ÷ 1/(I/O time + compute time)):", "",
               "| model | coherent routers | io | tok/s | MB moved/tok (used) | MB read/tok | MB wasted/tok "
-              "| same/delta/full | host hit | prefetch acc. | stalls/tok | read GB/s | "
+              "| same/delta/full | host hit | prefetch acc. | cancelled/tok | stalls/tok | read GB/s | "
               "I/O bound tok/s | % of I/O bound | % of bound, used experts' bytes | "
               "compute-only tok/s | % of min | % of serial |",
               "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-              "---:|",
+              "---:|---:|",
               *rows, ""]
     return lines
 
@@ -384,9 +393,10 @@ def main(argv=None) -> int:
     p.add_argument("--shared-bits", type=int, default=0, choices=(0, 2, 3, 4, 8),
                    help="part A: run on copies of the stores whose shared kernels are "
                         "round-to-nearest group codes of this many bits (0: float32)")
-    p.add_argument("--compare-staging", action="store_true",
-                   help="part A: also decode with each disk read staged through the pinned "
-                        "host tier before its device transfer (the engine's old order)")
+    p.add_argument("--compare", choices=sorted(COMPARE),
+                   help="part A: also decode with the engine's previous behaviour: "
+                        "staging = each disk read pinned in the host tier before its device "
+                        "transfer; cancel = wrong prefetches read to the end")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",

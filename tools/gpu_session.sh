@@ -9,7 +9,7 @@
 # When step 3 is asked for, its synthetic store (≈ 85 s on a 16-core host) is built
 # in the background from the start, so steps 1 and 2 hide the build. Every job
 # shares one persistent XLA compilation cache (each bench job is its own process).
-# Usage: [STEPS=123] [SECTIONS=…] [TOKENS=32] [BENCH_EXTRA=--compare-staging] bash tools/gpu_session.sh OUT_DIR [PYTHON]
+# Usage: [STEPS=123] [SECTIONS=…] [TOKENS=32] [BENCH_EXTRA='--compare staging'] bash tools/gpu_session.sh OUT_DIR [PYTHON]
 set -u
 out=${1:?usage: tools/gpu_session.sh OUT_DIR [PYTHON]}
 py=${2:-python3}

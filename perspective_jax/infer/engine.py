@@ -44,7 +44,7 @@ from perspective_jax.infer import gptq
 from perspective_jax.infer import layers as L
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
-from perspective_jax.infer.expert_store import ExpertStore
+from perspective_jax.infer.expert_store import ExpertStore, ReadCancelled
 from perspective_jax.infer.host_cache import HostCache
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.quantized_kernel import from_quantized_matrix
@@ -72,6 +72,7 @@ class Stats:
     predicted_right: int = 0
     stalls: int = 0
     stall_s: float = 0.0
+    cancelled: int = 0          # wrong prefetches stopped part-way through their read
 
 
 def load_shared(model_dir: str, manifest: dict):
@@ -122,7 +123,7 @@ class StreamingEngine:
                  prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
                  io: str = "mmap", predictor: str = "auto", prefill_chunk: int = 256,
                  host_memory_kind: Optional[str] = None, pin_before_transfer: bool = False,
-                 device=None):
+                 cancel_wrong_reads: bool = True, device=None):
         if predictor not in PREDICTORS:
             raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
@@ -138,6 +139,7 @@ class StreamingEngine:
         self.device = device or jax.devices()[0]
         self.prefetch, self.use_deltas = prefetch, use_deltas
         self.pin_before_transfer = pin_before_transfer
+        self.cancel_wrong_reads = cancel_wrong_reads
         self._admit = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
         self._admits: list[concurrent.futures.Future] = []
         self._admit_lock = threading.Lock()
@@ -166,7 +168,8 @@ class StreamingEngine:
         elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self._pending: Optional[tuple[tuple[int, int], concurrent.futures.Future]] = None
+        # (key, future of _bring, its cancel event) of the prefetch in flight
+        self._pending: Optional[tuple] = None
         n = len(self.expert_layers)
         self._last_expert: list[Optional[int]] = [None] * n
         self._guesses: list[dict] = [{} for _ in range(n)]
@@ -227,7 +230,7 @@ class StreamingEngine:
                 "next_pos": 0}
 
     # ------------------------------------------------------------------ tiers
-    def _host_region(self, key):
+    def _host_region(self, key, cancel: Optional[threading.Event] = None):
         """Host array to transfer (layer, expert) from: the host cache's, else a fresh
         read from disk. With a pinned host tier the fresh region goes to the device
         straight from the read buffer, and its pinned copy is made for the cache on
@@ -237,7 +240,11 @@ class StreamingEngine:
         if value is not None:
             return value
         reserved = self.host.reserve()
-        region = self.store.read_region(*key)
+        try:
+            region = self.store.read_region(*key, cancel=cancel)
+        except ReadCancelled:
+            self.host.unreserve() if reserved else None
+            raise
         if self.host_memory_kind == "numpy" or self.pin_before_transfer:
             return self.host.admit(key, region, reserved)
         if reserved:
@@ -249,8 +256,10 @@ class StreamingEngine:
                 self._admits.append(future)
         return region
 
-    def _bring(self, key, protect=()) -> tuple[str, int]:
-        """Make `key` resident in a slot; returns (transfer kind, bytes moved)."""
+    def _bring(self, key, protect=(), cancel: Optional[threading.Event] = None
+               ) -> tuple[str, int]:
+        """Make `key` resident in a slot; returns (transfer kind, bytes moved), or
+        ("cancelled", 0) when `cancel` was set while its region was read from disk."""
         slot = self.slots.find(key)
         if slot is not None:
             self.slots.touch(slot)
@@ -265,8 +274,12 @@ class StreamingEngine:
                 self.slots.apply_delta(slot, key, positions, values)
                 self.slots.arrays[slot].block_until_ready()
                 return "delta", 5 * len(positions)
+        try:
+            region = self._host_region(key, cancel)
+        except ReadCancelled:
+            return "cancelled", 0
         slot = self.slots.victim(protect)
-        self.slots.load(slot, key, self._host_region(key))
+        self.slots.load(slot, key, region)
         self.slots.arrays[slot].block_until_ready()
         return "full", self.region_bytes
 
@@ -274,7 +287,7 @@ class StreamingEngine:
         """Wait for the outstanding prefetch; returns (key, kind, bytes) or None."""
         if self._pending is None:
             return None
-        key, future = self._pending
+        key, future, _ = self._pending
         self._pending = None
         return (key, *future.result())
 
@@ -287,7 +300,10 @@ class StreamingEngine:
         stalled = False
         if self._pending is not None:
             stalled = not self._pending[1].done()
+            if stalled and self._pending[0] != key and self.cancel_wrong_reads:
+                self._pending[2].set()       # wrong guess still reading: stop it
             pkey, kind, nbytes = self._join()
+            stats.cancelled += kind == "cancelled"
             if pkey == key:
                 stats.predicted_right += 1
                 self._count(kind, nbytes)
@@ -317,9 +333,11 @@ class StreamingEngine:
     def _start_prefetch(self, key, protect_slot: int) -> None:
         self.stats.predictions += 1
         if self.slots.find(key) is not None:
-            self._pending = (key, _done(("same", 0)))
+            self._pending = (key, _done(("same", 0)), None)
             return
-        self._pending = (key, self._io.submit(self._bring, key, (protect_slot,)))
+        cancel = threading.Event()
+        self._pending = (key, self._io.submit(self._bring, key, (protect_slot,), cancel),
+                         cancel)
 
     # ------------------------------------------------------------------ compute
     def forward(self, tokens: np.ndarray, state: dict):
@@ -433,7 +451,7 @@ class StreamingEngine:
                 "host_budget_bytes": self.host.budget_bytes,
                 "prefetch_accuracy": (s.predicted_right / s.predictions
                                       if s.predictions else 0.0),
-                "stalls": s.stalls, "stall_s": s.stall_s,
+                "stalls": s.stalls, "stall_s": s.stall_s, "prefetch_cancelled": s.cancelled,
                 "device_slots": self.n_slots, "warm_start_regions": self.warmed,
             })
         rss = _peak_rss_bytes()

@@ -1,6 +1,6 @@
 """Disk tier: memory-mapped expert regions and neighbour deltas of a model directory.
 
-    store.read_region(j, e)      -> uint8 [region_bytes]   (a fresh, aligned host copy)
+    store.read_region(j, e[, cancel]) -> uint8 [region_bytes]  (a fresh, aligned host copy)
     store.read_delta(j, src, dst) -> (positions uint32 [n], values uint8 [n]) | None
 
 Every region and delta is checked against its manifest XXH3-128 checksum the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+from typing import Optional
 
 import numpy as np
 import xxhash
@@ -82,18 +83,27 @@ class ExpertStore:
         with self._lock:
             self._verified.add(key)
 
-    def read_region(self, j: int, e: int) -> np.ndarray:
+    def read_region(self, j: int, e: int, cancel: Optional[threading.Event] = None
+                    ) -> np.ndarray:
+        """Region (j, e) as a fresh aligned host array. Reads go in `READ_CHUNK` pieces;
+        when `cancel` is set between two pieces the read stops and `ReadCancelled` is
+        raised (a prefetch that turned out wrong gives the disk back)."""
         layer = self.layers[j]
         entry = layer["regions"][e]
         key = ("region", j, e)
         digest = None
         if self.io == "direct":
             data, digest = self._read_direct(layer["file"], entry["offset"], self.region_bytes,
-                                             hash_it=key not in self._verified)
+                                             hash_it=key not in self._verified, cancel=cancel)
         else:
             mm = self._map(self._maps, j, layer["file"])
             data = _aligned_empty(self.region_bytes, ARRAY_ALIGN)[: self.region_bytes]
-            data[:] = mm[entry["offset"]: entry["offset"] + self.region_bytes]
+            src = mm[entry["offset"]: entry["offset"] + self.region_bytes]
+            for a in range(0, self.region_bytes, READ_CHUNK):
+                if cancel is not None and cancel.is_set():
+                    self.bytes_read += a
+                    raise ReadCancelled(j, e)
+                data[a: a + READ_CHUNK] = src[a: a + READ_CHUNK]
         self._check(key, data, entry[md.REGION_CHECKSUM], f"expert {e} of expert layer {j}",
                     layer["file"], digest)
         self.bytes_read += self.region_bytes
@@ -112,7 +122,8 @@ class ExpertStore:
         self.bytes_read += 5 * n
         return md.parse_delta(raw, 0, n)
 
-    def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool):
+    def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool,
+                     cancel: Optional[threading.Event] = None):
         """(uint8 [nbytes] view of a page-aligned buffer, checksum hex or None)."""
         path = os.path.join(self.dir, rel)
         buf = _aligned_empty(nbytes, md.REGION_ALIGN)       # O_DIRECT needs a page
@@ -129,6 +140,9 @@ class ExpertStore:
                 os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
             got = 0
             for a in range(0, size, READ_CHUNK):
+                if cancel is not None and cancel.is_set():
+                    self.bytes_read += got
+                    raise ReadCancelled(rel, offset)
                 b = min(a + READ_CHUNK, size)
                 n = os.preadv(fd, [memoryview(buf[a:b])], offset + a)
                 got += n
@@ -150,6 +164,10 @@ class ExpertStore:
         self._hasher.shutdown(wait=True)
         self._maps.clear()
         self._deltas.clear()
+
+
+class ReadCancelled(Exception):
+    """A region read stopped between two pieces because its caller cancelled it."""
 
 
 def _aligned_empty(nbytes: int, align: int) -> np.ndarray:

@@ -83,6 +83,11 @@ class HostCache:
             self.peak_bytes = max(self.peak_bytes, self.bytes_held)
             return True
 
+    def unreserve(self) -> None:
+        """Give back space reserved for a read that did not complete."""
+        with self._lock:
+            self._reserved -= 1
+
     def admit(self, key, region: np.ndarray, reserved: bool):
         """Store a region read into reserved space; returns the host array."""
         value = self.place(region)
