@@ -317,7 +317,8 @@ def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(exp
     ref = _reference_logits(cfg, params, prompt, steps)
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
     engine = StreamingEngine(path, host_budget_mb=2 * region / 2**20, device_slots=2,
-                             warm_start=False, use_deltas=False, predictor="previous")
+                             warm_start=False, use_deltas=False, predictor="previous",
+                             cancel_wrong_reads=True)
     read = engine.store.read_region
 
     def slow_read(j, e, cancel=None):

@@ -57,10 +57,10 @@ from streaming_models import (LATTICES, build_synthetic, derive_incoherent,  # n
 # ---------------------------------------------------------------- one measurement (child)
 # part A --compare: engine variants decoded beside the default one
 VARIANT_KWARGS = {"": {}, "pin_first": {"pin_before_transfer": True},
-                  "no_cancel": {"cancel_wrong_reads": False}}
+                  "cancel": {"cancel_wrong_reads": True}}
 VARIANT_LABELS = {"pin_first": "pinned before transfer",
-                  "no_cancel": "wrong prefetches not cancelled"}
-COMPARE = {"staging": ("pin_first",), "cancel": ("no_cancel",)}
+                  "cancel": "wrong prefetches cancelled"}
+COMPARE = {"staging": ("pin_first",), "cancel": ("cancel",)}
 
 
 def rss_mb() -> float:
@@ -394,9 +394,9 @@ def main(argv=None) -> int:
                    help="part A: run on copies of the stores whose shared kernels are "
                         "round-to-nearest group codes of this many bits (0: float32)")
     p.add_argument("--compare", choices=sorted(COMPARE),
-                   help="part A: also decode with the engine's previous behaviour: "
-                        "staging = each disk read pinned in the host tier before its device "
-                        "transfer; cancel = wrong prefetches read to the end")
+                   help="part A: also decode with an engine variant: staging = each disk "
+                        "read pinned in the host tier before its device transfer (the old "
+                        "order); cancel = wrong prefetches still reading are cancelled")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",

@@ -123,7 +123,7 @@ class StreamingEngine:
                  prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
                  io: str = "mmap", predictor: str = "auto", prefill_chunk: int = 256,
                  host_memory_kind: Optional[str] = None, pin_before_transfer: bool = False,
-                 cancel_wrong_reads: bool = True, device=None):
+                 cancel_wrong_reads: bool = False, device=None):
         if predictor not in PREDICTORS:
             raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
