@@ -154,6 +154,9 @@ def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
         engine = StreamingEngine(path, host_budget_mb=2 * everything / 2**20,
                                  device_slots=2, warm_start=False, use_deltas=False,
                                  host_memory_kind="pinned_host", pin_before_transfer=first)
+        sent, load = [], engine.slots.load
+        engine.slots.load = lambda slot, key, host: (sent.append(isinstance(host, np.ndarray)),
+                                                     load(slot, key, host))[1]
         out = []
         for rep in range(2):                            # the second pass replays the first
             state = engine.new_state()
@@ -163,16 +166,42 @@ def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
                 logits, state = engine.forward(np.array([tok]), state)
                 out.append(logits)
             if rep == 0:
-                engine._admit.submit(lambda: None).result()   # admissions are in order
+                engine._admit_pool.submit(lambda: None).result()   # admitted in order
                 read = engine.store.bytes_read
+                from_numpy = sum(sent)
         entries = list(engine.host._entries.values())
         engine.close()
         runs[first] = np.stack(out)
         assert entries and all(a.sharding.memory_kind == "pinned_host" for a in entries)
         assert engine.host.hits > 0 and engine.host.peak_bytes <= engine.host.budget_bytes
+        assert engine.host._reserved == 0
+        # each fresh read went to the device from its numpy buffer, unless pinned first
+        assert from_numpy == (0 if first else read // engine.region_bytes) and read > 0
         if not first:
             assert engine.store.bytes_read == read     # replay: every region was cached
+            assert sum(sent) == from_numpy             # pass 2 sent only pinned copies
     np.testing.assert_array_equal(runs[False], runs[True])
+
+
+def test_read_buffers_waiting_for_a_slow_admission_are_bounded(exported):
+    import time as _time
+    from perspective_jax.infer import engine as engine_mod
+    _, _, path = exported
+    engine = StreamingEngine(path, host_budget_mb=4, device_slots=2, warm_start=False,
+                             use_deltas=False, host_memory_kind="pinned_host")
+    place = engine.host.place
+    engine.host.place = lambda r: (_time.sleep(0.05), place(r))[1]   # slow pinning
+    waiting = []
+    submit = engine._admit_pool.submit
+    engine._admit_pool.submit = lambda *a: (waiting.append(sum(not f.done() for f in
+                                                               engine._admit_futures)),
+                                            submit(*a))[1]
+    state = engine.new_state()
+    for tok in np.random.default_rng(5).integers(0, 259, 12):
+        _, state = engine.forward(np.array([tok]), state)
+    engine.close()
+    assert len(waiting) > engine_mod.MAX_QUEUED_ADMISSIONS
+    assert max(waiting) == engine_mod.MAX_QUEUED_ADMISSIONS - 1   # one more is then queued
 
 
 def test_delta_reproduces_target_region_exactly(exported):
@@ -232,6 +261,9 @@ def test_flipped_byte_is_detected_and_named(exported):
     engine.store.read_region(1, 2)                     # an intact neighbour reads fine
     with pytest.raises(md.ModelDirError, match=r"layer_001\.bin: expert 3 of expert layer 1"):
         engine.store.read_region(1, 3)
+    with pytest.raises(md.ModelDirError):              # through the host tier:
+        engine._host_region((1, 3))
+    assert engine.host._reserved == 0 and (1, 3) not in engine.host   # space given back
     engine.close()
 
 
@@ -412,6 +444,17 @@ def test_budgets_are_enforced_with_clear_errors(exported):
         StreamingEngine(path, host_budget_mb=1, device_budget_mb=0.01)
     engine = StreamingEngine(path, host_budget_mb=1, device_budget_mb=64)
     assert engine.device_bytes_needed <= 64 * 2**20
+    region = engine.store.alloc_bytes
+    engine.close()
+    # a pinned tier also budgets the read buffers in flight (the one being read and
+    # those queued to be pinned): one region alone no longer fits
+    with pytest.raises(UserError, match=r"cannot hold one expert region .* plus .* read "
+                                        r"buffers in flight"):
+        StreamingEngine(path, host_budget_mb=region / 2**20, host_memory_kind="pinned_host")
+    from perspective_jax.infer.engine import MAX_QUEUED_ADMISSIONS
+    fits = (MAX_QUEUED_ADMISSIONS + 2) * region / 2**20
+    engine = StreamingEngine(path, host_budget_mb=fits, host_memory_kind="pinned_host")
+    assert engine.host.capacity == 1 and engine.host.bytes_held <= engine.host.budget_bytes
     engine.close()
 
 

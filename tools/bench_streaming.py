@@ -288,7 +288,8 @@ def part_a(args, log) -> list[str]:
               "prefetches not); \"of min\" = tok/s ÷ min(I/O bound, "
               "compute-only rate); \"of serial\" = tok/s ÷ 1/(I/O time + compute time)):", "",
               "| model | coherent routers | io | tok/s | MB moved/tok (used) | MB read/tok | MB wasted/tok "
-              "| same/delta/full | host hit | prefetch acc. | cancelled/tok | stalls/tok | read GB/s | "
+              "| same/delta/full | host hit | prefetch acc. | cancelled/tok | stalls/tok "
+              "| read GB/s | "
               "I/O bound tok/s | % of I/O bound | % of bound, used experts' bytes | "
               "compute-only tok/s | % of min | % of serial |",
               "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -26,28 +26,24 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
-import os
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.config.loader import from_dict
 from perspective_jax.errors import UserError
-from perspective_jax.infer import gptq
 from perspective_jax.infer import layers as L
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
 from perspective_jax.infer.expert_store import ExpertStore, ReadCancelled
 from perspective_jax.infer.host_cache import HostCache
+from perspective_jax.infer.shared_weights import insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
-from perspective_jax.model.quantized_kernel import from_quantized_matrix
 from perspective_jax.model.transformer import init_cache
 
 MB = 1 << 20
@@ -56,6 +52,8 @@ KINDS = ("same", "delta", "full")
 # state (SPEC §3.5); "previous" guesses layer j+1's expert of the previous token;
 # "auto" uses, per layer, whichever has been right more often so far.
 PREDICTORS = ("auto", "router", "previous")
+# fresh reads waiting to be pinned into the host cache (each holds one read buffer)
+MAX_QUEUED_ADMISSIONS = 2
 
 
 @dataclasses.dataclass
@@ -75,49 +73,30 @@ class Stats:
     cancelled: int = 0          # wrong prefetches stopped part-way through their read
 
 
-def load_shared(model_dir: str, manifest: dict):
-    """(float tensors by '/'-joined path, {kernel path: QuantizedKernel}) of the shared
-    weights; the second is empty unless the export quantised them (--shared-bits)."""
-    path = os.path.join(model_dir, md.SHARED_FILE)
-    expected = manifest["files"].get(md.SHARED_FILE, {}).get("sha256")
-    # Hash first, then load: the second pass reads from the page cache; hashing an
-    # in-memory copy instead would hold the shared weights twice at start-up.
-    if expected and md.sha256_file(path) != expected:
-        raise md.ModelDirError(f"{path} fails its sha256 checksum; the model directory is "
-                               "corrupt — re-run perspective-export")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise md.ModelDirError(f"{path}: not a readable safetensors file ({e})") from None
-    quantized = _quantized_kernels(tensors, path) if manifest["shared"].get("bits") else {}
-    return tensors, quantized
+class Prefetch(NamedTuple):
+    """The prefetch in flight: the (layer, expert) guessed, the future of its `_bring`
+    and the event that cancels its disk read (None for a slot already holding it)."""
 
-
-def _quantized_kernels(tensors: dict, file: str) -> dict:
-    """Take every GPTQ group (`gptq.kernel_keys`: '<kernel path>.codes', …) out of
-    `tensors`; returns {kernel path: QuantizedKernel} (numpy leaves)."""
-    try:
-        out = {path: from_quantized_matrix(q, shape)
-               for path, (q, shape) in gptq.read_kernels(tensors).items()}
-    except ValueError as e:
-        raise md.ModelDirError(f"{file}: {e}; re-run perspective-export") from None
-    for path in out:
-        for key in gptq.kernel_keys(path):
-            del tensors[key]
-    return out
-
-
-def _insert_kernels(layer_params: list, quantized: dict, sharding) -> None:
-    """Place each 'periods/P/layer_i/…/kernel' QuantizedKernel in layer_params[P][i]."""
-    for path, kernel in quantized.items():
-        _, p, layer, *inner, leaf = path.split("/")
-        node = layer_params[int(p)][int(layer.removeprefix("layer_"))]
-        for name in inner:
-            node = node.setdefault(name, {})
-        node[leaf] = jax.device_put(kernel, sharding)
+    key: tuple[int, int]
+    future: concurrent.futures.Future
+    cancel: Optional[threading.Event]
 
 
 class StreamingEngine:
+    """Layer-streamed decoding over a model directory (module docstring).
+
+    Budgets: `host_budget_mb` (host tier, read buffers in flight included) and
+    `device_budget_mb` (shared weights + `device_slots` regions + decode state) are
+    hard limits. `io`: "mmap" or "direct" (O_DIRECT, bypasses the page cache).
+    `predictor`: how layer j+1's expert is guessed (PREDICTORS). `host_memory_kind`:
+    memory of the host tier — "pinned_host" on an accelerator, plain numpy on the
+    CPU backend by default. `pin_before_transfer`: pin a fresh read into the host
+    tier before sending it to the device (the old order; default is to send it
+    from the read buffer and pin it afterwards on the admit thread).
+    `cancel_wrong_reads`: stop a wrong guess still reading when its layer arrives
+    (off by default: slower on the 2-core CPU, docs/benchmarks.md).
+    """
+
     def __init__(self, model_dir: str, host_budget_mb: float = 1024,
                  device_budget_mb: Optional[float] = None, device_slots: int = 2,
                  prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
@@ -140,8 +119,8 @@ class StreamingEngine:
         self.prefetch, self.use_deltas = prefetch, use_deltas
         self.pin_before_transfer = pin_before_transfer
         self.cancel_wrong_reads = cancel_wrong_reads
-        self._admit = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
-        self._admits: list[concurrent.futures.Future] = []
+        self._admit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
+        self._admit_futures: list[concurrent.futures.Future] = []
         self._admit_lock = threading.Lock()
         self.stats = Stats()
         flat, quantized = load_shared(model_dir, self.manifest)
@@ -156,7 +135,7 @@ class StreamingEngine:
         self.layer_params = [[jax.tree.map(lambda a, p=p: a[p], tree["periods"][f"layer_{i}"])
                               for i in range(len(self.model.layer_pattern))]
                              for p in range(self.model.n_periods)]
-        _insert_kernels(self.layer_params, quantized, on_device)
+        insert_kernels(self.layer_params, quantized, on_device)
         self.expert_layers = md.expert_layers(self.model.layer_pattern, self.model.n_periods)
         self.layer_index = {key: j for j, key in enumerate(self.expert_layers)}
         self.state_bytes = sum(a.nbytes for a in jax.tree.leaves(init_cache(self.model, 1)))
@@ -168,8 +147,7 @@ class StreamingEngine:
         elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        # (key, future of _bring, its cancel event) of the prefetch in flight
-        self._pending: Optional[tuple] = None
+        self._pending: Optional[Prefetch] = None
         n = len(self.expert_layers)
         self._last_expert: list[Optional[int]] = [None] * n
         self._guesses: list[dict] = [{} for _ in range(n)]
@@ -191,9 +169,14 @@ class StreamingEngine:
         # a host entry is the store's allocation when regions stay numpy (CPU backend)
         entry = self.store.alloc_bytes if host_memory_kind == "numpy" else self.region_bytes
         host_bytes = int(host_budget_mb * MB)
-        if host_bytes < entry:
+        # read buffers held outside the entries: the one being read plus, unless a
+        # fresh read is pinned before its transfer, those queued for the admit thread
+        staging = (0 if host_memory_kind == "numpy" else self.store.alloc_bytes
+                   * (1 if self.pin_before_transfer else MAX_QUEUED_ADMISSIONS + 1))
+        if host_bytes < entry + staging:
+            extra = f" plus {staging / MB:.2f} MB of read buffers in flight" if staging else ""
             raise UserError(f"--host-budget-mb {host_budget_mb:g} cannot hold one expert "
-                            f"region ({entry / MB:.2f} MB); raise it")
+                            f"region ({entry / MB:.2f} MB){extra}; raise it")
         self.n_slots = device_slots
         if device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
@@ -205,7 +188,7 @@ class StreamingEngine:
             pinned = memory_sharding(self.device, host_memory_kind)
             place = lambda r: jax.device_put(r, pinned).block_until_ready()  # noqa: E731
         self.host_memory_kind = host_memory_kind
-        self.host = HostCache(host_bytes, entry, priors, place=place)
+        self.host = HostCache(host_bytes, entry, priors, place=place, staging_bytes=staging)
         self.slots = DeviceSlots(device_slots, self.region_bytes, self.device)
         self.warmed = self.host.warm(self.store.read_region) if warm_start else 0
 
@@ -242,19 +225,33 @@ class StreamingEngine:
         reserved = self.host.reserve()
         try:
             region = self.store.read_region(*key, cancel=cancel)
-        except ReadCancelled:
-            self.host.unreserve() if reserved else None
+        except BaseException:                 # cancelled, corrupt, unreadable
+            if reserved:
+                self.host.unreserve()
             raise
         if self.host_memory_kind == "numpy" or self.pin_before_transfer:
             return self.host.admit(key, region, reserved)
         if reserved:
-            future = self._admit.submit(self.host.admit, key, region, True)
-            with self._admit_lock:
-                for f in [f for f in self._admits if f.done()]:
-                    f.result()                # a failed admission surfaces here
-                    self._admits.remove(f)
-                self._admits.append(future)
+            self._queue_admission(key, region)
         return region
+
+    def _queue_admission(self, key, region) -> None:
+        """Pin `region` into the host cache on the admit thread. At most
+        `MAX_QUEUED_ADMISSIONS` read buffers wait for it (beyond that the oldest is
+        waited for: backpressure, so the buffers stay inside the budget's staging)."""
+        with self._admit_lock:
+            done = [f for f in self._admit_futures if f.done()]
+            for f in done:
+                self._admit_futures.remove(f)
+            for f in done:
+                f.result()                    # a failed admission surfaces here, once
+            if len(self._admit_futures) >= MAX_QUEUED_ADMISSIONS:
+                self._admit_futures.pop(0).result()
+            self._admit_futures.append(self._admit_pool.submit(self._admit, key, region))
+
+    def _admit(self, key, region) -> None:
+        self.host.admit(key, region, reserved=True)   # returns nothing: no array outlives
+                                                      # its eviction through a future
 
     def _bring(self, key, protect=(), cancel: Optional[threading.Event] = None
                ) -> tuple[str, int]:
@@ -298,13 +295,14 @@ class StreamingEngine:
         stats = self.stats
         t0 = time.perf_counter()
         stalled = False
-        if self._pending is not None:
-            stalled = not self._pending[1].done()
-            if stalled and self._pending[0] != key and self.cancel_wrong_reads:
-                self._pending[2].set()       # wrong guess still reading: stop it
+        pending = self._pending
+        if pending is not None:
+            stalled = not pending.future.done()
+            if stalled and pending.key != key and self.cancel_wrong_reads and pending.cancel:
+                pending.cancel.set()         # wrong guess still reading: stop it
             pkey, kind, nbytes = self._join()
             stats.cancelled += kind == "cancelled"
-            if pkey == key:
+            if pkey == key and kind != "cancelled":
                 stats.predicted_right += 1
                 self._count(kind, nbytes)
                 self._stall(stalled, t0)
@@ -333,11 +331,11 @@ class StreamingEngine:
     def _start_prefetch(self, key, protect_slot: int) -> None:
         self.stats.predictions += 1
         if self.slots.find(key) is not None:
-            self._pending = (key, _done(("same", 0)), None)
+            self._pending = Prefetch(key, _done(("same", 0)), None)
             return
         cancel = threading.Event()
-        self._pending = (key, self._io.submit(self._bring, key, (protect_slot,), cancel),
-                         cancel)
+        self._pending = Prefetch(key, self._io.submit(self._bring, key, (protect_slot,), cancel),
+                                 cancel)
 
     # ------------------------------------------------------------------ compute
     def forward(self, tokens: np.ndarray, state: dict):
@@ -463,11 +461,19 @@ class StreamingEngine:
         return out
 
     def close(self) -> None:
-        self._join() if self._pending else None
-        self._io.shutdown(wait=True)
-        self._admit.shutdown(wait=True)
-        for f in self._admits:
-            f.result()                        # re-raise a failed admission
+        """Stop the background threads (a read in flight is cancelled); re-raises a
+        failed prefetch or host-cache admission."""
+        try:
+            if self._pending is not None:
+                if self._pending.cancel is not None:
+                    self._pending.cancel.set()
+                self._join()
+        finally:
+            self._io.shutdown(wait=True)
+            self._admit_pool.shutdown(wait=True)
+            futures, self._admit_futures = self._admit_futures, []
+            for f in futures:
+                f.result()
 
 
 def _peak_rss_bytes() -> Optional[int]:

@@ -26,7 +26,8 @@ import xxhash
 from perspective_jax.infer import model_dir as md
 
 IO_MODES = ("mmap", "direct")
-READ_CHUNK = 1 << 20          # bytes per O_DIRECT read (a multiple of REGION_ALIGN)
+READ_CHUNK = 1 << 20          # bytes per piece of a region read (O_DIRECT: a multiple
+                              # of REGION_ALIGN); a cancel is seen between pieces
 ARRAY_ALIGN = 64              # a host array this aligned is aliased, not copied, by the
                               # CPU backend's device_put (measured: 16 and 32 are copied)
 
@@ -102,7 +103,7 @@ class ExpertStore:
             for a in range(0, self.region_bytes, READ_CHUNK):
                 if cancel is not None and cancel.is_set():
                     self.bytes_read += a
-                    raise ReadCancelled(j, e)
+                    raise ReadCancelled(f"{layer['file']} at {entry['offset'] + a}")
                 data[a: a + READ_CHUNK] = src[a: a + READ_CHUNK]
         self._check(key, data, entry[md.REGION_CHECKSUM], f"expert {e} of expert layer {j}",
                     layer["file"], digest)
@@ -142,7 +143,7 @@ class ExpertStore:
             for a in range(0, size, READ_CHUNK):
                 if cancel is not None and cancel.is_set():
                     self.bytes_read += got
-                    raise ReadCancelled(rel, offset)
+                    raise ReadCancelled(f"{rel} at {offset + a}")
                 b = min(a + READ_CHUNK, size)
                 n = os.preadv(fd, [memoryview(buf[a:b])], offset + a)
                 got += n

@@ -9,7 +9,9 @@ start keeps the experts calibration text used most), `uses` counts hits since
 it was loaded and `age` is the number of lookups since its last use. The entry
 with the lowest score goes first. `bytes_held` never exceeds `budget_bytes`:
 space is reserved before a region is read (`reserve`), and evicted entries are
-released before the new one is admitted.
+released before the new one is admitted. `staging_bytes` is set aside for
+read buffers in flight outside the entries (a pinned host tier copies each fresh
+read into pinned memory), so the budget covers those too.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import numpy as np
 class HostCache:
     def __init__(self, budget_bytes: int, entry_bytes: int,
                  priors: Optional[np.ndarray] = None, prior_weight: float = 8.0,
-                 half_life: float = 256.0, place: Callable = lambda a: a):
+                 half_life: float = 256.0, place: Callable = lambda a: a,
+                 staging_bytes: int = 0):
         if entry_bytes <= 0:
             raise ValueError("entry_bytes must be positive")
         self.budget_bytes, self.entry_bytes = int(budget_bytes), int(entry_bytes)
-        self.capacity = self.budget_bytes // self.entry_bytes
+        self.staging_bytes = int(staging_bytes)
+        self.capacity = max(self.budget_bytes - self.staging_bytes, 0) // self.entry_bytes
         self.priors = priors
         self.prior_weight, self.half_life = prior_weight, half_life
         self.place = place                   # numpy region → host array (pinned_host)
@@ -42,7 +46,8 @@ class HostCache:
 
     @property
     def bytes_held(self) -> int:
-        return (len(self._entries) + self._reserved) * self.entry_bytes
+        """Entries, reserved entries and the staging set aside for buffers in flight."""
+        return (len(self._entries) + self._reserved) * self.entry_bytes + self.staging_bytes
 
     def __contains__(self, key) -> bool:
         return key in self._entries
@@ -90,7 +95,12 @@ class HostCache:
 
     def admit(self, key, region: np.ndarray, reserved: bool):
         """Store a region read into reserved space; returns the host array."""
-        value = self.place(region)
+        try:
+            value = self.place(region)
+        except BaseException:
+            if reserved:
+                self.unreserve()
+            raise
         with self._lock:
             if not reserved:
                 return value                 # not cached: the caller holds it briefly
