@@ -100,11 +100,12 @@ class ExpertStore:
             mm = self._map(self._maps, j, layer["file"])
             data = _aligned_empty(self.region_bytes, ARRAY_ALIGN)[: self.region_bytes]
             src = mm[entry["offset"]: entry["offset"] + self.region_bytes]
-            for a in range(0, self.region_bytes, READ_CHUNK):
+            step = self.region_bytes if cancel is None else READ_CHUNK   # one copy unless
+            for a in range(0, self.region_bytes, step):                  # it may be cancelled
                 if cancel is not None and cancel.is_set():
                     self.bytes_read += a
                     raise ReadCancelled(f"{layer['file']} at {entry['offset'] + a}")
-                data[a: a + READ_CHUNK] = src[a: a + READ_CHUNK]
+                data[a: a + step] = src[a: a + step]
         self._check(key, data, entry[md.REGION_CHECKSUM], f"expert {e} of expert layer {j}",
                     layer["file"], digest)
         self.bytes_read += self.region_bytes
