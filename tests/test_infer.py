@@ -146,7 +146,7 @@ def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
     pinned_host arrays, and a replay of the same tokens reads nothing from disk."""
     cfg, _, path = exported
     rng = np.random.default_rng(3)
-    prompt, steps = rng.integers(0, 259, 9), rng.integers(0, 259, 10)
+    prompt, steps = rng.integers(0, 259, 5), rng.integers(0, 259, 6)
     everything = cfg.model.n_pdr_layers * cfg.moe.num_experts * md.RegionLayout(
         cfg.model.d_model, cfg.model.d_ff).nbytes
     runs = {}
@@ -345,7 +345,7 @@ def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(exp
     import time as _time
     cfg, params, path = exported
     rng = np.random.default_rng(4)
-    prompt, steps = rng.integers(0, 259, 12), rng.integers(0, 259, 16)
+    prompt, steps = rng.integers(0, 259, 6), rng.integers(0, 259, 8)
     ref = _reference_logits(cfg, params, prompt, steps)
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
     engine = StreamingEngine(path, host_budget_mb=2 * region / 2**20, device_slots=2,

@@ -52,17 +52,17 @@ def test_probe_prefetch_top1_is_the_engines_router_guess(tmp_path, tools_path, c
     import numpy as np
     import probe_prefetch
     cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
-                             "model.d_ff=96", "model.n_layers=8", "model.vocab_size=259",
+                             "model.d_ff=96", "model.n_layers=4", "model.vocab_size=259",
                              "moe.num_experts=8", "moe.lattice=[2,2,2]", "data.tokenizer=byte"])
     path = str(tmp_path / "model")
     write_synthetic_model_dir(path, cfg, seed=0, log=lambda *_: None)
     engine = StreamingEngine(path, host_budget_mb=8, predictor="router")
-    tokens = np.frombuffer(probe_prefetch.TEXT, np.uint8).astype(np.int32)[:28]
+    tokens = np.frombuffer(probe_prefetch.TEXT, np.uint8).astype(np.int32)[:24]
     result = probe_prefetch.probe(engine, tokens, top=8, ahead=2)
     engine.close()
     right, n = result["top-1, next layer"]
     assert n == engine.stats.predictions > 0 and right == engine.stats.predicted_right
     assert result["top-8, next layer"] == (n, n)           # all 8 experts: always right
     assert result["top-1, 2 layers ahead"][1] < n
-    assert probe_prefetch.main([path, "--tokens", "4", "--top", "2", "--ahead", "2"]) == 0
+    assert probe_prefetch.main([path, "--tokens", "2", "--top", "2", "--ahead", "2"]) == 0
     assert "| top-2, next layer |" in capsys.readouterr().out
