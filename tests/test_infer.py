@@ -267,18 +267,24 @@ def test_flipped_byte_is_detected_and_named(exported):
     engine.close()
 
 
-def test_direct_reads_in_chunks_match_mmap_and_catch_a_flip_in_a_late_chunk(tmp_path,
-                                                                            monkeypatch):
+@pytest.fixture
+def chunked_store(tmp_path, monkeypatch):
+    """(path, manifest) of a small synthetic model whose regions read in 3 pieces."""
     from perspective_jax.config import load_config
     from perspective_jax.infer import expert_store
     from perspective_jax.infer.synthetic import write_synthetic_model_dir
-    monkeypatch.setattr(expert_store, "READ_CHUNK", md.REGION_ALIGN)   # many chunks
+    monkeypatch.setattr(expert_store, "READ_CHUNK", md.REGION_ALIGN)
     cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
                              "model.d_ff=200", "model.n_layers=4", "model.vocab_size=259",
                              "data.tokenizer=byte"])
     path = str(tmp_path / "synthetic")
     write_synthetic_model_dir(path, cfg, seed=0, log=lambda *_: None)
-    manifest = md.read_manifest(path)
+    return path, md.read_manifest(path)
+
+
+def test_direct_reads_in_chunks_match_mmap_and_catch_a_flip_in_a_late_chunk(chunked_store):
+    from perspective_jax.infer import expert_store
+    path, manifest = chunked_store
     mapped = expert_store.ExpertStore(path, manifest, io="mmap")
     direct = expert_store.ExpertStore(path, manifest, io="direct")
     assert direct.region_bytes > 2 * md.REGION_ALIGN               # 3 chunks
@@ -314,18 +320,9 @@ class _SetAfter:
         return self.n < 0
 
 
-def test_a_cancelled_read_stops_between_pieces_and_leaves_nothing_verified(tmp_path,
-                                                                          monkeypatch):
-    from perspective_jax.config import load_config
+def test_a_cancelled_read_stops_between_pieces_and_leaves_nothing_verified(chunked_store):
     from perspective_jax.infer import expert_store
-    from perspective_jax.infer.synthetic import write_synthetic_model_dir
-    monkeypatch.setattr(expert_store, "READ_CHUNK", md.REGION_ALIGN)   # 3 pieces
-    cfg = load_config(None, ["model.routed=true", "ternary.enabled=true", "model.d_model=64",
-                             "model.d_ff=200", "model.n_layers=4", "model.vocab_size=259",
-                             "data.tokenizer=byte"])
-    path = str(tmp_path / "synthetic")
-    write_synthetic_model_dir(path, cfg, seed=0, log=lambda *_: None)
-    manifest = md.read_manifest(path)
+    path, manifest = chunked_store
     for io in expert_store.IO_MODES:
         store = expert_store.ExpertStore(path, manifest, io=io)
         with pytest.raises(expert_store.ReadCancelled):
