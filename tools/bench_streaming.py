@@ -199,6 +199,17 @@ def fmt_rate(x: float) -> str:
     return f"{100 * x:.0f} %" if x == x else "–"
 
 
+def shared_bit_copies(args, path: str) -> tuple[str, str]:
+    """Derive (or reuse) the --shared-bits copies of `path` and, when the incoherent
+    routers are asked for, of its incoherent twin; returns (coherent, incoherent) paths."""
+    suffix = f"-shared{args.shared_bits}"
+    inco = path + "-incoherent"
+    derive_quantized(path, path + suffix, args.shared_bits)
+    if "incoherent" in args.routers:
+        derive_quantized(inco, inco + suffix, args.shared_bits)
+    return path + suffix, inco + suffix
+
+
 def part_a(args, log) -> list[str]:
     shared = (f"{args.shared_bits}-bit packed shared weights" if args.shared_bits
               else "float32 shared weights")
@@ -218,11 +229,7 @@ def part_a(args, log) -> list[str]:
                 derive_incoherent(path, inco)
         if args.shared_bits:                  # same expert files, packed shared weights
             log(f"[A] deriving {args.shared_bits}-bit shared-weight copies unless present")
-            derive_quantized(path, path + f"-shared{args.shared_bits}", args.shared_bits)
-            path += f"-shared{args.shared_bits}"
-            if "incoherent" in args.routers:
-                derive_quantized(inco, inco + f"-shared{args.shared_bits}", args.shared_bits)
-                inco += f"-shared{args.shared_bits}"
+            path, inco = shared_bit_copies(args, path)
         gb, s = preread(path)
         log(f"[A] pre-read {gb:.2f} GB of expert files in {s:.1f} s "
             f"({gb / s:.2f} GB/s); the store now sits in the page cache")
@@ -427,9 +434,7 @@ def main(argv=None) -> int:
                 derive_incoherent(path, path + "-incoherent")
             log(f"{path}: {'built in %.0f s' % s if s else 'reused'}")
             if a.shared_bits:
-                for src in [path] + [path + "-incoherent"] * ("incoherent" in a.routers):
-                    derive_quantized(src, src + f"-shared{a.shared_bits}", a.shared_bits)
-                    log(f"{src}-shared{a.shared_bits}: derived or current")
+                log(f"{shared_bit_copies(a, path)[0]}: derived or current")
         return 0
     t0 = time.perf_counter()
     out = [f"Machine: {machine()}", ""]

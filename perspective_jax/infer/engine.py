@@ -75,7 +75,8 @@ class Stats:
 
 class Prefetch(NamedTuple):
     """The prefetch in flight: the (layer, expert) guessed, the future of its `_bring`
-    and the event that cancels its disk read (None for a slot already holding it)."""
+    and the event that cancels its disk read (None when cancelling is off or a slot
+    already holds it)."""
 
     key: tuple[int, int]
     future: concurrent.futures.Future
@@ -333,7 +334,7 @@ class StreamingEngine:
         if self.slots.find(key) is not None:
             self._pending = Prefetch(key, _done(("same", 0)), None)
             return
-        cancel = threading.Event()
+        cancel = threading.Event() if self.cancel_wrong_reads else None   # None: one copy
         self._pending = Prefetch(key, self._io.submit(self._bring, key, (protect_slot,), cancel),
                                  cancel)
 
@@ -461,8 +462,8 @@ class StreamingEngine:
         return out
 
     def close(self) -> None:
-        """Stop the background threads (a read in flight is cancelled); re-raises a
-        failed prefetch or host-cache admission."""
+        """Stop the background threads (a cancellable read in flight is cancelled);
+        re-raises a failed prefetch or host-cache admission."""
         try:
             if self._pending is not None:
                 if self._pending.cancel is not None:
