@@ -30,6 +30,13 @@ def small_cfg() -> ModelConfig:
 
 
 @pytest.fixture
+def exported(tmp_path, small_cfg):
+    """(config, params, model dir) of a small exported routed model (streaming tests)."""
+    from streaming_helpers import exported_model
+    return exported_model(tmp_path, small_cfg)
+
+
+@pytest.fixture
 def repo() -> pathlib.Path:
     return REPO
 

@@ -1,6 +1,5 @@
 """Streaming inference: export, tiered expert store, engine == in-memory model."""
 
-import dataclasses
 import json
 import os
 
@@ -9,77 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perspective_jax.config import MoEConfig, PerspectiveConfig, TernaryConfig
 from perspective_jax.errors import UserError
 from perspective_jax.generate import Sampling
 from perspective_jax.infer import gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.engine import StreamingEngine
-from perspective_jax.infer.export import with_ternary_experts, write_model_dir
+from perspective_jax.infer.export import with_ternary_experts
 from perspective_jax.infer.host_cache import HostCache
-from perspective_jax.model.transformer import PerspectiveLM, init_cache, init_params
-
-
-def _cfg(small_cfg, **ternary) -> PerspectiveConfig:
-    model = dataclasses.replace(small_cfg, vocab_size=259, routed=True)
-    return PerspectiveConfig(model=model, moe=MoEConfig(),
-                             ternary=TernaryConfig(enabled=True, **ternary))
-
-
-def _similar_experts(params, cfg, key, share=0.01):
-    """Experts = expert 0 plus a sparse perturbation, so neighbour deltas are small."""
-    for i, kind in enumerate(cfg.model.layer_pattern):
-        if kind != "pdr":
-            continue
-        ffn = params["periods"][f"layer_{i}"]["ffn"]
-        for name in md.EXPERT_MATRICES:
-            w = np.array(ffn[name])                                  # [P, E, a, b]
-            key, k1, k2 = jax.random.split(key, 3)
-            hit = np.asarray(jax.random.bernoulli(k1, share, w.shape))
-            bump = 3 * np.abs(w).mean() * np.asarray(jax.random.normal(k2, w.shape))
-            ffn[name] = w[:, :1] + hit * bump
-    return params
-
-
-def _export(tmp_path, cfg, params, name="model", **kw):
-    tok_dir = tmp_path / "tok"
-    tok_dir.mkdir(exist_ok=True)
-    (tok_dir / "tokenizer.byte").write_text("utf-8 bytes\n")
-    out = tmp_path / name
-    write_model_dir(str(out), cfg, params, str(tok_dir), log=lambda *_: None, **kw)
-    return str(out)
-
-
-@pytest.fixture
-def exported(tmp_path, small_cfg):
-    cfg = _cfg(small_cfg)
-    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
-    params = _similar_experts(params, cfg, jax.random.key(1))
-    return cfg, params, _export(tmp_path, cfg, params)
-
-
-def _reference_logits(cfg, params, prompt, steps):
-    """In-memory model with the exported (ternary) expert values."""
-    model = PerspectiveLM(cfg.model, cfg.moe)
-    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
-    cache = init_cache(cfg.model, 1)
-    apply = jax.jit(lambda p, toks, c: model.apply({"params": p}, toks, cache=c))
-    logits, cache = apply(used, jnp.asarray(prompt)[None], cache)
-    out = [np.asarray(logits[0, -1])]
-    for tok in steps:
-        logits, cache = apply(used, jnp.asarray([[tok]]), cache)
-        out.append(np.asarray(logits[0, -1]))
-    return out
-
-
-def _assert_engine_matches(engine, ref, prompt, steps):
-    """Prefill `prompt`, then feed `steps` one by one; logits must equal `ref`."""
-    state = engine.new_state()
-    got, state = engine.forward(prompt, state)
-    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
-    for k, tok in enumerate(steps):
-        got, state = engine.forward(np.array([tok]), state)
-        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4, err_msg=f"step {k}")
+from perspective_jax.model.transformer import init_params
+from streaming_helpers import (assert_engine_matches, export_model, reference_logits,
+                               routed_cfg)
 
 
 def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
@@ -87,14 +25,14 @@ def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 259, 21)
     steps = rng.integers(0, 259, 64)
-    ref = _reference_logits(cfg, params, prompt, steps)
+    ref = reference_logits(cfg, params, prompt, steps)
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
     n_layers = cfg.model.n_pdr_layers
     # host budget: 3 regions (forces evictions); one slot per expert layer + 1 so that
     # each layer's last expert stays on the device and neighbours arrive as deltas
     engine = StreamingEngine(path, host_budget_mb=3 * region / 2**20,
                              device_slots=n_layers + 1)
-    _assert_engine_matches(engine, ref, prompt, steps)
+    assert_engine_matches(engine, ref, prompt, steps)
     report = engine.report()
     engine.close()
     assert report["transfers"]["delta"] > 0 and report["transfers"]["full"] > 0
@@ -116,10 +54,10 @@ def test_engine_with_the_gpu_kernel_choice_is_exact(exported, monkeypatch):
     cfg, params, path = exported
     rng = np.random.default_rng(2)
     prompt, steps = rng.integers(0, 259, 40), rng.integers(0, 259, 6)
-    ref = _reference_logits(cfg, params, prompt, steps)
+    ref = reference_logits(cfg, params, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1, device_slots=2,
                              host_memory_kind="pinned_host")
-    _assert_engine_matches(engine, ref, prompt, steps)
+    assert_engine_matches(engine, ref, prompt, steps)
     engine.close()
     assert chosen == {"pallas", "dequant"}      # both GPU paths were traced and checked
 
@@ -128,80 +66,16 @@ def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
     cfg, params, path = exported
     rng = np.random.default_rng(1)
     prompt, steps = rng.integers(0, 259, 30), rng.integers(0, 259, 12)
-    ref = _reference_logits(cfg, params, prompt, steps)
+    ref = reference_logits(cfg, params, prompt, steps)
     for predictor in ("router", "previous"):           # host tier in pinned_host memory
         engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor=predictor,
                                  prefill_chunk=7, use_deltas=False,
                                  host_memory_kind="pinned_host")
-        _assert_engine_matches(engine, ref, prompt, steps)
+        assert_engine_matches(engine, ref, prompt, steps)
         report = engine.report()
         engine.close()
         assert report["transfers"]["delta"] == 0
         assert sum(report["transfers"].values()) >= len(steps) * cfg.model.n_pdr_layers
-
-
-def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
-    """A disk read goes to the device from its read buffer and is pinned for the host
-    cache afterwards: same logits as staging first, the cache ends up holding
-    pinned_host arrays, and a replay of the same tokens reads nothing from disk."""
-    cfg, _, path = exported
-    rng = np.random.default_rng(3)
-    prompt, steps = rng.integers(0, 259, 5), rng.integers(0, 259, 6)
-    everything = cfg.model.n_pdr_layers * cfg.moe.num_experts * md.RegionLayout(
-        cfg.model.d_model, cfg.model.d_ff).nbytes
-    runs = {}
-    for first in (False, True):
-        engine = StreamingEngine(path, host_budget_mb=2 * everything / 2**20,
-                                 device_slots=2, warm_start=False, use_deltas=False,
-                                 host_memory_kind="pinned_host", pin_before_transfer=first)
-        sent, load = [], engine.slots.load
-        engine.slots.load = lambda slot, key, host: (sent.append(isinstance(host, np.ndarray)),
-                                                     load(slot, key, host))[1]
-        out = []
-        for rep in range(2):                            # the second pass replays the first
-            state = engine.new_state()
-            logits, state = engine.forward(prompt, state)
-            out.append(logits)
-            for tok in steps:
-                logits, state = engine.forward(np.array([tok]), state)
-                out.append(logits)
-            if rep == 0:
-                engine._admit_pool.submit(lambda: None).result()   # admitted in order
-                read = engine.store.bytes_read
-                from_numpy = sum(sent)
-        entries = list(engine.host._entries.values())
-        engine.close()
-        runs[first] = np.stack(out)
-        assert entries and all(a.sharding.memory_kind == "pinned_host" for a in entries)
-        assert engine.host.hits > 0 and engine.host.peak_bytes <= engine.host.budget_bytes
-        assert engine.host._reserved == 0
-        # each fresh read went to the device from its numpy buffer, unless pinned first
-        assert from_numpy == (0 if first else read // engine.region_bytes) and read > 0
-        if not first:
-            assert engine.store.bytes_read == read     # replay: every region was cached
-            assert sum(sent) == from_numpy             # pass 2 sent only pinned copies
-    np.testing.assert_array_equal(runs[False], runs[True])
-
-
-def test_read_buffers_waiting_for_a_slow_admission_are_bounded(exported):
-    import time as _time
-    from perspective_jax.infer import engine as engine_mod
-    _, _, path = exported
-    engine = StreamingEngine(path, host_budget_mb=4, device_slots=2, warm_start=False,
-                             use_deltas=False, host_memory_kind="pinned_host")
-    place = engine.host.place
-    engine.host.place = lambda r: (_time.sleep(0.05), place(r))[1]   # slow pinning
-    waiting = []
-    submit = engine._admit_pool.submit
-    engine._admit_pool.submit = lambda *a: (waiting.append(sum(not f.done() for f in
-                                                               engine._admit_futures)),
-                                            submit(*a))[1]
-    state = engine.new_state()
-    for tok in np.random.default_rng(5).integers(0, 259, 12):
-        _, state = engine.forward(np.array([tok]), state)
-    engine.close()
-    assert len(waiting) > engine_mod.MAX_QUEUED_ADMISSIONS
-    assert max(waiting) == engine_mod.MAX_QUEUED_ADMISSIONS - 1   # one more is then queued
 
 
 def test_delta_reproduces_target_region_exactly(exported):
@@ -262,7 +136,7 @@ def test_flipped_byte_is_detected_and_named(exported):
     with pytest.raises(md.ModelDirError, match=r"layer_001\.bin: expert 3 of expert layer 1"):
         engine.store.read_region(1, 3)
     with pytest.raises(md.ModelDirError):              # through the host tier:
-        engine._host_region((1, 3))
+        engine.tiers.host_region((1, 3))
     assert engine.host._reserved == 0 and (1, 3) not in engine.host   # space given back
     engine.close()
 
@@ -333,32 +207,6 @@ def test_a_cancelled_read_stops_between_pieces_and_leaves_nothing_verified(chunk
         np.testing.assert_array_equal(full, expert_store.ExpertStore(path, manifest)
                                       .read_region(1, 2))
         store.close()
-
-
-def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(exported):
-    """Slow disk reads keep wrong guesses in flight when their layer arrives: they are
-    stopped, the right expert is loaded, logits equal the in-memory model's and the
-    host cache's reservations all come back."""
-    import time as _time
-    cfg, params, path = exported
-    rng = np.random.default_rng(4)
-    prompt, steps = rng.integers(0, 259, 6), rng.integers(0, 259, 8)
-    ref = _reference_logits(cfg, params, prompt, steps)
-    region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
-    engine = StreamingEngine(path, host_budget_mb=2 * region / 2**20, device_slots=2,
-                             warm_start=False, use_deltas=False, predictor="previous",
-                             cancel_wrong_reads=True)
-    read = engine.store.read_region
-
-    def slow_read(j, e, cancel=None):
-        _time.sleep(0.03)
-        return read(j, e, cancel=cancel)
-    engine.store.read_region = slow_read
-    _assert_engine_matches(engine, ref, prompt, steps)
-    report = engine.report()
-    engine.close()
-    assert report["prefetch_cancelled"] > 0
-    assert engine.host._reserved == 0 and engine.host.peak_bytes <= engine.host.budget_bytes
 
 
 def test_synthetic_model_with_2bit_shared_weights_equals_dequantised_floats(tmp_path):
@@ -494,17 +342,17 @@ def test_model_dir_errors(exported, tmp_path):
 
 def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypatch):
     from perspective_jax.infer import export as ex
-    cfg = _cfg(small_cfg)
+    cfg = routed_cfg(small_cfg)
     params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
-    path = _export(tmp_path, cfg, params)
+    path = export_model(tmp_path, cfg, params)
     with pytest.raises(UserError, match="already exists; pass --force"):
-        _export(tmp_path, cfg, params)
+        export_model(tmp_path, cfg, params)
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
     monkeypatch.setattr(ex, "save_file", boom)
     with pytest.raises(RuntimeError):
-        _export(tmp_path, cfg, params, name="broken")
+        export_model(tmp_path, cfg, params, name="broken")
     assert not (tmp_path / "broken").exists()
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
     md.read_manifest(path)                             # the earlier export is untouched
@@ -515,10 +363,10 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     from perspective_jax.infer.calibrate import dequantize_shared, replace_shared
     from perspective_jax.model.quantized_kernel import QuantizedKernel
     from safetensors.numpy import load_file
-    cfg = _cfg(small_cfg)
+    cfg = routed_cfg(small_cfg)
     params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
     calib = np.random.default_rng(0).integers(0, 259, (1, 64)).astype(np.int32)
-    path = _export(tmp_path, cfg, params, calib=calib, shared_bits=4, group_size=16)
+    path = export_model(tmp_path, cfg, params, calib=calib, shared_bits=4, group_size=16)
     manifest = md.read_manifest(path)
     assert manifest["shared"]["bits"] == 4 and manifest["shared"]["quantized"]
     assert all(q["rel_error"] <= q["rel_error_rtn"] + 1e-6
@@ -527,7 +375,7 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     assert len(kernels) == len(manifest["shared"]["quantized"])
     dequantised = replace_shared(params, kernels)
     prompt, steps = np.arange(5, 25), np.arange(30, 38)
-    ref = _reference_logits(cfg, dequantised, prompt, steps)
+    ref = reference_logits(cfg, dequantised, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1)
     # the engine computes from the packed codes: every quantised kernel stays a
     # QuantizedKernel on the device, and the device bytes count codes, not floats
@@ -541,7 +389,7 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     meta = (".shape", ".bits", ".group_size", ".orig_shape")
     assert engine.shared_bytes == sum(v.nbytes for k, v in stored.items()
                                       if not k.endswith(meta))
-    _assert_engine_matches(engine, ref, prompt, steps)
+    assert_engine_matches(engine, ref, prompt, steps)
     engine.close()
 
 
@@ -581,11 +429,11 @@ def test_infer_cli_streams_and_stops_at_stop_string(exported, capsys):
 
 
 def test_engine_with_per_output_feature_scales(tmp_path, small_cfg):
-    cfg = _cfg(small_cfg, scale_granularity="row")
+    cfg = routed_cfg(small_cfg, scale_granularity="row")
     params = init_params(cfg.model, jax.random.key(4), moe=cfg.moe)
-    path = _export(tmp_path, cfg, params)
+    path = export_model(tmp_path, cfg, params)
     prompt, steps = np.arange(40, 52), np.arange(60, 66)
-    ref = _reference_logits(cfg, params, prompt, steps)
+    ref = reference_logits(cfg, params, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1)
-    _assert_engine_matches(engine, ref, prompt, steps)
+    assert_engine_matches(engine, ref, prompt, steps)
     engine.close()

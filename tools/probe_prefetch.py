@@ -47,13 +47,13 @@ def probe(engine: StreamingEngine, tokens: np.ndarray, top: int, ahead: int) -> 
     step, actual, ranked = [0], {}, {}
     predict, observe = engine._predict_next, engine._observe
 
-    def spy_predict(j, h, slot):
+    def spy_predict(j, h, router_guess):
         for d in range(1, ahead + 1):
             if j + d < n_layers:
                 p, i = engine.expert_layers[j + d]
                 probs = np.asarray(router_probs(engine.layer_params[p][i], h)).reshape(-1)
                 ranked[(step[0], j, d)] = np.argsort(-probs)[:top]
-        predict(j, h, slot)
+        return predict(j, h, router_guess)
 
     def spy_observe(j, expert):
         actual[(step[0], j)] = expert

@@ -13,22 +13,19 @@ expert-layer slots). During decode, as soon as layer j has routed its token the
 engine predicts layer j+1's expert by applying layer j+1's norm and router to
 the current hidden state and starts bringing it to a free slot on a background
 thread (disk read, checksum, host→device copy) while layer j's expert computes.
-At layer j+1 the actual expert is served by, in order: a slot already holding
-it ("same": nothing moves), a slot holding a lattice neighbour with an exported
-delta ("delta": the changed bytes move and are scattered in place), or a full
-region transfer ("full"; a host-cache miss first reads it from disk). A
-misprediction costs a stall, never a wrong result.
+Layer j's route and layer j+1's guess come from one jitted call (one host sync
+per expert layer), and the guess is queued behind layer j's own region before
+the engine waits for it. How a region is brought in ("same", "delta", "full")
+and what a misprediction costs: `perspective_jax.infer.expert_tiers`.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import json
-import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +37,8 @@ from perspective_jax.errors import UserError
 from perspective_jax.infer import layers as L
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
-from perspective_jax.infer.expert_store import ExpertStore, ReadCancelled
+from perspective_jax.infer.expert_store import ExpertStore
+from perspective_jax.infer.expert_tiers import MAX_QUEUED_ADMISSIONS, ExpertTiers
 from perspective_jax.infer.host_cache import HostCache
 from perspective_jax.infer.shared_weights import insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
@@ -52,8 +50,6 @@ KINDS = ("same", "delta", "full")
 # state (SPEC §3.5); "previous" guesses layer j+1's expert of the previous token;
 # "auto" uses, per layer, whichever has been right more often so far.
 PREDICTORS = ("auto", "router", "previous")
-# fresh reads waiting to be pinned into the host cache (each holds one read buffer)
-MAX_QUEUED_ADMISSIONS = 2
 
 
 @dataclasses.dataclass
@@ -71,16 +67,6 @@ class Stats:
     stalls: int = 0
     stall_s: float = 0.0
     cancelled: int = 0          # wrong prefetches stopped part-way through their read
-
-
-class Prefetch(NamedTuple):
-    """The prefetch in flight: the (layer, expert) guessed, the future of its `_bring`
-    and the event that cancels its disk read (None when cancelling is off or a slot
-    already holds it)."""
-
-    key: tuple[int, int]
-    future: concurrent.futures.Future
-    cancel: Optional[threading.Event]
 
 
 class StreamingEngine:
@@ -119,10 +105,6 @@ class StreamingEngine:
         self.device = device or jax.devices()[0]
         self.prefetch, self.use_deltas = prefetch, use_deltas
         self.pin_before_transfer = pin_before_transfer
-        self.cancel_wrong_reads = cancel_wrong_reads
-        self._admit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
-        self._admit_futures: list[concurrent.futures.Future] = []
-        self._admit_lock = threading.Lock()
         self.stats = Stats()
         flat, quantized = load_shared(model_dir, self.manifest)
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
@@ -140,15 +122,14 @@ class StreamingEngine:
         self.expert_layers = md.expert_layers(self.model.layer_pattern, self.model.n_periods)
         self.layer_index = {key: j for j, key in enumerate(self.expert_layers)}
         self.state_bytes = sum(a.nbytes for a in jax.tree.leaves(init_cache(self.model, 1)))
-        self.host = self.store = self.slots = None
+        self.host = self.store = self.slots = self.tiers = None
         self.region_bytes = 0
         if self.routed:
             self._init_tiers(model_dir, scales, on_device, host_budget_mb, device_budget_mb,
-                             device_slots, warm_start, io, host_memory_kind)
+                             device_slots, warm_start, io, host_memory_kind,
+                             cancel_wrong_reads)
         elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self._pending: Optional[Prefetch] = None
         n = len(self.expert_layers)
         self._last_expert: list[Optional[int]] = [None] * n
         self._guesses: list[dict] = [{} for _ in range(n)]
@@ -156,7 +137,7 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ setup
     def _init_tiers(self, model_dir, scales, on_device, host_budget_mb, device_budget_mb,
-                    device_slots, warm_start, io, host_memory_kind):
+                    device_slots, warm_start, io, host_memory_kind, cancel_wrong_reads):
         self.store = ExpertStore(model_dir, self.manifest, io=io)
         self.region_bytes = self.store.region_bytes
         if sorted(scales) != sorted(md.EXPERT_MATRICES):
@@ -192,6 +173,11 @@ class StreamingEngine:
         self.host = HostCache(host_bytes, entry, priors, place=place, staging_bytes=staging)
         self.slots = DeviceSlots(device_slots, self.region_bytes, self.device)
         self.warmed = self.host.warm(self.store.read_region) if warm_start else 0
+        self.tiers = ExpertTiers(self.store, self.host, self.slots, self.stats,
+                                 stage_in_place=host_memory_kind == "numpy",
+                                 use_deltas=self.use_deltas,
+                                 pin_before_transfer=self.pin_before_transfer,
+                                 cancel_wrong_reads=cancel_wrong_reads)
 
     @property
     def device_bytes_needed(self) -> int:
@@ -212,131 +198,6 @@ class StreamingEngine:
                             for i in range(len(self.model.layer_pattern))]
                            for p in range(self.model.n_periods)],
                 "next_pos": 0}
-
-    # ------------------------------------------------------------------ tiers
-    def _host_region(self, key, cancel: Optional[threading.Event] = None):
-        """Host array to transfer (layer, expert) from: the host cache's, else a fresh
-        read from disk. With a pinned host tier the fresh region goes to the device
-        straight from the read buffer, and its pinned copy is made for the cache on
-        the admit thread afterwards — the staging copy is off the critical path
-        (`pin_before_transfer=True` restores staging first, for comparison)."""
-        value = self.host.get(key)
-        if value is not None:
-            return value
-        reserved = self.host.reserve()
-        try:
-            region = self.store.read_region(*key, cancel=cancel)
-        except BaseException:                 # cancelled, corrupt, unreadable
-            if reserved:
-                self.host.unreserve()
-            raise
-        if self.host_memory_kind == "numpy" or self.pin_before_transfer:
-            return self.host.admit(key, region, reserved)
-        if reserved:
-            self._queue_admission(key, region)
-        return region
-
-    def _queue_admission(self, key, region) -> None:
-        """Pin `region` into the host cache on the admit thread. At most
-        `MAX_QUEUED_ADMISSIONS` read buffers wait for it (beyond that the oldest is
-        waited for: backpressure, so the buffers stay inside the budget's staging)."""
-        with self._admit_lock:
-            done = [f for f in self._admit_futures if f.done()]
-            for f in done:
-                self._admit_futures.remove(f)
-            for f in done:
-                f.result()                    # a failed admission surfaces here, once
-            if len(self._admit_futures) >= MAX_QUEUED_ADMISSIONS:
-                self._admit_futures.pop(0).result()
-            self._admit_futures.append(self._admit_pool.submit(self._admit, key, region))
-
-    def _admit(self, key, region) -> None:
-        self.host.admit(key, region, reserved=True)   # returns nothing: no array outlives
-                                                      # its eviction through a future
-
-    def _bring(self, key, protect=(), cancel: Optional[threading.Event] = None
-               ) -> tuple[str, int]:
-        """Make `key` resident in a slot; returns (transfer kind, bytes moved), or
-        ("cancelled", 0) when `cancel` was set while its region was read from disk."""
-        slot = self.slots.find(key)
-        if slot is not None:
-            self.slots.touch(slot)
-            return "same", 0
-        j, e = key
-        if self.use_deltas:
-            sources = self.store.delta_sources(j, e)
-            slot = self.slots.delta_slot(j, sources, protect) if sources else None
-            if slot is not None:
-                src = self.slots.keys[slot][1]
-                positions, values = self.store.read_delta(j, src, e)
-                self.slots.apply_delta(slot, key, positions, values)
-                self.slots.arrays[slot].block_until_ready()
-                return "delta", 5 * len(positions)
-        try:
-            region = self._host_region(key, cancel)
-        except ReadCancelled:
-            return "cancelled", 0
-        slot = self.slots.victim(protect)
-        self.slots.load(slot, key, region)
-        self.slots.arrays[slot].block_until_ready()
-        return "full", self.region_bytes
-
-    def _join(self):
-        """Wait for the outstanding prefetch; returns (key, kind, bytes) or None."""
-        if self._pending is None:
-            return None
-        key, future, _ = self._pending
-        self._pending = None
-        return (key, *future.result())
-
-    def _ensure(self, key) -> int:
-        """Slot holding `key` for this token's layer, counting kind, bytes, stalls.
-        Time spent waiting — for a right guess still in flight, for a wrong guess to
-        finish, or for a synchronous load — is a stall."""
-        stats = self.stats
-        t0 = time.perf_counter()
-        stalled = False
-        pending = self._pending
-        if pending is not None:
-            stalled = not pending.future.done()
-            if stalled and pending.key != key and self.cancel_wrong_reads and pending.cancel:
-                pending.cancel.set()         # wrong guess still reading: stop it
-            pkey, kind, nbytes = self._join()
-            stats.cancelled += kind == "cancelled"
-            if pkey == key and kind != "cancelled":
-                stats.predicted_right += 1
-                self._count(kind, nbytes)
-                self._stall(stalled, t0)
-                return self.slots.find(key)
-            stats.bytes_moved["wasted"] += nbytes
-        slot = self.slots.find(key)
-        if slot is None:
-            kind, nbytes = self._bring(key)
-            stalled = True
-        else:
-            self.slots.touch(slot)
-            kind, nbytes = "same", 0
-        self._count(kind, nbytes)
-        self._stall(stalled, t0)
-        return self.slots.find(key)
-
-    def _stall(self, stalled: bool, t0: float) -> None:
-        if stalled:
-            self.stats.stalls += 1
-            self.stats.stall_s += time.perf_counter() - t0
-
-    def _count(self, kind: str, nbytes: int) -> None:
-        self.stats.transfers[kind] += 1
-        self.stats.bytes_moved[kind] += nbytes
-
-    def _start_prefetch(self, key, protect_slot: int) -> None:
-        self.stats.predictions += 1
-        if self.slots.find(key) is not None:
-            self._pending = Prefetch(key, _done(("same", 0)), None)
-            return
-        cancel = threading.Event() if self.cancel_wrong_reads else None   # None: one copy
-        self._pending = Prefetch(key, self._io.submit(self._bring, key, (protect_slot,), cancel),
-                                 cancel)
 
     # ------------------------------------------------------------------ compute
     def forward(self, tokens: np.ndarray, state: dict):
@@ -378,23 +239,16 @@ class StreamingEngine:
 
     def _routed(self, j: int, lp, h):
         cfg = self.model
+        if h.shape[1] == 1:                          # decode: one expert, one fused call
+            return self._routed_token(j, lp, h)
         hn, idx, gate = L.route(cfg, self.moe, lp, h)
         idx = np.asarray(idx).reshape(-1)
         t = idx.size
-        if t == 1:                                   # decode: one expert, one fused call
-            e = int(idx[0])
-            self._observe(j, e)
-            slot = self._ensure((j, e))
-            if self.prefetch:
-                self._predict_next(j, h, slot)
-            return L.expert_token(cfg, self.activation_bits, h, hn, gate,
-                                  self.slots.arrays[slot], self.expert_scales,
-                                  np.int32(j), np.int32(e))
         self._last_expert[j] = int(idx[-1])
         hn_flat = hn.reshape(t, cfg.d_model)
         y = jnp.zeros((t, cfg.d_model), hn.dtype)
         for e in np.unique(idx):
-            slot = self._ensure((j, int(e)))
+            slot = self.tiers.ensure((j, int(e)))
             rows = np.flatnonzero(idx == e)
             padded = np.full(1 << max(len(rows) - 1, 0).bit_length(), rows[0], np.int32)
             padded[: len(rows)] = rows
@@ -403,23 +257,46 @@ class StreamingEngine:
                               np.int32(j), np.int32(e))
         return L.combine(cfg, h, y, gate)
 
-    def _predict_next(self, j: int, h, slot: int) -> None:
-        """Guess layer j+1's expert for this token and start bringing it in."""
+    def _routed_token(self, j: int, lp, h):
+        """Decode step of expert layer j: h [1, 1, d] → h + gate · expert(norm(h)).
+        Layer j's route and the router's guess for layer j+1 (its norm and router on
+        the same h, SPEC §3.5) come back in one host sync; the guess is queued behind
+        layer j's region before the engine waits for that region."""
+        cfg, nxt = self.model, j + 1
+        guess_router = (self.prefetch and nxt < len(self.expert_layers)
+                        and self.predictor in ("auto", "router"))
+        if guess_router:
+            p, i = self.expert_layers[nxt]
+            hn, idx, gate, idx_next = L.route_and_guess(cfg, self.moe, lp,
+                                                        self.layer_params[p][i], h)
+            e, router_guess = (int(v.reshape(-1)[0]) for v in jax.device_get((idx, idx_next)))
+        else:
+            hn, idx, gate = L.route(cfg, self.moe, lp, h)
+            e, router_guess = int(np.asarray(idx).reshape(-1)[0]), None
+        self._observe(j, e)
+        then = self._predict_next(j, h, router_guess) if self.prefetch else None
+        slot = self.tiers.ensure((j, e), then=then)
+        return L.expert_token(cfg, self.activation_bits, h, hn, gate,
+                              self.slots.arrays[slot], self.expert_scales,
+                              np.int32(j), np.int32(e))
+
+    def _predict_next(self, j: int, h, router_guess: Optional[int]):
+        """(j+1, expert) to prefetch for this token, or None: the router's guess
+        (`router_guess`, computed from h) or layer j+1's expert of the previous
+        token, whichever has been right more often at layer j+1."""
         nxt = j + 1
         if nxt >= len(self.expert_layers):
-            return
-        p, i = self.expert_layers[nxt]
+            return None
         guesses = {}
-        if self.predictor in ("auto", "router"):
-            _, idx, _ = L.route(self.model, self.moe, self.layer_params[p][i], h)
-            guesses["router"] = int(np.asarray(idx).reshape(-1)[-1])
+        if router_guess is not None:
+            guesses["router"] = router_guess
         if self.predictor in ("auto", "previous") and self._last_expert[nxt] is not None:
             guesses["previous"] = self._last_expert[nxt]
         if not guesses:
-            return
+            return None
         self._guesses[nxt] = guesses
         best = max(guesses, key=lambda name: (self._right[nxt][name], name == "router"))
-        self._start_prefetch((nxt, guesses[best]), slot)
+        return nxt, guesses[best]
 
     def _observe(self, j: int, expert: int) -> None:
         """Score the predictors against the expert layer j actually used."""
@@ -464,17 +341,8 @@ class StreamingEngine:
     def close(self) -> None:
         """Stop the background threads (a cancellable read in flight is cancelled);
         re-raises a failed prefetch or host-cache admission."""
-        try:
-            if self._pending is not None:
-                if self._pending.cancel is not None:
-                    self._pending.cancel.set()
-                self._join()
-        finally:
-            self._io.shutdown(wait=True)
-            self._admit_pool.shutdown(wait=True)
-            futures, self._admit_futures = self._admit_futures, []
-            for f in futures:
-                f.result()
+        if self.tiers is not None:
+            self.tiers.close()
 
 
 def _peak_rss_bytes() -> Optional[int]:
@@ -487,9 +355,3 @@ def _peak_rss_bytes() -> Optional[int]:
     except OSError:
         return None
     return None
-
-
-def _done(value) -> concurrent.futures.Future:
-    f: concurrent.futures.Future = concurrent.futures.Future()
-    f.set_result(value)
-    return f

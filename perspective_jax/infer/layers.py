@@ -42,14 +42,25 @@ def mixer(cfg: ModelConfig, kind: str, lp, x, segment_pos, cache):
     return x + mixed, cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def route(cfg: ModelConfig, moe: MoEConfig, lp, h):
+def _route(cfg: ModelConfig, moe: MoEConfig, lp, h):
     """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]) as `RoutedFFN` computes."""
     hn = RMSNorm(cfg).apply({"params": lp["ffn_norm"]}, h)
     idx, gate, _, _ = TorusRouter(cfg, moe).apply({"params": lp["ffn"]["router"]}, hn)
     if moe.gate == "straight_through":
         gate = gate / gate                # the value of g / stop_gradient(g)
     return hn, idx, gate
+
+
+route = jax.jit(_route, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def route_and_guess(cfg: ModelConfig, moe: MoEConfig, lp, lp_next, h):
+    """Decode: `route(lp, h)` and the expert layer `lp_next`'s router applies to the
+    same h (the prefetch guess for the next expert layer, SPEC §3.5), in one call:
+    h [B, T, d] → (hn, expert [B, T], gate [B, T], guessed next expert [B, T])."""
+    hn, idx, gate = _route(cfg, moe, lp, h)
+    return hn, idx, gate, _route(cfg, moe, lp_next, h)[1]
 
 
 def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):

@@ -1,0 +1,209 @@
+"""Expert regions through the tiers: disk → host cache → device slots (SPEC §3.5).
+
+    tiers = ExpertTiers(store, host, slots, stats, ...)
+    slot = tiers.ensure((j, e), then=(j + 1, guess))   # decode: layer j's expert
+    slot = tiers.ensure((j, e))                         # prefill, or no guess
+
+`ensure` returns the device slot holding `key`. Every change to the slots made
+while a prefetch may be in flight runs on one I/O thread, in the order it was
+asked for, so at layer j the engine can queue layer j+1's guessed expert right
+behind layer j's own region *before* waiting for it: the disk reads the guess as
+soon as layer j's region is in, instead of after layer j has been waited for,
+routed and synchronised (the old order). The guess's transfer protects layer j's
+slot by key (resolved when it runs, after layer j's region is placed).
+
+Per layer the wanted expert is served by, in order: a slot already holding it
+("same"), a slot holding a lattice neighbour with an exported delta ("delta":
+the changed bytes are scattered in place), or a full region transfer ("full"; a
+host-cache miss first reads it from disk). A wrong guess costs a stall and its
+bytes are counted as wasted, never a wrong result; with `cancel_wrong_reads` a
+wrong guess still reading is stopped between its 1 MiB pieces.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import NamedTuple, Optional
+
+from perspective_jax.infer.device_slots import DeviceSlots
+from perspective_jax.infer.expert_store import ExpertStore, ReadCancelled
+from perspective_jax.infer.host_cache import HostCache
+
+# fresh reads waiting to be pinned into the host cache (each holds one read buffer)
+MAX_QUEUED_ADMISSIONS = 2
+
+
+class Prefetch(NamedTuple):
+    """The prefetch in flight: the (layer, expert) guessed, the future of its `_bring`
+    and the event that cancels its disk read (None when cancelling is off or a slot
+    already holds it)."""
+
+    key: tuple[int, int]
+    future: concurrent.futures.Future
+    cancel: Optional[threading.Event]
+
+
+class ExpertTiers:
+    """Owns the I/O and admit threads that move regions between `store`, `host` and
+    `slots`; counts transfers, bytes, stalls and guesses into `stats` (the engine's
+    `Stats`). `stage_in_place`: the host tier is plain numpy (CPU backend), so a
+    fresh read is admitted as is; otherwise it is sent to the device from its read
+    buffer and pinned for the host cache afterwards on the admit thread, unless
+    `pin_before_transfer`."""
+
+    def __init__(self, store: ExpertStore, host: HostCache, slots: DeviceSlots, stats,
+                 stage_in_place: bool, use_deltas: bool = True,
+                 pin_before_transfer: bool = False, cancel_wrong_reads: bool = False):
+        self.store, self.host, self.slots, self.stats = store, host, slots, stats
+        self.stage_in_place, self.use_deltas = stage_in_place, use_deltas
+        self.pin_before_transfer = pin_before_transfer
+        self.cancel_wrong_reads = cancel_wrong_reads
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._admit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
+        self._admit_futures: list[concurrent.futures.Future] = []
+        self._admit_lock = threading.Lock()
+        self._pending: Optional[Prefetch] = None
+
+    # ------------------------------------------------------------- host tier
+    def host_region(self, key, cancel: Optional[threading.Event] = None):
+        """Host array to transfer (layer, expert) from: the host cache's, else a fresh
+        read from disk. With a pinned host tier the fresh region goes to the device
+        straight from the read buffer, and its pinned copy is made for the cache on
+        the admit thread afterwards — the staging copy is off the critical path."""
+        value = self.host.get(key)
+        if value is not None:
+            return value
+        reserved = self.host.reserve()
+        try:
+            region = self.store.read_region(*key, cancel=cancel)
+        except BaseException:                 # cancelled, corrupt, unreadable
+            if reserved:
+                self.host.unreserve()
+            raise
+        if self.stage_in_place or self.pin_before_transfer:
+            return self.host.admit(key, region, reserved)
+        if reserved:
+            self._queue_admission(key, region)
+        return region
+
+    def _queue_admission(self, key, region) -> None:
+        """Pin `region` into the host cache on the admit thread. At most
+        `MAX_QUEUED_ADMISSIONS` read buffers wait for it (beyond that the oldest is
+        waited for: backpressure, so the buffers stay inside the budget's staging)."""
+        with self._admit_lock:
+            done = [f for f in self._admit_futures if f.done()]
+            for f in done:
+                self._admit_futures.remove(f)
+            for f in done:
+                f.result()                    # a failed admission surfaces here, once
+            if len(self._admit_futures) >= MAX_QUEUED_ADMISSIONS:
+                self._admit_futures.pop(0).result()
+            self._admit_futures.append(self._admit_pool.submit(self._admit, key, region))
+
+    def _admit(self, key, region) -> None:
+        self.host.admit(key, region, reserved=True)   # returns nothing: no array outlives
+                                                      # its eviction through a future
+
+    # ----------------------------------------------------------- device tier
+    def _bring(self, key, protect_keys=(), cancel: Optional[threading.Event] = None
+               ) -> tuple[str, int]:
+        """Make `key` resident in a slot that holds none of `protect_keys`; returns
+        (transfer kind, bytes moved), or ("cancelled", 0) when `cancel` was set while
+        its region was read from disk."""
+        slot = self.slots.find(key)
+        if slot is not None:
+            self.slots.touch(slot)
+            return "same", 0
+        protect = tuple(s for s, k in enumerate(self.slots.keys) if k in protect_keys)
+        j, e = key
+        if self.use_deltas:
+            sources = self.store.delta_sources(j, e)
+            slot = self.slots.delta_slot(j, sources, protect) if sources else None
+            if slot is not None:
+                src = self.slots.keys[slot][1]
+                positions, values = self.store.read_delta(j, src, e)
+                self.slots.apply_delta(slot, key, positions, values)
+                self.slots.arrays[slot].block_until_ready()
+                return "delta", 5 * len(positions)
+        try:
+            region = self.host_region(key, cancel)
+        except ReadCancelled:
+            return "cancelled", 0
+        slot = self.slots.victim(protect)
+        self.slots.load(slot, key, region)
+        self.slots.arrays[slot].block_until_ready()
+        return "full", self.slots.region_bytes
+
+    def ensure(self, key, then=None) -> int:
+        """Slot holding `key` now; `then`, if given, is the guess for the next layer,
+        queued behind `key` on the I/O thread before waiting (its bring protects
+        `key`'s slot). Time spent waiting — for a right guess still in flight, for a
+        wrong guess to finish, or for a load — is a stall."""
+        stats = self.stats
+        t0 = time.perf_counter()
+        pending, self._pending = self._pending, None
+        idle = pending is None or pending.future.done()     # nothing runs on the I/O thread
+        right = pending is not None and pending.key == key
+        if pending is not None and not right and not idle and self.cancel_wrong_reads \
+                and pending.cancel is not None:
+            pending.cancel.set()                 # wrong guess still reading: stop it
+        if right:
+            future = pending.future
+        elif idle and self.slots.find(key) is not None:
+            self.slots.touch(self.slots.find(key))
+            future = _done(("same", 0))
+        else:                                    # queued behind any wrong guess (FIFO)
+            future = self._io.submit(self._bring, key)
+        if then is not None:
+            self._start_prefetch(then, key, io_idle=future.done())
+        stalled = not future.done()
+        kind, nbytes = future.result()           # re-raises a failed read or transfer
+        if pending is not None and not right:
+            wrong_kind, wrong_bytes = pending.future.result()   # done: it ran first
+            stats.cancelled += wrong_kind == "cancelled"
+            stats.bytes_moved["wasted"] += wrong_bytes
+        stats.predicted_right += right
+        stats.transfers[kind] += 1
+        stats.bytes_moved[kind] += nbytes
+        if stalled:
+            stats.stalls += 1
+            stats.stall_s += time.perf_counter() - t0
+        return self.slots.find(key)
+
+    def _start_prefetch(self, key, protect_key, io_idle: bool) -> None:
+        self.stats.predictions += 1
+        if io_idle and self.slots.find(key) is not None:    # resident: nothing to bring
+            self._pending = Prefetch(key, _done(("same", 0)), None)
+            return
+        cancel = threading.Event() if self.cancel_wrong_reads else None   # None: one copy
+        self._pending = Prefetch(key, self._io.submit(self._bring, key, (protect_key,), cancel),
+                                 cancel)
+
+    # -------------------------------------------------------------- shutdown
+    def flush_admissions(self) -> None:
+        """Wait until every queued fresh read is pinned into the host cache."""
+        self._admit_pool.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Stop the threads (a cancellable read in flight is cancelled); re-raises a
+        failed prefetch or host-cache admission."""
+        try:
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                if pending.cancel is not None:
+                    pending.cancel.set()
+                pending.future.result()
+        finally:
+            self._io.shutdown(wait=True)
+            self._admit_pool.shutdown(wait=True)
+            futures, self._admit_futures = self._admit_futures, []
+            for f in futures:
+                f.result()
+
+
+def _done(value) -> concurrent.futures.Future:
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_result(value)
+    return f

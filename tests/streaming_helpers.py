@@ -1,0 +1,77 @@
+"""Shared pieces of the streaming-inference tests: a small routed ternary model
+exported to a model directory (`exported_model`, behind the `exported` fixture of
+conftest.py) and the in-memory reference the engine's logits must equal."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perspective_jax.config import MoEConfig, PerspectiveConfig, TernaryConfig
+from perspective_jax.infer import model_dir as md
+from perspective_jax.infer.export import with_ternary_experts, write_model_dir
+from perspective_jax.model.transformer import PerspectiveLM, init_cache, init_params
+
+
+def routed_cfg(small_cfg, **ternary) -> PerspectiveConfig:
+    model = dataclasses.replace(small_cfg, vocab_size=259, routed=True)
+    return PerspectiveConfig(model=model, moe=MoEConfig(),
+                             ternary=TernaryConfig(enabled=True, **ternary))
+
+
+def similar_experts(params, cfg, key, share=0.01):
+    """Experts = expert 0 plus a sparse perturbation, so neighbour deltas are small."""
+    for i, kind in enumerate(cfg.model.layer_pattern):
+        if kind != "pdr":
+            continue
+        ffn = params["periods"][f"layer_{i}"]["ffn"]
+        for name in md.EXPERT_MATRICES:
+            w = np.array(ffn[name])                                  # [P, E, a, b]
+            key, k1, k2 = jax.random.split(key, 3)
+            hit = np.asarray(jax.random.bernoulli(k1, share, w.shape))
+            bump = 3 * np.abs(w).mean() * np.asarray(jax.random.normal(k2, w.shape))
+            ffn[name] = w[:, :1] + hit * bump
+    return params
+
+
+def export_model(tmp_path, cfg, params, name="model", **kw):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "tokenizer.byte").write_text("utf-8 bytes\n")
+    out = tmp_path / name
+    write_model_dir(str(out), cfg, params, str(tok_dir), log=lambda *_: None, **kw)
+    return str(out)
+
+
+def exported_model(tmp_path, small_cfg):
+    """(config, float params, model dir) of a small routed model whose experts are
+    near-copies of each other, so neighbour deltas are small (the `exported` fixture)."""
+    cfg = routed_cfg(small_cfg)
+    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
+    params = similar_experts(params, cfg, jax.random.key(1))
+    return cfg, params, export_model(tmp_path, cfg, params)
+
+
+def reference_logits(cfg, params, prompt, steps):
+    """In-memory model with the exported (ternary) expert values."""
+    model = PerspectiveLM(cfg.model, cfg.moe)
+    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
+    cache = init_cache(cfg.model, 1)
+    apply = jax.jit(lambda p, toks, c: model.apply({"params": p}, toks, cache=c))
+    logits, cache = apply(used, jnp.asarray(prompt)[None], cache)
+    out = [np.asarray(logits[0, -1])]
+    for tok in steps:
+        logits, cache = apply(used, jnp.asarray([[tok]]), cache)
+        out.append(np.asarray(logits[0, -1]))
+    return out
+
+
+def assert_engine_matches(engine, ref, prompt, steps):
+    """Prefill `prompt`, then feed `steps` one by one; logits must equal `ref`."""
+    state = engine.new_state()
+    got, state = engine.forward(prompt, state)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
+    for k, tok in enumerate(steps):
+        got, state = engine.forward(np.array([tok]), state)
+        np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4, err_msg=f"step {k}")

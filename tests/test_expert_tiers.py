@@ -1,0 +1,213 @@
+"""Expert tiers (disk → host → device slots): the order regions are brought in,
+pinned-host admission, read buffers inside the budget, wrong guesses."""
+
+import time
+
+import jax
+import numpy as np
+
+from perspective_jax.infer import expert_tiers
+from perspective_jax.infer import layers as L
+from perspective_jax.infer import model_dir as md
+from perspective_jax.infer.device_slots import DeviceSlots
+from perspective_jax.infer.engine import StreamingEngine, Stats
+from perspective_jax.infer.expert_store import ReadCancelled
+from perspective_jax.infer.host_cache import HostCache
+from streaming_helpers import assert_engine_matches, reference_logits
+
+REGION = 4096
+
+
+class SlowStore:
+    """A stand-in `ExpertStore`: region (j, e) is REGION bytes of value 16·j + e, read
+    in `pieces` steps of `delay` seconds each (a set `cancel` stops it between
+    pieces); records the order of reads. No deltas."""
+
+    region_bytes = alloc_bytes = REGION
+
+    def __init__(self, delay=0.02, pieces=4):
+        self.delay, self.pieces, self.reads, self.finished = delay, pieces, [], []
+
+    def delta_sources(self, j, e):
+        return []
+
+    def read_region(self, j, e, cancel=None):
+        self.reads.append((j, e))
+        for _ in range(self.pieces):
+            if cancel is not None and cancel.is_set():
+                raise ReadCancelled(f"({j}, {e})")
+            time.sleep(self.delay)
+        self.finished.append((j, e))
+        return np.full(REGION, 16 * j + e, np.uint8)
+
+
+def _tiers(store, cancel=False, host_regions=8):
+    stats = Stats()
+    tiers = expert_tiers.ExpertTiers(
+        store, HostCache(host_regions * REGION, REGION), DeviceSlots(2, REGION, jax.devices()[0]),
+        stats, stage_in_place=True, use_deltas=False, cancel_wrong_reads=cancel)
+    return tiers, stats
+
+
+def _held(tiers, key):
+    slot = tiers.slots.find(key)
+    return slot is not None and int(np.asarray(tiers.slots.arrays[slot])[0]) == 16 * key[0] + key[1]
+
+
+def test_a_wrong_guess_is_waited_out_then_the_right_region_and_the_next_guess_follow():
+    store = SlowStore()
+    tiers, stats = _tiers(store)
+    assert _held(tiers, (0, 1)) is False
+    tiers.ensure((0, 1), then=(1, 5))                  # cold start, then guess layer 1: 5
+    assert _held(tiers, (0, 1))
+    slot = tiers.ensure((1, 3), then=(2, 7))           # wrong guess; next guess queued
+    assert tiers.slots.keys[slot] == (1, 3) and _held(tiers, (1, 3))
+    tiers.ensure((2, 7))                               # right guess
+    tiers.close()
+    assert store.reads == [(0, 1), (1, 5), (1, 3), (2, 7)]   # FIFO: guess, fix, next guess
+    assert stats.predictions == 2 and stats.predicted_right == 1
+    assert stats.transfers["full"] == 3 and stats.bytes_moved["full"] == 3 * REGION
+    assert stats.bytes_moved["wasted"] == REGION and stats.stalls >= 2
+    assert _held(tiers, (2, 7)) and _held(tiers, (1, 3))   # (2, 7) spared layer 1's slot
+
+
+def test_the_next_guess_is_read_while_the_current_region_is_still_awaited():
+    """The guess for layer j+1 is queued before the engine waits for layer j's region,
+    so the disk reads it right behind (not after a wait, a route and a sync)."""
+    store = SlowStore(delay=0.03)
+    tiers, stats = _tiers(store)
+    finished_at_submit = []
+    submit = tiers._io.submit
+    tiers._io.submit = lambda fn, key, *a: (finished_at_submit.append((key, len(store.finished))),
+                                            submit(fn, key, *a))[1]
+    tiers.ensure((0, 0), then=(1, 1))
+    assert tiers._pending.key == (1, 1)
+    tiers.ensure((1, 1), then=(2, 2))
+    tiers.ensure((2, 2))
+    tiers.close()
+    # each guess was queued before the region it follows had finished reading
+    assert finished_at_submit == [((0, 0), 0), ((1, 1), 0), ((2, 2), 1)]
+    assert store.reads == [(0, 0), (1, 1), (2, 2)] and stats.predicted_right == 2
+
+
+def test_a_wrong_guess_still_reading_is_cancelled_between_pieces():
+    store = SlowStore(delay=0.05, pieces=8)
+    tiers, stats = _tiers(store, cancel=True)
+    tiers.ensure((0, 0), then=(1, 4))
+    tiers.ensure((1, 2))                               # (1, 4) is still reading: stopped
+    tiers.close()
+    assert stats.cancelled == 1 and stats.bytes_moved["wasted"] == 0
+    assert _held(tiers, (1, 2)) and tiers.slots.find((1, 4)) is None
+    assert tiers.host._reserved == 0 and (1, 4) not in tiers.host
+
+
+def test_decode_routes_and_guesses_in_one_call_per_expert_layer(exported, monkeypatch):
+    """With the router predictor each decode step's expert layer j < last routes and
+    guesses layer j+1 in one fused call; the last one only routes. Logits stay exact."""
+    cfg, params, path = exported
+    calls = {"route": 0, "route_and_guess": 0}
+    for name in calls:
+        fn = getattr(L, name)
+        monkeypatch.setattr(L, name, lambda *a, _fn=fn, _n=name: (
+            calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
+    rng = np.random.default_rng(6)
+    prompt, steps = rng.integers(0, 259, 5), rng.integers(0, 259, 4)
+    ref = reference_logits(cfg, params, prompt, steps)
+    engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor="router")
+    layers = len(engine.expert_layers)
+    assert_engine_matches(engine, ref, prompt, steps)
+    engine.close()
+    assert calls["route_and_guess"] == len(steps) * (layers - 1)
+    assert calls["route"] == layers + len(steps)       # prefill: one per layer; decode: last
+    assert engine.stats.predictions == len(steps) * (layers - 1)
+
+
+def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
+    """A disk read goes to the device from its read buffer and is pinned for the host
+    cache afterwards: same logits as staging first, the cache ends up holding
+    pinned_host arrays, and a replay of the same tokens reads nothing from disk."""
+    cfg, _, path = exported
+    rng = np.random.default_rng(3)
+    prompt, steps = rng.integers(0, 259, 5), rng.integers(0, 259, 6)
+    everything = cfg.model.n_pdr_layers * cfg.moe.num_experts * md.RegionLayout(
+        cfg.model.d_model, cfg.model.d_ff).nbytes
+    runs = {}
+    for first in (False, True):
+        engine = StreamingEngine(path, host_budget_mb=2 * everything / 2**20,
+                                 device_slots=2, warm_start=False, use_deltas=False,
+                                 host_memory_kind="pinned_host", pin_before_transfer=first)
+        sent, load = [], engine.slots.load
+        engine.slots.load = lambda slot, key, host: (sent.append(isinstance(host, np.ndarray)),
+                                                     load(slot, key, host))[1]
+        out = []
+        for rep in range(2):                            # the second pass replays the first
+            state = engine.new_state()
+            logits, state = engine.forward(prompt, state)
+            out.append(logits)
+            for tok in steps:
+                logits, state = engine.forward(np.array([tok]), state)
+                out.append(logits)
+            if rep == 0:
+                engine.tiers.flush_admissions()               # admitted in order
+                read = engine.store.bytes_read
+                from_numpy = sum(sent)
+        entries = list(engine.host._entries.values())
+        engine.close()
+        runs[first] = np.stack(out)
+        assert entries and all(a.sharding.memory_kind == "pinned_host" for a in entries)
+        assert engine.host.hits > 0 and engine.host.peak_bytes <= engine.host.budget_bytes
+        assert engine.host._reserved == 0
+        # each fresh read went to the device from its numpy buffer, unless pinned first
+        assert from_numpy == (0 if first else read // engine.region_bytes) and read > 0
+        if not first:
+            assert engine.store.bytes_read == read     # replay: every region was cached
+            assert sum(sent) == from_numpy             # pass 2 sent only pinned copies
+    np.testing.assert_array_equal(runs[False], runs[True])
+
+
+def test_read_buffers_waiting_for_a_slow_admission_are_bounded(exported):
+    import time as _time
+    from perspective_jax.infer import expert_tiers
+    _, _, path = exported
+    engine = StreamingEngine(path, host_budget_mb=4, device_slots=2, warm_start=False,
+                             use_deltas=False, host_memory_kind="pinned_host")
+    place = engine.host.place
+    engine.host.place = lambda r: (_time.sleep(0.05), place(r))[1]   # slow pinning
+    waiting = []
+    tiers = engine.tiers
+    submit = tiers._admit_pool.submit
+    tiers._admit_pool.submit = lambda *a: (waiting.append(sum(not f.done() for f in
+                                                             tiers._admit_futures)),
+                                           submit(*a))[1]
+    state = engine.new_state()
+    for tok in np.random.default_rng(5).integers(0, 259, 12):
+        _, state = engine.forward(np.array([tok]), state)
+    engine.close()
+    assert len(waiting) > expert_tiers.MAX_QUEUED_ADMISSIONS
+    assert max(waiting) == expert_tiers.MAX_QUEUED_ADMISSIONS - 1   # one more is then queued
+
+
+def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(exported):
+    """Slow disk reads keep wrong guesses in flight when their layer arrives: they are
+    stopped, the right expert is loaded, logits equal the in-memory model's and the
+    host cache's reservations all come back."""
+    import time as _time
+    cfg, params, path = exported
+    rng = np.random.default_rng(4)
+    prompt, steps = rng.integers(0, 259, 6), rng.integers(0, 259, 8)
+    ref = reference_logits(cfg, params, prompt, steps)
+    region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
+    engine = StreamingEngine(path, host_budget_mb=2 * region / 2**20, device_slots=2,
+                             warm_start=False, use_deltas=False, predictor="previous",
+                             cancel_wrong_reads=True)
+    read = engine.store.read_region
+
+    def slow_read(j, e, cancel=None):
+        _time.sleep(0.03)
+        return read(j, e, cancel=cancel)
+    engine.store.read_region = slow_read
+    assert_engine_matches(engine, ref, prompt, steps)
+    report = engine.report()
+    engine.close()
+    assert report["prefetch_cancelled"] > 0
+    assert engine.host._reserved == 0 and engine.host.peak_bytes <= engine.host.budget_bytes
