@@ -5,6 +5,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from perspective_jax.infer import expert_tiers
 from perspective_jax.infer import layers as L
@@ -41,12 +42,17 @@ class SlowStore:
         return np.full(REGION, 16 * j + e, np.uint8)
 
 
-def _tiers(store, cancel=False, host_regions=8):
+def _tiers(store, cancel=False, transfer_thread=False, host_regions=8):
     stats = Stats()
     tiers = expert_tiers.ExpertTiers(
         store, HostCache(host_regions * REGION, REGION), DeviceSlots(2, REGION, jax.devices()[0]),
-        stats, stage_in_place=True, use_deltas=False, cancel_wrong_reads=cancel)
+        stats, stage_in_place=True, use_deltas=False, cancel_wrong_reads=cancel,
+        transfer_thread=transfer_thread)
     return tiers, stats
+
+
+both_threadings = pytest.mark.parametrize("transfer_thread", [False, True],
+                                          ids=["io-thread", "transfer-thread"])
 
 
 def _held(tiers, key):
@@ -54,9 +60,11 @@ def _held(tiers, key):
     return slot is not None and int(np.asarray(tiers.slots.arrays[slot])[0]) == 16 * key[0] + key[1]
 
 
-def test_a_wrong_guess_is_waited_out_then_the_right_region_and_the_next_guess_follow():
+@both_threadings
+def test_a_wrong_guess_is_waited_out_then_the_right_region_and_the_next_guess_follow(
+        transfer_thread):
     store = SlowStore()
-    tiers, stats = _tiers(store)
+    tiers, stats = _tiers(store, transfer_thread=transfer_thread)
     assert _held(tiers, (0, 1)) is False
     tiers.ensure((0, 1), then=(1, 5))                  # cold start, then guess layer 1: 5
     assert _held(tiers, (0, 1))
@@ -71,11 +79,12 @@ def test_a_wrong_guess_is_waited_out_then_the_right_region_and_the_next_guess_fo
     assert _held(tiers, (2, 7)) and _held(tiers, (1, 3))   # (2, 7) spared layer 1's slot
 
 
-def test_the_next_guess_is_read_while_the_current_region_is_still_awaited():
+@both_threadings
+def test_the_next_guess_is_read_while_the_current_region_is_still_awaited(transfer_thread):
     """The guess for layer j+1 is queued before the engine waits for layer j's region,
     so the disk reads it right behind (not after a wait, a route and a sync)."""
     store = SlowStore(delay=0.03)
-    tiers, stats = _tiers(store)
+    tiers, stats = _tiers(store, transfer_thread=transfer_thread)
     finished_at_submit = []
     submit = tiers._io.submit
     tiers._io.submit = lambda fn, key, *a: (finished_at_submit.append((key, len(store.finished))),
@@ -90,15 +99,35 @@ def test_the_next_guess_is_read_while_the_current_region_is_still_awaited():
     assert store.reads == [(0, 0), (1, 1), (2, 2)] and stats.predicted_right == 2
 
 
-def test_a_wrong_guess_still_reading_is_cancelled_between_pieces():
+@both_threadings
+def test_a_wrong_guess_still_reading_is_cancelled_between_pieces(transfer_thread):
     store = SlowStore(delay=0.05, pieces=8)
-    tiers, stats = _tiers(store, cancel=True)
+    tiers, stats = _tiers(store, cancel=True, transfer_thread=transfer_thread)
     tiers.ensure((0, 0), then=(1, 4))
     tiers.ensure((1, 2))                               # (1, 4) is still reading: stopped
     tiers.close()
     assert stats.cancelled == 1 and stats.bytes_moved["wasted"] == 0
     assert _held(tiers, (1, 2)) and tiers.slots.find((1, 4)) is None
     assert tiers.host._reserved == 0 and (1, 4) not in tiers.host
+
+
+def test_with_a_transfer_thread_the_disk_reads_on_while_a_region_is_placed():
+    """The next region's read starts before the previous region's device copy ends."""
+    store = SlowStore(delay=0.01)
+    tiers, _ = _tiers(store, transfer_thread=True)
+    placed, load = [], tiers.slots.load
+
+    def slow_load(slot, key, region):
+        time.sleep(0.1)
+        load(slot, key, region)
+        placed.append((key, len(store.finished)))
+    tiers.slots.load = slow_load
+    tiers.ensure((0, 0), then=(1, 1))
+    tiers.ensure((1, 1))
+    tiers.close()
+    # when (0, 0) was placed, (1, 1) had been read already (it takes 40 ms, the copy 100)
+    assert placed == [((0, 0), 2), ((1, 1), 2)]
+    assert _held(tiers, (1, 1)) and _held(tiers, (0, 0))
 
 
 def test_decode_routes_and_guesses_in_one_call_per_expert_layer(exported, monkeypatch):
@@ -187,19 +216,25 @@ def test_read_buffers_waiting_for_a_slow_admission_are_bounded(exported):
     assert max(waiting) == expert_tiers.MAX_QUEUED_ADMISSIONS - 1   # one more is then queued
 
 
-def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(exported):
+@both_threadings
+def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(
+        exported, transfer_thread):
     """Slow disk reads keep wrong guesses in flight when their layer arrives: they are
     stopped, the right expert is loaded, logits equal the in-memory model's and the
-    host cache's reservations all come back."""
+    host cache's reservations all come back (with a transfer thread: from a pinned
+    host tier, whose read buffers are budgeted too)."""
     import time as _time
     cfg, params, path = exported
     rng = np.random.default_rng(4)
     prompt, steps = rng.integers(0, 259, 6), rng.integers(0, 259, 8)
     ref = reference_logits(cfg, params, prompt, steps)
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
-    engine = StreamingEngine(path, host_budget_mb=2 * region / 2**20, device_slots=2,
-                             warm_start=False, use_deltas=False, predictor="previous",
-                             cancel_wrong_reads=True)
+    buffers = expert_tiers.MAX_QUEUED_ADMISSIONS + 2 if transfer_thread else 0
+    engine = StreamingEngine(path, host_budget_mb=(2 + buffers) * region / 2**20,
+                             device_slots=2, warm_start=False, use_deltas=False,
+                             predictor="previous", cancel_wrong_reads=True,
+                             transfer_thread=transfer_thread,
+                             host_memory_kind="pinned_host" if transfer_thread else None)
     read = engine.store.read_region
 
     def slow_read(j, e, cancel=None):

@@ -57,10 +57,12 @@ from streaming_models import (LATTICES, build_synthetic, derive_incoherent,  # n
 # ---------------------------------------------------------------- one measurement (child)
 # part A --compare: engine variants decoded beside the default one
 VARIANT_KWARGS = {"": {}, "pin_first": {"pin_before_transfer": True},
-                  "cancel": {"cancel_wrong_reads": True}}
+                  "cancel": {"cancel_wrong_reads": True},
+                  "transfer": {"transfer_thread": True}}
 VARIANT_LABELS = {"pin_first": "pinned before transfer",
-                  "cancel": "wrong prefetches cancelled"}
-COMPARE = {"staging": ("pin_first",), "cancel": ("cancel",)}
+                  "cancel": "wrong prefetches cancelled",
+                  "transfer": "transfer thread"}
+COMPARE = {"staging": "pin_first", "cancel": "cancel", "transfer": "transfer"}
 
 
 def rss_mb() -> float:
@@ -247,7 +249,7 @@ def part_a(args, log) -> list[str]:
         runs = []
         for coherent in [r == "coherent" for r in args.routers]:
             for io in bw:
-                for variant in ("",) + COMPARE.get(args.compare, ()):
+                for variant in ("",) + tuple(COMPARE[c] for c in args.compare):
                     preread(path) if io == "mmap" else None
                     w = run_job({"kind": "decode", "dir": path if coherent else inco,
                                  "io": io, "tokens": args.tokens, "slots": 2,
@@ -401,10 +403,12 @@ def main(argv=None) -> int:
     p.add_argument("--shared-bits", type=int, default=0, choices=(0, 2, 3, 4, 8),
                    help="part A: run on copies of the stores whose shared kernels are "
                         "round-to-nearest group codes of this many bits (0: float32)")
-    p.add_argument("--compare", choices=sorted(COMPARE),
-                   help="part A: also decode with an engine variant: staging = each disk "
-                        "read pinned in the host tier before its device transfer (the old "
-                        "order); cancel = wrong prefetches still reading are cancelled")
+    p.add_argument("--compare", default="",
+                   help="part A: also decode with these engine variants (comma-separated): "
+                        "staging = each disk read pinned in the host tier before its "
+                        "device transfer (the old order); cancel = wrong prefetches still "
+                        "reading are cancelled; transfer = regions copied to the device "
+                        "on a thread of their own while the disk reads on")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",
@@ -416,6 +420,10 @@ def main(argv=None) -> int:
         print(json.dumps(job(json.loads(a.job))))
         return 0
     a.variants = [v for v in a.variants.split(",") if v]
+    a.compare = [c for c in a.compare.split(",") if c]
+    if set(a.compare) - set(COMPARE):
+        p.error(f"--compare takes a comma-separated list of {', '.join(sorted(COMPARE))}; "
+                f"got {','.join(a.compare)}")
     a.routers = [r for r in a.routers.split(",") if r]
     if set(a.routers) - {"coherent", "incoherent"} or a.experts not in LATTICES:
         p.error(f"--routers takes coherent,incoherent; --experts one of {sorted(LATTICES)}")

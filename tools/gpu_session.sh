@@ -10,7 +10,7 @@
 # built in the background after step 1 (whose host-side timings it would disturb),
 # so step 2 hides the build. Every job
 # shares one persistent XLA compilation cache (each bench job is its own process).
-# Usage: [STEPS=123] [SECTIONS=…] [TOKENS=32] [BENCH_EXTRA='--compare staging'] bash tools/gpu_session.sh OUT_DIR [PYTHON]
+# Usage: [STEPS=123] [SECTIONS=…] [TOKENS=32] [BENCH_EXTRA='--compare transfer,cancel'] bash tools/gpu_session.sh OUT_DIR [PYTHON]
 set -u
 out=${1:?usage: tools/gpu_session.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
@@ -48,9 +48,9 @@ fi
 if [[ $STEPS == *2* ]]; then
 step "2. engine + kernel tests on the device"
 JAX_PLATFORMS=$TEST_PLATFORM JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$T_TESTS" \
-  $py -m pytest -q -p no:cacheprovider -rfE tests/test_infer.py tests/test_group_matmul.py \
-  tests/test_kernels.py \
-  -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved or group or 2bit or gptq or pinned or cancel or admission}" \
+  $py -m pytest -q -p no:cacheprovider -rfE tests/test_infer.py tests/test_expert_tiers.py \
+  tests/test_group_matmul.py tests/test_kernels.py \
+  -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved or group or 2bit or gptq or pinned or cancel or admission or guess or transfer}" \
   --durations=12 > "$out/pytest_device.log" 2>&1
 echo "rc $?"; tail -25 "$out/pytest_device.log"
 fi

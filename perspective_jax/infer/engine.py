@@ -38,7 +38,7 @@ from perspective_jax.infer import layers as L
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
 from perspective_jax.infer.expert_store import ExpertStore
-from perspective_jax.infer.expert_tiers import MAX_QUEUED_ADMISSIONS, ExpertTiers
+from perspective_jax.infer.expert_tiers import ExpertTiers
 from perspective_jax.infer.host_cache import HostCache
 from perspective_jax.infer.shared_weights import insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
@@ -82,6 +82,9 @@ class StreamingEngine:
     from the read buffer and pin it afterwards on the admit thread).
     `cancel_wrong_reads`: stop a wrong guess still reading when its layer arrives
     (off by default: slower on the 2-core CPU, docs/benchmarks.md).
+    `transfer_thread`: read regions on one thread and copy them to the device on
+    another, so the disk never waits for a host→device copy (off by default: not
+    yet measured on an accelerator; on the CPU backend a copy is free).
     """
 
     def __init__(self, model_dir: str, host_budget_mb: float = 1024,
@@ -89,7 +92,8 @@ class StreamingEngine:
                  prefetch: bool = True, use_deltas: bool = True, warm_start: bool = True,
                  io: str = "mmap", predictor: str = "auto", prefill_chunk: int = 256,
                  host_memory_kind: Optional[str] = None, pin_before_transfer: bool = False,
-                 cancel_wrong_reads: bool = False, device=None):
+                 cancel_wrong_reads: bool = False, transfer_thread: bool = False,
+                 device=None):
         if predictor not in PREDICTORS:
             raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
@@ -127,7 +131,7 @@ class StreamingEngine:
         if self.routed:
             self._init_tiers(model_dir, scales, on_device, host_budget_mb, device_budget_mb,
                              device_slots, warm_start, io, host_memory_kind,
-                             cancel_wrong_reads)
+                             cancel_wrong_reads, transfer_thread)
         elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         n = len(self.expert_layers)
@@ -137,7 +141,8 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ setup
     def _init_tiers(self, model_dir, scales, on_device, host_budget_mb, device_budget_mb,
-                    device_slots, warm_start, io, host_memory_kind, cancel_wrong_reads):
+                    device_slots, warm_start, io, host_memory_kind, cancel_wrong_reads,
+                    transfer_thread):
         self.store = ExpertStore(model_dir, self.manifest, io=io)
         self.region_bytes = self.store.region_bytes
         if sorted(scales) != sorted(md.EXPERT_MATRICES):
@@ -151,10 +156,9 @@ class StreamingEngine:
         # a host entry is the store's allocation when regions stay numpy (CPU backend)
         entry = self.store.alloc_bytes if host_memory_kind == "numpy" else self.region_bytes
         host_bytes = int(host_budget_mb * MB)
-        # read buffers held outside the entries: the one being read plus, unless a
-        # fresh read is pinned before its transfer, those queued for the admit thread
-        staging = (0 if host_memory_kind == "numpy" else self.store.alloc_bytes
-                   * (1 if self.pin_before_transfer else MAX_QUEUED_ADMISSIONS + 1))
+        # read buffers held outside the entries (ExpertTiers.buffers_in_flight)
+        staging = self.store.alloc_bytes * ExpertTiers.buffers_in_flight(
+            host_memory_kind == "numpy", self.pin_before_transfer, transfer_thread)
         if host_bytes < entry + staging:
             extra = f" plus {staging / MB:.2f} MB of read buffers in flight" if staging else ""
             raise UserError(f"--host-budget-mb {host_budget_mb:g} cannot hold one expert "
@@ -177,7 +181,8 @@ class StreamingEngine:
                                  stage_in_place=host_memory_kind == "numpy",
                                  use_deltas=self.use_deltas,
                                  pin_before_transfer=self.pin_before_transfer,
-                                 cancel_wrong_reads=cancel_wrong_reads)
+                                 cancel_wrong_reads=cancel_wrong_reads,
+                                 transfer_thread=transfer_thread)
 
     @property
     def device_bytes_needed(self) -> int:

@@ -18,6 +18,12 @@ the changed bytes are scattered in place), or a full region transfer ("full"; a
 host-cache miss first reads it from disk). A wrong guess costs a stall and its
 bytes are counted as wasted, never a wrong result; with `cancel_wrong_reads` a
 wrong guess still reading is stopped between its 1 MiB pieces.
+
+With `transfer_thread` each bring is split in two: the I/O thread reads the
+region (unless a slot holds it or can take a delta: a guess, since the slots may
+still change) and a transfer thread places it — deciding same / delta / full
+against the slots as they then are, in the same FIFO order — so the disk reads
+the next region while the previous one is copied to the device.
 """
 
 from __future__ import annotations
@@ -48,23 +54,39 @@ class Prefetch(NamedTuple):
 class ExpertTiers:
     """Owns the I/O and admit threads that move regions between `store`, `host` and
     `slots`; counts transfers, bytes, stalls and guesses into `stats` (the engine's
-    `Stats`). `stage_in_place`: the host tier is plain numpy (CPU backend), so a
+    `Stats`). Read buffers it may hold outside the host cache's entries at once:
+    `buffers_in_flight(...)`. `stage_in_place`: the host tier is plain numpy (CPU backend), so a
     fresh read is admitted as is; otherwise it is sent to the device from its read
     buffer and pinned for the host cache afterwards on the admit thread, unless
     `pin_before_transfer`."""
 
     def __init__(self, store: ExpertStore, host: HostCache, slots: DeviceSlots, stats,
                  stage_in_place: bool, use_deltas: bool = True,
-                 pin_before_transfer: bool = False, cancel_wrong_reads: bool = False):
+                 pin_before_transfer: bool = False, cancel_wrong_reads: bool = False,
+                 transfer_thread: bool = False):
         self.store, self.host, self.slots, self.stats = store, host, slots, stats
         self.stage_in_place, self.use_deltas = stage_in_place, use_deltas
         self.pin_before_transfer = pin_before_transfer
         self.cancel_wrong_reads = cancel_wrong_reads
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._transfer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="transfer")
+                          if transfer_thread else None)
         self._admit_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="admit")
         self._admit_futures: list[concurrent.futures.Future] = []
         self._admit_lock = threading.Lock()
         self._pending: Optional[Prefetch] = None
+
+    @staticmethod
+    def buffers_in_flight(stage_in_place: bool, pin_before_transfer: bool,
+                          transfer_thread: bool) -> int:
+        """Read buffers held outside the host cache's entries at most: none when the
+        host tier is the read buffers themselves (numpy); else the one being read,
+        plus those queued for pinning (unless pinned before their transfer), plus,
+        with a transfer thread, one read ahead while the previous one is placed."""
+        if stage_in_place:
+            return 0
+        queued = 0 if pin_before_transfer else MAX_QUEUED_ADMISSIONS
+        return 1 + queued + (1 if transfer_thread else 0)
 
     # ------------------------------------------------------------- host tier
     def host_region(self, key, cancel: Optional[threading.Event] = None):
@@ -107,30 +129,58 @@ class ExpertTiers:
                                                       # its eviction through a future
 
     # ----------------------------------------------------------- device tier
-    def _bring(self, key, protect_keys=(), cancel: Optional[threading.Event] = None
-               ) -> tuple[str, int]:
-        """Make `key` resident in a slot that holds none of `protect_keys`; returns
-        (transfer kind, bytes moved), or ("cancelled", 0) when `cancel` was set while
-        its region was read from disk."""
+    def _submit_bring(self, key, protect_keys=(), cancel: Optional[threading.Event] = None
+                      ) -> concurrent.futures.Future:
+        """Queue `_bring(key)` behind everything asked before (FIFO); returns its future."""
+        if self._transfer is None:
+            return self._io.submit(self._bring, key, protect_keys, cancel)
+        read = self._io.submit(self._read_ahead, key, cancel)
+        return self._transfer.submit(self._place, key, read, protect_keys)
+
+    def _read_ahead(self, key, cancel):
+        """I/O thread: the host region of `key`, or None when a slot holds it or a
+        neighbour to take a delta from (as the slots are now — `_place` decides)."""
+        if self.slots.find(key) is not None or self._delta_slot(key, ()) is not None:
+            return None
+        return self.host_region(key, cancel)
+
+    def _place(self, key, read: concurrent.futures.Future, protect_keys):
+        """Transfer thread: `_bring(key)` with the region the I/O thread read."""
+        try:
+            region = read.result()
+        except ReadCancelled:
+            return "cancelled", 0
+        return self._bring(key, protect_keys, region=region)
+
+    def _delta_slot(self, key, protect) -> Optional[int]:
+        if not self.use_deltas:
+            return None
+        sources = self.store.delta_sources(*key)
+        return self.slots.delta_slot(key[0], sources, protect) if sources else None
+
+    def _bring(self, key, protect_keys=(), cancel: Optional[threading.Event] = None,
+               region=None) -> tuple[str, int]:
+        """Make `key` resident in a slot that holds none of `protect_keys` (`region`:
+        its host region if already read); returns (transfer kind, bytes moved), or
+        ("cancelled", 0) when `cancel` was set while its region was read from disk."""
         slot = self.slots.find(key)
         if slot is not None:
             self.slots.touch(slot)
             return "same", 0
         protect = tuple(s for s, k in enumerate(self.slots.keys) if k in protect_keys)
         j, e = key
-        if self.use_deltas:
-            sources = self.store.delta_sources(j, e)
-            slot = self.slots.delta_slot(j, sources, protect) if sources else None
-            if slot is not None:
-                src = self.slots.keys[slot][1]
-                positions, values = self.store.read_delta(j, src, e)
-                self.slots.apply_delta(slot, key, positions, values)
-                self.slots.arrays[slot].block_until_ready()
-                return "delta", 5 * len(positions)
-        try:
-            region = self.host_region(key, cancel)
-        except ReadCancelled:
-            return "cancelled", 0
+        slot = self._delta_slot(key, protect)
+        if slot is not None:
+            src = self.slots.keys[slot][1]
+            positions, values = self.store.read_delta(j, src, e)
+            self.slots.apply_delta(slot, key, positions, values)
+            self.slots.arrays[slot].block_until_ready()
+            return "delta", 5 * len(positions)
+        if region is None:
+            try:
+                region = self.host_region(key, cancel)
+            except ReadCancelled:
+                return "cancelled", 0
         slot = self.slots.victim(protect)
         self.slots.load(slot, key, region)
         self.slots.arrays[slot].block_until_ready()
@@ -155,7 +205,7 @@ class ExpertTiers:
             self.slots.touch(self.slots.find(key))
             future = _done(("same", 0))
         else:                                    # queued behind any wrong guess (FIFO)
-            future = self._io.submit(self._bring, key)
+            future = self._submit_bring(key)
         if then is not None:
             self._start_prefetch(then, key, io_idle=future.done())
         stalled = not future.done()
@@ -178,8 +228,7 @@ class ExpertTiers:
             self._pending = Prefetch(key, _done(("same", 0)), None)
             return
         cancel = threading.Event() if self.cancel_wrong_reads else None   # None: one copy
-        self._pending = Prefetch(key, self._io.submit(self._bring, key, (protect_key,), cancel),
-                                 cancel)
+        self._pending = Prefetch(key, self._submit_bring(key, (protect_key,), cancel), cancel)
 
     # -------------------------------------------------------------- shutdown
     def flush_admissions(self) -> None:
@@ -197,6 +246,8 @@ class ExpertTiers:
                 pending.future.result()
         finally:
             self._io.shutdown(wait=True)
+            if self._transfer is not None:
+                self._transfer.shutdown(wait=True)
             self._admit_pool.shutdown(wait=True)
             futures, self._admit_futures = self._admit_futures, []
             for f in futures:
