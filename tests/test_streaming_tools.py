@@ -66,3 +66,14 @@ def test_probe_prefetch_top1_is_the_engines_router_guess(tmp_path, tools_path, c
     assert result["top-1, 2 layers ahead"][1] < n
     assert probe_prefetch.main([path, "--tokens", "2", "--top", "2", "--ahead", "2"]) == 0
     assert "| top-2, next layer |" in capsys.readouterr().out
+
+
+def test_bench_variants_alternate_so_none_always_runs_first(tools_path):
+    import bench_streaming
+    order = bench_streaming.alternating(("", "transfer", "cancel"), 3)
+    assert order == [("", 0), ("transfer", 0), ("cancel", 0),
+                     ("cancel", 1), ("transfer", 1), ("", 1),
+                     ("", 2), ("transfer", 2), ("cancel", 2)]
+    assert bench_streaming.alternating(("",), 2) == [("", 0), ("", 1)]
+    with pytest.raises(SystemExit):
+        bench_streaming.main(["--compare", "transfer,bogus", "--parts", "A"])

@@ -65,6 +65,15 @@ VARIANT_LABELS = {"pin_first": "pinned before transfer",
 COMPARE = {"staging": "pin_first", "cancel": "cancel", "transfer": "transfer"}
 
 
+def alternating(variants: tuple, repeats: int) -> list[tuple[str, int]]:
+    """(variant, repeat) in the order to run them: forward, then backward, … (A B B A
+    A B …), so no variant always runs first."""
+    order = []
+    for r in range(repeats):
+        order += [(v, r) for v in (variants if r % 2 == 0 else variants[::-1])]
+    return order
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -249,15 +258,18 @@ def part_a(args, log) -> list[str]:
         runs = []
         for coherent in [r == "coherent" for r in args.routers]:
             for io in bw:
-                for variant in ("",) + tuple(COMPARE[c] for c in args.compare):
+                variants = ("",) + tuple(COMPARE[c] for c in args.compare)
+                for variant, rep in alternating(variants, args.repeats):
                     preread(path) if io == "mmap" else None
                     w = run_job({"kind": "decode", "dir": path if coherent else inco,
                                  "io": io, "tokens": args.tokens, "slots": 2,
                                  "host_mb": args.host_mb, "variant": variant},
                                 log)["window"]
-                    runs.append((coherent, io, variant, w))
+                    runs.append((coherent, io, variant, rep, w))
         c_rate = tok_s(compute)
-        for coherent, io, variant, w in runs:
+        groups = list(dict.fromkeys(r[:2] for r in runs))     # (routers, io) as run
+        for coherent, io, variant, rep, w in sorted(
+                runs, key=lambda r: (groups.index(r[:2]), variants.index(r[2]), r[3])):
             read_mb = per_tok(w, "disk")
             moved_mb = (w["b_full"] + w["b_delta"]) / w["tokens"] / 1e6
             bound = bw[io] / (read_mb * 1e6) if read_mb else float("inf")
@@ -269,7 +281,8 @@ def part_a(args, log) -> list[str]:
             rows.append(
                 f"| {name} ({d}/{f}) | {'yes' if coherent else 'no'} | "
                 f"{'page cache (mmap)' if io == 'mmap' else 'disk (O_DIRECT)'}"
-                f"{', ' + VARIANT_LABELS[variant] if variant else ''} | "
+                f"{', ' + VARIANT_LABELS[variant] if variant else ''}"
+                f"{f' #{rep + 1}' if args.repeats > 1 else ''} | "
                 f"{tok_s(w):.2f} | {moved_mb:.1f} | {read_mb:.1f} | {per_tok(w, 'b_wasted'):.1f} | "
                 f"{w['n_same']}/{w['n_delta']}/{w['n_full']} | {fmt_rate(hit_rate(w))} | "
                 f"{fmt_rate(accuracy(w))} | {w.get('cancelled', 0) / w['tokens']:.1f} | "
@@ -409,6 +422,9 @@ def main(argv=None) -> int:
                         "device transfer (the old order); cancel = wrong prefetches still "
                         "reading are cancelled; transfer = regions copied to the device "
                         "on a thread of their own while the disk reads on")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="part A: decode each variant this many times, the order of "
+                        "variants alternating (A B B A …); one row per run")
     p.add_argument("--contexts", default="512,4096,16384")
     p.add_argument("--bw-mb", type=int, default=1536, help="MB read to measure bandwidth")
     p.add_argument("--skip-build", action="store_true",
@@ -421,6 +437,8 @@ def main(argv=None) -> int:
         return 0
     a.variants = [v for v in a.variants.split(",") if v]
     a.compare = [c for c in a.compare.split(",") if c]
+    if a.repeats < 1:
+        p.error(f"--repeats must be ≥ 1, got {a.repeats}")
     if set(a.compare) - set(COMPARE):
         p.error(f"--compare takes a comma-separated list of {', '.join(sorted(COMPARE))}; "
                 f"got {','.join(a.compare)}")
