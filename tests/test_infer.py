@@ -431,6 +431,10 @@ def test_infer_cli_streams_and_stops_at_stop_string(exported, capsys):
                       "--stop", stop]) == 0
     cut = capsys.readouterr().out[len("ab"):].rstrip("\n")
     assert cut == full[: full.find(stop)]
+    # the same greedy text with regions copied to the device on a thread of their own
+    assert infer.run(["--model-dir", path, "ab", "--max-tokens", "12", "--temperature", "0",
+                      "--transfer-thread", "--io", "direct"]) == 0
+    assert capsys.readouterr().out[len("ab"):].rstrip("\n") == full
 
 
 def test_engine_with_per_output_feature_scales(tmp_path, small_cfg):

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--io", default="mmap", choices=("mmap", "direct"),
                    help="direct: bypass the page cache when reading experts")
     m.add_argument("--prefill-chunk", type=int, default=256)
+    m.add_argument("--transfer-thread", action="store_true",
+                   help="copy regions to the device on a thread of their own while the "
+                        "disk reads on (for accelerators; not yet measured on one)")
     s = p.add_argument_group("state and statistics")
     s.add_argument("--save-state", metavar="FILE", help="save the conversation afterwards")
     s.add_argument("--resume-state", metavar="FILE", help="continue a saved conversation")
@@ -70,7 +73,7 @@ def run(argv=None) -> int:
                              device_budget_mb=a.device_budget_mb, device_slots=a.device_slots,
                              prefetch=not a.no_prefetch, use_deltas=not a.no_deltas,
                              warm_start=not a.no_warm_start, io=a.io, predictor=a.predictor,
-                             prefill_chunk=a.prefill_chunk)
+                             prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
     tokenizer = load_tokenizer(a.model_dir)
     if a.resume_state:
         conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=None)

@@ -103,13 +103,17 @@ class ExpertStore:
             step = self.region_bytes if cancel is None else READ_CHUNK   # one copy unless
             for a in range(0, self.region_bytes, step):                  # it may be cancelled
                 if cancel is not None and cancel.is_set():
-                    self.bytes_read += a
+                    self._count_read(a)
                     raise ReadCancelled(f"{layer['file']} at {entry['offset'] + a}")
                 data[a: a + step] = src[a: a + step]
         self._check(key, data, entry[md.REGION_CHECKSUM], f"expert {e} of expert layer {j}",
                     layer["file"], digest)
-        self.bytes_read += self.region_bytes
+        self._count_read(self.region_bytes)
         return data
+
+    def _count_read(self, nbytes: int) -> None:
+        with self._lock:                      # reads may run on two tier threads
+            self.bytes_read += nbytes
 
     def read_delta(self, j: int, src: int, dst: int):
         entry = self._delta_index[j].get((src, dst))
@@ -121,7 +125,7 @@ class ExpertStore:
         raw = np.array(mm[entry["offset"]: entry["offset"] + 5 * n + (-5 * n) % 4])
         self._check(("delta", j, src, dst), raw, entry[md.REGION_CHECKSUM],
                     f"delta {src}->{dst} of expert layer {j}", rel)
-        self.bytes_read += 5 * n
+        self._count_read(5 * n)
         return md.parse_delta(raw, 0, n)
 
     def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool,
@@ -143,7 +147,7 @@ class ExpertStore:
             got = 0
             for a in range(0, size, READ_CHUNK):
                 if cancel is not None and cancel.is_set():
-                    self.bytes_read += got
+                    self._count_read(got)
                     raise ReadCancelled(f"{rel} at {offset + a}")
                 b = min(a + READ_CHUNK, size)
                 n = os.preadv(fd, [memoryview(buf[a:b])], offset + a)
