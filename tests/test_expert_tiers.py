@@ -111,6 +111,21 @@ def test_a_wrong_guess_still_reading_is_cancelled_between_pieces(transfer_thread
     assert tiers.host._reserved == 0 and (1, 4) not in tiers.host
 
 
+@both_threadings
+def test_the_next_guess_never_evicts_the_slot_the_current_layer_computes_with(
+        transfer_thread):
+    """Even when the current layer's slot is the least recently used one."""
+    store = SlowStore(delay=0.001)
+    tiers, _ = _tiers(store, transfer_thread=transfer_thread)
+    tiers.ensure((0, 0))
+    tiers.ensure((1, 1))                               # slots: (0, 0) and (1, 1)
+    tiers.slots.touch = lambda slot: None              # freeze the LRU clock ...
+    tiers.slots._last[tiers.slots.find((0, 0))] = -1   # ... with (0, 0) the oldest
+    tiers.ensure((0, 0), then=(1, 2))                  # (1, 2) must replace (1, 1)
+    tiers.close()
+    assert _held(tiers, (0, 0)) and _held(tiers, (1, 2)) and tiers.slots.find((1, 1)) is None
+
+
 def test_with_a_transfer_thread_the_disk_reads_on_while_a_region_is_placed():
     """The next region's read starts before the previous region's device copy ends."""
     store = SlowStore(delay=0.01)
@@ -229,7 +244,7 @@ def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(
     prompt, steps = rng.integers(0, 259, 6), rng.integers(0, 259, 8)
     ref = reference_logits(cfg, params, prompt, steps)
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
-    buffers = expert_tiers.MAX_QUEUED_ADMISSIONS + 2 if transfer_thread else 0
+    buffers = expert_tiers.MAX_QUEUED_ADMISSIONS + 3 if transfer_thread else 0
     engine = StreamingEngine(path, host_budget_mb=(2 + buffers) * region / 2**20,
                              device_slots=2, warm_start=False, use_deltas=False,
                              predictor="previous", cancel_wrong_reads=True,

@@ -297,8 +297,8 @@ def test_budgets_are_enforced_with_clear_errors(exported):
                                         r"buffers in flight"):
         StreamingEngine(path, host_budget_mb=region / 2**20, host_memory_kind="pinned_host")
     from perspective_jax.infer.expert_tiers import MAX_QUEUED_ADMISSIONS
-    for transfer_thread in (False, True):        # a transfer thread adds one read ahead
-        fits = (MAX_QUEUED_ADMISSIONS + 2 + transfer_thread) * region / 2**20
+    for transfer_thread in (False, True):        # a transfer thread: two more buffers
+        fits = (MAX_QUEUED_ADMISSIONS + 2 + 2 * transfer_thread) * region / 2**20
         engine = StreamingEngine(path, host_budget_mb=fits, host_memory_kind="pinned_host",
                                  transfer_thread=transfer_thread)
         assert engine.host.capacity == 1 and engine.host.bytes_held <= engine.host.budget_bytes

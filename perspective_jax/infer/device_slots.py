@@ -50,7 +50,12 @@ class DeviceSlots:
         return sum(self.region_bytes for a in self.arrays if a is not None)
 
     def find(self, key) -> Optional[int]:
-        return self.keys.index(key) if key in self.keys else None
+        """Slot holding `key`, or None (one pass over a snapshot: safe while another
+        thread rewrites a slot)."""
+        for slot, k in enumerate(list(self.keys)):
+            if k == key:
+                return slot
+        return None
 
     def touch(self, slot: int) -> None:
         self._tick += 1

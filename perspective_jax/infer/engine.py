@@ -83,8 +83,9 @@ class StreamingEngine:
     `cancel_wrong_reads`: stop a wrong guess still reading when its layer arrives
     (off by default: slower on the 2-core CPU, docs/benchmarks.md).
     `transfer_thread`: read regions on one thread and copy them to the device on
-    another, so the disk never waits for a host→device copy (off by default: not
-    yet measured on an accelerator; on the CPU backend a copy is free).
+    another, so the disk can read the next region during a host→device copy (off
+    by default: not yet measured on an accelerator; on the CPU backend a copy is
+    free).
     """
 
     def __init__(self, model_dir: str, host_budget_mb: float = 1024,
@@ -287,8 +288,9 @@ class StreamingEngine:
 
     def _predict_next(self, j: int, h, router_guess: Optional[int]):
         """(j+1, expert) to prefetch for this token, or None: the router's guess
-        (`router_guess`, computed from h) or layer j+1's expert of the previous
-        token, whichever has been right more often at layer j+1."""
+        (`router_guess`, computed from layer j's hidden state h — passed along for
+        tools/probe_prefetch.py, which wraps this method) or layer j+1's expert of
+        the previous token, whichever has been right more often at layer j+1."""
         nxt = j + 1
         if nxt >= len(self.expert_layers):
             return None

@@ -20,10 +20,11 @@ bytes are counted as wasted, never a wrong result; with `cancel_wrong_reads` a
 wrong guess still reading is stopped between its 1 MiB pieces.
 
 With `transfer_thread` each bring is split in two: the I/O thread reads the
-region (unless a slot holds it or can take a delta: a guess, since the slots may
-still change) and a transfer thread places it — deciding same / delta / full
-against the slots as they then are, in the same FIFO order — so the disk reads
-the next region while the previous one is copied to the device.
+region (skipped only when every earlier bring has been placed and a slot holds
+the expert or a neighbour to take a delta from) and a transfer thread places it
+— deciding same / delta / full against the slots as they then are, in the same
+FIFO order — so the disk can read the next region while the previous one is
+copied to the device.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ class Prefetch(NamedTuple):
 
 
 class ExpertTiers:
-    """Owns the I/O and admit threads that move regions between `store`, `host` and
-    `slots`; counts transfers, bytes, stalls and guesses into `stats` (the engine's
-    `Stats`). Read buffers it may hold outside the host cache's entries at once:
-    `buffers_in_flight(...)`. `stage_in_place`: the host tier is plain numpy (CPU backend), so a
-    fresh read is admitted as is; otherwise it is sent to the device from its read
-    buffer and pinned for the host cache afterwards on the admit thread, unless
-    `pin_before_transfer`."""
+    """Owns the I/O, transfer (optional) and admit threads that move regions between
+    `store`, `host` and `slots`; counts transfers, bytes, stalls and guesses into
+    `stats` (the engine's `Stats`). Read buffers it may hold outside the host
+    cache's entries at once: `buffers_in_flight(...)`. `stage_in_place`: the host
+    tier is plain numpy (CPU backend), so a fresh read is admitted as is; otherwise
+    it is sent to the device from its read buffer while the admit thread pins a
+    copy for the host cache, unless `pin_before_transfer`."""
 
     def __init__(self, store: ExpertStore, host: HostCache, slots: DeviceSlots, stats,
                  stage_in_place: bool, use_deltas: bool = True,
@@ -75,6 +76,8 @@ class ExpertTiers:
         self._admit_futures: list[concurrent.futures.Future] = []
         self._admit_lock = threading.Lock()
         self._pending: Optional[Prefetch] = None
+        self._submitted = 0                   # brings queued so far (transfer thread:
+        self._placed = 0                      # and how many of them it has placed)
 
     @staticmethod
     def buffers_in_flight(stage_in_place: bool, pin_before_transfer: bool,
@@ -82,11 +85,12 @@ class ExpertTiers:
         """Read buffers held outside the host cache's entries at most: none when the
         host tier is the read buffers themselves (numpy); else the one being read,
         plus those queued for pinning (unless pinned before their transfer), plus,
-        with a transfer thread, one read ahead while the previous one is placed."""
+        with a transfer thread, two read but not yet placed (a guess being placed
+        and the next region waiting; their reads may not have been admitted)."""
         if stage_in_place:
             return 0
         queued = 0 if pin_before_transfer else MAX_QUEUED_ADMISSIONS
-        return 1 + queued + (1 if transfer_thread else 0)
+        return 1 + queued + (2 if transfer_thread else 0)
 
     # ------------------------------------------------------------- host tier
     def host_region(self, key, cancel: Optional[threading.Event] = None):
@@ -107,7 +111,11 @@ class ExpertTiers:
         if self.stage_in_place or self.pin_before_transfer:
             return self.host.admit(key, region, reserved)
         if reserved:
-            self._queue_admission(key, region)
+            try:
+                self._queue_admission(key, region)
+            except BaseException:             # an earlier admission failed
+                self.host.unreserve()
+                raise
         return region
 
     def _queue_admission(self, key, region) -> None:
@@ -134,23 +142,31 @@ class ExpertTiers:
         """Queue `_bring(key)` behind everything asked before (FIFO); returns its future."""
         if self._transfer is None:
             return self._io.submit(self._bring, key, protect_keys, cancel)
-        read = self._io.submit(self._read_ahead, key, cancel)
-        return self._transfer.submit(self._place, key, read, protect_keys)
+        self._submitted += 1
+        read = self._io.submit(self._read_ahead, key, cancel, self._submitted)
+        return self._transfer.submit(self._place, key, read, protect_keys, cancel)
 
-    def _read_ahead(self, key, cancel):
-        """I/O thread: the host region of `key`, or None when a slot holds it or a
-        neighbour to take a delta from (as the slots are now — `_place` decides)."""
-        if self.slots.find(key) is not None or self._delta_slot(key, ()) is not None:
+    def _read_ahead(self, key, cancel, seq: int):
+        """I/O thread: the host region of `key` (bring number `seq`), or None when
+        every earlier bring has been placed (the slots are final for it) and a slot
+        holds `key` or a neighbour to take a delta from."""
+        if self._placed == seq - 1 and (self.slots.find(key) is not None
+                                        or self._delta_slot(key, ()) is not None):
             return None
         return self.host_region(key, cancel)
 
-    def _place(self, key, read: concurrent.futures.Future, protect_keys):
-        """Transfer thread: `_bring(key)` with the region the I/O thread read."""
+    def _place(self, key, read: concurrent.futures.Future, protect_keys, cancel):
+        """Transfer thread: `_bring(key)` with the region the I/O thread read (a
+        guess cancelled meanwhile is not placed)."""
         try:
             region = read.result()
+            if cancel is not None and cancel.is_set():
+                return "cancelled", 0
+            return self._bring(key, protect_keys, cancel, region=region)
         except ReadCancelled:
             return "cancelled", 0
-        return self._bring(key, protect_keys, region=region)
+        finally:
+            self._placed += 1                 # only this thread writes it
 
     def _delta_slot(self, key, protect) -> Optional[int]:
         if not self.use_deltas:
