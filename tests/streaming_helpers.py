@@ -68,10 +68,14 @@ def reference_logits(cfg, params, prompt, steps):
 
 
 def assert_engine_matches(engine, ref, prompt, steps):
-    """Prefill `prompt`, then feed `steps` one by one; logits must equal `ref`."""
+    """Prefill `prompt`, then feed `steps` one by one; logits must equal `ref`, and the
+    read buffers alive outside the host cache never outnumber those its budget holds."""
     state = engine.new_state()
     got, state = engine.forward(prompt, state)
     np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
     for k, tok in enumerate(steps):
         got, state = engine.forward(np.array([tok]), state)
         np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4, err_msg=f"step {k}")
+    if engine.routed:
+        engine.tiers.flush_admissions()
+        assert engine.tiers.buffers_peak <= engine.tiers.buffers_budgeted

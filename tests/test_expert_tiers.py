@@ -28,6 +28,7 @@ class SlowStore:
 
     def __init__(self, delay=0.02, pieces=4):
         self.delay, self.pieces, self.reads, self.finished = delay, pieces, [], []
+        self.corrupt = set()          # keys whose read fails as a corrupt region's does
 
     def delta_sources(self, j, e):
         return []
@@ -38,6 +39,9 @@ class SlowStore:
             if cancel is not None and cancel.is_set():
                 raise ReadCancelled(f"({j}, {e})")
             time.sleep(self.delay)
+        if (j, e) in self.corrupt:
+            raise md.ModelDirError(f"experts-{j}.bin: expert {e} of expert layer {j} fails "
+                                   "its checksum")
         self.finished.append((j, e))
         return np.full(REGION, 16 * j + e, np.uint8)
 
@@ -109,6 +113,27 @@ def test_a_wrong_guess_still_reading_is_cancelled_between_pieces(transfer_thread
     assert stats.cancelled == 1 and stats.bytes_moved["wasted"] == 0
     assert _held(tiers, (1, 2)) and tiers.slots.find((1, 4)) is None
     assert tiers.host._reserved == 0 and (1, 4) not in tiers.host
+
+
+@both_threadings
+def test_a_wrong_guess_whose_read_fails_is_counted_and_raised_only_when_used(
+        transfer_thread):
+    """A corrupt region that was only guessed does not stop decode; using it does."""
+    store = SlowStore(delay=0.005)
+    store.corrupt = {(1, 5), (3, 6), (4, 4)}
+    tiers, stats = _tiers(store, transfer_thread=transfer_thread, host_regions=2)
+    tiers.ensure((0, 1), then=(1, 5))                  # guess (1, 5): its read fails
+    tiers.ensure((1, 3), then=(2, 7))                  # wrong guess: no error
+    assert _held(tiers, (1, 3))
+    tiers.ensure((2, 7), then=(3, 6))                  # right guess; next guess fails
+    assert stats.failed_guesses == 1 and stats.predicted_right == 1
+    with pytest.raises(md.ModelDirError, match="expert 6 of expert layer 3"):
+        tiers.ensure((3, 6))                           # the corrupt expert is used
+    tiers.ensure((3, 1), then=(4, 4))                  # decode can still go on
+    tiers.close()                                      # the last guess failed: counted
+    assert stats.failed_guesses == 2 and stats.bytes_moved["wasted"] == 0
+    assert _held(tiers, (3, 1)) and tiers.host._reserved == 0
+    assert all(k not in tiers.host for k in store.corrupt)
 
 
 @both_threadings
@@ -201,6 +226,9 @@ def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
         assert entries and all(a.sharding.memory_kind == "pinned_host" for a in entries)
         assert engine.host.hits > 0 and engine.host.peak_bytes <= engine.host.budget_bytes
         assert engine.host._reserved == 0
+        # read buffers alive outside the entries: counted, and within the budget's share
+        assert 1 <= engine.tiers.buffers_peak <= engine.tiers.buffers_budgeted
+        assert engine.tiers.buffers_alive == 0
         # each fresh read went to the device from its numpy buffer, unless pinned first
         assert from_numpy == (0 if first else read // engine.region_bytes) and read > 0
         if not first:
@@ -228,6 +256,7 @@ def test_read_buffers_waiting_for_a_slow_admission_are_bounded(exported):
         _, state = engine.forward(np.array([tok]), state)
     engine.close()
     assert len(waiting) > expert_tiers.MAX_QUEUED_ADMISSIONS
+    assert engine.tiers.buffers_peak == engine.tiers.buffers_budgeted   # all of them used
     assert max(waiting) == expert_tiers.MAX_QUEUED_ADMISSIONS - 1   # one more is then queued
 
 
@@ -260,4 +289,5 @@ def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(
     report = engine.report()
     engine.close()
     assert report["prefetch_cancelled"] > 0
+    assert report["host_read_buffers_peak"] <= report["host_read_buffers_budgeted"]
     assert engine.host._reserved == 0 and engine.host.peak_bytes <= engine.host.budget_bytes

@@ -67,6 +67,7 @@ class Stats:
     stalls: int = 0
     stall_s: float = 0.0
     cancelled: int = 0          # wrong prefetches stopped part-way through their read
+    failed_guesses: int = 0     # wrong prefetches whose read failed (not needed: no error)
 
 
 class StreamingEngine:
@@ -332,9 +333,12 @@ class StreamingEngine:
                 "host_cache_evictions": self.host.evictions,
                 "host_peak_bytes": self.host.peak_bytes,
                 "host_budget_bytes": self.host.budget_bytes,
+                "host_read_buffers_peak": self.tiers.buffers_peak,
+                "host_read_buffers_budgeted": self.tiers.buffers_budgeted,
                 "prefetch_accuracy": (s.predicted_right / s.predictions
                                       if s.predictions else 0.0),
                 "stalls": s.stalls, "stall_s": s.stall_s, "prefetch_cancelled": s.cancelled,
+                "prefetch_failed": s.failed_guesses,
                 "device_slots": self.n_slots, "warm_start_regions": self.warmed,
             })
         rss = _peak_rss_bytes()

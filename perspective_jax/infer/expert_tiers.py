@@ -17,7 +17,10 @@ Per layer the wanted expert is served by, in order: a slot already holding it
 the changed bytes are scattered in place), or a full region transfer ("full"; a
 host-cache miss first reads it from disk). A wrong guess costs a stall and its
 bytes are counted as wasted, never a wrong result; with `cancel_wrong_reads` a
-wrong guess still reading is stopped between its 1 MiB pieces.
+wrong guess still reading is stopped between its 1 MiB pieces. A wrong guess
+whose read fails (a corrupt or unreadable region that turned out not to be
+needed) is counted, not raised: decode goes on, and the error is raised, naming
+the file and expert, if and when that expert is actually used.
 
 With `transfer_thread` each bring is split in two: the I/O thread reads the
 region (skipped only when every earlier bring has been placed and a slot holds
@@ -32,14 +35,20 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+import weakref
 from typing import NamedTuple, Optional
 
 from perspective_jax.infer.device_slots import DeviceSlots
 from perspective_jax.infer.expert_store import ExpertStore, ReadCancelled
 from perspective_jax.infer.host_cache import HostCache
+from perspective_jax.infer.model_dir import ModelDirError
 
 # fresh reads waiting to be pinned into the host cache (each holds one read buffer)
 MAX_QUEUED_ADMISSIONS = 2
+
+# errors of a region read: a guess that was not needed after all may fail with
+# these without stopping decode (anything else is a bug and is raised)
+READ_ERRORS = (ModelDirError, OSError)
 
 
 class Prefetch(NamedTuple):
@@ -78,6 +87,13 @@ class ExpertTiers:
         self._pending: Optional[Prefetch] = None
         self._submitted = 0                   # brings queued so far (transfer thread:
         self._placed = 0                      # and how many of them it has placed)
+        # read buffers alive outside the host cache's entries, counted from just before
+        # a read allocates one until the last reference to it is gone (weakref), so
+        # the budget's share for them is checked, not only derived
+        self.buffers_budgeted = self.buffers_in_flight(stage_in_place, pin_before_transfer,
+                                                       transfer_thread)
+        self.buffers_alive = self.buffers_peak = 0
+        self._buffers_lock = threading.Lock()
 
     @staticmethod
     def buffers_in_flight(stage_in_place: bool, pin_before_transfer: bool,
@@ -102,12 +118,19 @@ class ExpertTiers:
         if value is not None:
             return value
         reserved = self.host.reserve()
+        outside = not (self.stage_in_place and reserved)    # not read into a cache entry
+        if outside:
+            self._buffer_opened()
         try:
             region = self.store.read_region(*key, cancel=cancel)
         except BaseException:                 # cancelled, corrupt, unreadable
+            if outside:
+                self._buffer_closed()
             if reserved:
                 self.host.unreserve()
             raise
+        if outside:
+            weakref.finalize(region, self._buffer_closed)
         if self.stage_in_place or self.pin_before_transfer:
             return self.host.admit(key, region, reserved)
         if reserved:
@@ -117,6 +140,15 @@ class ExpertTiers:
                 self.host.unreserve()
                 raise
         return region
+
+    def _buffer_opened(self) -> None:
+        with self._buffers_lock:
+            self.buffers_alive += 1
+            self.buffers_peak = max(self.buffers_peak, self.buffers_alive)
+
+    def _buffer_closed(self) -> None:
+        with self._buffers_lock:
+            self.buffers_alive -= 1
 
     def _queue_admission(self, key, region) -> None:
         """Pin `region` into the host cache on the admit thread. At most
@@ -227,7 +259,7 @@ class ExpertTiers:
         stalled = not future.done()
         kind, nbytes = future.result()           # re-raises a failed read or transfer
         if pending is not None and not right:
-            wrong_kind, wrong_bytes = pending.future.result()   # done: it ran first
+            wrong_kind, wrong_bytes = self._guess_outcome(pending)   # done: it ran first
             stats.cancelled += wrong_kind == "cancelled"
             stats.bytes_moved["wasted"] += wrong_bytes
         stats.predicted_right += right
@@ -246,6 +278,15 @@ class ExpertTiers:
         cancel = threading.Event() if self.cancel_wrong_reads else None   # None: one copy
         self._pending = Prefetch(key, self._submit_bring(key, (protect_key,), cancel), cancel)
 
+    def _guess_outcome(self, pending: Prefetch) -> tuple[str, int]:
+        """(kind, bytes) of a guess that was not used; a read error of it is counted
+        (`stats.failed_guesses`), not raised — it is raised when the expert is used."""
+        try:
+            return pending.future.result()
+        except READ_ERRORS:
+            self.stats.failed_guesses += 1
+            return "failed", 0
+
     # -------------------------------------------------------------- shutdown
     def flush_admissions(self) -> None:
         """Wait until every queued fresh read is pinned into the host cache."""
@@ -253,13 +294,14 @@ class ExpertTiers:
 
     def close(self) -> None:
         """Stop the threads (a cancellable read in flight is cancelled); re-raises a
-        failed prefetch or host-cache admission."""
+        failed host-cache admission (a failed read of the last, unused guess is only
+        counted)."""
         try:
             if self._pending is not None:
                 pending, self._pending = self._pending, None
                 if pending.cancel is not None:
                     pending.cancel.set()
-                pending.future.result()
+                self._guess_outcome(pending)
         finally:
             self._io.shutdown(wait=True)
             if self._transfer is not None:
