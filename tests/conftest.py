@@ -22,18 +22,38 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-@pytest.fixture
-def small_cfg() -> ModelConfig:
+def _small_cfg() -> ModelConfig:
     """Two periods, window 8 so short sequences already exceed the window."""
     return ModelConfig(vocab_size=64, d_model=32, n_layers=8, d_ff=48, pdr_rank=8,
                        pdr_chunk=4, n_heads=4, n_kv_heads=2, head_dim=8, window=8)
 
 
 @pytest.fixture
-def exported(tmp_path, small_cfg):
-    """(config, params, model dir) of a small exported routed model (streaming tests)."""
+def small_cfg() -> ModelConfig:
+    return _small_cfg()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(config, params, model dir) of a small exported routed model (streaming tests),
+    exported once per session. Its files are read-only: a test that damages a model
+    directory takes `exported_writable` (a private copy) instead."""
     from streaming_helpers import exported_model
-    return exported_model(tmp_path, small_cfg)
+    cfg, params, path = exported_model(tmp_path_factory.mktemp("exported"), _small_cfg())
+    for root, _, files in os.walk(path):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o444)
+    return cfg, params, path
+
+
+@pytest.fixture
+def exported_writable(exported, tmp_path):
+    """`exported` with the model directory copied to a writable place of its own."""
+    import shutil
+    cfg, params, path = exported
+    copy = str(tmp_path / "model")
+    shutil.copytree(path, copy, copy_function=shutil.copyfile)
+    return cfg, params, copy
 
 
 @pytest.fixture

@@ -121,8 +121,8 @@ def test_exported_experts_are_exact_ternary_values(exported):
                                    rtol=1e-6)
 
 
-def test_flipped_byte_is_detected_and_named(exported):
-    _, _, path = exported
+def test_flipped_byte_is_detected_and_named(exported_writable):
+    _, _, path = exported_writable
     manifest = md.read_manifest(path)
     entry = manifest["experts"]["layers"][1]["regions"][3]
     target = os.path.join(path, md.expert_file(1))
@@ -326,8 +326,8 @@ def test_saved_conversation_resumes_identically(exported, tmp_path):
         Conversation(three.engine, tok).generate("", 4)
 
 
-def test_model_dir_errors(exported, tmp_path):
-    _, _, path = exported
+def test_model_dir_errors(exported_writable, tmp_path):
+    _, _, path = exported_writable
     with pytest.raises(md.ModelDirError, match="does not exist"):
         md.read_manifest(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
@@ -398,9 +398,9 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     engine.close()
 
 
-def test_infer_cli_errors_are_one_line(exported, tmp_path, capsys):
+def test_infer_cli_errors_are_one_line(exported_writable, tmp_path, capsys):
     from perspective_jax.cli import infer
-    _, _, path = exported
+    _, _, path = exported_writable
     cases = [
         (["--model-dir", path, ""], "the prompt is empty"),
         (["--model-dir", str(tmp_path / "missing"), "hi"], "does not exist"),
