@@ -89,9 +89,8 @@ class ExpertTiers:
         self._placed = 0                      # and how many of them it has placed)
         # read buffers alive outside the host cache's entries, counted from just before
         # a read allocates one until the last reference to it is gone (weakref), so
-        # the budget's share for them is checked, not only derived
-        self.buffers_budgeted = self.buffers_in_flight(stage_in_place, pin_before_transfer,
-                                                       transfer_thread)
+        # the share the host budget actually sets aside for them is checked
+        self.buffers_budgeted = host.staging_bytes // store.alloc_bytes
         self.buffers_alive = self.buffers_peak = 0
         self._buffers_lock = threading.Lock()
 
