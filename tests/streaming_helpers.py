@@ -69,7 +69,8 @@ def reference_logits(cfg, params, prompt, steps):
 
 def assert_engine_matches(engine, ref, prompt, steps):
     """Prefill `prompt`, then feed `steps` one by one; logits must equal `ref`, and the
-    read buffers alive outside the host cache never outnumber those its budget holds."""
+    read buffers alive outside the host cache never outnumber those its budget holds, nor
+    the expert regions alive on the device its slots."""
     state = engine.new_state()
     got, state = engine.forward(prompt, state)
     np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-4)
@@ -79,3 +80,4 @@ def assert_engine_matches(engine, ref, prompt, steps):
     if engine.routed:
         engine.tiers.flush_admissions()
         assert engine.tiers.buffers_peak <= engine.tiers.buffers_budgeted
+        assert 0 < engine.slots.regions_peak <= engine.n_slots

@@ -266,6 +266,23 @@ def test_delta_into_a_slot_never_writes_the_host_copy_it_came_from():
     assert (host == 5).all()
 
 
+def test_device_slots_never_hold_more_regions_than_slots():
+    """Refilling a slot drops its old region before the new one is allocated, and a
+    delta rewrites it in place: counted from the arrays actually alive."""
+    from perspective_jax.infer.device_slots import DeviceSlots
+    slots = DeviceSlots(2, 1 << 12, jax.devices()[0])
+    for i in range(6):
+        slots.load(i % 2, (0, i), np.full(1 << 12, i, np.uint8))
+        slots.apply_delta(i % 2, (0, i + 10), np.array([7], np.uint32), np.array([i], np.uint8))
+        assert slots.regions_peak <= 2, f"refill {i}: {slots.regions_peak} regions alive"
+    assert slots.keys == [(0, 14), (0, 15)]
+    np.testing.assert_array_equal(np.asarray(slots.arrays[1])[6:9], [5, 5, 5])
+    kept = slots.arrays[0]                    # a region still referenced elsewhere counts
+    slots.load(0, (1, 0), np.zeros(1 << 12, np.uint8))
+    assert slots.regions_peak == 3
+    del kept
+
+
 def test_host_cache_budget_and_frequency_weighted_eviction():
     priors = np.array([[0.7, 0.1, 0.1, 0.1]])
     cache = HostCache(budget_bytes=250, entry_bytes=100, priors=priors)

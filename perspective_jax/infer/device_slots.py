@@ -6,11 +6,18 @@ from host memory or, when it holds a lattice neighbour of the wanted expert of
 the same layer, rewritten in place by a byte delta (one scatter). The slot the
 current layer computes with is protected from reuse; otherwise the least
 recently used slot is refilled.
+
+The device never holds more than `n_slots` regions: a full transfer drops the
+slot's old region before the new one is allocated, and a delta rewrites the slot
+in place (its buffer is donated). `regions_peak` counts the regions actually
+alive (weak references; a donated buffer is not counted), so tests check this
+rather than derive it.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional
 
 import jax
@@ -44,6 +51,8 @@ class DeviceSlots:
         self.arrays: list[Optional[jax.Array]] = [None] * n_slots
         self._last = [0] * n_slots
         self._tick = 0
+        self._placed: list[weakref.ref] = []    # every region array put in a slot
+        self.regions_peak = 0
 
     @property
     def bytes_held(self) -> int:
@@ -74,9 +83,23 @@ class DeviceSlots:
                 return s
         return None
 
+    def _note_live(self, array: jax.Array) -> None:
+        """Count the region arrays alive on the device now that `array` exists."""
+        self._placed = [r for r in self._placed
+                        if (a := r()) is not None and not a.is_deleted()]
+        self._placed.append(weakref.ref(array))
+        self.regions_peak = max(self.regions_peak, len(self._placed))
+
     def load(self, slot: int, key, host_region) -> None:
-        """Full transfer host → device into `slot` (asynchronous; returns at once)."""
-        self.arrays[slot] = jax.device_put(host_region, self.sharding)
+        """Full transfer host → device into `slot` (asynchronous; returns at once). The
+        slot's old region is dropped first, so the device holds at most `n_slots`
+        (the engine has synchronised every computation that read it: a victim slot
+        is never the one the current layer computes with)."""
+        self.keys[slot] = None                  # never found while it has no array
+        self.arrays[slot] = None
+        array = jax.device_put(host_region, self.sharding)
+        self._note_live(array)
+        self.arrays[slot] = array
         self.keys[slot] = key
         self.touch(slot)
 
@@ -91,7 +114,10 @@ class DeviceSlots:
             pos[:n], val[:n] = positions, values
         else:                                   # identical regions: rewrite byte 0 as is
             val[:] = np.asarray(self.arrays[slot][:1])[0]
-        self.arrays[slot] = _scatter(self.arrays[slot], jax.device_put(pos, self.sharding),
-                                     jax.device_put(val, self.sharding))
+        self.keys[slot] = None
+        array = _scatter(self.arrays[slot], jax.device_put(pos, self.sharding),
+                         jax.device_put(val, self.sharding))
+        self._note_live(array)
+        self.arrays[slot] = array
         self.keys[slot] = key
         self.touch(slot)

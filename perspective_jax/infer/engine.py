@@ -339,7 +339,9 @@ class StreamingEngine:
                                       if s.predictions else 0.0),
                 "stalls": s.stalls, "stall_s": s.stall_s, "prefetch_cancelled": s.cancelled,
                 "prefetch_failed": s.failed_guesses,
-                "device_slots": self.n_slots, "warm_start_regions": self.warmed,
+                "device_slots": self.n_slots,
+                "device_expert_regions_peak": self.slots.regions_peak,
+                "warm_start_regions": self.warmed,
             })
         rss = _peak_rss_bytes()
         if rss is not None:
