@@ -2,9 +2,10 @@
 
     export_model(run_dir, out_dir, force=False, shared_bits=0, ...) -> manifest
 
-The export is written into a sibling temporary directory and renamed into
-place only when every file and finally the manifest are on disk, so an
-interrupted export never looks complete. Experts are the exact ternary values
+The export is written into a sibling staging directory and renamed into place
+only when every file and finally the manifest are on disk, so an interrupted
+export never looks complete; `--force` replaces only an earlier export, never a
+run directory or other files (`infer.publish`). Experts are the exact ternary values
 the trained model computes with: trits = clip(round(W / (mean|W| + ε)), −1, 1),
 scale = mean|W| per matrix (`ternary.quant.ternarize`).
 """
@@ -26,6 +27,7 @@ from perspective_jax.config import PerspectiveConfig, load_config, to_dict
 from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.infer import model_dir as md
+from perspective_jax.infer import publish
 from perspective_jax.model.cache_io import flatten_cache
 from perspective_jax.model.transformer import PerspectiveLM, abstract_params
 from perspective_jax.moe import torus
@@ -181,6 +183,7 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest."""
     _check_args(out_dir, force, shared_bits, delta_max_share)
     run = resolve_run(run_dir)
+    publish.check_destination(out_dir, force, protected=(run_dir, run))
     cfg = load_config(os.path.join(run, CONFIG_FILE))
     if cfg.model.routed and not cfg.ternary.enabled:
         raise UserError(f"{run} holds a routed model whose experts are not ternary yet; "
@@ -197,27 +200,23 @@ def _check_args(out_dir, force, shared_bits, delta_max_share) -> None:
         raise UserError(f"--shared-bits {shared_bits}: use 0 (float32) or 2, 3, 4, 8")
     if not 0.0 <= delta_max_share <= 1.0:
         raise UserError(f"--delta-max-share {delta_max_share}: must lie in [0, 1]")
-    if os.path.exists(out_dir) and not force:
-        raise UserError(f"--out {out_dir} already exists; pass --force to replace it")
+    publish.check_destination(out_dir, force)
 
 
 def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir: str,
                     calib=None, force: bool = False, shared_bits: int = 0,
                     group_size: int = 64, delta_max_share: float = 0.5, log=print) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
-    temporary directory that is renamed into place after the manifest is written."""
+    staging directory that is renamed into place after the manifest is written."""
     _check_args(out_dir, force, shared_bits, delta_max_share)
+    publish.check_destination(out_dir, force, protected=(tokenizer_dir,))
     out_dir = os.path.abspath(out_dir)
     params = jax.tree.map(np.asarray, params)
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = publish.staging_dir(out_dir)
     try:
         manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
                                 group_size, delta_max_share, log)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish.publish(tmp, out_dir, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out_dir}")

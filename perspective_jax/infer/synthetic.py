@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 from perspective_jax.config import PerspectiveConfig, to_dict
 from perspective_jax.infer import gptq
 from perspective_jax.infer import model_dir as md
+from perspective_jax.infer import publish
 from perspective_jax.infer.export import flatten_params, write_expert_files
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import abstract_params
@@ -75,14 +76,20 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
                               shared_bits: int = 0, group_size: int = 64, log=print) -> dict:
     if not (cfg.model.routed and cfg.ternary.enabled):
         raise ValueError("a synthetic streaming model needs model.routed and ternary.enabled")
-    if os.path.exists(out):
-        if not force:
-            raise FileExistsError(f"{out} exists")
-        shutil.rmtree(out)
+    publish.check_destination(out, force)
+    tmp = publish.staging_dir(out)
+    try:
+        manifest = _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers,
+                               expert_gain, shared_bits, group_size, log)
+        publish.publish(tmp, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_gain,
+                shared_bits, group_size, log) -> dict:
     rng = np.random.default_rng(seed)
-    tmp = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
     layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
     e = cfg.moe.num_experts
@@ -124,10 +131,8 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
               "group_size": group_size if shared_bits else 0, "quantized": quantized,
               "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                           for k, v in tensors.items()}}
-    manifest = md.write_manifest(tmp, to_dict(cfg), f"synthetic(seed={seed})", shared, index,
-                                 np.full((len(layers), e), 1.0 / e))
-    os.replace(tmp, out)
-    return manifest
+    return md.write_manifest(tmp, to_dict(cfg), f"synthetic(seed={seed})", shared, index,
+                             np.full((len(layers), e), 1.0 / e))
 
 
 def rtn_quantized_tensors(cfg: PerspectiveConfig, tensors: dict, bits: int,
