@@ -208,12 +208,16 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ compute
     def forward(self, tokens: np.ndarray, state: dict):
-        """Feed tokens [T] (prefill when T > 1, in chunks); returns (last logits [V], state)."""
+        """Feed tokens [T] (prefill when T > 1, in chunks); returns (last logits [V], the
+        new state). `state` itself is left as it was, so a feed that fails part-way (an
+        unreadable expert, Ctrl-C) can be retried or saved from the state before it."""
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         if tokens.size == 0:
             raise UserError("nothing to feed: the token sequence is empty")
         if tokens.min() < 0 or tokens.max() >= self.model.vocab_size:
             raise UserError(f"token ids must lie in [0, {self.model.vocab_size})")
+        state = {"layers": [list(row) for row in state["layers"]],
+                 "next_pos": state["next_pos"]}          # new lists; the caches are immutable
         t0 = time.perf_counter()
         for s in range(0, tokens.size, self.prefill_chunk):
             logits = self._forward_chunk(tokens[s: s + self.prefill_chunk], state)

@@ -36,6 +36,19 @@ def sample_token(logits: np.ndarray, sampling: Sampling, key) -> int:
     return int(jax.random.categorical(key, filtered[0]))
 
 
+def _streamable(text: str, stop: Sequence[str]) -> str:
+    """The part of `text` that can be shown while generation goes on: without a split
+    UTF-8 character at its end, nor an end that may be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return text[: len(text) - held]
+
+
 class Conversation:
     def __init__(self, engine, tokenizer, sampling: Sampling = Sampling(), seed: int = 0):
         self.engine, self.tokenizer, self.sampling, self.seed = engine, tokenizer, sampling, seed
@@ -67,7 +80,7 @@ class Conversation:
             done = cut >= 0 or tok == eos_id or len(out) >= max_tokens
             if cut >= 0:
                 text = text[:cut]
-            stable = text if done else text.rstrip("\ufffd")   # hold back a split UTF-8 char
+            stable = text if done else _streamable(text, stop)
             if on_text and len(stable) > len(shown) and stable.startswith(shown):
                 on_text(stable[len(shown):])
                 shown = stable
