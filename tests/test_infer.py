@@ -277,6 +277,15 @@ def test_device_slots_never_hold_more_regions_than_slots():
         assert slots.regions_peak <= 2, f"refill {i}: {slots.regions_peak} regions alive"
     assert slots.keys == [(0, 14), (0, 15)]
     np.testing.assert_array_equal(np.asarray(slots.arrays[1])[6:9], [5, 5, 5])
+    waited = []
+
+    class Fence:                              # the last computation reading slot 1
+        def block_until_ready(self):
+            waited.append(slots.arrays[1] is not None)   # its region is still there
+    slots.fence(1, Fence())
+    slots.load(1, (0, 9), np.zeros(1 << 12, np.uint8))
+    slots.load(1, (0, 8), np.zeros(1 << 12, np.uint8))
+    assert waited == [True]                   # waited once, before the region was freed
     kept = slots.arrays[0]                    # a region still referenced elsewhere counts
     slots.load(0, (1, 0), np.zeros(1 << 12, np.uint8))
     assert slots.regions_peak == 3

@@ -299,7 +299,7 @@ def section_ffn(args, rng) -> dict:
         y = jnp.zeros((m, cfg.d_model), hn.dtype)
         rows = jnp.arange(m)
         fn = lambda y_, hn_: layers.expert_rows(cfg, 0, y_, hn_, rows, region, scales,  # noqa
-                                                0, 0)
+                                                0, 0)[0]
         # expert_rows donates y: hand it a fresh buffer each call
         res[f"rows{m}_ms"] = timed(lambda hn_: fn(jnp.zeros_like(y), hn_), hn)
         ref = _ffn_reference(trits, np.asarray(hn, np.float64), 0.02)

@@ -52,6 +52,7 @@ class DeviceSlots:
         self._last = [0] * n_slots
         self._tick = 0
         self._placed: list[weakref.ref] = []    # every region array put in a slot
+        self._fences: list[Optional[jax.Array]] = [None] * n_slots
         self.regions_peak = 0
 
     @property
@@ -90,11 +91,19 @@ class DeviceSlots:
         self._placed.append(weakref.ref(array))
         self.regions_peak = max(self.regions_peak, len(self._placed))
 
+    def fence(self, slot: int, done: jax.Array) -> None:
+        """`done` becomes ready when the last computation reading `slot` has run; a
+        refill of the slot waits for it (prefill dispatches experts without waiting;
+        a decode step's computations have all run by its next route)."""
+        self._fences[slot] = done
+
     def load(self, slot: int, key, host_region) -> None:
         """Full transfer host → device into `slot` (asynchronous; returns at once). The
-        slot's old region is dropped first, so the device holds at most `n_slots`
-        (the engine has synchronised every computation that read it: a victim slot
-        is never the one the current layer computes with)."""
+        slot's old region is freed first — after the computations reading it (its
+        fence) — so the device holds at most `n_slots` regions."""
+        fence, self._fences[slot] = self._fences[slot], None
+        if fence is not None:
+            fence.block_until_ready()
         self.keys[slot] = None                  # never found while it has no array
         self.arrays[slot] = None
         array = jax.device_put(host_region, self.sharding)

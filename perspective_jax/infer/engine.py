@@ -98,12 +98,19 @@ class StreamingEngine:
                  device=None):
         if predictor not in PREDICTORS:
             raise UserError(f"unknown prefetch predictor {predictor!r}; use one of {PREDICTORS}")
+        if device_slots < 2:
+            raise UserError(f"--device-slots {device_slots}: the device tier needs at least "
+                            "2 slots (the double buffer)")
+        if prefill_chunk < 1:
+            raise UserError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
         self.manifest = md.read_manifest(model_dir)
         self.cfg: PerspectiveConfig = from_dict(PerspectiveConfig, self.manifest["config"])
-        # what a saved conversation is tied to: the exact shared weights and experts
+        # what a saved conversation is tied to: the exact config, shared weights, experts
         self.identity = md.sha256_bytes(json.dumps(
-            {k: v["sha256"] for k, v in sorted(self.manifest["files"].items())}).encode())
+            {"config": self.manifest["config"],
+             "files": {k: v["sha256"] for k, v in sorted(self.manifest["files"].items())}},
+            sort_keys=True).encode())
         self.model, self.moe = self.cfg.model, self.cfg.moe
         self.routed = self.model.routed
         self.activation_bits = (self.cfg.ternary.activation_bits
@@ -116,12 +123,14 @@ class StreamingEngine:
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
                   if md.scale_key(name) in flat}
         on_device = memory_sharding(self.device, "device")
-        tree = jax.device_put(unflatten_paths(flat), on_device)
-        self.shared_bytes = (sum(a.nbytes for a in flat.values())
-                             + sum(k.nbytes for k in quantized.values()))
-        self.embed_table = tree["embed"]["embedding"]
-        self.final_norm = tree["final_norm"]
-        self.layer_params = [[jax.tree.map(lambda a, p=p: a[p], tree["periods"][f"layer_{i}"])
+        tree = unflatten_paths(flat)          # numpy: periods are sliced before the upload,
+        self.shared_bytes = (sum(a.nbytes for a in flat.values())      # so the device never
+                             + sum(k.nbytes for k in quantized.values()))   # holds them twice
+        self.embed_table = jax.device_put(tree["embed"]["embedding"], on_device)
+        self.final_norm = jax.device_put(tree["final_norm"], on_device)
+        self.layer_params = [[jax.device_put(jax.tree.map(lambda a, p=p: a[p],
+                                                          tree["periods"][f"layer_{i}"]),
+                                             on_device)
                               for i in range(len(self.model.layer_pattern))]
                              for p in range(self.model.n_periods)]
         insert_kernels(self.layer_params, quantized, on_device)
@@ -263,9 +272,10 @@ class StreamingEngine:
             rows = np.flatnonzero(idx == e)
             padded = np.full(1 << max(len(rows) - 1, 0).bit_length(), rows[0], np.int32)
             padded[: len(rows)] = rows
-            y = L.expert_rows(cfg, self.activation_bits, y, hn_flat, jnp.asarray(padded),
-                              self.slots.arrays[slot], self.expert_scales,
-                              np.int32(j), np.int32(e))
+            y, done = L.expert_rows(cfg, self.activation_bits, y, hn_flat,
+                                    jnp.asarray(padded), self.slots.arrays[slot],
+                                    self.expert_scales, np.int32(j), np.int32(e))
+            self.slots.fence(slot, done)     # refilling this slot waits for this call
         return L.combine(cfg, h, y, gate)
 
     def _routed_token(self, j: int, lp, h):
@@ -359,7 +369,10 @@ class StreamingEngine:
         """Stop the background threads (a cancellable read in flight is cancelled);
         re-raises a failed prefetch or host-cache admission."""
         if self.tiers is not None:
-            self.tiers.close()
+            try:
+                self.tiers.close()
+            finally:
+                self.store.close()
 
 
 def _peak_rss_bytes() -> Optional[int]:

@@ -83,10 +83,12 @@ def _scales_at(scales, j, e):
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
 def expert_rows(cfg: ModelConfig, activation_bits: int, y, hn, rows, codes, scales, j, e):
-    """Prefill: y [N, d] with rows `rows` (padded by repeating an entry) set to
-    expert(hn[rows]); `codes` is expert e of expert layer j."""
+    """Prefill: (y [N, d] with rows `rows` (padded by repeating an entry) set to
+    expert(hn[rows]), a scalar ready when this call is done: the fence that the
+    slot holding `codes` waits for before it is refilled); `codes` is expert e of
+    expert layer j."""
     out = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e), hn[rows])
-    return y.at[rows].set(out)
+    return y.at[rows].set(out), out[0, 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
