@@ -24,7 +24,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from perspective_jax.config import PerspectiveConfig, load_config, to_dict
-from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer import publish
@@ -37,16 +37,37 @@ from perspective_jax.train.stages import CURRICULUM
 from perspective_jax.train.trainer import CONFIG_FILE
 
 
-def resolve_run(run_dir: str) -> str:
-    """A stage run directory, or the last finished stage of a curriculum root."""
+def latest_checkpoint_step(run: str) -> Optional[int]:
+    """Step of the newest complete checkpoint of a stage run (orbax names a finished
+    one by its step alone; one still being written carries a suffix)."""
+    steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(run, "checkpoints", "*"))
+             if os.path.basename(p).isdigit()]
+    return max(steps, default=None)
+
+
+def resolve_run(run_dir: str, log=print) -> str:
+    """A stage run directory (exported even if unfinished, with a note), or the last
+    finished stage of a curriculum root (its checkpoint is at the stage's last step)."""
     if os.path.exists(os.path.join(run_dir, CONFIG_FILE)) and os.path.isdir(
             os.path.join(run_dir, "checkpoints")):
+        steps, done = load_config(os.path.join(run_dir, CONFIG_FILE)).train.steps, \
+            latest_checkpoint_step(run_dir)
+        if done is not None and done < steps:
+            log(f"note: {run_dir} is unfinished (checkpoint at step {done} of {steps}); "
+                "exporting it as it is")
         return run_dir
     for stage in reversed(CURRICULUM):
         sub = os.path.join(run_dir, stage)
-        if os.path.exists(os.path.join(sub, CONFIG_FILE)) and glob.glob(
-                os.path.join(sub, "checkpoints", "[0-9]*")):
+        if not os.path.exists(os.path.join(sub, CONFIG_FILE)):
+            continue
+        done = latest_checkpoint_step(sub)
+        if done is None:
+            continue
+        steps = load_config(os.path.join(sub, CONFIG_FILE)).train.steps
+        if done >= steps:
             return sub
+        log(f"note: stage {stage} is unfinished (checkpoint at step {done} of {steps}); "
+            f"skipped — pass --run-dir {sub} to export it anyway")
     raise UserError(f"--run-dir {run_dir}: no finished perspective-train run there (expected "
                     f"{CONFIG_FILE} and checkpoints/, or stage subdirectories {CURRICULUM})")
 
@@ -97,7 +118,8 @@ def routing_frequencies(cfg: PerspectiveConfig, params, tokens, chunk: int = 512
         for j, (p, i) in enumerate(layers):
             c = aux["periods"][f"layer_{i}"]["ffn"]["counts"]
             counts[j] += np.asarray(c[0] if isinstance(c, tuple) else c)[p]
-    return counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    total = counts.sum(1, keepdims=True)
+    return np.where(total > 0, counts / np.maximum(total, 1), 1.0 / e)   # none seen: uniform
 
 
 def stacked_key(period_path: str) -> str:
@@ -146,7 +168,7 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
         n_deltas += len(deltas)
         index.append({"layer": j, "file": md.expert_file(j), "regions": entries,
                       "delta_file": md.delta_file(j), "deltas": deltas})
-    log(f"experts: {n_layers} layers × {len(regions)} experts, {layout.nbytes / 1e6:.3f} MB "
+    log(f"experts: {n_layers} layers × {len(regions) if n_layers else 0} experts, {layout.nbytes / 1e6:.3f} MB "
         f"per region; {n_deltas} of {n_layers * len(directed)} neighbour deltas kept "
         f"({delta_bytes / 1e6:.3f} MB)")
     return index
@@ -181,8 +203,11 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
                  calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
                  log=print) -> dict:
     """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest."""
-    _check_args(out_dir, force, shared_bits, delta_max_share)
-    run = resolve_run(run_dir)
+    _check_args(out_dir, force, shared_bits, delta_max_share, group_size)
+    if calibration_tokens_n < 2:
+        raise UserError(f"--calibration-tokens {calibration_tokens_n}: must be >= 2")
+    run = resolve_run(run_dir, log)
+    load_tokenizer(run)                       # no tokenizer: say so before any heavy work
     publish.check_destination(out_dir, force, protected=(run_dir, run))
     cfg = load_config(os.path.join(run, CONFIG_FILE))
     if cfg.model.routed and not cfg.ternary.enabled:
@@ -195,9 +220,11 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
                            delta_max_share, log)
 
 
-def _check_args(out_dir, force, shared_bits, delta_max_share) -> None:
+def _check_args(out_dir, force, shared_bits, delta_max_share, group_size) -> None:
     if shared_bits not in (0, 2, 3, 4, 8):
         raise UserError(f"--shared-bits {shared_bits}: use 0 (float32) or 2, 3, 4, 8")
+    if group_size < 1:
+        raise UserError(f"--group-size {group_size}: must be >= 1 (input rows per GPTQ group)")
     if not 0.0 <= delta_max_share <= 1.0:
         raise UserError(f"--delta-max-share {delta_max_share}: must lie in [0, 1]")
     publish.check_destination(out_dir, force)
@@ -208,7 +235,7 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
                     group_size: int = 64, delta_max_share: float = 0.5, log=print) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
     staging directory that is renamed into place after the manifest is written."""
-    _check_args(out_dir, force, shared_bits, delta_max_share)
+    _check_args(out_dir, force, shared_bits, delta_max_share, group_size)
     publish.check_destination(out_dir, force, protected=(tokenizer_dir,))
     out_dir = os.path.abspath(out_dir)
     params = jax.tree.map(np.asarray, params)
@@ -254,7 +281,7 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     for name, value in (scales or {}).items():
         tensors[md.scale_key(name)] = value
     save_file(tensors, os.path.join(out, md.SHARED_FILE))
-    copy_tokenizer(run, out)
+    _copy_tokenizer(run, out)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
     shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
                    "quantized": quantized,
@@ -262,6 +289,16 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
                                for k, v in tensors.items()}}
     return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
                              shared_meta, experts_index, freqs)
+
+
+def _copy_tokenizer(run: str, out: str) -> None:
+    """Copy the one tokenizer `load_tokenizer(run)` uses (its order: sentencepiece
+    first), so the manifest's tokenizer kind is the run's."""
+    load_tokenizer(run)                       # a clear error when the run has none
+    for name in (SPM_FILE, BYTE_MARKER):
+        if os.path.exists(os.path.join(run, name)):
+            shutil.copy(os.path.join(run, name), out)
+            return
 
 
 def with_ternary_experts(params, cfg: PerspectiveConfig):

@@ -1,5 +1,6 @@
-"""Publishing a model directory: --force replaces only an earlier export, the swap
-never leaves neither, and stale staging directories are cleaned up."""
+"""Export safety: --force replaces only an earlier export, the swap never leaves
+neither, stale staging directories are cleaned up; a curriculum root exports its
+last *finished* stage; bad export arguments are one-line errors."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from perspective_jax.errors import UserError
@@ -111,3 +113,52 @@ def test_staging_dirs_of_finished_processes_are_removed_and_live_ones_kept(tmp_p
     # pid 1 (init) is alive; "x" is no pid; "mm" is another output's
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["m.partial-1", "m.partial-x", f"mm.partial-{dead}", os.path.basename(tmp)])
+
+
+def _stage(root, name, steps, done):
+    from perspective_jax.config import PerspectiveConfig, TrainConfig, save_config
+    run = root / name
+    (run / "checkpoints" / str(done)).mkdir(parents=True)
+    (run / "checkpoints" / f"{done + 5}.orbax-checkpoint-tmp-1").mkdir()   # being written
+    save_config(PerspectiveConfig(train=TrainConfig(steps=steps, warmup_steps=0)),
+                str(run / "config.yaml"))
+    return str(run)
+
+
+def test_a_curriculum_root_exports_its_last_finished_stage(tmp_path):
+    from perspective_jax.infer.export import resolve_run
+    notes = []
+    sparse = _stage(tmp_path, "sparse", steps=10, done=10)
+    ternary = _stage(tmp_path, "ternary", steps=10, done=4)          # interrupted
+    assert resolve_run(str(tmp_path), notes.append) == sparse
+    assert "stage ternary is unfinished (checkpoint at step 4 of 10)" in notes[0]
+    assert resolve_run(ternary, notes.append) == ternary              # asked for by name
+    assert "exporting it as it is" in notes[1]
+    with pytest.raises(UserError, match="no finished perspective-train run"):
+        resolve_run(str(tmp_path / "sparse" / "checkpoints"), notes.append)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--group-size", "0", "--shared-bits", "2"], "--group-size 0: must be >= 1"),
+    (["--calibration-tokens", "-5"], "--calibration-tokens -5: must be >= 2"),
+    (["--shared-bits", "5"], "--shared-bits 5: use 0"),
+    (["--delta-max-share", "1.5"], "--delta-max-share 1.5: must lie in"),
+])
+def test_bad_export_arguments_are_one_line_errors(tmp_path, capsys, flags, message):
+    from perspective_jax.cli import export
+    _stage(tmp_path, "align", steps=10, done=10)
+    assert export.run(["--run-dir", str(tmp_path), "--out", str(tmp_path / "m")] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_routing_frequencies_are_uniform_where_calibration_routed_nothing(small_cfg):
+    from perspective_jax.infer.export import routing_frequencies
+    cfg = routed_cfg(small_cfg)
+    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
+    one = routing_frequencies(cfg, params, np.array([[5]], np.int32))   # no pair to route
+    np.testing.assert_allclose(one, 1.0 / cfg.moe.num_experts)
+    some = routing_frequencies(cfg, params, np.arange(40, dtype=np.int32)[None] % 259)
+    np.testing.assert_allclose(some.sum(1), 1.0)
+    assert (some.max(1) > 1.0 / cfg.moe.num_experts).all()
