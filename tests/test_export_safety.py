@@ -162,3 +162,43 @@ def test_routing_frequencies_are_uniform_where_calibration_routed_nothing(small_
     some = routing_frequencies(cfg, params, np.arange(40, dtype=np.int32)[None] % 259)
     np.testing.assert_allclose(some.sum(1), 1.0)
     assert (some.max(1) > 1.0 / cfg.moe.num_experts).all()
+
+
+def _edited(path, edit):
+    manifest_path = os.path.join(path, md.MANIFEST)
+    with open(manifest_path) as fh:
+        manifest = json.load(fh)
+    edit(manifest)
+    with open(manifest_path, "w") as fh:
+        json.dump(manifest, fh)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(files={}), "shared weights file shared.safetensors is not listed"),
+    (lambda m: m["experts"]["layers"].pop(), "expert layers indexed, the config has"),
+    (lambda m: m["experts"]["layers"][0]["regions"].pop(), "must index experts 0.."),
+    (lambda m: m["experts"]["layers"][1]["regions"][2].update(offset=10 ** 9),
+     "expert layer 1, expert 2 lies outside"),
+    (lambda m: m["experts"]["layers"][0]["deltas"][0].update(dst=99), "not lattice neighbours"),
+    (lambda m: m["experts"]["layers"][0]["deltas"][0].update(count=10 ** 9), "lies outside"),
+    (lambda m: m["config"]["model"].update(d_ff=52), "region_bytes"),
+    (lambda m: m["config"]["model"].update(d_ff=-1), "its config is invalid"),
+    (lambda m: m["experts"].pop("layers"), "it is malformed"),
+    (lambda m: m.update(tokenizer="bpe"), "tokenizer 'bpe'"),
+    (lambda m: m.update(routing_frequencies=[[1.0]]), "routing_frequencies must be"),
+])
+def test_a_manifest_inconsistent_with_its_config_or_files_is_refused(exported_writable, edit,
+                                                                   message):
+    _, _, path = exported_writable
+    md.read_manifest(path)
+    _edited(path, edit)
+    with pytest.raises(md.ModelDirError, match=message.replace("(", r"\(")):
+        md.read_manifest(path)
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(exported_writable):
+    _, _, path = exported_writable
+    with open(os.path.join(path, md.MANIFEST), "w") as fh:
+        json.dump([1, 2], fh)
+    with pytest.raises(md.ModelDirError, match="is not a manifest"):
+        md.read_manifest(path)

@@ -164,7 +164,8 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 
 
 def read_manifest(model_dir: str) -> dict:
-    """The manifest of `model_dir`, checked for format, version and listed files."""
+    """The manifest of `model_dir`, checked for format, version, consistency with its
+    config (`manifest_check`) and the size of every listed file."""
     if not os.path.isdir(model_dir):
         raise ModelDirError(f"model directory {model_dir} does not exist; create one with "
                             "perspective-export --run-dir RUN --out MODEL_DIR")
@@ -177,6 +178,8 @@ def read_manifest(model_dir: str) -> dict:
             manifest = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
         raise ModelDirError(f"{path} is not valid JSON ({e}); re-run perspective-export")
+    if not isinstance(manifest, dict):
+        raise ModelDirError(f"{path} is not a manifest (a JSON object); re-run perspective-export")
     if manifest.get("format") != FORMAT_NAME:
         raise ModelDirError(f"{path}: format {manifest.get('format')!r} is not "
                             f"{FORMAT_NAME!r}; is this a Perspective model directory?")
@@ -184,7 +187,9 @@ def read_manifest(model_dir: str) -> dict:
         raise ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is "
                             f"not supported (this build reads version {FORMAT_VERSION}); "
                             "re-export the model with this version of perspective-export")
-    for rel, info in manifest.get("files", {}).items():
+    from perspective_jax.infer.manifest_check import check_manifest
+    check_manifest(model_dir, manifest)       # agrees with its config, lists every file
+    for rel, info in manifest["files"].items():
         full = os.path.join(model_dir, rel)
         if not os.path.exists(full):
             raise ModelDirError(f"{model_dir}: file {rel} listed in the manifest is missing; "

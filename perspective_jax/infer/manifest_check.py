@@ -1,0 +1,98 @@
+"""A model directory's manifest agrees with its config and its files.
+
+    check_manifest(model_dir, manifest)   # raises ModelDirError naming what is wrong
+
+`read_manifest` checks the format, version and that every listed file has its
+byte size; this checks what a hand-edited or damaged manifest could still get
+wrong: every file the engine reads is listed (so it is size- and hash-checked),
+the config parses, the expert index has one layer per routed layer and one
+region per expert, region sizes match the config's layout, every region and
+delta lies inside its file, and deltas join lattice neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+
+from perspective_jax.errors import UserError
+from perspective_jax.infer import model_dir as md
+from perspective_jax.moe import torus
+
+TOKENIZER_FILES = {"byte": "tokenizer.byte", "sentencepiece": "tokenizer.model"}
+
+
+def check_manifest(model_dir: str, manifest: dict) -> None:
+    path = os.path.join(model_dir, md.MANIFEST)
+
+    def bad(what: str) -> md.ModelDirError:
+        return md.ModelDirError(f"{path}: {what}; the model directory is inconsistent — "
+                                "re-run perspective-export")
+    try:
+        _check(manifest, bad)
+    except md.ModelDirError:
+        raise
+    except UserError as e:                    # the config does not parse
+        raise bad(f"its config is invalid ({e})") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise bad(f"it is malformed ({type(e).__name__}: {e})") from None
+
+
+def _check(manifest: dict, bad) -> None:
+    from perspective_jax.config import PerspectiveConfig, from_dict
+    files = manifest["files"]
+    sizes = {rel: int(info["bytes"]) for rel, info in files.items()}
+    for rel, info in files.items():
+        if not isinstance(info.get("sha256"), str):
+            raise bad(f"file {rel} has no sha256")
+
+    def listed(rel: str, what: str) -> int:
+        if rel not in sizes:
+            raise bad(f"{what} {rel} is not listed under 'files'")
+        return sizes[rel]
+
+    listed(manifest["shared"]["file"], "the shared weights file")
+    tokenizer = manifest["tokenizer"]
+    if tokenizer not in TOKENIZER_FILES:
+        raise bad(f"tokenizer {tokenizer!r} is not one of {sorted(TOKENIZER_FILES)}")
+    listed(TOKENIZER_FILES[tokenizer], "the tokenizer file")
+    cfg = from_dict(PerspectiveConfig, manifest["config"])
+    experts = manifest["experts"]
+    layers = experts["layers"]
+    if not cfg.model.routed:
+        if layers:
+            raise bad("the config is not routed but the manifest indexes expert layers")
+        return
+    expected = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    if len(layers) != len(expected):
+        raise bad(f"{len(layers)} expert layers indexed, the config has {len(expected)}")
+    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
+    if experts["region_bytes"] != layout.nbytes:
+        raise bad(f"region_bytes {experts['region_bytes']} does not match the config's "
+                  f"d_model {cfg.model.d_model}, d_ff {cfg.model.d_ff} ({layout.nbytes})")
+    n_experts = cfg.moe.num_experts
+    neighbours = {(int(a), int(b)) for a, b in torus.neighbour_pairs(tuple(cfg.moe.lattice))}
+    for j, layer in enumerate(layers):
+        where = f"expert layer {j}"
+        file_bytes = listed(layer["file"], f"{where}'s expert file")
+        regions = layer["regions"]
+        if [r["expert"] for r in regions] != list(range(n_experts)):
+            raise bad(f"{where} must index experts 0..{n_experts - 1} in order")
+        for r in regions:
+            if not isinstance(r[md.REGION_CHECKSUM], str):
+                raise bad(f"{where}, expert {r['expert']} has no {md.REGION_CHECKSUM}")
+            if not 0 <= int(r["offset"]) <= file_bytes - layout.nbytes:
+                raise bad(f"{where}, expert {r['expert']} lies outside {layer['file']}")
+        delta_bytes = listed(layer["delta_file"], f"{where}'s delta file")
+        for d in layer["deltas"]:
+            src, dst, count = int(d["src"]), int(d["dst"]), int(d["count"])
+            if (min(src, dst), max(src, dst)) not in neighbours:
+                raise bad(f"{where} has a delta {src}->{dst} between experts that are not "
+                          "lattice neighbours")
+            if count < 0 or not 0 <= int(d["offset"]) <= delta_bytes - 5 * count:
+                raise bad(f"{where}'s delta {src}->{dst} lies outside {layer['delta_file']}")
+            if not isinstance(d[md.REGION_CHECKSUM], str):
+                raise bad(f"{where}'s delta {src}->{dst} has no {md.REGION_CHECKSUM}")
+    freqs = manifest.get("routing_frequencies")
+    if freqs is not None and (len(freqs) != len(layers)
+                              or any(len(row) != n_experts for row in freqs)):
+        raise bad(f"routing_frequencies must be [{len(layers)}, {n_experts}]")
