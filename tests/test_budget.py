@@ -115,6 +115,10 @@ def test_flags_change_the_sums(capsys):
     (["--hit-rate", "1.5"], "--hit-rate must lie in [0, 1]"),
     (["--config", "no/such.yaml"], "config file not found"),
     (["--bogus"], "unrecognized arguments"),
+    (["--same", "nan"], "'nan' is not a finite number"),
+    (["--device-mb", "nan"], "'nan' is not a finite number"),
+    (["--workspace-factor", "nan"], "'nan' is not a finite number"),
+    (["--device-reserve-mb", "inf"], "'inf' is not a finite number"),
 ])
 def test_bad_input_exits_2(capsys, args, message):
     argv = ["--config", TINY, *args] if args[0] != "--config" else args

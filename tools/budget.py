@@ -40,7 +40,7 @@ import jax  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
 from perspective_jax import census  # noqa: E402
-from perspective_jax.cli.common import cli_entry  # noqa: E402
+from perspective_jax.cli.common import cli_entry, finite_float  # noqa: E402
 from perspective_jax.config import load_config  # noqa: E402
 from perspective_jax.errors import UserError  # noqa: E402
 from perspective_jax.model.transformer import (abstract_params, init_cache,  # noqa: E402
@@ -65,29 +65,30 @@ def parse_args(argv):
     f("--json", action="store_true", help="print one JSON object instead of tables")
     for name, default in (("device-mb", 4096.0), ("ram-mb", 32768.0), ("pcie-gbs", 7.0),
                           ("disk-gbs", 6.0), ("same", 0.3), ("neighbour", 0.4), ("full", 0.3)):
-        f("--" + name, type=float, default=default)
-    f("--device-target-mb", type=float, default=DESIGN_DEVICE_MB, help="SPEC design target")
-    f("--ram-target-mb", type=float, default=DESIGN_RAM_MB, help="SPEC design target; "
+        f("--" + name, type=finite_float, default=default)
+    f("--device-target-mb", type=finite_float, default=DESIGN_DEVICE_MB,
+      help="SPEC design target")
+    f("--ram-target-mb", type=finite_float, default=DESIGN_RAM_MB, help="SPEC design target; "
       "the host cache fills RAM up to min(this, --ram-mb)")
-    f("--device-reserve-mb", type=float, default=512.0,
+    f("--device-reserve-mb", type=finite_float, default=512.0,
       help="CUDA context + cuBLAS/XLA workspaces + allocator slack (typ. 300-500 MiB)")
-    f("--host-reserve-mb", type=float, default=2048.0,
+    f("--host-reserve-mb", type=finite_float, default=2048.0,
       help="Python + JAX/XLA + CUDA driver host side of the inference process")
-    f("--host-cache-mb", type=float, default=None, help="cap on the host expert cache")
+    f("--host-cache-mb", type=finite_float, default=None, help="cap on the host expert cache")
     f("--group-size", type=int, default=64, help="GPTQ rows per scale+zero group")
     f("--group-bytes", type=int, default=4, help="bytes of one group's scale + zero per "
       "output column: 4 = fp16 + fp16, 8 = float32 + float32")
     f("--state-dtype", default="float32", choices=[*ITEMSIZE, "config"])
-    f("--workspace-factor", type=float, default=2.0,
+    f("--workspace-factor", type=finite_float, default=2.0,
       help="multiplier on the live activation vectors for XLA temporaries")
     f("--wire-format", default="2bit", choices=["2bit", "base3"],
       help="expert format on disk, in the host cache and over PCIe")
     f("--region-align", type=int, default=4096, help="expert-region alignment on disk")
-    f("--delta-share", type=float, default=0.1, help="mean delta / full expert-layer")
-    f("--hit-rate", type=float, default=None, help="host-cache hit rate of loads")
-    f("--device-tflops", type=float, default=7.0,
+    f("--delta-share", type=finite_float, default=0.1, help="mean delta / full expert-layer")
+    f("--hit-rate", type=finite_float, default=None, help="host-cache hit rate of loads")
+    f("--device-tflops", type=finite_float, default=7.0,
       help="RTX 3050 Laptop 4 GB class: 2048 CUDA cores x 2 x ~1.7 GHz")
-    f("--device-gbs", type=float, default=192.0,
+    f("--device-gbs", type=finite_float, default=192.0,
       help="RTX 3050 Laptop 4 GB class: 128-bit GDDR6 at 12 Gbps")
     a = p.parse_args(argv)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731

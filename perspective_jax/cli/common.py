@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
+import os
 import sys
 
 from perspective_jax.errors import UserError
@@ -14,6 +16,37 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         "(defaults to the built-in schema defaults)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides applied after the YAML, e.g. model.d_model=256")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value) are one line, exit 2, like every
+    other user error (`cli_entry` prints them)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Fail now — before any work whose result would be lost — unless `path` can be
+    written: not a directory, in an existing, writable directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def cli_entry(fn):

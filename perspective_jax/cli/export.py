@@ -6,15 +6,14 @@
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
-from perspective_jax.cli.common import cli_entry, exit_with
+from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, finite_float
 
 
 @cli_entry
 def run(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="perspective-export", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="perspective-export", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True,
                    help="a stage run directory, or a curriculum root (its last finished "
                         "stage is exported)")
@@ -26,7 +25,7 @@ def run(argv=None) -> int:
     p.add_argument("--calibration-text", help="text file for GPTQ and routing frequencies "
                    "(default: the run's validation split)")
     p.add_argument("--calibration-tokens", type=int, default=4096)
-    p.add_argument("--delta-max-share", type=float, default=0.5,
+    p.add_argument("--delta-max-share", type=finite_float, default=0.5,
                    help="keep a neighbour delta only if it is at most this share of a "
                         "full region's bytes")
     a = p.parse_args(argv)

@@ -9,27 +9,29 @@ import argparse
 import json
 import sys
 
-from perspective_jax.cli.common import cli_entry, exit_with
+from perspective_jax.cli.common import (OneLineParser, check_output_file, cli_entry, exit_with,
+                                        finite_float)
 from perspective_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="perspective-infer", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="perspective-infer", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", default="",
                    help="prompt text ('-' reads standard input)")
     p.add_argument("--model-dir", required=True, help="directory written by perspective-export")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-p", type=finite_float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default 0; a resumed conversation keeps its own)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable)")
     m = p.add_argument_group("memory and streaming")
-    m.add_argument("--host-budget-mb", type=float, default=1024,
+    m.add_argument("--host-budget-mb", type=finite_float, default=1024,
                    help="hard limit for the host expert cache")
-    m.add_argument("--device-budget-mb", type=float, default=None,
+    m.add_argument("--device-budget-mb", type=finite_float, default=None,
                    help="hard limit for weights, expert slots and state on the device")
     m.add_argument("--device-slots", type=int, default=2,
                    help="expert-layer slots on the device (2 = double buffer)")
@@ -55,12 +57,17 @@ def _parser() -> argparse.ArgumentParser:
 @cli_entry
 def run(argv=None) -> int:
     a = _parser().parse_args(argv)
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    prompt = _prompt_text(a.prompt)
     if not prompt and not a.resume_state:
         raise UserError("the prompt is empty; pass the text to continue, e.g. "
                         "perspective-infer --model-dir M \"Once upon a time\"")
     if a.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
+    if a.seed is not None and not 0 <= a.seed < 2 ** 32:
+        raise UserError(f"--seed {a.seed}: must lie in [0, 2^32)")
+    for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json)):
+        if path:
+            check_output_file(path, flag)
     from perspective_jax.data.tokenizer import load_tokenizer
     from perspective_jax.generate import Sampling
     from perspective_jax.infer import model_dir as md
@@ -76,14 +83,19 @@ def run(argv=None) -> int:
                              prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
     tokenizer = load_tokenizer(a.model_dir)
     if a.resume_state:
-        conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=None)
+        conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed)
     else:
-        conv = Conversation(engine, tokenizer, sampling, seed=a.seed)
+        conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0)
     if not a.resume_state:
         sys.stdout.write(prompt)
     try:
         conv.generate(prompt, a.max_tokens, stop=a.stop, eos_id=getattr(tokenizer, "eos_id", None),
                       on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    except BaseException:                     # Ctrl-C, an unreadable expert: the state is
+        if a.save_state:                      # that before the feed that failed — keep it
+            conv.save(a.save_state)
+            print(f"\nconversation so far saved to {a.save_state}", file=sys.stderr)
+        raise
     finally:
         engine.close()
     sys.stdout.write("\n")
@@ -96,6 +108,26 @@ def run(argv=None) -> int:
         with open(a.stats_json, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0
+
+
+def _prompt_text(arg: str) -> str:
+    """The prompt: the argument, or standard input for '-'; it must be valid UTF-8."""
+    if arg == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:                    # a text stream without bytes (tests)
+            return sys.stdin.read()
+        raw = stream.read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompt on standard input is not valid UTF-8 (byte "
+                            f"{raw[e.start]:#04x} at offset {e.start})") from None
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"the prompt is not valid UTF-8 (at character {e.start}); pass "
+                        "UTF-8 text") from None
+    return arg
 
 
 main = exit_with(run)

@@ -79,6 +79,9 @@ def calibration_tokens(run_dir: str, n_tokens: int, text_file: Optional[str] = N
             raise UserError(f"--calibration-text {text_file}: no such file")
         with open(text_file, encoding="utf-8", errors="replace") as fh:
             ids = load_tokenizer(run_dir).encode(fh.read())
+        if len(ids) < 2:
+            raise UserError(f"--calibration-text {text_file}: too little text to calibrate "
+                            "with (at least 2 tokens); give a longer file")
     else:
         metas = sorted(glob.glob(os.path.join(run_dir, "data", "*", "meta.json")),
                        key=os.path.getmtime)
@@ -168,7 +171,8 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
         n_deltas += len(deltas)
         index.append({"layer": j, "file": md.expert_file(j), "regions": entries,
                       "delta_file": md.delta_file(j), "deltas": deltas})
-    log(f"experts: {n_layers} layers × {len(regions) if n_layers else 0} experts, {layout.nbytes / 1e6:.3f} MB "
+    n_experts = len(regions) if n_layers else 0
+    log(f"experts: {n_layers} layers × {n_experts} experts, {layout.nbytes / 1e6:.3f} MB "
         f"per region; {n_deltas} of {n_layers * len(directed)} neighbour deltas kept "
         f"({delta_bytes / 1e6:.3f} MB)")
     return index
@@ -209,6 +213,7 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     run = resolve_run(run_dir, log)
     load_tokenizer(run)                       # no tokenizer: say so before any heavy work
     publish.check_destination(out_dir, force, protected=(run_dir, run))
+    shutil.rmtree(publish.staging_dir(out_dir))   # --out's place can be written
     cfg = load_config(os.path.join(run, CONFIG_FILE))
     if cfg.model.routed and not cfg.ternary.enabled:
         raise UserError(f"{run} holds a routed model whose experts are not ternary yet; "

@@ -166,6 +166,9 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
 def read_manifest(model_dir: str) -> dict:
     """The manifest of `model_dir`, checked for format, version, consistency with its
     config (`manifest_check`) and the size of every listed file."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ModelDirError(f"model directory {model_dir} is a file, not a directory; give "
+                            "the directory perspective-export wrote")
     if not os.path.isdir(model_dir):
         raise ModelDirError(f"model directory {model_dir} does not exist; create one with "
                             "perspective-export --run-dir RUN --out MODEL_DIR")

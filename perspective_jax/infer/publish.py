@@ -72,7 +72,11 @@ def staging_dir(out: str) -> str:
             shutil.rmtree(path, ignore_errors=True)
     tmp = f"{out}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create {tmp} ({e.strerror}); choose a "
+                        "writable place") from None
     return tmp
 
 

@@ -72,9 +72,8 @@ class Conversation:
         base = jax.random.key(self.seed)
         while True:
             tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps))
-            self.steps += 1
+            self.pending, self.steps = [tok], self.steps + 1   # sampled, not yet fed
             out.append(tok)
-            self.pending = [tok]
             text = self.tokenizer.decode(np.asarray(out))
             cut = min((text.find(s) for s in stop if s and s in text), default=-1)
             done = cut >= 0 or tok == eos_id or len(out) >= max_tokens
@@ -103,12 +102,19 @@ class Conversation:
         meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
                 "model": self.engine.identity}
         tmp = f"{path}.tmp"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, engine, tokenizer, path: str, sampling: Sampling = Sampling(),
              seed: Optional[int] = None) -> "Conversation":
+        if os.path.isdir(path):
+            raise UserError(f"--resume-state {path} is a directory; give a state file")
         if not os.path.isfile(path):
             raise UserError(f"--resume-state {path}: no such file")
         try:
@@ -124,7 +130,16 @@ class Conversation:
         if meta.get("model") != engine.identity:
             raise UserError(f"{path} was saved with another model; resume it with the "
                             "model directory that wrote it")
-        conv = cls(engine, tokenizer, sampling, int(meta["seed"]) if seed is None else seed)
+        saved_seed, steps = _counter(meta, "seed", path), _counter(meta, "steps", path)
+        if any(np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()
+               for v in tensors.values()):
+            raise UserError(f"{path}: holds non-finite values; the state file is damaged")
+        pending = tensors.get("pending")
+        if pending is None or pending.ndim != 1 or pending.size > 1 or (
+                pending.size and not 0 <= int(pending[0]) < engine.model.vocab_size):
+            raise UserError(f"{path}: its pending token is missing or invalid; the state "
+                            "file is damaged")
+        conv = cls(engine, tokenizer, sampling, saved_seed if seed is None else seed)
         stacked = cache_from_tensors(tensors, engine.model, path, allowed_extra=("pending",))
         if stacked["next_pos"].shape != (1,):
             raise UserError(f"{path}: holds a batch of {stacked['next_pos'].shape[0]} "
@@ -134,9 +149,21 @@ class Conversation:
                                   for i in range(len(engine.model.layer_pattern))]
                                  for p in range(engine.model.n_periods)],
                       "next_pos": int(stacked["next_pos"][0])}
-        conv.pending = tensors["pending"].astype(int).tolist()
-        conv.steps = int(meta["steps"])
+        conv.pending = pending.astype(int).tolist()
+        conv.steps = steps
         return conv
+
+
+def _counter(meta: dict, key: str, path: str) -> int:
+    """A state file's non-negative integer metadata field `key` (< 2^32)."""
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError):
+        value = -1
+    if not 0 <= value < 2 ** 32:
+        raise UserError(f"{path}: its {key!r} field is missing or invalid; the state file "
+                        "is damaged")
+    return value
 
 
 def describe(report: dict) -> str:
