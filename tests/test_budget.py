@@ -62,10 +62,11 @@ def test_device_items_full(full):
                      + 20 * 3 * d * f)
     assert shared["2-bit GPTQ codes"] == matrix_params // 4
     assert shared["GPTQ group scale+zero"] == matrix_params // 64 * 4   # fp16 scale + zero
-    assert shared["embedding int8 + row scale"] == v * d + 4 * v
+    assert shared["embedding float32 (as exported)"] == 4 * v * d       # what export writes
+    assert shared["expert scales, all experts (float32)"] == 60 * 128 * 3 * 4   # per matrix
     dev = full["device"]
-    assert dev["expert double buffer (2 slots, 2-bit codes + scales)"] == 2 * full[
-        "expert_layer"]["bytes_2bit"]
+    codes = 2 * math.ceil(d / 4) * f + math.ceil(f / 4) * d
+    assert dev["expert double buffer (2 slots, 2-bit codes)"] == 2 * codes
     assert full["device_total"] == sum(dev.values())
     assert full["device_total"] < 4096 * 2 ** 20 and full["fits_envelope"]
     assert full["host_total"] == sum(full["host"].values()) <= 26000 * 2 ** 20
@@ -125,3 +126,17 @@ def test_bad_input_exits_2(capsys, args, message):
     assert budget.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_int8_embedding_and_per_row_scales(capsys):
+    d, f, v = 4096, 11008, 32768
+    base = run_json(capsys, FULL)
+    int8 = run_json(capsys, FULL, "--embedding", "int8")
+    assert int8["shared_weights"]["embedding int8 + row scale (SPEC §3.4; not exported yet)"] \
+        == v * d + 4 * v
+    assert base["device_total"] - int8["device_total"] == 3 * v * d - 4 * v
+    rows = run_json(capsys, FULL, "ternary.scale_granularity=row")
+    per_layer = 4 * (f + f + d)                                  # gate, up [d, f]; down [f, d]
+    assert rows["shared_weights"]["expert scales, all experts (float32)"] == 60 * 128 * per_layer
+    assert rows["expert_layer"]["bytes_2bit"] - base["expert_layer"]["bytes_2bit"] == \
+        per_layer - 12

@@ -78,6 +78,9 @@ def parse_args(argv):
     f("--group-size", type=int, default=64, help="GPTQ rows per scale+zero group")
     f("--group-bytes", type=int, default=4, help="bytes of one group's scale + zero per "
       "output column: 4 = fp16 + fp16, 8 = float32 + float32")
+    f("--embedding", default="float32", choices=list(EMBEDDING),
+      help="embedding/head format on the device: float32 is what perspective-export writes; "
+      "int8 (one float32 scale per row) is SPEC §3.4's plan")
     f("--state-dtype", default="float32", choices=[*ITEMSIZE, "config"])
     f("--workspace-factor", type=finite_float, default=2.0,
       help="multiplier on the live activation vectors for XLA temporaries")
@@ -124,21 +127,33 @@ def _matrix(shape, axes):
     return stack, k, math.prod(n for n, _ in dims) // k
 
 
-def weights(cfg, moe, a):
-    """Inference-precision bytes of the shared weights and of one expert-layer."""
-    shared = {"2-bit GPTQ codes": 0, "GPTQ group scale+zero": 0, "embedding int8 + row scale": 0,
-              "norms, biases, routers (float32)": 0}
-    expert = {"2bit": 0, "base3": 0, "codes": 0, "matrices": 0, "trits": 0}
+EMBEDDING = {"float32": "embedding float32 (as exported)",
+             "int8": "embedding int8 + row scale (SPEC §3.4; not exported yet)"}
+
+
+def weights(cfg, moe, a, granularity: str = "tensor"):
+    """Inference-precision bytes of the shared weights and of one expert-layer. Expert
+    scales are float32, one per matrix (`granularity` "tensor") or per output column
+    ("row"); the engine keeps those of every expert on the device with the shared
+    weights ("expert scales"), and an expert-layer's size includes its own."""
+    shared = {"2-bit GPTQ codes": 0, "GPTQ group scale+zero": 0, EMBEDDING[a.embedding]: 0,
+              "norms, biases, routers (float32)": 0, "expert scales, all experts (float32)": 0}
+    expert = {"2bit": 0, "base3": 0, "codes": 0, "matrices": 0, "trits": 0, "scales": 0}
     for path, shape, axes in _leaves(cfg, moe):
         if "expert" in axes and "router" not in path:          # one expert-layer's share
             stack, k, n = _matrix(shape, axes)                 # summed over all of them
-            expert["codes"] += stack * math.ceil(k / 4) * n   # scales: 4 B per matrix
-            expert["2bit"] += stack * (math.ceil(k / 4) * n + 4)
-            expert["base3"] += stack * (math.ceil(k * n / 5) + 4)
+            scales = 4 * (n if granularity == "row" else 1)    # per matrix
+            expert["codes"] += stack * math.ceil(k / 4) * n
+            expert["2bit"] += stack * (math.ceil(k / 4) * n + scales)
+            expert["base3"] += stack * (math.ceil(k * n / 5) + scales)
+            expert["scales"] += stack * scales
             expert["matrices"] += stack
             expert["trits"] += stack * k * n
+            shared["expert scales, all experts (float32)"] += stack * scales
         elif "embed" in path and "periods" not in path:
-            shared["embedding int8 + row scale"] += shape[0] * shape[1] + 4 * shape[0]
+            v, d = shape
+            shared[EMBEDDING[a.embedding]] += 4 * v * d if a.embedding == "float32" \
+                else v * d + 4 * v
         elif "router" in path or len([x for x in axes if x != "layers"]) < 2:
             shared["norms, biases, routers (float32)"] += 4 * math.prod(shape)
         else:
@@ -172,7 +187,7 @@ def budget(a) -> dict:
         cfg = dataclasses.replace(cfg, routed=True)
     info = census.summary(cfg, moe)
     n_exp_layers, n_exp = cfg.n_pdr_layers, moe.num_experts
-    shared, expert = weights(cfg, moe, a)
+    shared, expert = weights(cfg, moe, a, pc.ternary.scale_granularity)
     state = decode_state(cfg, a)
     xl = expert["2bit"] if a.wire_format == "2bit" else expert["base3"]   # wire bytes
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
@@ -184,8 +199,8 @@ def budget(a) -> dict:
     workspace = int(a.workspace_factor * (4 * (widest + 2 * v) + lut))
     shared_bytes = sum(shared.values())
     device = {
-        "shared weights (2-bit GPTQ + int8 embedding + f32)": shared_bytes,
-        "expert double buffer (2 slots, 2-bit codes + scales)": 2 * expert["2bit"],
+        f"shared weights (2-bit GPTQ + {a.embedding} embedding + f32)": shared_bytes,
+        "expert double buffer (2 slots, 2-bit codes)": 2 * expert["codes"],
         "base-3 staging slot (on-device unpack)": expert["base3"] * (a.wire_format == "base3"),
         "decode state: PDR states": state["PDR states"],
         "decode state: GQA KV rings + positions": state["GQA KV ring caches"] + state["positions"],
@@ -209,7 +224,7 @@ def budget(a) -> dict:
     hit = cached / all_xl if a.hit_rate is None else a.hit_rate
     directed = sum(len(n) for n in lattice_neighbours(moe.lattice))
     # Regions hold the codes; the per-matrix scales live with the shared weights.
-    stride = -(-(expert[a.wire_format] - 4 * expert["matrices"]) // a.region_align) \
+    stride = -(-(expert[a.wire_format] - expert["scales"]) // a.region_align) \
         * a.region_align
     disk = {
         f"expert store ({a.wire_format}, {a.region_align} B-aligned regions)": all_xl * stride,
@@ -320,7 +335,7 @@ def render(r) -> str:
            f"One expert-layer: {xl['matrices']} matrices, {xl['trits'] / 1e6:.2f}M trits = "
            f"{_num(xl['bytes_2bit'] / MB)} MB as 2-bit codes ({_mib(xl['bytes_2bit'])} MiB), "
            f"{_num(xl['bytes_base3'] / MB)} MB as base-3 ({_mib(xl['bytes_base3'])} MiB), "
-           "one float32 scale per matrix included.", ""]
+           "its float32 expert scales included.", ""]
 
     def table(title, items, total, unit_mib=True):
         fmt = _mib if unit_mib else (lambda n: _num(n / GB))
