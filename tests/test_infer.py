@@ -315,8 +315,14 @@ def test_budgets_are_enforced_with_clear_errors(exported):
         StreamingEngine(path, host_budget_mb=1, device_budget_mb=0.01)
     engine = StreamingEngine(path, host_budget_mb=1, device_budget_mb=64)
     assert engine.device_bytes_needed <= 64 * 2**20
-    region = engine.store.alloc_bytes
+    region, needed = engine.store.alloc_bytes, engine.device_bytes_needed
+    # the prefill expert call's temporaries (XLA's own count) are part of the budget
+    assert engine.workspace_bytes > 0 and needed == (engine.shared_bytes + engine.state_bytes
+                                                     + 2 * engine.region_bytes
+                                                     + engine.workspace_bytes)
     engine.close()
+    with pytest.raises(UserError, match="prefill workspace"):
+        StreamingEngine(path, host_budget_mb=1, device_budget_mb=(needed - 1) / 2**20)
     # a pinned tier also budgets the read buffers in flight (the one being read and
     # those queued to be pinned): one region alone no longer fits
     with pytest.raises(UserError, match=r"cannot hold one expert region .* plus .* read "

@@ -138,7 +138,7 @@ class StreamingEngine:
         self.layer_index = {key: j for j, key in enumerate(self.expert_layers)}
         self.state_bytes = sum(a.nbytes for a in jax.tree.leaves(init_cache(self.model, 1)))
         self.host = self.store = self.slots = self.tiers = None
-        self.region_bytes = 0
+        self.region_bytes = self.workspace_bytes = 0
         if self.routed:
             self._init_tiers(model_dir, scales, on_device, host_budget_mb, device_budget_mb,
                              device_slots, warm_start, io, host_memory_kind,
@@ -175,6 +175,8 @@ class StreamingEngine:
             raise UserError(f"--host-budget-mb {host_budget_mb:g} cannot hold one expert "
                             f"region ({entry / MB:.2f} MB){extra}; raise it")
         self.n_slots = device_slots
+        if device_budget_mb is not None:
+            self.workspace_bytes = self._prefill_workspace_bytes()
         if device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         freqs = self.manifest.get("routing_frequencies")
@@ -197,15 +199,33 @@ class StreamingEngine:
 
     @property
     def device_bytes_needed(self) -> int:
-        """Bytes the engine keeps on the device: shared weights, expert slots, state."""
+        """Bytes the engine keeps on the device: shared weights, expert slots, state, and
+        (when a device budget is checked) the prefill expert call's temporaries."""
         slots = getattr(self, "n_slots", 0) * self.region_bytes
-        return self.shared_bytes + slots + self.state_bytes
+        return self.shared_bytes + slots + self.state_bytes + self.workspace_bytes
+
+    def _prefill_workspace_bytes(self) -> int:
+        """Temporaries of one prefill expert call at the largest row group, from the
+        compiled executable's memory analysis on this backend (on a GPU the
+        dequantise-then-matmul path decodes the expert's matrices to float32)."""
+        cfg, sds = self.model, jax.ShapeDtypeStruct
+        rows = 1 << max(self.prefill_chunk - 1, 0).bit_length()
+        dt = L.dtype_of(cfg.dtype)
+        args = (sds((rows, cfg.d_model), dt), sds((rows, cfg.d_model), dt),
+                sds((rows,), jnp.int32), sds((self.region_bytes,), jnp.uint8),
+                tuple(sds(s.shape, s.dtype) for s in self.expert_scales),
+                sds((), jnp.int32), sds((), jnp.int32))
+        stats = L.expert_rows.lower(cfg, self.activation_bits, *args).compile() \
+            .memory_analysis()
+        return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
 
     def _device_budget_message(self, budget_mb) -> str:
+        work = (f" + prefill workspace {self.workspace_bytes / MB:.2f} MB"
+                if self.workspace_bytes else "")
         return (f"--device-budget-mb {budget_mb:g} is too small: shared weights "
                 f"{self.shared_bytes / MB:.2f} MB + {getattr(self, 'n_slots', 0)} expert slots × "
-                f"{self.region_bytes / MB:.2f} MB + decode state {self.state_bytes / MB:.2f} MB "
-                f"= {self.device_bytes_needed / MB:.2f} MB")
+                f"{self.region_bytes / MB:.2f} MB + decode state {self.state_bytes / MB:.2f} MB"
+                f"{work} = {self.device_bytes_needed / MB:.2f} MB")
 
     def new_state(self) -> dict:
         """Empty decode state: per (period, layer) caches and the next position."""
