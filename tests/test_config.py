@@ -67,6 +67,14 @@ def test_resolved_config_round_trips(tmp_path, repo):
     (["train.batch_size=10", "train.grad_accum=3"], "train.batch_size"),
     (["model.pdr_init_decay=1.5"], "model.pdr_init_decay"),
     (["model"], "section.key=value"),
+    (["train.learning_rate=.inf"], "train.learning_rate: expected a finite number"),
+    (["model.rope_theta=.inf"], "model.rope_theta: expected a finite number"),
+    (["moe.router_temperature=.nan"], "moe.router_temperature: expected a finite number"),
+    (["model.pdr_init_noise=-.inf"], "model.pdr_init_noise: expected a finite number"),
+    (["train.grad_clip=nan"], "train.grad_clip: expected a finite number"),
+    (["train.weight_decay=1" + "0" * 400], "train.weight_decay: number too large"),
+    (["model.d_model=99999999999999999999"], "model.d_model: 99999999999999999999 is out"),
+    (["moe.lattice=[2, 2, -99999999999999999999]"], "moe.lattice[2]: -9999"),
 ])
 def test_bad_config_gives_one_line_error_naming_the_field(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -85,6 +93,33 @@ def test_bad_yaml_files(tmp_path):
     (tmp_path / "b.yaml").write_text("base_config: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(str(tmp_path / "a.yaml"))
+
+
+def test_unreadable_config_files_name_the_file(tmp_path):
+    """Binary bytes, a non-path base_config, a directory: one line naming the path."""
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "b5.yaml").write_text("base_config: 5\n")
+    (tmp_path / "date.yaml").write_text("name: 2020-13-45\n")
+    for name, needle in (("bin.yaml", "not a UTF-8 text file"),
+                         ("b5.yaml", "base_config must be a path to a YAML file, got 5"),
+                         ("date.yaml", "invalid YAML value")):
+        with pytest.raises(ConfigError) as err:
+            load_config(str(tmp_path / name))
+        assert str(tmp_path / name) in str(err.value) and needle in str(err.value)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys, repo):
+    from perspective_jax.cli.info import run
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    tiny = str(repo / "curricula" / "tiny.yaml")
+    for argv in (["--config", tiny, "model.d_model=99999999999999999999"],
+                 ["--config", str(tmp_path / "bin.yaml")], ["--config", str(tmp_path)]):
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
 
 
 def test_dataclasses_validate_on_direct_construction():

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 
-from perspective_jax.cli.common import add_config_args, cli_entry, exit_with
+from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
+                                         exit_with)
 from perspective_jax.config import load_config
 from perspective_jax.errors import UserError
 
@@ -62,14 +62,14 @@ def forward_on_text(cfg, path: str, seq_len: int) -> dict:
 
 @cli_entry
 def run(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="perspective-info", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="perspective-info", description=__doc__.split("\n")[0])
     add_config_args(parser)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--forward-text", metavar="FILE",
                         help="also run a forward pass of the freshly initialised model on FILE")
     parser.add_argument("--seq-len", type=int, default=256,
                         help="tokens for --forward-text (default 256)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow flags
     if args.seq_len <= 0:
         raise UserError(f"--seq-len must be > 0, got {args.seq_len}")
     cfg = load_config(args.config, args.overrides)

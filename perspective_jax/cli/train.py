@@ -8,18 +8,17 @@ Re-running the same command resumes from the run's latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from perspective_jax.cli.common import add_config_args, cli_entry, exit_with
+from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
+                                         exit_with)
 from perspective_jax.config import load_config
 
 
 
 @cli_entry
 def run(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="perspective-train",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="perspective-train", description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True,
                         choices=("dense", "upcycle", "sparse", "ternary", "align", "all"),
                         help="curriculum stage to run")
@@ -32,7 +31,7 @@ def run(argv=None) -> int:
                         help="start from another run's final parameters and tokenizer")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow flags
     cfg = load_config(args.config, args.overrides)
 
     from perspective_jax.train.stages import run_stage
@@ -46,7 +45,9 @@ def run(argv=None) -> int:
         print(f"stopped by signal at step {result.step}; checkpoint saved in "
               f"{args.run_dir} — rerun the same command to resume", file=sys.stderr)
         return 130
-    print(f"stage {args.stage}: step {result.step}, train loss {result.train_loss:.4f}"
+    head = result.note or f"step {result.step}" + (
+        f", train loss {result.train_loss:.4f}" if result.train_loss is not None else "")
+    print(f"stage {args.stage}: {head}"
           + (f", val loss {result.val_loss:.4f} nats/token, "
              f"{result.val_bits_per_char:.3f} bits/char" if result.val_loss is not None else "")
           + f" ({result.wall_s:.0f}s)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from perspective_jax.config.schema import PerspectiveConfig
 from perspective_jax.errors import ConfigError
 
 BASE_KEY = "base_config"
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
@@ -50,6 +52,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ConfigError(f"{where}: {value} is out of range; use an integer that fits "
+                              "64 bits (|value| < 2**63)")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads '3e-3' (no dot) as a string
@@ -59,7 +64,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{where}: number too large; expected a finite number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -115,6 +126,9 @@ def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
     path = os.path.abspath(path)
     if path in _seen:
         raise ConfigError(f"{path}: base_config cycle through {' -> '.join(_seen)}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file "
+                          "(presets live in curricula/)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}; pass an existing YAML file "
                           "(presets live in curricula/)")
@@ -124,13 +138,21 @@ def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{at}: "
-                          f"{getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; pass a YAML config") from None
+    except (ValueError, OverflowError) as exc:  # e.g. a date like 2020-13-45
+        raise ConfigError(f"{path}: invalid YAML value: {exc}; quote it") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop(BASE_KEY, None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {BASE_KEY} must be a path to a YAML file, got {base!r}")
     base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
     return _deep_merge(read_yaml_tree(base_path, _seen + (path,)), data)
 
@@ -145,7 +167,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError):
         value = raw
     return parts, value
 

@@ -8,6 +8,8 @@ run killed mid-save resumes from the previous complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Optional
 
@@ -19,6 +21,34 @@ from perspective_jax.config import CheckpointConfig
 from perspective_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """Silence orbax's (absl) error logs — some from its worker threads — while a
+    restore that may fail runs: the caller reports the failure in one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _unreadable(directory: str, step: int, exc: BaseException, steps) -> UserError:
+    """The one-line error for a checkpoint that exists but cannot be read back."""
+    while exc.__cause__ is not None:  # the root cause names the damaged file
+        exc = exc.__cause__
+    reason = " ".join(str(exc).split())
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    older = [s for s in steps if s < step]
+    then = (f"to resume from step {max(older)}" if older else "to start afresh")
+    path = os.path.join(directory, str(step))
+    return UserError(f"the checkpoint at step {step} ({path}) is corrupt or unreadable "
+                     f"({reason or type(exc).__name__}); delete that directory {then}")
 
 
 def abstract_like(tree):
@@ -53,7 +83,12 @@ class Checkpointer:
                  "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            with _quiet_logs():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as exc:  # damaged files: orbax/tensorstore raise many kinds
+            raise _unreadable(str(self.manager.directory), step, exc,
+                              self.manager.all_steps()) from None
         return restored["state"], restored["meta"]
 
     def wait(self) -> None:
@@ -79,7 +114,13 @@ def restore_params(run_dir: str, params_like) -> Any:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params_like)}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
-    manager.close()
+    try:
+        with _quiet_logs():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+    except Exception as exc:
+        err = _unreadable(directory, step, exc, manager.all_steps())
+        raise UserError(f"--init-from {run_dir}: {err}") from None
+    finally:
+        manager.close()
     return restored["state"]["params"]

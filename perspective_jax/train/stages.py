@@ -21,13 +21,21 @@ from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, init_params
 from perspective_jax.train.checkpoint import Checkpointer, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
-from perspective_jax.train.trainer import CONFIG_FILE, TrainResult, train
+from perspective_jax.train.trainer import (CONFIG_FILE, TrainResult, ensure_run_dir,
+                                           source_config, train)
 
 STAGES = ("dense", "upcycle", "sparse", "ternary", "align", "all")
 CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
 ROUTED_STAGES = ("upcycle", "sparse", "ternary", "align")
 TERNARY_STAGES = ("ternary", "align")
 ALIGN_STEP_SHARE = 4   # the align fine-tune runs train.steps / 4 steps
+# The run each stage starts from (--init-from; a resumed run needs none but upcycle).
+NEEDS_SOURCE = {"upcycle": "DENSE_RUN_DIR", "sparse": "UPCYCLE_RUN_DIR",
+                "ternary": "SPARSE_RUN_DIR", "align": "TERNARY_RUN_DIR"}
+# What --init-from must hold for a trained stage: (routed, ternary) and its wording.
+INIT_SOURCES = {"dense": ((False, False), "a dense"),
+                "sparse": ((True, False), "an upcycle (or sparse)"),
+                "ternary": ((True, False), "a sparse (or upcycle)")}
 
 
 def stage_config(cfg: PerspectiveConfig, stage: str) -> PerspectiveConfig:
@@ -70,6 +78,31 @@ def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
     if jax.tree.structure(out) != jax.tree.structure(routed_init):
         raise UserError("upcycle: the dense checkpoint does not match this config's layers")
     return out
+
+
+def _model_kind(cfg: PerspectiveConfig) -> str:
+    if not cfg.model.routed:
+        return "a dense model (a dense-stage run)"
+    if cfg.ternary.enabled:
+        return "a ternary routed model (a ternary or align run)"
+    return "a routed model (an upcycle or sparse run)"
+
+
+def check_init_source(stage: str, init_from: str, run_dir: str) -> None:
+    """Refuse --init-from a run of the wrong stage (before any work) unless `run_dir`
+    already holds checkpoints, which resuming uses instead."""
+    if stage not in INIT_SOURCES or _has_checkpoint(run_dir):
+        return
+    src = source_config(init_from)
+    want, wording = INIT_SOURCES[stage]
+    if (src.model.routed, src.ternary.enabled) != want:
+        raise UserError(f"--stage {stage} must be initialised from {wording} run; "
+                        f"--init-from {init_from} holds {_model_kind(src)}")
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    directory = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
 def _last_routing(run_dir: str) -> Optional[dict]:
@@ -160,6 +193,15 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
               progress: bool = True, log=print) -> Optional[TrainResult]:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if stage == "all" and init_from:
+        raise UserError("--init-from cannot be used with --stage all: the curriculum "
+                        "initialises each stage from the previous one")
+    if stage in NEEDS_SOURCE and not init_from and (
+            stage == "upcycle" or not _has_checkpoint(run_dir)):
+        raise UserError(f"--stage {stage} needs --init-from {NEEDS_SOURCE[stage]}")
+    ensure_run_dir(run_dir)
+    if init_from:
+        check_init_source(stage, init_from, run_dir)
     if stage == "all":
         result, previous = None, None
         for name in CURRICULUM:
@@ -171,15 +213,11 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
             previous = stage_dir
         return result
     if stage == "upcycle":
-        if not init_from:
-            raise UserError("--stage upcycle needs --init-from DENSE_RUN_DIR")
         upcycle(cfg, init_from, run_dir)
         log(f"upcycled {init_from} into {run_dir} "
             f"({cfg.moe.num_experts} experts per PDR layer)")
         return None
     if stage == "align":
-        if not init_from and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-            raise UserError("--stage align needs --init-from TERNARY_RUN_DIR")
         start = os.path.join(run_dir, "reembedded")
         if init_from:
             rep = reembed(cfg, init_from, start)
@@ -194,9 +232,5 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
                 f"{before['switch_neighbour']:.3f} (ternary) -> "
                 f"{result.routing['switch_neighbour']:.3f} (aligned)")
         return result
-    source = {"sparse": "UPCYCLE_RUN_DIR", "ternary": "SPARSE_RUN_DIR"}
-    if stage in source and not init_from and not os.path.isdir(
-            os.path.join(run_dir, "checkpoints")):
-        raise UserError(f"--stage {stage} needs --init-from {source[stage]}")
     return train(stage_config(cfg, stage), run_dir, data=data, init_from=init_from,
                  progress=progress)

@@ -50,13 +50,14 @@ SAMPLE_NEW_TOKENS = 48
 class TrainResult:
     run_dir: str
     step: int
-    train_loss: float
+    train_loss: Optional[float]
     val_loss: Optional[float]
     val_bits_per_char: Optional[float]
     sample: str
     stopped: str  # "finished" | "signal" | "nonfinite" | "deadline"
     wall_s: float
     routing: Optional[dict] = None
+    note: str = ""  # e.g. why no step ran in this call
 
 
 class _StopFlag:
@@ -87,18 +88,60 @@ def _shape_signature(cfg: PerspectiveConfig) -> dict:
     return {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype)) for p, a in leaves}
 
 
+def _shape_changes(saved: PerspectiveConfig, cfg: PerspectiveConfig) -> Optional[str]:
+    """None if both configs give the same parameter shapes, else the model.*/moe.*
+    values that differ ('model.d_model: 32 -> 48; ...')."""
+    if _shape_signature(saved) == _shape_signature(cfg):
+        return None
+    changed = []
+    for section in ("model", "moe"):
+        old, new = getattr(saved, section), getattr(cfg, section)
+        changed += [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+                    for f in dataclasses.fields(new)
+                    if getattr(old, f.name) != getattr(new, f.name)]
+    return "; ".join(changed) or "another parameter layout"
+
+
+def ensure_run_dir(run_dir: str) -> None:
+    """Create the run directory, or say in one line why it cannot be used."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--run-dir {run_dir} is an existing file, not a directory; "
+                        "pass a directory path") from None
+    except OSError as exc:
+        raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror}); "
+                        "pass a path in a writable directory") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir {run_dir} is not writable; pass another directory")
+
+
+def source_config(init_from: str) -> PerspectiveConfig:
+    """The resolved config of the run that --init-from names."""
+    if not os.path.isdir(init_from):
+        raise UserError(f"--init-from {init_from}: no such directory; pass the run "
+                        "directory of an earlier stage")
+    path = os.path.join(init_from, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"--init-from {init_from}: no {CONFIG_FILE}; is it a "
+                        "perspective-train run directory?")
+    return load_config(path)
+
+
+def check_init_compatible(init_from: str, cfg: PerspectiveConfig) -> None:
+    """Refuse --init-from a run whose parameters have other shapes than `cfg`'s."""
+    changes = _shape_changes(source_config(init_from), cfg)
+    if changes:
+        raise UserError(f"--init-from {init_from} holds a model of another shape ({changes}); "
+                        "use the same model.* and moe.* values as that run")
+
+
 def check_resume_compatible(saved: PerspectiveConfig, cfg: PerspectiveConfig,
                             run_dir: str) -> None:
     """Refuse a resume whose config changes parameter shapes or the data stream."""
-    old, new = _shape_signature(saved), _shape_signature(cfg)
-    if old != new:
-        changed = [f"model.{f.name}: {getattr(saved.model, f.name)!r} -> "
-                   f"{getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(cfg.model)
-                   if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
-        changed += [f"moe.{f.name}: {getattr(saved.moe, f.name)!r} -> "
-                    f"{getattr(cfg.moe, f.name)!r}" for f in dataclasses.fields(cfg.moe)
-                    if getattr(saved.moe, f.name) != getattr(cfg.moe, f.name)]
-        raise UserError(f"{run_dir} holds a model of another shape ({'; '.join(changed)}); "
+    changes = _shape_changes(saved, cfg)
+    if changes:
+        raise UserError(f"{run_dir} holds a model of another shape ({changes}); "
                         "resume with the original config, or use a new --run-dir "
                         "(optionally --init-from)")
     for section, keys in (("data", ("seq_len", "tokenizer", "seed", "val_fraction")),
@@ -130,6 +173,22 @@ def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[s
     return tokenizer, train_split, val_split
 
 
+def _already_done(run_dir: str, step: int, steps: int, t_start: float) -> TrainResult:
+    """The result of a run already at (or past) train.steps: nothing is trained; the
+    figures are those its last evaluation logged at this step, if any."""
+    from perspective_jax.train.metrics import read_metrics
+    try:
+        evals = [r for r in read_metrics(run_dir, "eval") if r["step"] == step]
+    except (ValueError, KeyError, OSError):  # a damaged metrics.jsonl: no figures
+        evals = []
+    last = evals[-1] if evals else {}
+    return TrainResult(run_dir, step, None, last.get("val_loss"),
+                       last.get("val_bits_per_char"), last.get("sample", ""), "finished",
+                       time.perf_counter() - t_start, routing=last.get("routing"),
+                       note=f"already at step {step} (train.steps={steps}), nothing to "
+                            "train (raise train.steps to continue)")
+
+
 def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = None,
           init_from: Optional[str] = None, devices=None, progress: bool = True,
           max_steps_this_call: Optional[int] = None,
@@ -139,13 +198,19 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     `deadline_s` (seconds since this call started) ends training early — with a
     final evaluation and checkpoint — for wall-clock-budgeted benchmarks."""
     t_start = time.perf_counter()
-    os.makedirs(run_dir, exist_ok=True)
+    ensure_run_dir(run_dir)
     config_path = os.path.join(run_dir, CONFIG_FILE)
     saved_cfg = load_config(config_path) if os.path.exists(config_path) else None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
-    resuming = ckpt.latest_step() is not None
+    latest = ckpt.latest_step()
+    resuming = latest is not None
     if resuming and saved_cfg is not None:
         check_resume_compatible(saved_cfg, cfg, run_dir)
+    if init_from and not resuming:
+        check_init_compatible(init_from, cfg)
+    if resuming and latest >= cfg.train.steps:
+        ckpt.close()
+        return _already_done(run_dir, latest, cfg.train.steps, t_start)
     save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
     tokenizer, train_split, val_split = prepare_data(cfg, run_dir, data, init_from)
 
@@ -202,7 +267,7 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
         end = cfg.train.steps if max_steps_this_call is None else min(
             cfg.train.steps, start + max_steps_this_call)
         global_shape = (cfg.train.grad_accum, micro, cfg.data.seq_len + 1)
-        result = TrainResult(run_dir, start, float("nan"), None, None, "", "finished", 0.0)
+        result = TrainResult(run_dir, start, None, None, None, "", "finished", 0.0)
 
         def meta():
             return {"config": to_dict(cfg), **counters}
@@ -282,7 +347,7 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
                     result.stopped = "deadline"
                     break
         if result.val_loss is None and result.stopped != "nonfinite":
-            evaluate(result.step)  # e.g. the run was already complete: report it anyway
+            evaluate(result.step)  # e.g. no step reached an evaluation: report one anyway
         bar.close()
         ckpt.close()
         last_good = ckpt.latest_step()
