@@ -207,7 +207,7 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
                  calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
                  log=print) -> dict:
     """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest."""
-    _check_args(out_dir, force, shared_bits, delta_max_share, group_size)
+    _check_args(shared_bits, delta_max_share, group_size)
     if calibration_tokens_n < 2:
         raise UserError(f"--calibration-tokens {calibration_tokens_n}: must be >= 2")
     run = resolve_run(run_dir, log)
@@ -225,14 +225,13 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
                            delta_max_share, log)
 
 
-def _check_args(out_dir, force, shared_bits, delta_max_share, group_size) -> None:
+def _check_args(shared_bits, delta_max_share, group_size) -> None:
     if shared_bits not in (0, 2, 3, 4, 8):
         raise UserError(f"--shared-bits {shared_bits}: use 0 (float32) or 2, 3, 4, 8")
     if group_size < 1:
         raise UserError(f"--group-size {group_size}: must be >= 1 (input rows per GPTQ group)")
     if not 0.0 <= delta_max_share <= 1.0:
         raise UserError(f"--delta-max-share {delta_max_share}: must lie in [0, 1]")
-    publish.check_destination(out_dir, force)
 
 
 def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir: str,
@@ -240,7 +239,7 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
                     group_size: int = 64, delta_max_share: float = 0.5, log=print) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
     staging directory that is renamed into place after the manifest is written."""
-    _check_args(out_dir, force, shared_bits, delta_max_share, group_size)
+    _check_args(shared_bits, delta_max_share, group_size)
     publish.check_destination(out_dir, force, protected=(tokenizer_dir,))
     out_dir = os.path.abspath(out_dir)
     params = jax.tree.map(np.asarray, params)
