@@ -62,7 +62,7 @@ def test_device_items_full(full):
                      + 20 * 3 * d * f)
     assert shared["2-bit GPTQ codes"] == matrix_params // 4
     assert shared["GPTQ group scale+zero"] == matrix_params // 64 * 4   # fp16 scale + zero
-    assert shared["embedding float32 (as exported)"] == 4 * v * d       # what export writes
+    assert shared["embedding int8 + row scale (SPEC §3.4)"] == v * d + 4 * v   # as exported
     assert shared["expert scales, all experts (float32)"] == 60 * 128 * 3 * 4   # per matrix
     dev = full["device"]
     codes = 2 * math.ceil(d / 4) * f + math.ceil(f / 4) * d
@@ -130,11 +130,13 @@ def test_bad_input_exits_2(capsys, args, message):
 
 def test_int8_embedding_and_per_row_scales(capsys):
     d, f, v = 4096, 11008, 32768
-    base = run_json(capsys, FULL)
-    int8 = run_json(capsys, FULL, "--embedding", "int8")
-    assert int8["shared_weights"]["embedding int8 + row scale (SPEC §3.4; not exported yet)"] \
-        == v * d + 4 * v
-    assert base["device_total"] - int8["device_total"] == 3 * v * d - 4 * v
+    base = run_json(capsys, FULL)                           # int8, as --shared-bits exports
+    f32 = run_json(capsys, FULL, "--embedding", "float32")
+    assert f32["shared_weights"]["embedding float32 (export --embedding float32)"] == 4 * v * d
+    # the int8 head widens one block of rows to float32 (embedding_int8.BLOCK_ROWS)
+    assert base["device"]["int8 head: one row block widened to float32"] == 4 * 2048 * d
+    assert f32["device"]["int8 head: one row block widened to float32"] == 0
+    assert f32["device_total"] - base["device_total"] == 3 * v * d - 4 * v - 4 * 2048 * d
     rows = run_json(capsys, FULL, "ternary.scale_granularity=row")
     per_layer = 4 * (f + f + d)                                  # gate, up [d, f]; down [f, d]
     assert rows["shared_weights"]["expert scales, all experts (float32)"] == 60 * 128 * per_layer

@@ -143,6 +143,7 @@ def test_a_curriculum_root_exports_its_last_finished_stage(tmp_path):
     (["--calibration-tokens", "-5"], "--calibration-tokens -5: must be >= 2"),
     (["--shared-bits", "5"], "--shared-bits 5: use 0"),
     (["--delta-max-share", "1.5"], "--delta-max-share 1.5: must lie in"),
+    (["--embedding", "int4"], "--embedding: invalid choice: 'int4'"),
 ])
 def test_bad_export_arguments_are_one_line_errors(tmp_path, capsys, flags, message):
     from perspective_jax.cli import export

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from perspective_jax.errors import UserError
-from perspective_jax.generate import Sampling
-from perspective_jax.infer import gptq
+from perspective_jax.infer import embedding_int8, gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer.engine import StreamingEngine
-from perspective_jax.infer.export import with_ternary_experts
+from perspective_jax.infer.export import with_embedding, with_ternary_experts
 from perspective_jax.infer.host_cache import HostCache
 from perspective_jax.model.transformer import init_params
 from streaming_helpers import (assert_engine_matches, export_model, reference_logits,
@@ -316,12 +315,12 @@ def test_budgets_are_enforced_with_clear_errors(exported):
     engine = StreamingEngine(path, host_budget_mb=1, device_budget_mb=64)
     assert engine.device_bytes_needed <= 64 * 2**20
     region, needed = engine.store.alloc_bytes, engine.device_bytes_needed
-    # the prefill expert call's temporaries (XLA's own count) are part of the budget
+    # the largest call's temporaries (XLA's own count) are part of the budget
     assert engine.workspace_bytes > 0 and needed == (engine.shared_bytes + engine.state_bytes
                                                      + 2 * engine.region_bytes
                                                      + engine.workspace_bytes)
     engine.close()
-    with pytest.raises(UserError, match="prefill workspace"):
+    with pytest.raises(UserError, match="workspace"):
         StreamingEngine(path, host_budget_mb=1, device_budget_mb=(needed - 1) / 2**20)
     # a pinned tier also budgets the read buffers in flight (the one being read and
     # those queued to be pinned): one region alone no longer fits
@@ -390,9 +389,14 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     assert manifest["shared"]["bits"] == 4 and manifest["shared"]["quantized"]
     assert all(q["rel_error"] <= q["rel_error_rtn"] + 1e-6
                for q in manifest["shared"]["quantized"])
-    kernels = dequantize_shared(load_file(os.path.join(path, md.SHARED_FILE)))
+    stored = load_file(os.path.join(path, md.SHARED_FILE))
+    kernels = dequantize_shared(stored)
     assert len(kernels) == len(manifest["shared"]["quantized"])
-    dequantised = replace_shared(params, kernels)
+    # a quantised export writes the embedding int8 with row scales (SPEC §3.4)
+    assert manifest["shared"]["embedding"] == "int8"
+    table = embedding_int8.dequantize(stored["embed/embedding"],
+                                      stored["embed/embedding.scale"])
+    dequantised = with_embedding(replace_shared(params, kernels), table)
     prompt, steps = np.arange(5, 25), np.arange(30, 38)
     ref = reference_logits(cfg, dequantised, prompt, steps)
     engine = StreamingEngine(path, host_budget_mb=1)
@@ -404,7 +408,6 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     assert len(held) == len(kernels)
     f32_bytes = sum(4 * int(np.prod(k.shape)) for k in held)
     assert sum(k.nbytes for k in held) < f32_bytes / 3
-    stored = load_file(os.path.join(path, md.SHARED_FILE))
     meta = (".shape", ".bits", ".group_size", ".orig_shape")
     assert engine.shared_bytes == sum(v.nbytes for k, v in stored.items()
                                       if not k.endswith(meta))

@@ -43,6 +43,7 @@ from perspective_jax import census  # noqa: E402
 from perspective_jax.cli.common import cli_entry, finite_float  # noqa: E402
 from perspective_jax.config import load_config  # noqa: E402
 from perspective_jax.errors import UserError  # noqa: E402
+from perspective_jax.infer import embedding_int8  # noqa: E402
 from perspective_jax.model.transformer import (abstract_params, init_cache,  # noqa: E402
                                                logical_axes)
 from perspective_jax.moe.torus import lattice_neighbours, neighbour_pairs  # noqa: E402
@@ -78,9 +79,10 @@ def parse_args(argv):
     f("--group-size", type=int, default=64, help="GPTQ rows per scale+zero group")
     f("--group-bytes", type=int, default=4, help="bytes of one group's scale + zero per "
       "output column: 4 = fp16 + fp16, 8 = float32 + float32")
-    f("--embedding", default="float32", choices=list(EMBEDDING),
-      help="embedding/head format on the device: float32 is what perspective-export writes; "
-      "int8 (one float32 scale per row) is SPEC §3.4's plan")
+    f("--embedding", default="int8", choices=list(EMBEDDING),
+      help="embedding/head format on the device: int8 with one float32 scale per row is "
+      "what perspective-export --shared-bits writes (SPEC §3.4); float32 is "
+      "--embedding float32")
     f("--state-dtype", default="float32", choices=[*ITEMSIZE, "config"])
     f("--workspace-factor", type=finite_float, default=2.0,
       help="multiplier on the live activation vectors for XLA temporaries")
@@ -127,8 +129,8 @@ def _matrix(shape, axes):
     return stack, k, math.prod(n for n, _ in dims) // k
 
 
-EMBEDDING = {"float32": "embedding float32 (as exported)",
-             "int8": "embedding int8 + row scale (SPEC §3.4; not exported yet)"}
+EMBEDDING = {"float32": "embedding float32 (export --embedding float32)",
+             "int8": "embedding int8 + row scale (SPEC §3.4)"}
 
 
 def weights(cfg, moe, a, granularity: str = "tensor"):
@@ -205,6 +207,8 @@ def budget(a) -> dict:
         "decode state: PDR states": state["PDR states"],
         "decode state: GQA KV rings + positions": state["GQA KV ring caches"] + state["positions"],
         "activation workspace": workspace,
+        "int8 head: one row block widened to float32":
+            4 * min(v, embedding_int8.BLOCK_ROWS) * d * (a.embedding == "int8"),
         "runtime reserve (--device-reserve-mb)": int(a.device_reserve_mb * MIB),
     }
     device_total = sum(device.values())

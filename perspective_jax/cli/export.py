@@ -2,6 +2,7 @@
 
     perspective-export --run-dir runs/quickstart --out models/tiny [--force]
                        [--shared-bits 2 --group-size 64] [--calibration-text FILE]
+                       [--embedding int8|float32]
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def run(argv=None) -> int:
     p.add_argument("--shared-bits", type=int, default=0,
                    help="quantise shared kernels to this many bits with GPTQ (0 = float32)")
     p.add_argument("--group-size", type=int, default=64, help="GPTQ group size (input rows)")
+    p.add_argument("--embedding", choices=["float32", "int8"], default=None,
+                   help="tied embedding/head format: int8 with one scale per row (SPEC "
+                        "§3.4; the default with --shared-bits) or float32 (the default "
+                        "otherwise; exact)")
     p.add_argument("--calibration-text", help="text file for GPTQ and routing frequencies "
                    "(default: the run's validation split)")
     p.add_argument("--calibration-tokens", type=int, default=4096)
@@ -35,7 +40,7 @@ def run(argv=None) -> int:
         export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,
                      group_size=a.group_size, calibration_text=a.calibration_text,
                      calibration_tokens_n=a.calibration_tokens,
-                     delta_max_share=a.delta_max_share)
+                     delta_max_share=a.delta_max_share, embedding=a.embedding)
     return 0
 
 

@@ -40,7 +40,7 @@ from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
 from perspective_jax.infer.expert_store import ExpertStore
 from perspective_jax.infer.expert_tiers import ExpertTiers
 from perspective_jax.infer.host_cache import HostCache
-from perspective_jax.infer.shared_weights import insert_kernels, load_shared
+from perspective_jax.infer.shared_weights import embedding_table, insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import init_cache
 
@@ -68,6 +68,12 @@ class Stats:
     stall_s: float = 0.0
     cancelled: int = 0          # wrong prefetches stopped part-way through their read
     failed_guesses: int = 0     # wrong prefetches whose read failed (not needed: no error)
+
+
+def _temp_bytes(lowered) -> int:
+    """Bytes of temporaries XLA's memory analysis reports for a lowered call."""
+    stats = lowered.compile().memory_analysis()
+    return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
 
 
 class StreamingEngine:
@@ -123,10 +129,12 @@ class StreamingEngine:
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
                   if md.scale_key(name) in flat}
         on_device = memory_sharding(self.device, "device")
+        table = embedding_table(flat, self.manifest, model_dir)   # float [V, d] or Int8Table
         tree = unflatten_paths(flat)          # numpy: periods are sliced before the upload,
         self.shared_bytes = (sum(a.nbytes for a in flat.values())      # so the device never
-                             + sum(k.nbytes for k in quantized.values()))   # holds them twice
-        self.embed_table = jax.device_put(tree["embed"]["embedding"], on_device)
+                             + sum(k.nbytes for k in quantized.values())    # holds them twice
+                             + sum(a.nbytes for a in jax.tree.leaves(table)))
+        self.embed_table = jax.device_put(table, on_device)
         self.final_norm = jax.device_put(tree["final_norm"], on_device)
         self.layer_params = [[jax.device_put(jax.tree.map(lambda a, p=p: a[p],
                                                           tree["periods"][f"layer_{i}"]),
@@ -143,8 +151,10 @@ class StreamingEngine:
             self._init_tiers(model_dir, scales, on_device, host_budget_mb, device_budget_mb,
                              device_slots, warm_start, io, host_memory_kind,
                              cancel_wrong_reads, transfer_thread)
-        elif device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
-            raise UserError(self._device_budget_message(device_budget_mb))
+        elif device_budget_mb is not None:
+            self.workspace_bytes = self._workspace_bytes()
+            if self.device_bytes_needed > device_budget_mb * MB:
+                raise UserError(self._device_budget_message(device_budget_mb))
         n = len(self.expert_layers)
         self._last_expert: list[Optional[int]] = [None] * n
         self._guesses: list[dict] = [{} for _ in range(n)]
@@ -176,7 +186,7 @@ class StreamingEngine:
                             f"region ({entry / MB:.2f} MB){extra}; raise it")
         self.n_slots = device_slots
         if device_budget_mb is not None:
-            self.workspace_bytes = self._prefill_workspace_bytes()
+            self.workspace_bytes = self._workspace_bytes()
         if device_budget_mb is not None and self.device_bytes_needed > device_budget_mb * MB:
             raise UserError(self._device_budget_message(device_budget_mb))
         freqs = self.manifest.get("routing_frequencies")
@@ -200,14 +210,24 @@ class StreamingEngine:
     @property
     def device_bytes_needed(self) -> int:
         """Bytes the engine keeps on the device: shared weights, expert slots, state, and
-        (when a device budget is checked) the prefill expert call's temporaries."""
+        (when a device budget is checked) the largest call's temporaries."""
         slots = getattr(self, "n_slots", 0) * self.region_bytes
         return self.shared_bytes + slots + self.state_bytes + self.workspace_bytes
 
+    def _workspace_bytes(self) -> int:
+        """Temporaries of the largest call the engine makes, from the compiled
+        executables' memory analysis on this backend: the head (an int8 table widens
+        one row block to float32) and, for a routed model, one prefill expert call at
+        the largest row group (on a GPU the dequantise-then-matmul path decodes the
+        expert's matrices to float32). The calls run one after another."""
+        cfg, sds = self.model, jax.ShapeDtypeStruct
+        like = lambda tree: jax.tree.map(lambda a: sds(a.shape, a.dtype), tree)  # noqa: E731
+        head = L.head.lower(cfg, like(self.final_norm), like(self.embed_table),
+                            sds((1, cfg.d_model), L.dtype_of(cfg.dtype)))
+        return max(_temp_bytes(head), self._prefill_workspace_bytes() if self.routed else 0)
+
     def _prefill_workspace_bytes(self) -> int:
-        """Temporaries of one prefill expert call at the largest row group, from the
-        compiled executable's memory analysis on this backend (on a GPU the
-        dequantise-then-matmul path decodes the expert's matrices to float32)."""
+        """Temporaries of one prefill expert call at the largest row group."""
         cfg, sds = self.model, jax.ShapeDtypeStruct
         rows = 1 << max(self.prefill_chunk - 1, 0).bit_length()
         dt = L.dtype_of(cfg.dtype)
@@ -215,12 +235,10 @@ class StreamingEngine:
                 sds((rows,), jnp.int32), sds((self.region_bytes,), jnp.uint8),
                 tuple(sds(s.shape, s.dtype) for s in self.expert_scales),
                 sds((), jnp.int32), sds((), jnp.int32))
-        stats = L.expert_rows.lower(cfg, self.activation_bits, *args).compile() \
-            .memory_analysis()
-        return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
+        return _temp_bytes(L.expert_rows.lower(cfg, self.activation_bits, *args))
 
     def _device_budget_message(self, budget_mb) -> str:
-        work = (f" + prefill workspace {self.workspace_bytes / MB:.2f} MB"
+        work = (f" + workspace {self.workspace_bytes / MB:.2f} MB"
                 if self.workspace_bytes else "")
         return (f"--device-budget-mb {budget_mb:g} is too small: shared weights "
                 f"{self.shared_bytes / MB:.2f} MB + {getattr(self, 'n_slots', 0)} expert slots × "

@@ -7,7 +7,9 @@ only when every file and finally the manifest are on disk, so an interrupted
 export never looks complete; `--force` replaces only an earlier export, never a
 run directory or other files (`infer.publish`). Experts are the exact ternary values
 the trained model computes with: trits = clip(round(W / (mean|W| + ε)), −1, 1),
-scale = mean|W| per matrix (`ternary.quant.ternarize`).
+scale = mean|W| per matrix (`ternary.quant.ternarize`). With `--shared-bits` the
+shared kernels are GPTQ-quantised and the tied embedding is written int8 with a row
+scale (`infer.embedding_int8`; `--embedding float32` keeps it exact).
 """
 
 from __future__ import annotations
@@ -27,22 +29,15 @@ from perspective_jax.config import PerspectiveConfig, load_config, to_dict
 from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.infer import model_dir as md
-from perspective_jax.infer import publish
+from perspective_jax.infer import embedding_int8, publish
+from perspective_jax.infer.shared_weights import EMBED_KEY
 from perspective_jax.model.cache_io import flatten_cache
 from perspective_jax.model.transformer import PerspectiveLM, abstract_params
 from perspective_jax.moe import torus
 from perspective_jax.ternary.quant import ternary_codes
-from perspective_jax.train.checkpoint import restore_params
+from perspective_jax.train.checkpoint import latest_complete_step, restore_params
 from perspective_jax.train.stages import CURRICULUM
 from perspective_jax.train.trainer import CONFIG_FILE
-
-
-def latest_checkpoint_step(run: str) -> Optional[int]:
-    """Step of the newest complete checkpoint of a stage run (orbax names a finished
-    one by its step alone; one still being written carries a suffix)."""
-    steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(run, "checkpoints", "*"))
-             if os.path.basename(p).isdigit()]
-    return max(steps, default=None)
 
 
 def resolve_run(run_dir: str, log=print) -> str:
@@ -51,7 +46,7 @@ def resolve_run(run_dir: str, log=print) -> str:
     if os.path.exists(os.path.join(run_dir, CONFIG_FILE)) and os.path.isdir(
             os.path.join(run_dir, "checkpoints")):
         steps, done = load_config(os.path.join(run_dir, CONFIG_FILE)).train.steps, \
-            latest_checkpoint_step(run_dir)
+            latest_complete_step(run_dir)
         if done is not None and done < steps:
             log(f"note: {run_dir} is unfinished (checkpoint at step {done} of {steps}); "
                 "exporting it as it is")
@@ -60,7 +55,7 @@ def resolve_run(run_dir: str, log=print) -> str:
         sub = os.path.join(run_dir, stage)
         if not os.path.exists(os.path.join(sub, CONFIG_FILE)):
             continue
-        done = latest_checkpoint_step(sub)
+        done = latest_complete_step(sub)
         if done is None:
             continue
         steps = load_config(os.path.join(sub, CONFIG_FILE)).train.steps
@@ -205,9 +200,11 @@ def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: fl
 def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: int = 0,
                  group_size: int = 64, calibration_text: Optional[str] = None,
                  calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
-                 log=print) -> dict:
-    """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest."""
-    _check_args(shared_bits, delta_max_share, group_size)
+                 embedding: Optional[str] = None, log=print) -> dict:
+    """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest.
+    `embedding` None means int8 when `shared_bits` is set (SPEC §3.4), else float32."""
+    embedding = default_embedding(embedding, shared_bits)
+    _check_args(shared_bits, delta_max_share, group_size, embedding)
     if calibration_tokens_n < 2:
         raise UserError(f"--calibration-tokens {calibration_tokens_n}: must be >= 2")
     run = resolve_run(run_dir, log)
@@ -222,10 +219,17 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     params = restore_params(run, abstract_params(cfg.model, cfg.moe))
     calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
     return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
-                           delta_max_share, log)
+                           delta_max_share, embedding, log)
 
 
-def _check_args(shared_bits, delta_max_share, group_size) -> None:
+def default_embedding(embedding: Optional[str], shared_bits: int) -> str:
+    """The embedding format to write: as given, else int8 for a quantised export."""
+    return embedding or ("int8" if shared_bits else "float32")
+
+
+def _check_args(shared_bits, delta_max_share, group_size, embedding="float32") -> None:
+    if embedding not in embedding_int8.FORMATS:
+        raise UserError(f"--embedding {embedding}: use one of {', '.join(embedding_int8.FORMATS)}")
     if shared_bits not in (0, 2, 3, 4, 8):
         raise UserError(f"--shared-bits {shared_bits}: use 0 (float32) or 2, 3, 4, 8")
     if group_size < 1:
@@ -236,17 +240,19 @@ def _check_args(shared_bits, delta_max_share, group_size) -> None:
 
 def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir: str,
                     calib=None, force: bool = False, shared_bits: int = 0,
-                    group_size: int = 64, delta_max_share: float = 0.5, log=print) -> dict:
+                    group_size: int = 64, delta_max_share: float = 0.5,
+                    embedding: Optional[str] = None, log=print) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
     staging directory that is renamed into place after the manifest is written."""
-    _check_args(shared_bits, delta_max_share, group_size)
+    embedding = default_embedding(embedding, shared_bits)
+    _check_args(shared_bits, delta_max_share, group_size, embedding)
     publish.check_destination(out_dir, force, protected=(tokenizer_dir,))
     out_dir = os.path.abspath(out_dir)
     params = jax.tree.map(np.asarray, params)
     tmp = publish.staging_dir(out_dir)
     try:
         manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
-                                group_size, delta_max_share, log)
+                                group_size, delta_max_share, embedding, log)
         publish.publish(tmp, out_dir, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,7 +260,8 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
     return manifest
 
 
-def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_max_share, log):
+def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_max_share,
+                 embedding, log):
     routed = cfg.model.routed
     shared = jax.tree.map(lambda a: a, params)
     experts_index, scales = [], None
@@ -267,6 +274,10 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
                 for name in md.EXPERT_MATRICES:
                     del shared["periods"][f"layer_{i}"]["ffn"][name]
     tensors = flatten_params(shared)
+    if embedding == "int8":       # calibration and routing then see the int8 embedding
+        codes, scale = embedding_int8.quantize(tensors[EMBED_KEY])
+        tensors[EMBED_KEY], tensors[EMBED_KEY + embedding_int8.SCALE_SUFFIX] = codes, scale
+        used = with_embedding(used, embedding_int8.dequantize(codes, scale))
     quantized = []
     if shared_bits:
         if calib is None:
@@ -288,7 +299,7 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     _copy_tokenizer(run, out)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
     shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
-                   "quantized": quantized,
+                   "quantized": quantized, "embedding": embedding,
                    "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                                for k, v in tensors.items()}}
     return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
@@ -303,6 +314,14 @@ def _copy_tokenizer(run: str, out: str) -> None:
         if os.path.exists(os.path.join(run, name)):
             shutil.copy(os.path.join(run, name), out)
             return
+
+
+def with_embedding(params, table):
+    """A shallow copy of `params` whose tied embedding is `table`."""
+    out = dict(params)
+    out["embed"] = {**params["embed"], "embedding": table.astype(
+        np.asarray(params["embed"]["embedding"]).dtype)}
+    return out
 
 
 def with_ternary_experts(params, cfg: PerspectiveConfig):

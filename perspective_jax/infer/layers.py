@@ -9,7 +9,8 @@ own (one compilation per layer kind and token-group size):
     experts:  y[rows] = SwiGLU_e(hn[rows]) with packed 2-bit ternary weights,
               (x·T)·scale via `kernels_pallas.ternary_matmul`
     dense:    h + SwiGLU(RMSNorm(h))
-    head:     logits = RMSNorm(x) · Eᵀ                    (tied embedding)
+    head:     logits = RMSNorm(x) · Eᵀ                    (tied embedding; int8 E
+                                                           in row blocks, embedding_int8)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.ternary_matmul import ternary_matmul
 from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.infer import embedding_int8 as int8_embedding
 from perspective_jax.infer.model_dir import RegionLayout
 from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from perspective_jax.model.transformer import MIXERS
@@ -31,8 +33,11 @@ from perspective_jax.ternary.quant import quantize_activations_int8
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def embed(cfg: ModelConfig, table, tokens):
-    """tokens [B, T] → x [B, T, d]."""
-    return table[tokens].astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
+    """tokens [B, T] → x [B, T, d]; `table` is [V, d] float or an `Int8Table`."""
+    dt = dtype_of(cfg.dtype)
+    rows = (int8_embedding.embed_rows(table, tokens, dt)
+            if isinstance(table, int8_embedding.Int8Table) else table[tokens].astype(dt))
+    return rows * math.sqrt(cfg.d_model)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -118,6 +123,8 @@ def dense_ffn(cfg: ModelConfig, lp, h):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def head(cfg: ModelConfig, final_norm, table, x):
-    """x [B, d] → logits [B, V] (float32)."""
-    xn = RMSNorm(cfg).apply({"params": final_norm}, x)
-    return jnp.dot(xn.astype(jnp.float32), table.astype(jnp.float32).T)
+    """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`."""
+    xn = RMSNorm(cfg).apply({"params": final_norm}, x).astype(jnp.float32)
+    if isinstance(table, int8_embedding.Int8Table):
+        return int8_embedding.head_logits(table, xn, cfg.vocab_size)
+    return jnp.dot(xn, table.astype(jnp.float32).T)

@@ -5,7 +5,7 @@
 `read_manifest` checks the format, version and that every listed file has its
 byte size; this checks what a hand-edited or damaged manifest could still get
 wrong: every file the engine reads is listed (so it is size- and hash-checked),
-the config parses, the expert index has one layer per routed layer and one
+the config parses, the embedding format and its tensors, the expert index has one layer per routed layer and one
 region per expert, region sizes match the config's layout, every region and
 delta lies inside its file, and deltas join lattice neighbours.
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 
 from perspective_jax.errors import UserError
+from perspective_jax.infer import embedding_int8
 from perspective_jax.infer import model_dir as md
+from perspective_jax.infer.shared_weights import EMBED_KEY
 from perspective_jax.moe import torus
 
 TOKENIZER_FILES = {"byte": "tokenizer.byte", "sentencepiece": "tokenizer.model"}
@@ -37,6 +39,26 @@ def check_manifest(model_dir: str, manifest: dict) -> None:
         raise bad(f"it is malformed ({type(e).__name__}: {e})") from None
 
 
+def _check_embedding(shared: dict, model, bad) -> None:
+    """shared/embedding names a known format whose tensors the index lists as expected."""
+    fmt = shared.get("embedding", "float32")
+    if fmt not in embedding_int8.FORMATS:
+        raise bad(f"shared embedding format {fmt!r} is not one of {list(embedding_int8.FORMATS)}")
+    tensors = shared.get("tensors", {})
+    want = {EMBED_KEY: ([model.vocab_size, model.d_model], "int8" if fmt == "int8" else None)}
+    if fmt == "int8":
+        want[EMBED_KEY + embedding_int8.SCALE_SUFFIX] = ([model.vocab_size], "float32")
+    for key, (shape, dtype) in want.items():
+        info = tensors.get(key)
+        if info is None:
+            raise bad(f"the shared tensor index has no {key} (embedding {fmt})")
+        right_type = (info["dtype"] == dtype if dtype
+                      else str(info["dtype"]).startswith(("float", "bfloat")))
+        if list(info["shape"]) != shape or not right_type:
+            raise bad(f"shared tensor {key} is {info['dtype']} {list(info['shape'])}, "
+                      f"expected {dtype or 'float'} {shape} for embedding {fmt}")
+
+
 def _check(manifest: dict, bad) -> None:
     from perspective_jax.config import PerspectiveConfig, from_dict
     files = manifest["files"]
@@ -56,6 +78,7 @@ def _check(manifest: dict, bad) -> None:
         raise bad(f"tokenizer {tokenizer!r} is not one of {sorted(TOKENIZER_FILES)}")
     listed(TOKENIZER_FILES[tokenizer], "the tokenizer file")
     cfg = from_dict(PerspectiveConfig, manifest["config"])
+    _check_embedding(manifest["shared"], cfg.model, bad)
     experts = manifest["experts"]
     layers = experts["layers"]
     if not cfg.model.routed:

@@ -37,8 +37,10 @@ import xxhash
 from perspective_jax.errors import UserError
 
 FORMAT_NAME = "perspective-model"
-FORMAT_VERSION = 3   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
-                     # 3: region and delta checksums are XXH3-128 ("xxh3_128")
+FORMAT_VERSION = 4   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
+                     # 3: region and delta checksums are XXH3-128 ("xxh3_128");
+                     # 4: shared/embedding says "float32" or "int8" (+ row scales)
+READABLE_VERSIONS = (3, 4)   # 3 is read as 4 with a float32 embedding
 REGION_CHECKSUM = "xxh3_128"   # manifest key of a region's / delta's checksum
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
@@ -186,9 +188,10 @@ def read_manifest(model_dir: str) -> dict:
     if manifest.get("format") != FORMAT_NAME:
         raise ModelDirError(f"{path}: format {manifest.get('format')!r} is not "
                             f"{FORMAT_NAME!r}; is this a Perspective model directory?")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is "
-                            f"not supported (this build reads version {FORMAT_VERSION}); "
+                            f"not supported (this build reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}); "
                             "re-export the model with this version of perspective-export")
     from perspective_jax.infer.manifest_check import check_manifest
     check_manifest(model_dir, manifest)       # agrees with its config, lists every file

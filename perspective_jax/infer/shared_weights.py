@@ -4,6 +4,7 @@
         flat:      {'/'-joined path: float numpy array}
         quantized: {kernel path: QuantizedKernel} (empty unless exported with --shared-bits)
     insert_kernels(layer_params, quantized, sharding)   # packed kernels into the layer trees
+    table = embedding_table(flat, manifest, model_dir)  # [V, d] float, or an Int8Table
 
 `shared.safetensors` is checked against its manifest sha256 before it is loaded.
 """
@@ -16,7 +17,7 @@ import jax
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from perspective_jax.infer import gptq
+from perspective_jax.infer import embedding_int8, gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.model.quantized_kernel import from_quantized_matrix
 
@@ -61,3 +62,32 @@ def insert_kernels(layer_params: list, quantized: dict, sharding) -> None:
         for name in inner:
             node = node.setdefault(name, {})
         node[leaf] = jax.device_put(kernel, sharding)
+
+
+EMBED_KEY = "embed/embedding"
+
+
+def embedding_format(manifest: dict) -> str:
+    """'float32' or 'int8': how the tied embedding is stored (format 3 wrote float32)."""
+    return manifest["shared"].get("embedding", "float32")
+
+
+def embedding_table(flat: dict, manifest: dict, model_dir: str):
+    """Take the tied embedding out of `flat`: the [V, d] float array, or for an int8
+    export an `embedding_int8.Int8Table` (numpy) in head row blocks."""
+    file = os.path.join(model_dir, md.SHARED_FILE)
+    fmt = embedding_format(manifest)
+    try:
+        table = flat.pop(EMBED_KEY)
+    except KeyError:
+        raise md.ModelDirError(f"{file}: no tensor {EMBED_KEY}; re-run perspective-export") \
+            from None
+    if fmt == "float32":
+        return table
+    model = manifest["config"]["model"]
+    scale = flat.pop(EMBED_KEY + embedding_int8.SCALE_SUFFIX, None)
+    problem = ("no embedding scales" if scale is None else
+               embedding_int8.check(table, scale, model["vocab_size"], model["d_model"]))
+    if problem:
+        raise md.ModelDirError(f"{file}: {problem}; re-run perspective-export")
+    return embedding_int8.blocked(table, scale, embedding_int8.BLOCK_ROWS)

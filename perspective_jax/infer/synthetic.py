@@ -32,10 +32,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from perspective_jax.config import PerspectiveConfig, to_dict
-from perspective_jax.infer import gptq
+from perspective_jax.infer import embedding_int8, gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer import publish
 from perspective_jax.infer.export import flatten_params, write_expert_files
+from perspective_jax.infer.shared_weights import EMBED_KEY
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import abstract_params
 from perspective_jax.moe import torus
@@ -73,14 +74,17 @@ def _shared_params(cfg: PerspectiveConfig, rng: np.random.Generator) -> dict:
 def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
                               neighbour_flip_share=None, coherent_routers: bool = True,
                               expert_gain: float = 0.05, force: bool = False,
-                              shared_bits: int = 0, group_size: int = 64, log=print) -> dict:
+                              shared_bits: int = 0, group_size: int = 64,
+                              embedding: str = "float32", log=print) -> dict:
+    if embedding not in embedding_int8.FORMATS:
+        raise ValueError(f"embedding must be one of {embedding_int8.FORMATS}, got {embedding!r}")
     if not (cfg.model.routed and cfg.ternary.enabled):
         raise ValueError("a synthetic streaming model needs model.routed and ternary.enabled")
     publish.check_destination(out, force)
     tmp = publish.staging_dir(out)
     try:
         manifest = _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers,
-                               expert_gain, shared_bits, group_size, log)
+                               expert_gain, shared_bits, group_size, embedding, log)
         publish.publish(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,7 +92,7 @@ def write_synthetic_model_dir(out: str, cfg: PerspectiveConfig, seed: int = 0,
 
 
 def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_gain,
-                shared_bits, group_size, log) -> dict:
+                shared_bits, group_size, embedding, log) -> dict:
     rng = np.random.default_rng(seed)
     layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
     layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
@@ -117,6 +121,9 @@ def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_g
                 router["w_route"] = rng.normal(0, 1 / np.sqrt(cfg.model.d_model),
                                                router["w_route"].shape).astype(np.float32)
     tensors = flatten_params(params)
+    if embedding == "int8":
+        codes, scale = embedding_int8.quantize(tensors[EMBED_KEY])
+        tensors[EMBED_KEY], tensors[EMBED_KEY + embedding_int8.SCALE_SUFFIX] = codes, scale
     quantized = []
     if shared_bits:
         tensors, quantized = rtn_quantized_tensors(cfg, tensors, shared_bits, group_size)
@@ -129,6 +136,7 @@ def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_g
         fh.write("utf-8 bytes\n")
     shared = {"file": md.SHARED_FILE, "bits": shared_bits,
               "group_size": group_size if shared_bits else 0, "quantized": quantized,
+              "embedding": embedding,
               "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                           for k, v in tensors.items()}}
     return md.write_manifest(tmp, to_dict(cfg), f"synthetic(seed={seed})", shared, index,

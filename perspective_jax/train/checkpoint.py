@@ -51,6 +51,16 @@ def _unreadable(directory: str, step: int, exc: BaseException, steps) -> UserErr
                      f"({reason or type(exc).__name__}); delete that directory {then}")
 
 
+def latest_complete_step(run_dir: str) -> Optional[int]:
+    """Step of the newest complete checkpoint under `run_dir/checkpoints`, or None. Orbax
+    names a finished checkpoint by its step alone; one still being written carries a
+    suffix, so a run killed mid-save is not counted. Reads only the directory listing."""
+    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return None
+    return max((int(n) for n in os.listdir(directory) if n.isdigit()), default=None)
+
+
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) of a live pytree, for restoring into."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),

@@ -19,7 +19,7 @@ from perspective_jax.config import PerspectiveConfig, load_config, save_config
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, init_params
-from perspective_jax.train.checkpoint import Checkpointer, restore_params
+from perspective_jax.train.checkpoint import Checkpointer, latest_complete_step, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.train.trainer import (CONFIG_FILE, TrainResult, ensure_run_dir,
                                            source_config, train)
@@ -91,18 +91,13 @@ def _model_kind(cfg: PerspectiveConfig) -> str:
 def check_init_source(stage: str, init_from: str, run_dir: str) -> None:
     """Refuse --init-from a run of the wrong stage (before any work) unless `run_dir`
     already holds checkpoints, which resuming uses instead."""
-    if stage not in INIT_SOURCES or _has_checkpoint(run_dir):
+    if stage not in INIT_SOURCES or latest_complete_step(run_dir) is not None:
         return
     src = source_config(init_from)
     want, wording = INIT_SOURCES[stage]
     if (src.model.routed, src.ternary.enabled) != want:
         raise UserError(f"--stage {stage} must be initialised from {wording} run; "
                         f"--init-from {init_from} holds {_model_kind(src)}")
-
-
-def _has_checkpoint(run_dir: str) -> bool:
-    directory = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
 def _last_routing(run_dir: str) -> Optional[dict]:
@@ -197,7 +192,7 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
         raise UserError("--init-from cannot be used with --stage all: the curriculum "
                         "initialises each stage from the previous one")
     if stage in NEEDS_SOURCE and not init_from and (
-            stage == "upcycle" or not _has_checkpoint(run_dir)):
+            stage == "upcycle" or latest_complete_step(run_dir) is None):
         raise UserError(f"--stage {stage} needs --init-from {NEEDS_SOURCE[stage]}")
     ensure_run_dir(run_dir)
     if init_from:
