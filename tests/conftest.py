@@ -1,7 +1,8 @@
 """Shared fixtures: a small model config, a small real corpus, repository paths.
 
 XLA is asked for 8 host devices (before jax is imported) so sharding tests can
-build real meshes on CPU; unsharded code still runs on device 0.
+build real meshes on CPU; unsharded code still runs on device 0. Compiled programs
+are shared through a per-run persistent compilation cache (`_share_compilations`).
 """
 
 import os
@@ -11,6 +12,26 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _share_compilations() -> None:
+    """One persistent XLA compilation cache for the whole run — the pytest process, its
+    xdist workers and the CLI subprocesses tests start all inherit it from the
+    environment — so a program compiled by one test (a train step of the tiny config,
+    say) is loaded, not recompiled, by the next. Fresh per run unless the caller set
+    JAX_COMPILATION_CACHE_DIR; removed at exit by the process that made it."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import atexit
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="perspective-jax-test-xla-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+_share_compilations()
 
 import inspect  # noqa: E402
 

@@ -140,6 +140,37 @@ def test_flipped_byte_is_detected_and_named(exported_writable):
     engine.close()
 
 
+def test_a_damaged_delta_is_reported_and_its_expert_loaded_in_full(exported_writable, capsys):
+    """A delta is a shortcut: one that fails its checksum is named in a warning, never
+    used again, and its target expert comes in full — decoding stays exact."""
+    cfg, params, path = exported_writable
+    manifest = md.read_manifest(path)
+    for layer in manifest["experts"]["layers"]:
+        with open(os.path.join(path, layer["delta_file"]), "r+b") as fh:
+            for delta in layer["deltas"]:                 # flip one byte of every delta
+                fh.seek(delta["offset"])
+                byte = fh.read(1)
+                fh.seek(delta["offset"])
+                fh.write(bytes([byte[0] ^ 0x01]))
+    rng = np.random.default_rng(0)
+    prompt, steps = rng.integers(0, 259, 21), rng.integers(0, 259, 24)
+    ref = reference_logits(cfg, params, prompt, steps)
+    engine = StreamingEngine(path, host_budget_mb=1, device_slots=cfg.model.n_pdr_layers + 1)
+    assert_engine_matches(engine, ref, prompt, steps)
+    report = engine.report()
+    engine.close()
+    damaged = engine.stats.damaged_deltas
+    assert report["transfers"]["delta"] == 0 and report["damaged_deltas"] == len(damaged) > 0
+    assert all("fails its checksum" in m and "loaded in full instead" in m for m in damaged)
+    assert len(set(damaged)) == len(damaged)               # each reported once
+    from perspective_jax.cli import infer
+    capsys.readouterr()
+    assert infer.run(["--model-dir", path, "abc", "--max-tokens", "6", "--temperature", "0",
+                      "--device-slots", str(cfg.model.n_pdr_layers + 1)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "delta" in err and "Traceback" not in err
+
+
 @pytest.fixture
 def chunked_store(tmp_path, monkeypatch):
     """(path, manifest) of a small synthetic model whose regions read in 3 pieces."""
@@ -178,6 +209,12 @@ def test_direct_reads_in_chunks_match_mmap_and_catch_a_flip_in_a_late_chunk(chun
     fresh = expert_store.ExpertStore(path, manifest, io="direct")
     with pytest.raises(md.ModelDirError, match=r"expert 5 of expert layer 0 fails its checksum"):
         fresh.read_region(0, 5)
+    # a file truncated after the manifest was checked: the short read names the expert
+    last = manifest["experts"]["layers"][0]["regions"][-1]
+    os.truncate(os.path.join(path, md.expert_file(0)), last["offset"] + 10)
+    with pytest.raises(md.ModelDirError, match=rf"short read of expert {last['expert']} of "
+                                               r"expert layer 0 .* truncated"):
+        fresh.read_region(0, last["expert"])
     for store in (mapped, direct, fresh):
         store.close()
 

@@ -128,3 +128,11 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, capfd):
     with pytest.raises(UserError, match="^--init-from .*corrupt or unreadable"):
         restore_params(str(tmp_path), state["params"])
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_latest_complete_step_ignores_a_checkpoint_still_being_written(tmp_path):
+    from perspective_jax.train.checkpoint import latest_complete_step
+    assert latest_complete_step(str(tmp_path)) is None                 # no checkpoints/
+    for name in ("3", "12", "20.orbax-checkpoint-tmp-1700000000", "notes"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert latest_complete_step(str(tmp_path)) == 12

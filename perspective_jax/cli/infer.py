@@ -99,6 +99,9 @@ def run(argv=None) -> int:
     finally:
         engine.close()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    for message in engine.stats.damaged_deltas:    # decoding went on exactly; the model
+        print(f"warning: {message}", file=sys.stderr)   # directory needs re-exporting
     if a.save_state:
         conv.save(a.save_state)
     report = engine.report()

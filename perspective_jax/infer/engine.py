@@ -68,6 +68,8 @@ class Stats:
     stall_s: float = 0.0
     cancelled: int = 0          # wrong prefetches stopped part-way through their read
     failed_guesses: int = 0     # wrong prefetches whose read failed (not needed: no error)
+    damaged_deltas: list = dataclasses.field(default_factory=list)   # messages; each
+    #                             delta failed its checksum and its target loaded in full
 
 
 def _temp_bytes(lowered) -> int:
@@ -391,6 +393,7 @@ class StreamingEngine:
                                       if s.predictions else 0.0),
                 "stalls": s.stalls, "stall_s": s.stall_s, "prefetch_cancelled": s.cancelled,
                 "prefetch_failed": s.failed_guesses,
+                "damaged_deltas": len(s.damaged_deltas),
                 "device_slots": self.n_slots,
                 "device_expert_regions_peak": self.slots.regions_peak,
                 "warm_start_regions": self.warmed,

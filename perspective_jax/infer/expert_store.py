@@ -66,6 +66,13 @@ class ExpertStore:
     def delta_sources(self, j: int, dst: int) -> list[int]:
         return [s for (s, d) in self._delta_index[j] if d == dst]
 
+    def drop_delta(self, j: int, src: int, dst: int) -> None:
+        """Forget a damaged delta: later transfers to `dst` load it in full. The index is
+        replaced, not edited, so a lookup on another thread sees the old or new one."""
+        with self._lock:
+            self._delta_index[j] = {k: v for k, v in self._delta_index[j].items()
+                                    if k != (src, dst)}
+
     def _map(self, cache: dict, j: int, rel: str) -> np.memmap:
         with self._lock:
             if j not in cache:
@@ -95,7 +102,8 @@ class ExpertStore:
         digest = None
         if self.io == "direct":
             data, digest = self._read_direct(layer["file"], entry["offset"], self.region_bytes,
-                                             hash_it=key not in self._verified, cancel=cancel)
+                                             hash_it=key not in self._verified, cancel=cancel,
+                                             what=f"expert {e} of expert layer {j}")
         else:
             mm = self._map(self._maps, j, layer["file"])
             data = _aligned_empty(self.region_bytes, ARRAY_ALIGN)[: self.region_bytes]
@@ -129,8 +137,9 @@ class ExpertStore:
         return md.parse_delta(raw, 0, n)
 
     def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool,
-                     cancel: Optional[threading.Event] = None):
-        """(uint8 [nbytes] view of a page-aligned buffer, checksum hex or None)."""
+                     cancel: Optional[threading.Event] = None, what: str = "region"):
+        """(uint8 [nbytes] view of a page-aligned buffer, checksum hex or None); `what`
+        names the region in the error a truncated file raises."""
         path = os.path.join(self.dir, rel)
         buf = _aligned_empty(nbytes, md.REGION_ALIGN)       # O_DIRECT needs a page
         size = buf.size
@@ -162,8 +171,8 @@ class ExpertStore:
             if pending is not None:
                 pending.result()                        # single worker: all updates done
         if got < nbytes:
-            raise md.ModelDirError(f"{path}: short read at offset {offset} ({got} of "
-                                   f"{nbytes} bytes); the file is truncated — re-export")
+            raise md.ModelDirError(f"{path}: short read of {what} at offset {offset} ({got} "
+                                   f"of {nbytes} bytes); the file is truncated — re-export")
         return buf[:nbytes], (hasher.hexdigest() if hasher is not None else None)
 
     def close(self) -> None:

@@ -219,10 +219,16 @@ class ExpertTiers:
         slot = self._delta_slot(key, protect)
         if slot is not None:
             src = self.slots.keys[slot][1]
-            positions, values = self.store.read_delta(j, src, e)
-            self.slots.apply_delta(slot, key, positions, values)
-            self.slots.arrays[slot].block_until_ready()
-            return "delta", 5 * len(positions)
+            try:
+                positions, values = self.store.read_delta(j, src, e)
+            except ModelDirError as err:     # a delta is only a shortcut: say so, load in full
+                self.store.drop_delta(j, src, e)
+                self.stats.damaged_deltas.append(f"{err} (expert {e} of expert layer {j} "
+                                                 "is loaded in full instead)")
+            else:
+                self.slots.apply_delta(slot, key, positions, values)
+                self.slots.arrays[slot].block_until_ready()
+                return "delta", 5 * len(positions)
         if region is None:
             try:
                 region = self.host_region(key, cancel)
