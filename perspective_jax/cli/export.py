@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, finite_float
 
 
@@ -33,7 +34,9 @@ def run(argv=None) -> int:
     p.add_argument("--delta-max-share", type=finite_float, default=0.5,
                    help="keep a neighbour delta only if it is at most this share of a "
                         "full region's bytes")
+    compile_cache.add_flag(p)
     a = p.parse_args(argv)
+    compile_cache.enable(a.compilation_cache)
     from perspective_jax.infer.export import export_model
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import (OneLineParser, check_output_file, cli_entry, exit_with,
                                         finite_float)
 from perspective_jax.errors import UserError
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--resume-state", metavar="FILE", help="continue a saved conversation")
     s.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     s.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
+    compile_cache.add_flag(s)
     return p
 
 
@@ -75,6 +77,7 @@ def run(argv=None) -> int:
     from perspective_jax.infer.session import Conversation, describe
 
     md.read_manifest(a.model_dir)                 # clear errors before any heavy work
+    compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     engine = StreamingEngine(a.model_dir, host_budget_mb=a.host_budget_mb,
                              device_budget_mb=a.device_budget_mb, device_slots=a.device_slots,

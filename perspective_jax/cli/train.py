@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
                                          exit_with)
 from perspective_jax.config import load_config
@@ -30,9 +31,11 @@ def run(argv=None) -> int:
     parser.add_argument("--init-from", metavar="RUN_DIR",
                         help="start from another run's final parameters and tokenizer")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    compile_cache.add_flag(parser)
     add_config_args(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow flags
     cfg = load_config(args.config, args.overrides)
+    compile_cache.enable(args.compilation_cache)
 
     from perspective_jax.train.stages import run_stage
 
