@@ -10,9 +10,11 @@ row count; the choice on a GPU is measured, docs/benchmarks.md "Accelerator"):
 * ``pallas``  — a Pallas kernel over (M, N) blocks that loops over K, decodes
                 the codes in registers and accumulates x·T at float32; on a GPU
                 the path for fewer than `DEQUANT_MIN_ROWS` rows (decode).
-* ``dequant`` — decode all codes to float32 once, then one XLA matmul at the
-                platform's default precision; on a GPU the path for many rows
-                (prefill), where the matmul units win over in-register decode.
+* ``dequant`` — decode the codes to float32, then XLA matmuls at the platform's
+                default precision, in blocks of packed rows so the float
+                temporary stays near `DEQUANT_BLOCK_BYTES`; on a GPU the path for
+                many rows (prefill), where the matmul units win over
+                in-register decode.
 * ``xla``     — a loop over blocks of packed rows that decodes each block with
                 shifts and masks, fused into the multiply-add for few rows (row by
                 row) or to a float32 block and a matmul for many; the CPU path.
@@ -58,9 +60,20 @@ def _decode(packed):
     return jnp.stack(phases, axis=1).reshape(4 * k4, n)
 
 
-def ternary_matmul_dequant(x, packed, scale):
-    """Decode every code to float32, then one matmul (default precision)."""
-    return jnp.dot(x.astype(jnp.float32), _decode(packed)[: x.shape[1]]) * scale
+DEQUANT_BLOCK_BYTES = 16 << 20     # float32 weights one dequant step may decode
+
+
+def ternary_matmul_dequant(x, packed, scale, block_bytes: int = DEQUANT_BLOCK_BYTES):
+    """Decode codes to float32 and multiply at the platform's default precision: in
+    one step when the whole [K, N] float matrix fits `block_bytes`, else a loop over
+    blocks of packed rows (`_blocked_loop` with `_dot_step`), so the temporary stays
+    near `block_bytes` however large the expert (at d 4096, d_ff 11008 one matrix
+    would be 172 MiB)."""
+    x = x.astype(jnp.float32)
+    k4, n = packed.shape
+    if 16 * k4 * n <= block_bytes:
+        return jnp.dot(x, _decode(packed)[: x.shape[1]]) * scale
+    return _blocked_loop(x, packed, _dot_step, max(1, block_bytes // (16 * n))) * scale
 
 
 def ternary_matmul_reference(x, packed, scale):

@@ -83,3 +83,23 @@ def test_default_impl_per_backend_and_rows(monkeypatch):
     monkeypatch.setattr(tm.jax, "default_backend", lambda: "gpu")
     assert tm.default_impl(1) == tm.default_impl(tm.DEQUANT_MIN_ROWS - 1) == "pallas"
     assert tm.default_impl(tm.DEQUANT_MIN_ROWS) == "dequant"
+
+
+def test_dequant_path_in_blocks_matches_and_bounds_its_temporary():
+    """Above `block_bytes` the dequant path decodes blocks of packed rows: same values,
+    and XLA's own count of its temporaries stays far below the whole float matrix."""
+    import jax
+    from kernels_pallas.ternary_matmul import ternary_matmul_dequant, ternary_matmul_reference
+    rng = np.random.default_rng(3)
+    k, n = 1030, 1200                      # K not a multiple of 4 nor of the block
+    packed = jnp.asarray(pack_rows_2bit(rng.integers(-1, 2, (k, n)).astype(np.int8)))
+    x = jnp.asarray(rng.normal(size=(20, k)).astype(np.float32))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n).astype(np.float32))
+    ref = ternary_matmul_reference(x, packed, scale)
+    whole = 4 * packed.shape[0] * 4 * n                      # the float matrix, bytes
+    for block in (whole, whole // 7, 1):
+        out = ternary_matmul_dequant(x, packed, scale, block_bytes=block)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-4)
+    temp = lambda b: jax.jit(ternary_matmul_dequant, static_argnums=3).lower(  # noqa: E731
+        x, packed, scale, b).compile().memory_analysis().temp_size_in_bytes
+    assert temp(whole) >= 4 * k * n and temp(whole // 16) < whole / 4

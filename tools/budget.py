@@ -39,6 +39,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
+from kernels_pallas.ternary_matmul import DEQUANT_BLOCK_BYTES  # noqa: E402
 from perspective_jax import census  # noqa: E402
 from perspective_jax.cli.common import cli_entry, finite_float  # noqa: E402
 from perspective_jax.config import load_config  # noqa: E402
@@ -207,8 +208,11 @@ def budget(a) -> dict:
         "decode state: PDR states": state["PDR states"],
         "decode state: GQA KV rings + positions": state["GQA KV ring caches"] + state["positions"],
         "activation workspace": workspace,
-        "int8 head: one row block widened to float32":
+        # one call runs at a time: the larger of the int8 head's float32 row block
+        # and an accelerator prefill's dequantised expert block
+        "largest call temporary (int8 head block / prefill dequant block)": max(
             4 * min(v, embedding_int8.BLOCK_ROWS) * d * (a.embedding == "int8"),
+            DEQUANT_BLOCK_BYTES),
         "runtime reserve (--device-reserve-mb)": int(a.device_reserve_mb * MIB),
     }
     device_total = sum(device.values())
