@@ -171,6 +171,19 @@ def test_routed_model_hessians_skip_experts(small_cfg):
     assert not any("/layer_0/ffn/" in k for k in hess)
     np.testing.assert_array_equal(hess["periods/1/layer_0/mixer/w_p"],
                                   hess["periods/1/layer_0/mixer/w_k/kernel"])
+    # kernels that read the same activations share one Hessian object; others do not
+    for p in range(cfg.n_periods):
+        for i, kind in enumerate(cfg.layer_pattern):
+            base = f"periods/{p}/layer_{i}"
+            same = [f"{base}/mixer/{n}/kernel" for n in ("w_q", "w_k", "w_v")]
+            same += [f"{base}/mixer/w_p"] if kind == "pdr" else []
+            assert len({id(hess[k]) for k in same}) == 1, same
+            assert hess[f"{base}/mixer/w_o/kernel"] is not hess[same[0]]
+            if kind != "pdr":                      # a dense SwiGLU: gate and up share
+                assert hess[f"{base}/ffn/w_gate/kernel"] is hess[f"{base}/ffn/w_up/kernel"]
+                assert hess[f"{base}/ffn/w_gate/kernel"] is not hess[same[0]]
+    assert len({id(h) for h in hess.values()}) == sum(
+        2 if kind == "pdr" else 4 for kind in cfg.layer_pattern) * cfg.n_periods
 
 
 def test_small_model_quantize_shared(small_cfg):

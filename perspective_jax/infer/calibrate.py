@@ -24,8 +24,9 @@ original shape is stored beside the codes as `<path>.orig_shape`.
 
 Calibration runs the model period by period (one jitted `Period` apply, reused
 for every period's parameter slice); `flax.linen.intercept_methods` returns
-the input of every Projection/OutProjection call as an extra output, and the
-Hessians are accumulated from those values in float64 numpy; the forward
+the input of every Projection/OutProjection call as an extra output — once per
+distinct input, so kernels reading the same activations share one Hessian — and
+the Hessians are accumulated from those values in float64 numpy; the forward
 pass is the same computation `PerspectiveLM` performs (embedding · √d, default
 segment positions 0 … T−1, no cache).
 """
@@ -56,27 +57,36 @@ def _period_slice(periods, p: int):
     return jax.tree.map(lambda a: a[p], periods)
 
 
-def _period_with_inputs(cfg: ModelConfig, moe: MoEConfig, segment_pos):
-    """run(period_params, x) → (y, {kernel path in the period: its input [N, in]})."""
+def _period_with_inputs(cfg: ModelConfig, moe: MoEConfig, segment_pos, owner: dict):
+    """run(period_params, x) → (y, {kernel path in the period: its input [N, in]}) with
+    one entry per distinct input: kernels fed the same array (attention's w_q, w_k,
+    w_v; the PDR mixer's w_k, w_q, w_v and w_p; a SwiGLU's w_gate and w_up) appear
+    once, and `owner` — filled while tracing — maps every kernel path to the path
+    whose entry holds its input."""
     period = Period(cfg, moe)
 
     def run(period_params, x):
         # Runs at trace time: the interceptor collects each layer input as an
         # extra output of the jitted function (one compile serves all periods).
-        inputs = {}
+        inputs, first, alive = {}, {}, []
+
+        def put(path, inp, n_in):
+            alive.append(inp)                 # keeps id() unique while tracing
+            key = (id(inp), n_in)
+            owner[path] = first.setdefault(key, path)
+            if owner[path] == path:
+                inputs[path] = inp.reshape(-1, math.prod(inp.shape[inp.ndim - n_in:]))
 
         def record(next_fun, args, kwargs, context):
             mod = context.module
             if context.method_name == "__call__" and isinstance(mod, (Projection, OutProjection)):
-                inp = args[0]
                 n_in = 1
                 if isinstance(mod, OutProjection):
                     n_in = kwargs["n_in"] if "n_in" in kwargs else args[1]
-                width = math.prod(inp.shape[inp.ndim - n_in:])
-                inputs["/".join((*mod.scope.path, "kernel"))] = inp.reshape(-1, width)
+                put("/".join((*mod.scope.path, "kernel")), args[0], n_in)
                 if isinstance(mod.parent, PDRMixer) and mod.name == "w_k":
                     # W_p (a raw param of the mixer) sees the same input as W_k
-                    inputs["/".join((*mod.parent.scope.path, "w_p"))] = inp.reshape(-1, width)
+                    put("/".join((*mod.parent.scope.path, "w_p")), args[0], n_in)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(record):
@@ -93,9 +103,10 @@ def shared_kernel_widths(cfg: ModelConfig, moe: MoEConfig) -> dict:
     periods = abstract_params(cfg, moe)["periods"]
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), periods)
     x = jax.ShapeDtypeStruct((1, 1, cfg.d_model), dtype_of(cfg.dtype))
-    run = _period_with_inputs(cfg, moe, jnp.zeros((1, 1), jnp.int32))
+    owner: dict = {}
+    run = _period_with_inputs(cfg, moe, jnp.zeros((1, 1), jnp.int32), owner)
     _, inputs = jax.eval_shape(run, one, x)
-    return {path: inp.shape[1] for path, inp in inputs.items()}
+    return {path: inputs[src].shape[1] for path, src in owner.items()}
 
 
 def rtn_quantize_shared(params, widths: dict, n_periods: int, bits: int = 2,
@@ -114,7 +125,9 @@ def rtn_quantize_shared(params, widths: dict, n_periods: int, bits: int = 2,
 
 
 def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> dict:
-    """{path: H [in, in] float64} of every shared kernel's inputs over `tokens` [B, T]."""
+    """{path: H [in, in] float64} of every shared kernel's inputs over `tokens` [B, T].
+    Kernels that read the same input share one Hessian object (computed once): at
+    the 1.05T scale that is ~43 GB of float64 instead of ~76 GB."""
     params = _unbox(params)
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
@@ -124,14 +137,19 @@ def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> 
     x = model.apply({"params": params}, tokens, method=lambda m, tok: m.embed(tok))
     x = x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
     segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-    run = jax.jit(_period_with_inputs(cfg, moe, segment_pos))
-    acc: dict[str, gptq.HessianAccumulator] = {}
+    owner: dict = {}
+    run = jax.jit(_period_with_inputs(cfg, moe, segment_pos, owner))
+    out: dict[str, np.ndarray] = {}
     for p in range(cfg.n_periods):
         x, inputs = run(_period_slice(params["periods"], p), x)
+        acc = {}
         for name, inp in inputs.items():
             inp = np.asarray(jnp.asarray(inp, jnp.float32), np.float64)
-            acc.setdefault(f"periods/{p}/{name}", gptq.HessianAccumulator(inp.shape[1])).add(inp)
-    return {k: a.value() for k, a in acc.items()}
+            acc[name] = gptq.HessianAccumulator(inp.shape[1])
+            acc[name].add(inp)
+        value = {name: a.value() for name, a in acc.items()}
+        out.update({f"periods/{p}/{name}": value[src] for name, src in owner.items()})
+    return out
 
 
 def _param_at(params, path: str):
