@@ -143,3 +143,23 @@ def test_int8_embedding_and_per_row_scales(capsys):
     assert rows["shared_weights"]["expert scales, all experts (float32)"] == 60 * 128 * per_layer
     assert rows["expert_layer"]["bytes_2bit"] - base["expert_layer"]["bytes_2bit"] == \
         per_layer - 12
+
+
+@pytest.mark.parametrize("shares, hit", [((0, 0, 1), 1.0), ((0, 0, 1), 0.0), ((0.2, 0.5, 0.3), 0.25),
+                                         ((1, 0, 0), 0.5)])
+def test_speed_model_by_hand(capsys, shares, hit):
+    """Per expert layer: Σ_kind share · E[max(compute, transfer)], transfer = bytes/PCIe
+    on a host-cache hit and bytes/disk + bytes/PCIe on a miss; bytes = 0 (same),
+    delta-share × region (neighbour), region (full) — docs/budget.md."""
+    same, neighbour, full = shares
+    r = run_json(capsys, FULL, "--same", str(same), "--neighbour", str(neighbour),
+                 "--full", str(full), "--hit-rate", str(hit), "--delta-share", "0.1")
+    s, xl = r["speed"], r["expert_layer"]["bytes_2bit"]
+    compute = s["compute_ms_per_token"] / 60
+
+    def move(nbytes):
+        pcie, disk = nbytes / 7e9 * 1e3, nbytes / 6e9 * 1e3
+        return hit * max(compute, pcie) + (1 - hit) * max(compute, disk + pcie)
+    want = same * compute + neighbour * move(0.1 * xl) + full * move(xl)
+    assert s["ms_per_expert_layer"] == pytest.approx(want, rel=1e-6)
+    assert s["tok_s"] == pytest.approx(1e3 / (60 * want), rel=1e-6)
