@@ -73,7 +73,8 @@ def ternary_matmul_dequant(x, packed, scale, block_bytes: int = DEQUANT_BLOCK_BY
     k4, n = packed.shape
     if 16 * k4 * n <= block_bytes:
         return jnp.dot(x, _decode(packed)[: x.shape[1]]) * scale
-    return _blocked_loop(x, packed, _dot_step, max(1, block_bytes // (16 * n))) * scale
+    return _blocked_loop(x, packed, _trit_step, max(1, block_bytes // (16 * n)),
+                         codes_are_offset=False) * scale
 
 
 def ternary_matmul_reference(x, packed, scale):
@@ -103,9 +104,19 @@ def _dot_step(xb, codes):
     return xb @ w.reshape(-1, codes.shape[1])
 
 
-def _blocked_loop(x, packed, step, bk: int):
+def _trit_step(xb, codes):
+    """xb [M, 4·bk], codes [bk, N] → xb @ T with the block decoded to float32 trits
+    (code − 1): no row-sum correction, so a matmul that rounds its inputs (TF32 on a
+    GPU) rounds x once, as the unblocked dequant path does."""
+    shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[None, :, None]
+    w = ((codes[:, None, :] >> shifts) & 3).astype(jnp.float32) - 1.0
+    return xb @ w.reshape(-1, codes.shape[1])
+
+
+def _blocked_loop(x, packed, step, bk: int, codes_are_offset: bool = True):
     """Σ over blocks of ``bk`` packed rows (4·bk rows of K) of step(x block, code block)
-    in a loop with a [M, N] accumulator; codes = trit + 1, so x·T = x·codes − Σx."""
+    in a loop with a [M, N] accumulator. With `codes_are_offset` the steps multiply by
+    codes = trit + 1, so x·T = x·codes − Σx; otherwise they multiply by trits."""
     k4, n = packed.shape
     m, k = x.shape
     nb = -(-k4 // bk)
@@ -114,7 +125,7 @@ def _blocked_loop(x, packed, step, bk: int):
     xb = jnp.transpose(x.reshape(m, nb, 4 * bk), (1, 0, 2))     # [nb, M, 4·bk]
     acc = jax.lax.fori_loop(0, nb, lambda b, acc: acc + step(xb[b], codes[b]),
                             jnp.zeros((m, n), jnp.float32))
-    return acc - x.sum(1, keepdims=True)
+    return acc - x.sum(1, keepdims=True) if codes_are_offset else acc
 
 
 def ternary_matmul_xla(x, packed, scale, fused_max_rows: int = 4, fused_block: int = 32,

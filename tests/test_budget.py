@@ -145,6 +145,16 @@ def test_int8_embedding_and_per_row_scales(capsys):
         per_layer - 12
 
 
+def test_int8_embedding_counts_the_engines_padded_blocks(capsys):
+    """V = 5000 is not a multiple of the 2,048-row head block: 3 blocks of 1,667 rows
+    (1 padded row), as `embedding_int8.blocked` lays the table out on the device."""
+    r = run_json(capsys, TINY, "model.vocab_size=5000")
+    d = 128
+    assert r["shared_weights"]["embedding int8 + row scale (SPEC §3.4)"] == 3 * 1667 * (d + 4)
+    item = "largest call temporary (int8 head block / prefill dequant block)"
+    assert r["device"][item] == max(4 * 1667 * d, 16 * 2**20)
+
+
 @pytest.mark.parametrize("shares, hit", [((0, 0, 1), 1.0), ((0, 0, 1), 0.0), ((0.2, 0.5, 0.3), 0.25),
                                          ((1, 0, 0), 0.5)])
 def test_speed_model_by_hand(capsys, shares, hit):

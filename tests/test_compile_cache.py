@@ -23,6 +23,9 @@ def updates(monkeypatch):
 def test_where_the_cache_goes(updates, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     want = str(tmp_path / "xdg" / "perspective-jax" / "xla")
+    assert compile_cache.enable(None) is None and updates == {}     # CPU: off by default
+    assert not os.path.exists(want)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert compile_cache.enable(None) == want and os.path.isdir(want)
     assert updates == {"jax_compilation_cache_dir": want,
                        "jax_persistent_cache_min_compile_time_secs": 0.0}
@@ -47,11 +50,15 @@ def test_an_unusable_directory(updates, tmp_path, monkeypatch, capsys):
     assert updates == {}
 
 
-def test_trim_removes_the_oldest_files_first(tmp_path):
-    for age, name in enumerate(["new", "mid", "old", "oldest"]):
+def test_trim_removes_the_least_recently_used_files_first(tmp_path):
+    (tmp_path / "autotune").mkdir()                   # subdirectories count too
+    for age, name in enumerate(["new", "autotune/mid", "old", "oldest", "read-lately"]):
         path = tmp_path / name
         path.write_bytes(b"x" * 100)
-        os.utime(path, (1_000_000 - age * 10, 1_000_000 - age * 10))
-    assert compile_cache.trim(str(tmp_path), 250) == 200
-    assert sorted(os.listdir(tmp_path)) == ["mid", "new"]
+        t = 1_000_000 - age * 10
+        os.utime(path, (t, t))
+    os.utime(tmp_path / "read-lately", (2_000_000, 1_000_000 - 40))   # a recent cache hit
+    assert compile_cache.trim(str(tmp_path), 250) == 300
+    assert sorted(os.listdir(tmp_path)) == ["autotune", "new", "read-lately"]
+    assert os.listdir(tmp_path / "autotune") == []
     assert compile_cache.trim(str(tmp_path), 1000) == 0

@@ -155,8 +155,9 @@ def weights(cfg, moe, a, granularity: str = "tensor"):
             shared["expert scales, all experts (float32)"] += stack * scales
         elif "embed" in path and "periods" not in path:
             v, d = shape
+            n_blocks, rows = embedding_int8.block_shape(v, embedding_int8.BLOCK_ROWS)
             shared[EMBEDDING[a.embedding]] += 4 * v * d if a.embedding == "float32" \
-                else v * d + 4 * v
+                else n_blocks * rows * (d + 4)          # the engine's padded blocks
         elif "router" in path or len([x for x in axes if x != "layers"]) < 2:
             shared["norms, biases, routers (float32)"] += 4 * math.prod(shape)
         else:
@@ -211,7 +212,8 @@ def budget(a) -> dict:
         # one call runs at a time: the larger of the int8 head's float32 row block
         # and an accelerator prefill's dequantised expert block
         "largest call temporary (int8 head block / prefill dequant block)": max(
-            4 * min(v, embedding_int8.BLOCK_ROWS) * d * (a.embedding == "int8"),
+            4 * embedding_int8.block_shape(v, embedding_int8.BLOCK_ROWS)[1] * d
+            * (a.embedding == "int8"),
             DEQUANT_BLOCK_BYTES),
         "runtime reserve (--device-reserve-mb)": int(a.device_reserve_mb * MIB),
     }

@@ -9,9 +9,17 @@ engine's per-layer calls); JAX can keep them on disk so the next run loads them:
     JAX_COMPILATION_CACHE_DIR               JAX's own variable (left to JAX)
     PERSPECTIVE_JAX_CACHE_DIR               this project's variable
     $XDG_CACHE_HOME/perspective-jax/xla     else ~/.cache/perspective-jax/xla
+                                            (accelerator backends only)
 
-At start-up the cache is trimmed to `MAX_BYTES`, oldest entries first (by
-modification time). A directory that cannot be created leaves the run uncached
+Without a flag or variable the cache is off on the CPU backend: on many Intel CPUs
+(those whose LLVM tuning sets +prefer-no-gather/+prefer-no-scatter) JAX 0.10
+rejects every CPU cache entry it wrote and logs an error line for each
+(jax-ml/jax#38445, openxla/xla#44565), so a default cache would only add noise
+there. Where it works (this project's AMD CI machine) ask for it explicitly.
+
+At start-up the cache is trimmed to `MAX_BYTES`, least recently used files first.
+(JAX's own `jax_compilation_cache_max_size` eviction needs the `filelock` package,
+which is not a dependency.) A directory that cannot be created leaves the run uncached
 with a one-line note.
 """
 
@@ -22,15 +30,16 @@ import os
 import sys
 from typing import Optional
 
-MAX_BYTES = 2 << 30             # trimmed to 2 GiB at start-up, oldest entries first
+MAX_BYTES = 2 << 30             # trimmed to 2 GiB at start-up, least recently used first
 OFF = "off"
 
 
 def add_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compilation-cache", metavar="DIR|off", default=None,
                         help="keep compiled XLA programs in DIR so later runs start faster "
-                             "(default: $PERSPECTIVE_JAX_CACHE_DIR or "
-                             "~/.cache/perspective-jax/xla; 'off' disables)")
+                             "(default: $PERSPECTIVE_JAX_CACHE_DIR, else "
+                             "~/.cache/perspective-jax/xla on an accelerator and off on "
+                             "CPU; 'off' disables)")
 
 
 def default_dir() -> str:
@@ -50,6 +59,9 @@ def enable(flag: Optional[str]) -> Optional[str]:
         return None
     if flag is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if flag is None and not os.environ.get("PERSPECTIVE_JAX_CACHE_DIR") \
+            and jax.default_backend() == "cpu":
+        return None                           # see the module docstring
     path = os.path.abspath(os.path.expanduser(flag or default_dir()))
     try:
         os.makedirs(path, exist_ok=True)
@@ -71,16 +83,20 @@ def enable(flag: Optional[str]) -> Optional[str]:
 
 
 def trim(path: str, max_bytes: int) -> int:
-    """Delete the oldest files of `path` until it holds at most `max_bytes`; returns
-    the bytes freed. Files that vanish meanwhile (another run trimming) are skipped."""
+    """Delete the least recently used files under `path` (subdirectories included, e.g.
+    XLA's GPU autotune cache) until it holds at most `max_bytes`; returns the bytes
+    freed. "Used" is the later of access and modification time (a cache hit reads a
+    file; on a `relatime` mount its access time still moves at least daily). Files that
+    vanish or cannot be read meanwhile are skipped."""
     entries = []
-    for entry in os.scandir(path):
-        try:
-            if entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                entries.append((st.st_mtime, st.st_size, entry.path))
-        except OSError:
-            continue
+    for root, _, names in os.walk(path):          # os.walk skips unreadable directories
+        for name in names:
+            file = os.path.join(root, name)
+            try:
+                st = os.lstat(file)
+            except OSError:
+                continue
+            entries.append((max(st.st_atime, st.st_mtime), st.st_size, file))
     total, freed = sum(size for _, size, _ in entries), 0
     for _, size, file in sorted(entries):
         if total - freed <= max_bytes:

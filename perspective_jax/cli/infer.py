@@ -98,13 +98,13 @@ def run(argv=None) -> int:
         if a.save_state:                      # that before the feed that failed — keep it
             conv.save(a.save_state)
             print(f"\nconversation so far saved to {a.save_state}", file=sys.stderr)
+        _warn_damaged_deltas(engine.stats.damaged_deltas)
         raise
     finally:
         engine.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    for message in engine.stats.damaged_deltas:    # decoding went on exactly; the model
-        print(f"warning: {message}", file=sys.stderr)   # directory needs re-exporting
+    _warn_damaged_deltas(engine.stats.damaged_deltas)
     if a.save_state:
         conv.save(a.save_state)
     report = engine.report()
@@ -114,6 +114,15 @@ def run(argv=None) -> int:
         with open(a.stats_json, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0
+
+
+def _warn_damaged_deltas(messages: list) -> None:
+    """One line for all damaged deltas: decoding went on exactly (their experts were
+    loaded in full), but the model directory needs re-exporting."""
+    if messages:
+        more = f" and {len(messages) - 1} more damaged deltas" if len(messages) > 1 else ""
+        print(f"warning: {messages[0]}{more}; re-export the model directory",
+              file=sys.stderr)
 
 
 def _prompt_text(arg: str) -> str:

@@ -5,8 +5,8 @@
 
 Export writes `embed/embedding` as the int8 codes and `embed/embedding.scale` beside
 it. The engine holds them as an `Int8Table` whose rows are grouped in blocks of
-`block_rows` (the last block zero-padded) so the head never widens more than one
-block to float32:
+at most `block_rows` (balanced; the last block zero-padded by fewer rows than there
+are blocks) so the head never widens more than one block to float32:
 
     embed:  x[t]    = codes[tok_t] · scale[tok_t] · √d
     head:   logits  = concat_b (xn · codes_bᵀ) · scale_b        over row blocks b
@@ -65,13 +65,19 @@ def check(codes: np.ndarray, scale: np.ndarray, vocab: int, d_model: int) -> str
     return None
 
 
-def blocked(codes: np.ndarray, scale: np.ndarray, block_rows: int) -> Int8Table:
-    """Host-side (numpy) `Int8Table` of [V, d] codes in blocks of min(V, block_rows) rows."""
+def block_shape(vocab: int, block_rows: int) -> tuple[int, int]:
+    """(n_blocks, rows per block): the fewest blocks of at most `block_rows` rows,
+    balanced so the zero padding is less than one row per block."""
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    n_blocks = -(-vocab // block_rows)
+    return n_blocks, -(-vocab // n_blocks)
+
+
+def blocked(codes: np.ndarray, scale: np.ndarray, block_rows: int) -> Int8Table:
+    """Host-side (numpy) `Int8Table` of [V, d] codes in `block_shape` blocks."""
     vocab, d = codes.shape
-    rows = min(vocab, block_rows)
-    n_blocks = -(-vocab // rows)
+    n_blocks, rows = block_shape(vocab, block_rows)
     pad = n_blocks * rows - vocab
     codes = np.concatenate([codes, np.zeros((pad, d), np.int8)]) if pad else codes
     scale = np.concatenate([scale, np.zeros(pad, np.float32)]) if pad else scale
