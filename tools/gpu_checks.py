@@ -6,7 +6,8 @@ failure in one is reported and the rest still run:
 
   ternary   `ternary_matmul` Pallas kernel (compiled) vs a float64 numpy reference
             (‖out − ref‖ / ‖ref‖), and median times of: pallas, the XLA decode loop,
-            decode-to-float32 + dot ("dequant"), the `auto` choice, dense float32 and
+            decode-to-float32 + dot ("dequant": in blocks of at most DEQUANT_BLOCK_BYTES,
+            and "decode_dot_whole" in one step), the `auto` choice, dense float32 and
             bf16 matmuls; at 1 row a sweep of the kernel's block sizes.
   shared    2-bit GPTQ shared-weight `group_matmul` (dequant, xla loop, auto) vs a
             float64 reference, and the float32 / bf16 matmuls it replaces.
@@ -90,9 +91,10 @@ def section_ternary(args, rng) -> dict:
             row = {"m": m, "k": k, "n": n}
             pallas = jax.jit(lambda a, p: ternary_matmul_pallas(a, p, 0.5, interpret=ON_CPU))
             xla = jax.jit(lambda a, p: ternary_matmul_xla(a, p, 0.5))
-            deq = jax.jit(lambda a, p: ternary_matmul_dequant(a, p, 0.5))
+            deq = jax.jit(lambda a, p: ternary_matmul_dequant(a, p, 0.5))   # blocked
+            whole = jax.jit(lambda a, p: ternary_matmul_dequant(a, p, 0.5, block_bytes=1 << 40))
             for name, fn, w in (("pallas", pallas, packed), ("xla_loop", xla, packed),
-                                ("decode_dot", deq, packed)):
+                                ("decode_dot", deq, packed), ("decode_dot_whole", whole, packed)):
                 try:
                     row[f"{name}_err"] = rel_err(fn(xj, w), ref)
                     row[f"{name}_ms"] = timed(fn, xj, w)
