@@ -93,3 +93,31 @@ def test_a_feed_that_fails_part_way_leaves_the_state_as_it_was(exported):
         got, state = engine.forward(np.array([tok]), state)
         np.testing.assert_allclose(got, ref[k + 1], rtol=1e-4, atol=1e-4)
     engine.close()
+
+
+def test_prefill_and_decode_timings_leave_compilation_out(exported):
+    """The first feed of each shape compiles; that time is `compile_s`, not prefill or
+    decode time, and a second feed of the same shapes compiles nothing."""
+    import time
+    from perspective_jax.infer import compile_clock
+    _, _, path = exported
+    engine = StreamingEngine(path, host_budget_mb=1)
+    prompt = np.arange(40, 57)
+
+    def feed(state):
+        t0 = time.perf_counter()
+        _, state = engine.forward(prompt, state)
+        _, state = engine.forward(np.array([7]), state)
+        return time.perf_counter() - t0
+    state = engine.new_state()
+    clock0 = compile_clock.seconds()
+    first = feed(state)
+    s = engine.stats
+    compiled = s.compile_s
+    assert compiled > 0 and compiled == pytest.approx(compile_clock.seconds() - clock0)
+    assert s.prefill_s > 0 and s.decode_s > 0
+    assert s.prefill_s + s.decode_s + compiled == pytest.approx(first, rel=0.05, abs=0.05)
+    feed(engine.new_state())                      # same shapes, same experts: all cached
+    assert engine.stats.compile_s == compiled
+    assert engine.report()["compile_s"] == compiled
+    engine.close()
