@@ -66,14 +66,16 @@ DEQUANT_BLOCK_BYTES = 16 << 20     # float32 weights one dequant step may decode
 def ternary_matmul_dequant(x, packed, scale, block_bytes: int = DEQUANT_BLOCK_BYTES):
     """Decode codes to float32 and multiply at the platform's default precision: in
     one step when the whole [K, N] float matrix fits `block_bytes`, else a loop over
-    blocks of packed rows (`_blocked_loop` with `_dot_step`), so the temporary stays
-    near `block_bytes` however large the expert (at d 4096, d_ff 11008 one matrix
-    would be 172 MiB)."""
+    blocks of packed rows (`_blocked_loop`), so the temporary stays near `block_bytes`
+    however large the expert (at d 4096, d_ff 11008 one matrix would be 172 MiB).
+    Blocks are decoded to trits (no row-sum correction), so a matmul that rounds its
+    inputs (TF32 on a GPU) rounds x once, as the one-step path does."""
     x = x.astype(jnp.float32)
     k4, n = packed.shape
     if 16 * k4 * n <= block_bytes:
         return jnp.dot(x, _decode(packed)[: x.shape[1]]) * scale
-    return _blocked_loop(x, packed, _trit_step, max(1, block_bytes // (16 * n)),
+    trits = functools.partial(_dot_step, offset=1.0)
+    return _blocked_loop(x, packed, trits, max(1, block_bytes // (16 * n)),
                          codes_are_offset=False) * scale
 
 
@@ -97,19 +99,11 @@ def _fused_step(xb, codes):
                       for j in range(codes.shape[0]) for i in range(4)])
 
 
-def _dot_step(xb, codes):
-    """xb [M, 4·bk], codes [bk, N] → xb @ codes decoded to a [4·bk, N] float32 block."""
+def _dot_step(xb, codes, offset: float = 0.0):
+    """xb [M, 4·bk], codes [bk, N] → xb @ (codes − offset) decoded to a [4·bk, N] float32
+    block; offset 1 multiplies by the trits themselves."""
     shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[None, :, None]
-    w = ((codes[:, None, :] >> shifts) & 3).astype(jnp.float32)
-    return xb @ w.reshape(-1, codes.shape[1])
-
-
-def _trit_step(xb, codes):
-    """xb [M, 4·bk], codes [bk, N] → xb @ T with the block decoded to float32 trits
-    (code − 1): no row-sum correction, so a matmul that rounds its inputs (TF32 on a
-    GPU) rounds x once, as the unblocked dequant path does."""
-    shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[None, :, None]
-    w = ((codes[:, None, :] >> shifts) & 3).astype(jnp.float32) - 1.0
+    w = ((codes[:, None, :] >> shifts) & 3).astype(jnp.float32) - offset
     return xb @ w.reshape(-1, codes.shape[1])
 
 

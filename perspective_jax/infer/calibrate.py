@@ -142,12 +142,9 @@ def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> 
     out: dict[str, np.ndarray] = {}
     for p in range(cfg.n_periods):
         x, inputs = run(_period_slice(params["periods"], p), x)
-        acc = {}
-        for name, inp in inputs.items():
-            inp = np.asarray(jnp.asarray(inp, jnp.float32), np.float64)
-            acc[name] = gptq.HessianAccumulator(inp.shape[1])
-            acc[name].add(inp)
-        value = {name: a.value() for name, a in acc.items()}
+        value = {name: gptq.hessian_from_inputs(np.asarray(jnp.asarray(inp, jnp.float32),
+                                                           np.float64))
+                 for name, inp in inputs.items()}
         out.update({f"periods/{p}/{name}": value[src] for name, src in owner.items()})
     return out
 

@@ -4,7 +4,7 @@
     E ≈ codes · scale[:, None]        scale_v = max_k |E_vk| / 127, codes = round(E / scale)
 
 Export writes `embed/embedding` as the int8 codes and `embed/embedding.scale` beside
-it. The engine holds them as an `Int8Table` whose rows are grouped in blocks of
+it (`quantize_in_place`). The engine holds them as an `Int8Table` whose rows are grouped in blocks of
 at most `block_rows` (balanced; the last block zero-padded by fewer rows than there
 are blocks) so the head never widens more than one block to float32:
 
@@ -25,7 +25,8 @@ import numpy as np
 CODE_MAX = 127                      # int8 codes lie in [-127, 127] (symmetric)
 BLOCK_ROWS = 2048                   # head row block: a float32 temporary of
                                     # BLOCK_ROWS·d·4 bytes (32 MiB at d 4096)
-SCALE_SUFFIX = ".scale"
+EMBED_KEY = "embed/embedding"       # the table's tensor in shared.safetensors
+SCALE_KEY = EMBED_KEY + ".scale"    # its row scales (int8 exports)
 FORMATS = ("float32", "int8")       # manifest "shared"/"embedding"
 
 
@@ -51,6 +52,14 @@ def quantize(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """codes [V, d] int8, scale [V] → float32 [V, d]."""
     return codes.astype(np.float32) * np.asarray(scale, np.float32)[:, None]
+
+
+def quantize_in_place(tensors: dict) -> np.ndarray:
+    """Replace the float table in the flat shared `tensors` by its int8 codes and row
+    scales (EMBED_KEY, SCALE_KEY); returns the dequantised table the engine will use."""
+    codes, scale = quantize(tensors[EMBED_KEY])
+    tensors[EMBED_KEY], tensors[SCALE_KEY] = codes, scale
+    return dequantize(codes, scale)
 
 
 def check(codes: np.ndarray, scale: np.ndarray, vocab: int, d_model: int) -> str | None:

@@ -30,7 +30,6 @@ from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer import embedding_int8, publish
-from perspective_jax.infer.shared_weights import EMBED_KEY
 from perspective_jax.model.cache_io import flatten_cache
 from perspective_jax.model.transformer import PerspectiveLM, abstract_params
 from perspective_jax.moe import torus
@@ -275,9 +274,7 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
                     del shared["periods"][f"layer_{i}"]["ffn"][name]
     tensors = flatten_params(shared)
     if embedding == "int8":       # calibration and routing then see the int8 embedding
-        codes, scale = embedding_int8.quantize(tensors[EMBED_KEY])
-        tensors[EMBED_KEY], tensors[EMBED_KEY + embedding_int8.SCALE_SUFFIX] = codes, scale
-        used = with_embedding(used, embedding_int8.dequantize(codes, scale))
+        used = with_embedding(used, embedding_int8.quantize_in_place(tensors))
     quantized = []
     if shared_bits:
         if calib is None:

@@ -17,7 +17,7 @@ import os
 from perspective_jax.errors import UserError
 from perspective_jax.infer import embedding_int8
 from perspective_jax.infer import model_dir as md
-from perspective_jax.infer.shared_weights import EMBED_KEY
+from perspective_jax.infer.shared_weights import embedding_format
 from perspective_jax.moe import torus
 
 TOKENIZER_FILES = {"byte": "tokenizer.byte", "sentencepiece": "tokenizer.model"}
@@ -39,15 +39,16 @@ def check_manifest(model_dir: str, manifest: dict) -> None:
         raise bad(f"it is malformed ({type(e).__name__}: {e})") from None
 
 
-def _check_embedding(shared: dict, model, bad) -> None:
+def _check_embedding(manifest: dict, model, bad) -> None:
     """shared/embedding names a known format whose tensors the index lists as expected."""
-    fmt = shared.get("embedding", "float32")
+    fmt = embedding_format(manifest)
     if fmt not in embedding_int8.FORMATS:
         raise bad(f"shared embedding format {fmt!r} is not one of {list(embedding_int8.FORMATS)}")
-    tensors = shared.get("tensors", {})
-    want = {EMBED_KEY: ([model.vocab_size, model.d_model], "int8" if fmt == "int8" else None)}
+    tensors = manifest["shared"].get("tensors", {})
+    want = {embedding_int8.EMBED_KEY: ([model.vocab_size, model.d_model],
+                                       "int8" if fmt == "int8" else None)}
     if fmt == "int8":
-        want[EMBED_KEY + embedding_int8.SCALE_SUFFIX] = ([model.vocab_size], "float32")
+        want[embedding_int8.SCALE_KEY] = ([model.vocab_size], "float32")
     for key, (shape, dtype) in want.items():
         info = tensors.get(key)
         if info is None:
@@ -78,7 +79,7 @@ def _check(manifest: dict, bad) -> None:
         raise bad(f"tokenizer {tokenizer!r} is not one of {sorted(TOKENIZER_FILES)}")
     listed(TOKENIZER_FILES[tokenizer], "the tokenizer file")
     cfg = from_dict(PerspectiveConfig, manifest["config"])
-    _check_embedding(manifest["shared"], cfg.model, bad)
+    _check_embedding(manifest, cfg.model, bad)
     experts = manifest["experts"]
     layers = experts["layers"]
     if not cfg.model.routed:

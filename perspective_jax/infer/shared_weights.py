@@ -64,9 +64,6 @@ def insert_kernels(layer_params: list, quantized: dict, sharding) -> None:
         node[leaf] = jax.device_put(kernel, sharding)
 
 
-EMBED_KEY = "embed/embedding"
-
-
 def embedding_format(manifest: dict) -> str:
     """'float32' or 'int8': how the tied embedding is stored (format 3 wrote float32)."""
     return manifest["shared"].get("embedding", "float32")
@@ -78,14 +75,14 @@ def embedding_table(flat: dict, manifest: dict, model_dir: str):
     file = os.path.join(model_dir, md.SHARED_FILE)
     fmt = embedding_format(manifest)
     try:
-        table = flat.pop(EMBED_KEY)
+        table = flat.pop(embedding_int8.EMBED_KEY)
     except KeyError:
-        raise md.ModelDirError(f"{file}: no tensor {EMBED_KEY}; re-run perspective-export") \
-            from None
+        raise md.ModelDirError(f"{file}: no tensor {embedding_int8.EMBED_KEY}; re-run "
+                               "perspective-export") from None
     if fmt == "float32":
         return table
     model = manifest["config"]["model"]
-    scale = flat.pop(EMBED_KEY + embedding_int8.SCALE_SUFFIX, None)
+    scale = flat.pop(embedding_int8.SCALE_KEY, None)
     problem = ("no embedding scales" if scale is None else
                embedding_int8.check(table, scale, model["vocab_size"], model["d_model"]))
     if problem:

@@ -36,7 +36,6 @@ from perspective_jax.infer import embedding_int8, gptq
 from perspective_jax.infer import model_dir as md
 from perspective_jax.infer import publish
 from perspective_jax.infer.export import flatten_params, write_expert_files
-from perspective_jax.infer.shared_weights import EMBED_KEY
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import abstract_params
 from perspective_jax.moe import torus
@@ -122,8 +121,7 @@ def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_g
                                                router["w_route"].shape).astype(np.float32)
     tensors = flatten_params(params)
     if embedding == "int8":
-        codes, scale = embedding_int8.quantize(tensors[EMBED_KEY])
-        tensors[EMBED_KEY], tensors[EMBED_KEY + embedding_int8.SCALE_SUFFIX] = codes, scale
+        embedding_int8.quantize_in_place(tensors)
     quantized = []
     if shared_bits:
         tensors, quantized = rtn_quantized_tensors(cfg, tensors, shared_bits, group_size)
