@@ -4,7 +4,7 @@
       = Σ_g s[g] ⊙ (Σ_{i∈g} x[i] c[i] − z[g] Σ_{i∈g} x[i])
 
 Codes c < 2^bits are packed along the input axis, k = 8 // bits per byte:
-``packed[r, o] = Σ_j c[k·r + j, o] << (bits·j)`` (`perspective_jax.infer.gptq.pack_codes`);
+``packed[r, o] = Σ_j c[k·r + j, o] << (bits·j)`` (`perspective_jax.quant.gptq.pack_codes`);
 scales s and integer zero points z are [n_groups, out], float16 (as exported; float32
 accepted), widened to float32 inside the loop.
 

@@ -1,6 +1,6 @@
 """Chunked PDR recurrence as a Pallas kernel (SPEC §3.1, §3.4).
 
-Same math and shapes as `perspective_jax.model.pdr_scan.pdr_chunked`:
+Same math and shapes as `kernels_pallas.pdr_xla.pdr_chunked`:
 log_decay, v [B, T, d]; k, q [B, T, r]; state [B, d, r] → (y [B, T, d], S_T).
 
 The rows of S evolve independently (decay is per row), so the grid is
@@ -10,8 +10,9 @@ chunk at a time (every exponential ≤ 1). Reverse mode goes through
 `jax.custom_vjp`: the backward pass is the VJP of the XLA chunked form
 (gridded `pallas_call` has no autodiff rule).
 
-`pdr_scan_kernel(..., impl="auto")` picks Pallas on GPU/TPU and XLA on CPU; on
-CPU the kernel runs with `interpret=True` for tests.
+`pdr_pallas` is the differentiable kernel; which implementation runs is decided
+once, by `kernels_pallas.pdr_scan` (on CPU the kernel runs with `interpret=True`,
+for tests).
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from perspective_jax.model.pdr_scan import pdr_chunked
-
-IMPLS = ("pallas", "xla")
+from kernels_pallas.pdr_xla import pdr_chunked
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 dots (Triton would otherwise use tf32)
 
 
@@ -98,13 +97,7 @@ def _make_custom_vjp(chunk: int, block_d: int, interpret: bool):
     return fn
 
 
-def pdr_scan_kernel(log_decay, k, q, v, state, *, chunk: int = 16, impl: str = "auto",
-                    block_d: int = 128, interpret: bool = False):
-    """Differentiable chunked PDR; Pallas on accelerators, XLA on CPU (see module doc)."""
-    if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
-    if impl == "xla":
-        return pdr_chunked(log_decay, k, q, v, state, chunk=chunk)
-    if impl == "pallas":
-        return _make_custom_vjp(chunk, block_d, interpret)(log_decay, k, q, v, state)
-    raise ValueError(f"unknown implementation {impl!r}; use one of {IMPLS} or 'auto'")
+def pdr_pallas(log_decay, k, q, v, state, *, chunk: int = 16, block_d: int = 128,
+               interpret: bool = False):
+    """Differentiable chunked PDR through the Pallas kernel (backward: the XLA form's VJP)."""
+    return _make_custom_vjp(chunk, block_d, interpret)(log_decay, k, q, v, state)

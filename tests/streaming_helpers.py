@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from perspective_jax.config import MoEConfig, PerspectiveConfig, TernaryConfig
-from perspective_jax.infer import model_dir as md
-from perspective_jax.infer.export import with_ternary_experts, write_model_dir
+from perspective_jax.modeldir import format as md
+from perspective_jax.export.exporter import with_ternary_experts, write_model_dir
 from perspective_jax.model.transformer import PerspectiveLM, init_cache, init_params
 
 

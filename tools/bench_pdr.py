@@ -34,7 +34,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import median_ms  # noqa: E402
-from perspective_jax.model.pdr_scan import IMPLS, pdr_scan  # noqa: E402
+from kernels_pallas.pdr_scan import PDR_IMPLS as IMPLS, pdr_scan  # noqa: E402
 
 MB = 1024 ** 2
 GB = 1024 ** 3

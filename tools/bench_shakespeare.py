@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 from benchlib import add_shakespeare_args, load_shakespeare_config  # noqa: E402
 
-from perspective_jax.census import summary, train_flops_per_token  # noqa: E402
+from perspective_jax.model.census import summary, train_flops_per_token  # noqa: E402
 from perspective_jax.train.metrics import read_metrics  # noqa: E402
 from perspective_jax.train.trainer import train  # noqa: E402
 

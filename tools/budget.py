@@ -40,11 +40,11 @@ import jax  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 
 from kernels_pallas.ternary_matmul import DEQUANT_BLOCK_BYTES  # noqa: E402
-from perspective_jax import census  # noqa: E402
+from perspective_jax.model import census  # noqa: E402
 from perspective_jax.cli.common import cli_entry, finite_float  # noqa: E402
 from perspective_jax.config import load_config  # noqa: E402
 from perspective_jax.errors import UserError  # noqa: E402
-from perspective_jax.infer import embedding_int8  # noqa: E402
+from perspective_jax.quant import embedding_int8  # noqa: E402
 from perspective_jax.model.transformer import (abstract_params, init_cache,  # noqa: E402
                                                logical_axes)
 from perspective_jax.moe.torus import lattice_neighbours, neighbour_pairs  # noqa: E402

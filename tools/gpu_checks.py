@@ -11,7 +11,7 @@ failure in one is reported and the rest still run:
             bf16 matmuls; at 1 row a sweep of the kernel's block sizes.
   shared    2-bit GPTQ shared-weight `group_matmul` (dequant, xla loop, auto) vs a
             float64 reference, and the float32 / bf16 matmuls it replaces.
-  pdr       `pdr_scan_kernel(impl="pallas")` vs the XLA chunked form: values,
+  pdr       `pdr_pallas` vs the XLA chunked form: values,
             final state and gradients; forward times of both.
   transfer  one *full* expert-layer of a config (3 × d_model × d_ff 2-bit codes)
             host → device: from pinned_host memory and from a numpy array; vs the
@@ -123,7 +123,7 @@ def section_shared(args, rng) -> dict:
     """2-bit GPTQ shared-weight matmul (`group_matmul`, group 64): error vs float64 and
     time of each impl against the float32 / bf16 matrix it replaces."""
     from kernels_pallas.group_matmul import default_impl, group_matmul
-    from perspective_jax.infer import gptq
+    from perspective_jax.quant import gptq
     shapes = [(256, 384)] if ON_CPU else [(4096, 4096), (4096, 11008), (11008, 4096)]
     results = []
     for k, n in shapes:
@@ -153,7 +153,8 @@ def section_shared(args, rng) -> dict:
 
 
 def section_pdr(args, rng) -> dict:
-    from kernels_pallas.pdr_chunked import pdr_scan_kernel
+    from kernels_pallas.pdr_chunked import pdr_pallas
+    from kernels_pallas.pdr_xla import pdr_chunked
     out = []
     for b, t, d, r in ([(2, 256, 256, 64)] if args.quick else [(2, 256, 256, 64),
                                                               (1, 1024, 512, 64)]):
@@ -163,8 +164,8 @@ def section_pdr(args, rng) -> dict:
         v = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
         s0 = jnp.asarray(rng.standard_normal((b, d, r)) * 0.1, jnp.float32)
         row = {"b": b, "t": t, "d": d, "r": r}
-        fx = jax.jit(lambda *a: pdr_scan_kernel(*a, impl="xla"))
-        fp = jax.jit(lambda *a: pdr_scan_kernel(*a, impl="pallas", interpret=ON_CPU))
+        fx = jax.jit(lambda *a: pdr_chunked(*a))
+        fp = jax.jit(lambda *a: pdr_pallas(*a, interpret=ON_CPU))
         try:
             y_x, s_x = fx(lam, k, q, v, s0)
             y_p, s_p = fp(lam, k, q, v, s0)
@@ -178,14 +179,14 @@ def section_pdr(args, rng) -> dict:
             def loss(fn):
                 return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)[0] ** 2) + jnp.sum(fn(*a)[1]),
                                         argnums=(0, 1, 2, 3, 4)))
-            gx = loss(lambda *a: pdr_scan_kernel(*a, impl="xla"))(lam, k, q, v, s0)
-            gp = loss(lambda *a: pdr_scan_kernel(*a, impl="pallas", interpret=ON_CPU))(lam, k, q, v, s0)
+            gx = loss(lambda *a: pdr_chunked(*a))(lam, k, q, v, s0)
+            gp = loss(lambda *a: pdr_pallas(*a, interpret=ON_CPU))(lam, k, q, v, s0)
             row["grad_err_max"] = max(rel_err(a, np.asarray(b_, np.float64))
                                       for a, b_ in zip(gp, gx))
             row["xla_ms"] = timed(fx, lam, k, q, v, s0)
             row["pallas_ms"] = timed(fp, lam, k, q, v, s0)
             for bd in (32, 64):        # smaller row blocks: less register pressure
-                fb = jax.jit(lambda *a, bd=bd: pdr_scan_kernel(*a, impl="pallas", block_d=bd,
+                fb = jax.jit(lambda *a, bd=bd: pdr_pallas(*a, block_d=bd,
                                                                interpret=ON_CPU))
                 row[f"pallas_bd{bd}_err"] = rel_err(fb(lam, k, q, v, s0)[0],
                                                     np.asarray(y_x, np.float64))
@@ -214,7 +215,7 @@ def _model_cfg(path: str):
 
 def section_transfer(args, rng) -> dict:
     from perspective_jax.infer.device_slots import memory_sharding
-    from perspective_jax.infer.model_dir import RegionLayout
+    from perspective_jax.modeldir.format import RegionLayout
     cfg = _model_cfg(args.config)
     layout = RegionLayout(cfg.d_model, cfg.d_ff)
     region = rng.integers(0, 256, layout.nbytes, dtype=np.uint8)
@@ -261,7 +262,7 @@ def section_staging(args, rng) -> dict:
     (64-byte-aligned) read buffer; for the synthetic-wide region and the config's."""
     from perspective_jax.infer.device_slots import memory_sharding
     from perspective_jax.infer.expert_store import ARRAY_ALIGN, _aligned_empty
-    from perspective_jax.infer.model_dir import RegionLayout
+    from perspective_jax.modeldir.format import RegionLayout
     dev = jax.devices()[0]
     to_dev, pinned = memory_sharding(dev, "device"), memory_sharding(dev, "pinned_host")
     cfg = _model_cfg(args.config)
@@ -287,7 +288,7 @@ def section_staging(args, rng) -> dict:
 
 def section_ffn(args, rng) -> dict:
     from perspective_jax.infer import layers
-    from perspective_jax.infer.model_dir import RegionLayout, pack_region
+    from perspective_jax.modeldir.format import RegionLayout, pack_region
     cfg = _model_cfg(args.config)
     layout = RegionLayout(cfg.d_model, cfg.d_ff)
     d, f = cfg.d_model, cfg.d_ff

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from perspective_jax.infer import layers as L  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
-from perspective_jax.moe.routed_ffn import TorusRouter  # noqa: E402
+from perspective_jax.model.routed_ffn import TorusRouter  # noqa: E402
 
 TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom. "
 PROMPT = 16

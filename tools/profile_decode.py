@@ -25,7 +25,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from perspective_jax.infer import layers as L  # noqa: E402
-from perspective_jax.infer import model_dir as md  # noqa: E402
+from perspective_jax.modeldir import format as md  # noqa: E402
+from perspective_jax.modeldir.manifest import read_manifest  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
 
 PIECES = ("embed", "mixer", "route", "expert_token", "dense_ffn", "head")
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         p.error("--tokens must be ≥ 1 and --prompt ≥ 2 (a prompt of one token is a decode step)")
     # one device slot per expert the window can touch: after the first pass every
     # transfer is "same" (the report line shows it), so only compute is timed
-    layers = len(md.read_manifest(a.model_dir)["experts"]["layers"])
+    layers = len(read_manifest(a.model_dir)["experts"]["layers"])
     eng = StreamingEngine(a.model_dir, host_budget_mb=a.host_mb,
                           device_slots=layers * (a.prompt + a.tokens) + 2, prefetch=False)
     repeats = -(-(a.prompt + a.tokens) // len(TEXT))

@@ -43,7 +43,7 @@ def _complete(path: str) -> bool:
 
 def build_synthetic(path: str, cfg, log, **kw) -> float:
     """Build `path` unless a complete one is there; returns build seconds (0 if reused)."""
-    from perspective_jax.infer.synthetic import write_synthetic_model_dir
+    from perspective_jax.export.synthetic import write_synthetic_model_dir
     if _complete(path):
         return 0.0
     t0 = time.perf_counter()
@@ -57,7 +57,8 @@ def _derive(src: str, dst: str, transform, label: str, current=None) -> None:
     existing `dst` is reused only if it links `src`'s experts and, when given,
     current(its manifest) holds."""
     from safetensors.numpy import load_file, save_file
-    from perspective_jax.infer import model_dir as md
+    from perspective_jax.modeldir import format as md
+    from perspective_jax.modeldir.manifest import read_manifest
     if _complete(dst) and _links(src, dst):
         with open(os.path.join(dst, md.MANIFEST)) as fh:
             if current is None or current(json.load(fh)):
@@ -112,7 +113,7 @@ def derive_quantized(src: str, dst: str, bits: int, group_size: int = 64) -> Non
     format `perspective-export --shared-bits` writes); the engine keeps them packed."""
     from perspective_jax.config import PerspectiveConfig
     from perspective_jax.config.loader import from_dict
-    from perspective_jax.infer.synthetic import rtn_quantized_tensors
+    from perspective_jax.export.synthetic import rtn_quantized_tensors
 
     def transform(tensors, manifest):
         cfg = from_dict(PerspectiveConfig, manifest["config"])
@@ -131,7 +132,7 @@ def derive_quantized(src: str, dst: str, bits: int, group_size: int = 64) -> Non
 
 
 def export_quickstart(run_dir: str, out: str, log) -> None:
-    from perspective_jax.infer.export import export_model
+    from perspective_jax.export.exporter import export_model
     if not _complete(out):
         export_model(run_dir, out, force=True, log=log)
 
@@ -156,9 +157,9 @@ def read_bandwidth(model_dir: str, io: str, nbytes: int) -> float:
     (io="mmap": copy out of a memory map; io="direct": the store's own chunked O_DIRECT
     reads, checksum off), over `nbytes` spread across the layer files."""
     import numpy as np
-    from perspective_jax.infer import model_dir as md
     from perspective_jax.infer.expert_store import ExpertStore
-    manifest = md.read_manifest(model_dir)
+    from perspective_jax.modeldir.manifest import read_manifest
+    manifest = read_manifest(model_dir)
     store = ExpertStore(model_dir, manifest, io=io)
     region = store.region_bytes
     layers = manifest["experts"]["layers"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 from perspective_jax.cli import compile_cache
+from perspective_jax.config.choices import EMBEDDING_FORMATS
 from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, finite_float
 
 
@@ -24,7 +25,7 @@ def run(argv=None) -> int:
     p.add_argument("--shared-bits", type=int, default=0,
                    help="quantise shared kernels to this many bits with GPTQ (0 = float32)")
     p.add_argument("--group-size", type=int, default=64, help="GPTQ group size (input rows)")
-    p.add_argument("--embedding", choices=["float32", "int8"], default=None,
+    p.add_argument("--embedding", choices=EMBEDDING_FORMATS, default=None,
                    help="tied embedding/head format: int8 with one scale per row (SPEC "
                         "§3.4; the default with --shared-bits) or float32 (the default "
                         "otherwise; exact)")
@@ -37,7 +38,7 @@ def run(argv=None) -> int:
     compile_cache.add_flag(p)
     a = p.parse_args(argv)
     compile_cache.enable(a.compilation_cache)
-    from perspective_jax.infer.export import export_model
+    from perspective_jax.export.exporter import export_model
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
         export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,

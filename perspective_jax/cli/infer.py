@@ -10,6 +10,7 @@ import json
 import sys
 
 from perspective_jax.cli import compile_cache
+from perspective_jax.config.choices import IO_MODES, PREDICTORS
 from perspective_jax.cli.common import (OneLineParser, check_output_file, cli_entry, exit_with,
                                         finite_float)
 from perspective_jax.errors import UserError
@@ -40,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--no-deltas", action="store_true", help="never stream neighbour deltas")
     m.add_argument("--no-warm-start", action="store_true",
                    help="start with an empty host cache")
-    m.add_argument("--predictor", default="auto", choices=("auto", "router", "previous"))
-    m.add_argument("--io", default="mmap", choices=("mmap", "direct"),
+    m.add_argument("--predictor", default="auto", choices=PREDICTORS)
+    m.add_argument("--io", default="mmap", choices=IO_MODES,
                    help="direct: bypass the page cache when reading experts")
     m.add_argument("--prefill-chunk", type=int, default=256)
     m.add_argument("--transfer-thread", action="store_true",
@@ -71,12 +72,13 @@ def run(argv=None) -> int:
         if path:
             check_output_file(path, flag)
     from perspective_jax.data.tokenizer import load_tokenizer
-    from perspective_jax.generate import Sampling
-    from perspective_jax.infer import model_dir as md
+    from perspective_jax.model.generate import Sampling
+    from perspective_jax.modeldir import format as md
+    from perspective_jax.modeldir.manifest import read_manifest
     from perspective_jax.infer.engine import StreamingEngine
     from perspective_jax.infer.session import Conversation, describe
 
-    md.read_manifest(a.model_dir)                 # clear errors before any heavy work
+    read_manifest(a.model_dir)                 # clear errors before any heavy work
     compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     engine = StreamingEngine(a.model_dir, host_budget_mb=a.host_budget_mb,

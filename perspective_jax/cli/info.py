@@ -74,7 +74,7 @@ def run(argv=None) -> int:
         raise UserError(f"--seq-len must be > 0, got {args.seq_len}")
     cfg = load_config(args.config, args.overrides)
 
-    from perspective_jax.census import format_table, summary
+    from perspective_jax.model.census import format_table, summary
 
     result = {"name": cfg.name, "census": summary(cfg.model, cfg.moe)}
     if args.forward_text:

@@ -14,6 +14,7 @@ from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
                                          exit_with)
 from perspective_jax.config import load_config
+from perspective_jax.config.choices import STAGES
 
 
 
@@ -21,7 +22,7 @@ from perspective_jax.config import load_config
 def run(argv=None) -> int:
     parser = OneLineParser(prog="perspective-train", description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True,
-                        choices=("dense", "upcycle", "sparse", "ternary", "align", "all"),
+                        choices=STAGES,
                         help="curriculum stage to run")
     parser.add_argument("--run-dir", required=True, help="directory of this run "
                         "(created; resumed if it holds checkpoints)")

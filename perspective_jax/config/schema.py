@@ -11,12 +11,10 @@ import dataclasses
 import math
 from typing import Optional
 
+from perspective_jax.config.choices import (DISPATCH_IMPLS, DTYPES, GATES, LAYER_KINDS,
+                                            PDR_IMPLS, REMAT_POLICIES, SCALE_GRANULARITIES,
+                                            TOKENIZERS)
 from perspective_jax.errors import ConfigError
-
-LAYER_KINDS = ("pdr", "gqa")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots")
-PDR_IMPLS = ("auto", "chunked", "scan", "associative", "pallas")
 
 
 def _require(cond: bool, field: str, message: str) -> None:
@@ -139,9 +137,9 @@ class MoEConfig:
         for name in ("offset_init_scale", "balance_weight", "delta_weight",
                      "smoothness_weight", "upcycle_noise", "route_init_scale"):
             _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
-        _require(self.gate in ("straight_through", "softmax"), f"{s}.gate",
+        _require(self.gate in GATES, f"{s}.gate",
                  f"use 'straight_through' or 'softmax', got {self.gate!r}")
-        _require(self.dispatch in ("auto", "ragged", "blocked", "dense"), f"{s}.dispatch",
+        _require(self.dispatch in DISPATCH_IMPLS, f"{s}.dispatch",
                  f"use auto, ragged, blocked or dense, got {self.dispatch!r}")
         _positive(self, "dispatch_block", section=s)
 
@@ -171,7 +169,7 @@ class TernaryConfig:
                  "loss weights must be >= 0")
         _require(self.activation_bits in (0, 8), f"{s}.activation_bits",
                  f"use 0 (float activations) or 8 (per-token int8), got {self.activation_bits}")
-        _require(self.scale_granularity in ("tensor", "row"), f"{s}.scale_granularity",
+        _require(self.scale_granularity in SCALE_GRANULARITIES, f"{s}.scale_granularity",
                  f"use 'tensor' or 'row', got {self.scale_granularity!r}")
 
 
@@ -187,7 +185,7 @@ class DataConfig:
 
     def __post_init__(self):
         s = "data"
-        _require(self.tokenizer in ("sentencepiece", "byte"), f"{s}.tokenizer",
+        _require(self.tokenizer in TOKENIZERS, f"{s}.tokenizer",
                  f"use 'sentencepiece' or 'byte', got {self.tokenizer!r}")
         _positive(self, "seq_len", section=s)
         _require(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction",

@@ -32,16 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from perspective_jax.config import PerspectiveConfig
+from perspective_jax.config.choices import PREDICTORS
 from perspective_jax.config.loader import from_dict
 from perspective_jax.errors import UserError
 from perspective_jax.infer import compile_clock
 from perspective_jax.infer import layers as L
-from perspective_jax.infer import model_dir as md
+from perspective_jax.modeldir import format as md
+from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding
 from perspective_jax.infer.expert_store import ExpertStore
 from perspective_jax.infer.expert_tiers import ExpertTiers
 from perspective_jax.infer.host_cache import HostCache
-from perspective_jax.infer.shared_weights import embedding_table, insert_kernels, load_shared
+from perspective_jax.modeldir.shared_weights import embedding_table, insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import init_cache
 
@@ -50,7 +52,6 @@ KINDS = ("same", "delta", "full")
 # Prefetch predictors: "router" applies layer j+1's router to layer j's hidden
 # state (SPEC §3.5); "previous" guesses layer j+1's expert of the previous token;
 # "auto" uses, per layer, whichever has been right more often so far.
-PREDICTORS = ("auto", "router", "previous")
 
 
 @dataclasses.dataclass
@@ -114,7 +115,7 @@ class StreamingEngine:
         if prefill_chunk < 1:
             raise UserError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
         self.predictor, self.prefill_chunk = predictor, prefill_chunk
-        self.manifest = md.read_manifest(model_dir)
+        self.manifest = read_manifest(model_dir)
         self.cfg: PerspectiveConfig = from_dict(PerspectiveConfig, self.manifest["config"])
         # what a saved conversation is tied to: the exact config, shared weights, experts
         self.identity = md.sha256_bytes(json.dumps(

@@ -23,9 +23,9 @@ from typing import Optional
 import numpy as np
 import xxhash
 
-from perspective_jax.infer import model_dir as md
+from perspective_jax.config.choices import IO_MODES
+from perspective_jax.modeldir import format as md
 
-IO_MODES = ("mmap", "direct")
 READ_CHUNK = 1 << 20          # bytes per piece of a region read (O_DIRECT: a multiple
                               # of REGION_ALIGN); a cancel is seen between pieces
 ARRAY_ALIGN = 64              # a host array this aligned is aliased, not copied, by the

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 from perspective_jax.infer.device_slots import DeviceSlots
 from perspective_jax.infer.expert_store import ExpertStore, ReadCancelled
 from perspective_jax.infer.host_cache import HostCache
-from perspective_jax.infer.model_dir import ModelDirError
+from perspective_jax.modeldir.format import ModelDirError
 
 # fresh reads waiting to be pinned into the host cache (each holds one read buffer)
 MAX_QUEUED_ADMISSIONS = 2

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 
 from kernels_pallas.ternary_matmul import ternary_matmul
 from perspective_jax.config import ModelConfig, MoEConfig
-from perspective_jax.infer import embedding_int8 as int8_embedding
-from perspective_jax.infer.model_dir import RegionLayout
+from perspective_jax.quant import embedding_int8 as int8_embedding
+from perspective_jax.modeldir.format import RegionLayout
 from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from perspective_jax.model.transformer import MIXERS
-from perspective_jax.moe.routed_ffn import TorusRouter
-from perspective_jax.ternary.quant import quantize_activations_int8
+from perspective_jax.model.routed_ffn import TorusRouter
+from perspective_jax.quant.ternary import quantize_activations_int8
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from perspective_jax.errors import UserError
-from perspective_jax.generate import Sampling, filter_logits
+from perspective_jax.model.generate import Sampling, filter_logits
 from perspective_jax.model.cache_io import cache_from_tensors, flatten_cache
 
 STATE_FORMAT = "perspective-conversation/1"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
-from perspective_jax.model.quantized_kernel import QuantizedKernel
+from perspective_jax.quant.quantized_kernel import QuantizedKernel
 
 
 def dtype_of(name: str):

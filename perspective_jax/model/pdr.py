@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
 from perspective_jax.model.layers import Projection, dtype_of, logical, quantized_param
-from perspective_jax.model.pdr_scan import pdr_scan, pdr_step
+from kernels_pallas.pdr_scan import pdr_scan, pdr_step
 
 
 def init_pdr_cache(cfg: ModelConfig, batch: int) -> dict:

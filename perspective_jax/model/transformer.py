@@ -28,7 +28,7 @@ from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.model.attention import WindowedGQA, init_kv_cache
 from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from perspective_jax.model.pdr import PDRMixer, init_pdr_cache
-from perspective_jax.moe.routed_ffn import RoutedFFN
+from perspective_jax.model.routed_ffn import RoutedFFN
 
 MIXERS = {"pdr": PDRMixer, "gqa": WindowedGQA}
 _REMAT_POLICIES = {

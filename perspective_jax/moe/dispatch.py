@@ -25,7 +25,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("ragged", "blocked", "dense")
+from perspective_jax.config.choices import DISPATCH_IMPLS
+
+IMPLS = tuple(i for i in DISPATCH_IMPLS if i != "auto")   # the concrete ones
 
 
 def default_impl() -> str:

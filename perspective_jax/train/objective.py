@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.model.transformer import PerspectiveLM
-from perspective_jax.moe.routed_ffn import delta_loss
-from perspective_jax.ternary.quant import quantize_experts, schedule_fraction
+from perspective_jax.model.routed_ffn import delta_loss
+from perspective_jax.quant.ternary import quantize_experts, schedule_fraction
 
 
 def stack_aux(aux) -> dict:

@@ -15,19 +15,18 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from perspective_jax.config import PerspectiveConfig, load_config, save_config
+from perspective_jax.config import PerspectiveConfig
+from perspective_jax.config.choices import CURRICULUM, ROUTED_STAGES, STAGES, TERNARY_STAGES
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, init_params
-from perspective_jax.train.checkpoint import Checkpointer, latest_complete_step, restore_params
+from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
-from perspective_jax.train.trainer import (CONFIG_FILE, TrainResult, ensure_run_dir,
+from perspective_jax.rundir.layout import (CONFIG_FILE, has_config, load_run_config,
+                                           save_run_config)
+from perspective_jax.train.trainer import (TrainResult, ensure_run_dir,
                                            source_config, train)
 
-STAGES = ("dense", "upcycle", "sparse", "ternary", "align", "all")
-CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
-ROUTED_STAGES = ("upcycle", "sparse", "ternary", "align")
-TERNARY_STAGES = ("ternary", "align")
 ALIGN_STEP_SHARE = 4   # the align fine-tune runs train.steps / 4 steps
 # The run each stage starts from (--init-from; a resumed run needs none but upcycle).
 NEEDS_SOURCE = {"upcycle": "DENSE_RUN_DIR", "sparse": "UPCYCLE_RUN_DIR",
@@ -108,10 +107,10 @@ def _last_routing(run_dir: str) -> Optional[dict]:
 
 def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
     """Write `run_dir` holding the upcycled routed model at step 0."""
-    if not os.path.exists(os.path.join(dense_run, CONFIG_FILE)):
+    if not has_config(dense_run):
         raise UserError(f"upcycle: {dense_run} is not a finished dense run (no {CONFIG_FILE}); "
                         "pass --init-from DENSE_RUN_DIR")
-    dense_cfg = load_config(os.path.join(dense_run, CONFIG_FILE))
+    dense_cfg = load_run_config(dense_run)
     if dense_cfg.model.routed:
         raise UserError(f"upcycle: {dense_run} already holds a routed model")
     cfg = stage_config(cfg, "upcycle")
@@ -131,7 +130,7 @@ def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
     params = upcycle_params(dense, routed_init, cfg, jax.random.fold_in(key, 1))
     os.makedirs(run_dir, exist_ok=True)
     copy_tokenizer(dense_run, run_dir)
-    save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
+    save_run_config(cfg, run_dir)
     state = init_state(params, make_optimizer(cfg.train))
     ckpt.save(0, state, None, {"stage": "upcycle", "from": os.path.abspath(dense_run)},
               force=True)
@@ -146,11 +145,10 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     from perspective_jax.moe.align import align_layer
     from perspective_jax.train.objective import effective_params
 
-    src_path = os.path.join(ternary_run, CONFIG_FILE)
-    if not os.path.exists(src_path):
+    if not has_config(ternary_run):
         raise UserError(f"align: {ternary_run} is not a finished ternary run; pass "
                         "--init-from TERNARY_RUN_DIR")
-    src = load_config(src_path)
+    src = load_run_config(ternary_run)
     if not (src.model.routed and src.ternary.enabled):
         raise UserError(f"align: {ternary_run} does not hold a ternary routed model")
     params = restore_params(ternary_run, abstract_params(src.model, src.moe))
@@ -175,7 +173,7 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     if ckpt.latest_step() is None:
         os.makedirs(out_dir, exist_ok=True)
         copy_tokenizer(ternary_run, out_dir)
-        save_config(cfg, os.path.join(out_dir, CONFIG_FILE))
+        save_run_config(cfg, out_dir)
         ckpt.save(0, init_state(params, make_optimizer(cfg.train)), None,
                   {"stage": "align", "from": os.path.abspath(ternary_run), **report},
                   force=True)

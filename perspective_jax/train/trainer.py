@@ -22,25 +22,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perspective_jax.config import PerspectiveConfig, load_config, save_config, to_dict
+from perspective_jax.config import PerspectiveConfig, to_dict
 from perspective_jax.data.corpus import (default_corpus_files, expand_paths,
                                          read_documents, split_documents)
 from perspective_jax.data.pipeline import eval_batches, train_iterator
 from perspective_jax.data.token_store import build_token_store, check_long_enough
 from perspective_jax.data.tokenizer import copy_tokenizer, load_or_train
 from perspective_jax.errors import UserError
-from perspective_jax.generate import Sampling, generate
+from perspective_jax.model.generate import Sampling, generate
 from perspective_jax.model.transformer import abstract_params, logical_axes
 from perspective_jax.moe.metrics import routing_report
 from perspective_jax.train import sharding as shd
-from perspective_jax.train.checkpoint import Checkpointer, restore_params
+from perspective_jax.rundir.checkpoint import Checkpointer, restore_params
+from perspective_jax.rundir.layout import (CONFIG_FILE, config_path, has_config, load_run_config,
+                                           save_run_config)
 from perspective_jax.train.metrics import MetricsLogger, progress_bar
 from perspective_jax.train.objective import (effective_params, expert_activation_bits,
                                              make_apply_fns)
 from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
-CONFIG_FILE = "config.yaml"
 MAX_NONFINITE_IN_A_ROW = 5
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_NEW_TOKENS = 48
@@ -121,11 +122,10 @@ def source_config(init_from: str) -> PerspectiveConfig:
     if not os.path.isdir(init_from):
         raise UserError(f"--init-from {init_from}: no such directory; pass the run "
                         "directory of an earlier stage")
-    path = os.path.join(init_from, CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not os.path.isfile(config_path(init_from)):
         raise UserError(f"--init-from {init_from}: no {CONFIG_FILE}; is it a "
                         "perspective-train run directory?")
-    return load_config(path)
+    return load_run_config(init_from)
 
 
 def check_init_compatible(init_from: str, cfg: PerspectiveConfig) -> None:
@@ -199,8 +199,7 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     final evaluation and checkpoint — for wall-clock-budgeted benchmarks."""
     t_start = time.perf_counter()
     ensure_run_dir(run_dir)
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    saved_cfg = load_config(config_path) if os.path.exists(config_path) else None
+    saved_cfg = load_run_config(run_dir) if has_config(run_dir) else None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     latest = ckpt.latest_step()
     resuming = latest is not None
@@ -211,7 +210,7 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     if resuming and latest >= cfg.train.steps:
         ckpt.close()
         return _already_done(run_dir, latest, cfg.train.steps, t_start)
-    save_config(cfg, os.path.join(run_dir, CONFIG_FILE))
+    save_run_config(cfg, run_dir)
     tokenizer, train_split, val_split = prepare_data(cfg, run_dir, data, init_from)
 
     mesh = shd.make_mesh(cfg.mesh, devices)

@@ -1,0 +1,32 @@
+"""Every closed set of choices, defined once (config validation, CLIs and the code
+that acts on a choice all import it from here)."""
+
+from __future__ import annotations
+
+# model.layer_pattern entries and model.dtype / param_dtype
+LAYER_KINDS = ("pdr", "gqa")
+DTYPES = ("float32", "bfloat16", "float16")
+# model.pdr_impl: kernels_pallas.pdr_scan (auto: Pallas on a GPU where it fits, else chunked)
+PDR_IMPLS = ("auto", "chunked", "scan", "associative", "pallas")
+# moe.dispatch: perspective_jax.moe.dispatch (auto: ragged on GPU/TPU, blocked on CPU)
+DISPATCH_IMPLS = ("auto", "ragged", "blocked", "dense")
+# moe.gate: perspective_jax.model.routed_ffn
+GATES = ("straight_through", "softmax")
+# routing perspectives (SPEC §3.6): perspective_jax.model.routed_ffn.select_expert
+ROUTE_MODES = ("nearest", "kth", "antipode", "random")
+# model.remat
+REMAT_POLICIES = ("none", "full", "dots")
+# ternary.scale_granularity
+SCALE_GRANULARITIES = ("tensor", "row")
+# data.tokenizer
+TOKENIZERS = ("sentencepiece", "byte")
+# perspective-train --stage (the curriculum in order, then "all" = every stage)
+CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
+STAGES = (*CURRICULUM, "all")
+ROUTED_STAGES = ("upcycle", "sparse", "ternary", "align")
+TERNARY_STAGES = ("ternary", "align")
+# streaming engine: prefetch predictors and expert-store read paths
+PREDICTORS = ("auto", "router", "previous")
+IO_MODES = ("mmap", "direct")
+# export: tied embedding/head storage
+EMBEDDING_FORMATS = ("float32", "int8")

@@ -1,0 +1,161 @@
+"""Torus router + stacked SwiGLU experts: the routed FFN after each PDR layer.
+
+    z = (W_route h) mod 1 ∈ T³,   d²_e = geodesic²(z, pos_e),   pos_e = lattice_e + offset_e
+    e* = argmin_e d²_e (top-1),   g = softmax_e(−d²/τ)[e*]
+    y  = FFN_{e*}(h) · gate,      gate = g / stop_gradient(g)   (moe.gate=straight_through)
+                                  gate = g                      (moe.gate=softmax)
+
+The straight-through gate has value exactly 1, so an upcycled model (all
+experts equal) computes what the dense model did, while the task loss still
+trains W_route, the offsets and τ through ∂g. Routing statistics and the
+balance/smoothness losses are sown into the "aux" collection.
+
+activation_bits=8 (ternary stage, SPEC §3.4): the expert input h and the
+hidden activation are fake-quantised per token to int8 absmax (STE), as a
+BitNet b1.58 layer sees them.
+"""
+
+from __future__ import annotations
+
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.config.choices import ROUTE_MODES
+from perspective_jax.model.layers import dtype_of, logical
+from perspective_jax.moe import torus
+from perspective_jax.moe.dispatch import expert_swiglu
+from perspective_jax.quant.ternary import quantize_activations_int8
+
+
+
+def select_expert(dist_sq, mode: str = "nearest", k: int = 0, key=None, z=None, pos=None):
+    """Expert index per token from squared distances [..., E].
+
+    nearest: argmin; kth: the k-th nearest (k=1: second); antipode: nearest to
+    the antipode of z (needs z [..., 3] and pos [E, 3]); random: uniform (key).
+    """
+    if mode == "nearest":
+        return jnp.argmin(dist_sq, axis=-1)
+    if mode == "kth":
+        return jnp.argsort(dist_sq, axis=-1)[..., k]
+    if mode == "antipode":
+        return jnp.argmin(torus.geodesic_distance_sq(torus.antipode(z)[..., None, :], pos),
+                          axis=-1)
+    if mode == "random":
+        return jax.random.randint(key, dist_sq.shape[:-1], 0, dist_sq.shape[-1])
+    raise ValueError(f"unknown route mode {mode!r}; use one of {ROUTE_MODES}")
+
+
+def switch_kinds(idx, neighbours):
+    """Counts of adjacent-token expert switches: [same, lattice neighbour, other].
+
+    idx: [B, T]; neighbours: [E, E] bool adjacency."""
+    a, b = idx[:, :-1], idx[:, 1:]
+    same = a == b
+    near = neighbours[a, b] & ~same
+    return jnp.stack([same.sum(), near.sum(), (~same & ~near).sum()]).astype(jnp.float32)
+
+
+class TorusRouter(nn.Module):
+    """h: [B, T, d] → (expert index [B, T], gate [B, T], z [B, T, 3], probs [B, T, E])."""
+
+    cfg: ModelConfig
+    moe: MoEConfig
+    mode: str = "nearest"
+    k: int = 0
+
+    @nn.compact
+    def __call__(self, h):
+        moe = self.moe
+        d = h.shape[-1]
+        w_route = self.param(
+            "w_route", logical(nn.initializers.normal(moe.route_init_scale / d ** 0.5),
+                               ("embed", None)), (d, 3), jnp.float32)
+        offsets = self.param("offsets", logical(nn.initializers.normal(moe.offset_init_scale),
+                                                ("expert", None)),
+                             (moe.num_experts, 3), jnp.float32)
+        log_tau = self.param("log_temperature", nn.initializers.constant(
+            jnp.log(moe.router_temperature)), (), jnp.float32)
+        pos = torus.wrap(jnp.asarray(torus.lattice_positions(moe.lattice)) + offsets)
+        z = torus.wrap(jnp.dot(h.astype(jnp.float32), w_route))
+        dist_sq = torus.geodesic_distance_sq(z[..., None, :], pos)          # [B,T,E]
+        tau = jnp.exp(log_tau) if moe.learn_temperature else moe.router_temperature
+        probs = jax.nn.softmax(-dist_sq / tau, axis=-1)
+        key = self.make_rng("route") if self.mode == "random" else None
+        idx = select_expert(dist_sq, self.mode, self.k, key, z, pos)
+        gate = jnp.take_along_axis(probs, idx[..., None], axis=-1)[..., 0]
+        return idx, gate, z, probs
+
+
+class RoutedFFN(nn.Module):
+    """x: [B, T, d] → [B, T, d]; top-1 routed SwiGLU experts, dropless."""
+
+    cfg: ModelConfig
+    moe: MoEConfig
+    mode: str = "nearest"
+    k: int = 0
+    activation_bits: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, moe = self.cfg, self.moe
+        b, t, d = x.shape
+        e, f = moe.num_experts, cfg.d_ff
+        pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2)
+        w_gate = self.param("w_gate", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
+        w_up = self.param("w_up", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
+        w_down = self.param("w_down", logical(init, ("expert", "mlp", "embed")), (e, f, d), pdt)
+        idx, gate, z, probs = TorusRouter(cfg, moe, self.mode, self.k, name="router")(x)
+        quant = quantize_activations_int8 if self.activation_bits == 8 else (lambda a: a)
+        y = expert_swiglu(quant(x.reshape(b * t, d).astype(dt)), idx.reshape(-1),
+                          w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt),
+                          impl=moe.dispatch, block=moe.dispatch_block,
+                          hidden_fn=quant).reshape(b, t, d)
+        if moe.gate == "straight_through":
+            gate = gate / jax.lax.stop_gradient(gate)
+        y = y * gate[..., None].astype(y.dtype)
+        chex.assert_shape(y, (b, t, d))
+        self._sow_statistics(idx, z, probs)
+        return y
+
+    def _sow_statistics(self, idx, z, probs):
+        e = self.moe.num_experts
+        counts = jnp.zeros((e,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+        n = idx.size
+        prob_sum = probs.reshape(-1, e).sum(0)
+        balance = e * jnp.sum((counts / n) * (prob_sum / n))          # Switch f·P
+        step = torus.signed_step(z[:, :-1], z[:, 1:])
+        smooth = jnp.sqrt(jnp.sum(step ** 2, -1) + 1e-12).mean() if z.shape[1] > 1 else 0.0
+        entropy = -jnp.sum(probs * jnp.log(probs + 1e-12), -1).mean()
+        adjacency = jnp.asarray(torus.neighbour_matrix(self.moe.lattice))
+        stats = {"balance": balance, "smooth": jnp.asarray(smooth, jnp.float32),
+                 "counts": counts, "prob_sum": prob_sum, "entropy": entropy,
+                 "switches": switch_kinds(idx, adjacency)}
+        for key, value in stats.items():
+            self.sow("aux", key, value)
+
+
+def routed_layer_params(params, cfg: ModelConfig) -> list[dict]:
+    """The RoutedFFN parameter subtrees (stacked over periods) of a routed model."""
+    return [params["periods"][f"layer_{i}"]["ffn"]
+            for i, kind in enumerate(cfg.layer_pattern) if kind == "pdr"]
+
+
+def delta_loss(params, cfg: ModelConfig, moe: MoEConfig) -> jax.Array:
+    """Mean L1 distance between lattice-neighbour experts' weights (SPEC §3.3)."""
+    pairs = jnp.asarray(torus.neighbour_pairs(moe.lattice))
+    if pairs.shape[0] == 0:
+        return jnp.zeros((), jnp.float32)
+    total, count = 0.0, 0
+    for ffn in routed_layer_params(params, cfg):
+        for name in ("w_gate", "w_up", "w_down"):
+            w = ffn[name]                                               # [P, E, ...]
+            diff = jnp.abs(w[:, pairs[:, 0]] - w[:, pairs[:, 1]])
+            total = total + diff.mean()
+            count += 1
+    return total / count

@@ -1,0 +1,163 @@
+"""Reading a model directory's manifest, and checking it against its config and files.
+
+    manifest = read_manifest(model_dir)   # raises ModelDirError naming what is wrong
+
+`read_manifest` checks the format, version and that every listed file has its
+byte size; `check_manifest` (called by it) checks what a hand-edited or damaged
+manifest could still get wrong: every file the engine reads is listed (so it is size- and hash-checked),
+the config parses, the embedding format and its tensors, the expert index has one layer per routed layer and one
+region per expert, region sizes match the config's layout, every region and
+delta lies inside its file, and deltas join lattice neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from perspective_jax.errors import UserError
+from perspective_jax.quant import embedding_int8
+from perspective_jax.modeldir import format as md
+from perspective_jax.moe import torus
+
+TOKENIZER_FILES = {"byte": "tokenizer.byte", "sentencepiece": "tokenizer.model"}
+
+
+def read_manifest(model_dir: str) -> dict:
+    """The manifest of `model_dir`, checked for format, version, consistency with its
+    config (`check_manifest`) and the size of every listed file."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise md.ModelDirError(f"model directory {model_dir} is a file, not a directory; give "
+                            "the directory perspective-export wrote")
+    if not os.path.isdir(model_dir):
+        raise md.ModelDirError(f"model directory {model_dir} does not exist; create one with "
+                            "perspective-export --run-dir RUN --out MODEL_DIR")
+    path = os.path.join(model_dir, md.MANIFEST)
+    if not os.path.exists(path):
+        raise md.ModelDirError(f"{model_dir} has no {md.MANIFEST}: not an exported model (or an "
+                            "interrupted export); re-run perspective-export")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise md.ModelDirError(f"{path} is not valid JSON ({e}); re-run perspective-export")
+    if not isinstance(manifest, dict):
+        raise md.ModelDirError(f"{path} is not a manifest (a JSON object); re-run perspective-export")
+    if manifest.get("format") != md.FORMAT_NAME:
+        raise md.ModelDirError(f"{path}: format {manifest.get('format')!r} is not "
+                            f"{md.FORMAT_NAME!r}; is this a Perspective model directory?")
+    if manifest.get("format_version") not in md.READABLE_VERSIONS:
+        raise md.ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is "
+                            f"not supported (this build reads versions "
+                            f"{', '.join(map(str, md.READABLE_VERSIONS))}); "
+                            "re-export the model with this version of perspective-export")
+    check_manifest(model_dir, manifest)       # agrees with its config, lists every file
+    for rel, info in manifest["files"].items():
+        full = os.path.join(model_dir, rel)
+        if not os.path.exists(full):
+            raise md.ModelDirError(f"{model_dir}: file {rel} listed in the manifest is missing; "
+                                "re-run perspective-export")
+        if os.path.getsize(full) != info["bytes"]:
+            raise md.ModelDirError(f"{model_dir}: {rel} has {os.path.getsize(full)} bytes, the "
+                                f"manifest says {info['bytes']}; the file is truncated or "
+                                "corrupt — re-run perspective-export")
+    return manifest
+
+
+def check_manifest(model_dir: str, manifest: dict) -> None:
+    path = os.path.join(model_dir, md.MANIFEST)
+
+    def bad(what: str) -> md.ModelDirError:
+        return md.ModelDirError(f"{path}: {what}; the model directory is inconsistent — "
+                                "re-run perspective-export")
+    try:
+        _check(manifest, bad)
+    except md.ModelDirError:
+        raise
+    except UserError as e:                    # the config does not parse
+        raise bad(f"its config is invalid ({e})") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise bad(f"it is malformed ({type(e).__name__}: {e})") from None
+
+
+def _check_embedding(manifest: dict, model, bad) -> None:
+    """shared/embedding names a known format whose tensors the index lists as expected."""
+    fmt = md.embedding_format(manifest)
+    if fmt not in embedding_int8.FORMATS:
+        raise bad(f"shared embedding format {fmt!r} is not one of {list(embedding_int8.FORMATS)}")
+    tensors = manifest["shared"].get("tensors", {})
+    want = {embedding_int8.EMBED_KEY: ([model.vocab_size, model.d_model],
+                                       "int8" if fmt == "int8" else None)}
+    if fmt == "int8":
+        want[embedding_int8.SCALE_KEY] = ([model.vocab_size], "float32")
+    for key, (shape, dtype) in want.items():
+        info = tensors.get(key)
+        if info is None:
+            raise bad(f"the shared tensor index has no {key} (embedding {fmt})")
+        right_type = (info["dtype"] == dtype if dtype
+                      else str(info["dtype"]).startswith(("float", "bfloat")))
+        if list(info["shape"]) != shape or not right_type:
+            raise bad(f"shared tensor {key} is {info['dtype']} {list(info['shape'])}, "
+                      f"expected {dtype or 'float'} {shape} for embedding {fmt}")
+
+
+def _check(manifest: dict, bad) -> None:
+    from perspective_jax.config import PerspectiveConfig, from_dict
+    files = manifest["files"]
+    sizes = {rel: int(info["bytes"]) for rel, info in files.items()}
+    for rel, info in files.items():
+        if not isinstance(info.get("sha256"), str):
+            raise bad(f"file {rel} has no sha256")
+
+    def listed(rel: str, what: str) -> int:
+        if rel not in sizes:
+            raise bad(f"{what} {rel} is not listed under 'files'")
+        return sizes[rel]
+
+    listed(manifest["shared"]["file"], "the shared weights file")
+    tokenizer = manifest["tokenizer"]
+    if tokenizer not in TOKENIZER_FILES:
+        raise bad(f"tokenizer {tokenizer!r} is not one of {sorted(TOKENIZER_FILES)}")
+    listed(TOKENIZER_FILES[tokenizer], "the tokenizer file")
+    cfg = from_dict(PerspectiveConfig, manifest["config"])
+    _check_embedding(manifest, cfg.model, bad)
+    experts = manifest["experts"]
+    layers = experts["layers"]
+    if not cfg.model.routed:
+        if layers:
+            raise bad("the config is not routed but the manifest indexes expert layers")
+        return
+    expected = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    if len(layers) != len(expected):
+        raise bad(f"{len(layers)} expert layers indexed, the config has {len(expected)}")
+    layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
+    if experts["region_bytes"] != layout.nbytes:
+        raise bad(f"region_bytes {experts['region_bytes']} does not match the config's "
+                  f"d_model {cfg.model.d_model}, d_ff {cfg.model.d_ff} ({layout.nbytes})")
+    n_experts = cfg.moe.num_experts
+    neighbours = {(int(a), int(b)) for a, b in torus.neighbour_pairs(tuple(cfg.moe.lattice))}
+    for j, layer in enumerate(layers):
+        where = f"expert layer {j}"
+        file_bytes = listed(layer["file"], f"{where}'s expert file")
+        regions = layer["regions"]
+        if [r["expert"] for r in regions] != list(range(n_experts)):
+            raise bad(f"{where} must index experts 0..{n_experts - 1} in order")
+        for r in regions:
+            if not isinstance(r[md.REGION_CHECKSUM], str):
+                raise bad(f"{where}, expert {r['expert']} has no {md.REGION_CHECKSUM}")
+            if not 0 <= int(r["offset"]) <= file_bytes - layout.nbytes:
+                raise bad(f"{where}, expert {r['expert']} lies outside {layer['file']}")
+        delta_bytes = listed(layer["delta_file"], f"{where}'s delta file")
+        for d in layer["deltas"]:
+            src, dst, count = int(d["src"]), int(d["dst"]), int(d["count"])
+            if (min(src, dst), max(src, dst)) not in neighbours:
+                raise bad(f"{where} has a delta {src}->{dst} between experts that are not "
+                          "lattice neighbours")
+            if count < 0 or not 0 <= int(d["offset"]) <= delta_bytes - 5 * count:
+                raise bad(f"{where}'s delta {src}->{dst} lies outside {layer['delta_file']}")
+            if not isinstance(d[md.REGION_CHECKSUM], str):
+                raise bad(f"{where}'s delta {src}->{dst} has no {md.REGION_CHECKSUM}")
+    freqs = manifest.get("routing_frequencies")
+    if freqs is not None and (len(freqs) != len(layers)
+                              or any(len(row) != n_experts for row in freqs)):
+        raise bad(f"routing_frequencies must be [{len(layers)}, {n_experts}]")

@@ -1,1 +1,0 @@
-"""Ternary experts (SPEC §3.4): quantisation-aware training and packed formats."""
