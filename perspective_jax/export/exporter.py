@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from perspective_jax.config import PerspectiveConfig, to_dict
 from perspective_jax.config.choices import CURRICULUM
+from perspective_jax.config.param_layout import expert_layers, map_routed_ffns, routed_ffns
 from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.modeldir import format as md
@@ -101,7 +102,7 @@ def ternary_experts(w, granularity: str = "tensor") -> tuple[np.ndarray, np.ndar
 
 def routing_frequencies(cfg: PerspectiveConfig, params, tokens, chunk: int = 512):
     """[L_expert, E] share of calibration tokens routed to each expert (uniform if none)."""
-    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    layers = expert_layers(cfg.model)
     e = cfg.moe.num_experts
     if tokens is None:
         return np.full((len(layers), e), 1.0 / e)
@@ -114,7 +115,7 @@ def routing_frequencies(cfg: PerspectiveConfig, params, tokens, chunk: int = 512
             break
         aux = fn(params, jnp.asarray(part))
         for j, (p, i) in enumerate(layers):
-            c = aux["periods"][f"layer_{i}"]["ffn"]["counts"]
+            c = dict(routed_ffns(aux, cfg.model))[i]["counts"]
             counts[j] += np.asarray(c[0] if isinstance(c, tuple) else c)[p]
     total = counts.sum(1, keepdims=True)
     return np.where(total > 0, counts / np.maximum(total, 1), 1.0 / e)   # none seen: uniform
@@ -177,13 +178,14 @@ def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: fl
     """Ternarise the trained experts and write them; returns (index, {name: scales
     [L, E, S]})."""
     layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
-    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    layers = expert_layers(cfg.model)
+    ffns = dict(routed_ffns(params, cfg.model))
     granularity = cfg.ternary.scale_granularity
     scales = {}
 
     def layer_regions(j):
         p, i = layers[j]
-        ffn = params["periods"][f"layer_{i}"]["ffn"]
+        ffn = ffns[i]
         quant = {n: ternary_experts(np.asarray(ffn[n][p]), granularity)
                  for n in md.EXPERT_MATRICES}
         for name in md.EXPERT_MATRICES:
@@ -269,10 +271,8 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     if routed:
         experts_index, scales = _write_experts(out, cfg, params, delta_max_share, log)
         used = with_ternary_experts(params, cfg)
-        for i, kind in enumerate(cfg.model.layer_pattern):
-            if kind == "pdr":
-                for name in md.EXPERT_MATRICES:
-                    del shared["periods"][f"layer_{i}"]["ffn"][name]
+        shared = map_routed_ffns(shared, cfg.model, lambda _, ffn: {
+            k: v for k, v in ffn.items() if k not in md.EXPERT_MATRICES})
     tensors = flatten_params(shared)
     if embedding == "int8":       # calibration and routing then see the int8 embedding
         used = with_embedding(used, embedding_int8.quantize_in_place(tensors))
@@ -324,12 +324,9 @@ def with_embedding(params, table):
 
 def with_ternary_experts(params, cfg: PerspectiveConfig):
     """params with every expert matrix replaced by its exact ternary value."""
-    out = jax.tree.map(lambda a: a, params)
-    for i, kind in enumerate(cfg.model.layer_pattern):
-        if kind == "pdr":
-            ffn = dict(out["periods"][f"layer_{i}"]["ffn"])
-            for name in md.EXPERT_MATRICES:
-                trits, scale = ternary_experts(ffn[name], cfg.ternary.scale_granularity)
-                ffn[name] = trits.astype(np.float32) * scale[..., None, :]
-            out["periods"][f"layer_{i}"]["ffn"] = ffn
-    return out
+    def exact(_, ffn):
+        for name in md.EXPERT_MATRICES:
+            trits, scale = ternary_experts(ffn[name], cfg.ternary.scale_granularity)
+            ffn[name] = trits.astype(np.float32) * scale[..., None, :]
+        return ffn
+    return map_routed_ffns(params, cfg.model, exact)

@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from perspective_jax.config import PerspectiveConfig, to_dict
+from perspective_jax.config.param_layout import expert_layers, routed_ffns
 from perspective_jax.quant import embedding_int8
 from perspective_jax.quant import gptq
 from perspective_jax.modeldir import format as md
@@ -95,7 +96,7 @@ def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_g
                 shared_bits, group_size, embedding, log) -> dict:
     rng = np.random.default_rng(seed)
     layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
-    layers = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    layers = expert_layers(cfg.model)
     e = cfg.moe.num_experts
     order = _lattice_walk(cfg.moe.lattice)
 
@@ -115,11 +116,10 @@ def _write_into(tmp, cfg, seed, neighbour_flip_share, coherent_routers, expert_g
                                delta_max_share=0.5, log=log)
     params = _shared_params(cfg, rng)
     if not coherent_routers:
-        for i, kind in enumerate(cfg.model.layer_pattern):
-            if kind == "pdr":
-                router = params["periods"][f"layer_{i}"]["ffn"]["router"]
-                router["w_route"] = rng.normal(0, 1 / np.sqrt(cfg.model.d_model),
-                                               router["w_route"].shape).astype(np.float32)
+        for _, ffn in routed_ffns(params, cfg.model):
+            router = ffn["router"]
+            router["w_route"] = rng.normal(0, 1 / np.sqrt(cfg.model.d_model),
+                                           router["w_route"].shape).astype(np.float32)
     tensors = flatten_params(params)
     if embedding == "int8":
         embedding_int8.quantize_in_place(tensors)

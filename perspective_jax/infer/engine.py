@@ -33,6 +33,7 @@ import numpy as np
 
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.config.choices import PREDICTORS
+from perspective_jax.config.param_layout import expert_layers
 from perspective_jax.config.loader import from_dict
 from perspective_jax.errors import UserError
 from perspective_jax.infer import compile_clock
@@ -147,7 +148,7 @@ class StreamingEngine:
                               for i in range(len(self.model.layer_pattern))]
                              for p in range(self.model.n_periods)]
         insert_kernels(self.layer_params, quantized, on_device)
-        self.expert_layers = md.expert_layers(self.model.layer_pattern, self.model.n_periods)
+        self.expert_layers = expert_layers(self.model)
         self.layer_index = {key: j for j, key in enumerate(self.expert_layers)}
         self.state_bytes = sum(a.nbytes for a in jax.tree.leaves(init_cache(self.model, 1)))
         self.host = self.store = self.slots = self.tiers = None

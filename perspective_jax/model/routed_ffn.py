@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.config.choices import ROUTE_MODES
+from perspective_jax.config.param_layout import routed_ffns
 from perspective_jax.model.extensions import NEAREST, RoutePolicy
 from perspective_jax.model.layers import dtype_of, logical
 from perspective_jax.moe import torus
@@ -182,19 +183,13 @@ class RoutedFFN(nn.Module):
             self.sow("aux", key, value)
 
 
-def routed_layer_params(params, cfg: ModelConfig) -> list[dict]:
-    """The RoutedFFN parameter subtrees (stacked over periods) of a routed model."""
-    return [params["periods"][f"layer_{i}"]["ffn"]
-            for i, kind in enumerate(cfg.layer_pattern) if kind == "pdr"]
-
-
 def delta_loss(params, cfg: ModelConfig, moe: MoEConfig) -> jax.Array:
     """Mean L1 distance between lattice-neighbour experts' weights (SPEC §3.3)."""
     pairs = jnp.asarray(torus.neighbour_pairs(moe.lattice))
     if pairs.shape[0] == 0:
         return jnp.zeros((), jnp.float32)
     total, count = 0.0, 0
-    for ffn in routed_layer_params(params, cfg):
+    for _, ffn in routed_ffns(params, cfg):
         for name in ("w_gate", "w_up", "w_down"):
             w = ffn[name]                                               # [P, E, ...]
             diff = jnp.abs(w[:, pairs[:, 0]] - w[:, pairs[:, 1]])

@@ -65,12 +65,6 @@ def delta_file(j: int) -> str:
     return os.path.join("deltas", f"layer_{j:03d}.bin")
 
 
-def expert_layers(layer_pattern, n_periods: int) -> list[tuple[int, int]]:
-    """(period, pattern position) of every routed layer, in execution order."""
-    return [(p, i) for p in range(n_periods)
-            for i, kind in enumerate(layer_pattern) if kind == "pdr"]
-
-
 @dataclasses.dataclass(frozen=True)
 class RegionLayout:
     """Byte layout of one expert's packed region: three 2-bit code matrices."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+from perspective_jax.config.param_layout import expert_layers
 from perspective_jax.errors import UserError
 from perspective_jax.quant import embedding_int8
 from perspective_jax.modeldir import format as md
@@ -127,7 +128,7 @@ def _check(manifest: dict, bad) -> None:
         if layers:
             raise bad("the config is not routed but the manifest indexes expert layers")
         return
-    expected = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)
+    expected = expert_layers(cfg.model)
     if len(layers) != len(expected):
         raise bad(f"{len(layers)} expert layers indexed, the config has {len(expected)}")
     layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
+from perspective_jax.config.param_layout import map_routed_ffns
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 _EPS = 1e-8
@@ -70,15 +71,11 @@ def schedule_fraction(schedule: tuple[float, ...], step, total_steps: int):
 def quantize_experts(params: dict, cfg: ModelConfig, fraction=1.0,
                      granularity: str = "tensor") -> dict:
     """Apply `ternary_ste` to every routed expert matrix of a parameter tree."""
-    out = jax.tree.map(lambda a: a, params)
-    for i, kind in enumerate(cfg.layer_pattern):
-        if kind != "pdr":
-            continue
-        ffn = dict(out["periods"][f"layer_{i}"]["ffn"])
+    def quantize(_, ffn):
         for name in EXPERT_WEIGHTS:
             ffn[name] = ternary_ste(ffn[name], fraction, granularity)
-        out["periods"][f"layer_{i}"]["ffn"] = ffn
-    return out
+        return ffn
+    return map_routed_ffns(params, cfg, quantize)
 
 
 def quantize_activations_int8(x: jax.Array) -> jax.Array:

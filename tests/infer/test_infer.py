@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from perspective_jax.config.param_layout import expert_layers
 from perspective_jax.errors import UserError
 from perspective_jax.quant import embedding_int8
 from perspective_jax.quant import gptq
@@ -111,7 +112,7 @@ def test_exported_experts_are_exact_ternary_values(exported):
     shared = load_file(os.path.join(path, md.SHARED_FILE))
     used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
     layout = store.layout
-    p, i = md.expert_layers(cfg.model.layer_pattern, cfg.model.n_periods)[1]
+    p, i = expert_layers(cfg.model)[1]
     parts = layout.split(store.read_region(1, 5))
     for m, name in enumerate(md.EXPERT_MATRICES):
         k = parts[name].shape[0] * 4
