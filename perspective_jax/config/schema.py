@@ -152,6 +152,10 @@ class TernaryConfig:
     enabled: bool = False
     # Share of expert weights (by magnitude) ternarised at each phase of the stage.
     schedule: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # Steps the schedule's equal phases span; 0 = train.steps. Training pins it at
+    # the stage's first start (written to its config.yaml) and keeps it on resume,
+    # so raising train.steps of a finished ternary run continues fully ternary.
+    schedule_steps: int = 0
     ce_weight: float = 0.5
     kd_weight: float = 0.5
     # 0 = off, 8 = per-token absmax int8 expert activations (when enabled).
@@ -165,6 +169,8 @@ class TernaryConfig:
                  f"fractions must lie in [0, 1], got {self.schedule}")
         _require(list(self.schedule) == sorted(self.schedule), f"{s}.schedule",
                  "must be non-decreasing")
+        _require(self.schedule_steps >= 0, f"{s}.schedule_steps",
+                 f"must be >= 0 (0 = train.steps), got {self.schedule_steps}")
         _require(self.ce_weight >= 0 and self.kd_weight >= 0, f"{s}.ce_weight",
                  "loss weights must be >= 0")
         _require(self.activation_bits in (0, 8), f"{s}.activation_bits",
@@ -177,6 +183,8 @@ class TernaryConfig:
 class DataConfig:
     """Where text comes from and how it is cut into training sequences."""
 
+    # Corpus used when --data is not given: a file, directory or glob (relative
+    # paths resolve against the current directory); None = the default corpus.
     path: Optional[str] = None
     tokenizer: str = "sentencepiece"
     seq_len: int = 128

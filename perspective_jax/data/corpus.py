@@ -41,8 +41,11 @@ def default_corpus_files() -> list[str]:
     return files
 
 
-def expand_paths(specs: Iterable[str]) -> list[str]:
-    """Files, directories (recursively: text and JSONL files) and globs → file list."""
+def expand_paths(specs: Iterable[str], what: str = "--data") -> list[str]:
+    """Files, directories (recursively: text and JSONL files) and globs → file list.
+    Relative paths are relative to the current directory; `what` names the
+    option that gave them in errors (--data, data.path)."""
+    specs = list(specs)
     files: list[str] = []
     for spec in specs:
         if os.path.isdir(spec):
@@ -54,11 +57,11 @@ def expand_paths(specs: Iterable[str]) -> list[str]:
         else:
             matched = [f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)]
             if not matched:
-                raise UserError(f"--data: no such file, directory or glob match: {spec}")
+                raise UserError(f"{what}: no such file, directory or glob match: {spec}")
             files += matched
     files = sorted(set(files))
     if not files:
-        raise UserError(f"--data: no text or .jsonl files found in {list(specs)}")
+        raise UserError(f"{what}: no text or .jsonl files found in {specs}")
     return files
 
 

@@ -24,6 +24,7 @@ _BATCH_DOCS = 256
 class TokenSplit:
     tokens: np.ndarray      # memory-mapped ids [n_tokens]
     n_chars: int            # characters of text behind them (for bits per char)
+    store: str = ""         # the store's <hash>: documents, split and tokenizer
 
     @property
     def chars_per_token(self) -> float:
@@ -76,7 +77,7 @@ def build_token_store(run_dir: str, train_docs: list[Document], val_docs: list[D
         n = meta[name]["tokens"]
         tokens = np.memmap(os.path.join(out, f"{name}.bin"), dtype=meta["dtype"], mode="r",
                            shape=(n,)) if n else np.zeros((0,), meta["dtype"])
-        splits.append(TokenSplit(tokens, meta[name]["chars"]))
+        splits.append(TokenSplit(tokens, meta[name]["chars"], key))
     return splits[0], splits[1]
 
 

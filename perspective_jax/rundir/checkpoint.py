@@ -119,15 +119,19 @@ def restore_params(run_dir: str, params_like) -> Any:
     step = manager.latest_step()
     if step is None:
         raise UserError(f"--init-from {run_dir}: the run has no complete checkpoint")
-    # Restore only the params subtree (onto one device; callers reshard); the
-    # optimizer state of the source run is dropped.
+    # Restore only the params subtree onto one device (callers reshard); the
+    # optimizer state of the source run is dropped. PyTreeRestore reads shardings
+    # from `restore_args`, not from `item`: without them orbax falls back to the
+    # source run's sharding file (and warns), which may name devices not present.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params_like)}
     try:
         with _quiet_logs():
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))
+                state=ocp.args.PyTreeRestore(
+                    item=target, partial_restore=True,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
     except Exception as exc:
         err = _unreadable(directory, step, exc, manager.all_steps())
         raise UserError(f"--init-from {run_dir}: {err}") from None

@@ -3,7 +3,9 @@
     RUN_DIR/
       config.yaml      the resolved config the stage trained with (CONFIG_FILE)
       checkpoints/     orbax checkpoints, one per saved step (`rundir.checkpoint`)
-      tokenizer.*      the tokenizer in use; tokens/ the cached token files
+      tokenizer.*      the tokenizer in use; data/<hash>/ the cached token files
+      data.json        the token store the run started on (DATA_RECORD): resumes
+                       must use the same one
       metrics.jsonl    train/eval records; tb/ TensorBoard events
 
 A curriculum root (`perspective-train --stage all`) holds one such directory per
@@ -12,11 +14,14 @@ stage (`config.choices.CURRICULUM`).
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Optional
 
 from perspective_jax.config import PerspectiveConfig, load_config, save_config
 
 CONFIG_FILE = "config.yaml"
+DATA_RECORD = "data.json"
 
 
 def config_path(run_dir: str) -> str:
@@ -34,3 +39,21 @@ def load_run_config(run_dir: str) -> PerspectiveConfig:
 
 def save_run_config(cfg: PerspectiveConfig, run_dir: str) -> None:
     save_config(cfg, config_path(run_dir))
+
+
+def load_data_record(run_dir: str) -> Optional[dict]:
+    """{"token_store": <hash>, "source": <what --data/data.path named>} written at
+    the run's first start, or None (no record, or an unreadable one)."""
+    try:
+        with open(os.path.join(run_dir, DATA_RECORD)) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "token_store" in record else None
+
+
+def save_data_record(run_dir: str, record: dict) -> None:
+    path = os.path.join(run_dir, DATA_RECORD)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(record, fh, indent=2)
+    os.replace(path + ".tmp", path)

@@ -26,12 +26,18 @@ def stack_aux(aux) -> dict:
     return {k: jnp.concatenate(v, axis=0) for k, v in out.items()}
 
 
+def schedule_steps(cfg: PerspectiveConfig) -> int:
+    """Steps the progressive ternary schedule spans: `ternary.schedule_steps`
+    (pinned at the stage's first start), else `train.steps`."""
+    return cfg.ternary.schedule_steps or cfg.train.steps
+
+
 def effective_params(cfg: PerspectiveConfig, params, step):
     """The weights the model computes with: ternary experts (at the schedule's
     fraction for this step of the stage) when `ternary.enabled`."""
     if not cfg.ternary.enabled:
         return params
-    fraction = schedule_fraction(cfg.ternary.schedule, step, cfg.train.steps)
+    fraction = schedule_fraction(cfg.ternary.schedule, step, schedule_steps(cfg))
     return quantize_experts(params, cfg.model, fraction, cfg.ternary.scale_granularity)
 
 
@@ -64,7 +70,7 @@ def make_apply_fns(cfg: PerspectiveConfig):
             return jnp.float32(0.0), {}
         teacher, _ = teacher_model.apply({"params": context["teacher"]}, inputs)
         kl = kl_divergence(logits, jax.lax.stop_gradient(teacher))
-        fraction = schedule_fraction(cfg.ternary.schedule, context["step"], cfg.train.steps)
+        fraction = schedule_fraction(cfg.ternary.schedule, context["step"], schedule_steps(cfg))
         return cfg.ternary.kd_weight * kl, {"kd_loss": kl, "ternary_fraction": fraction}
 
     if not cfg.model.routed:

@@ -24,8 +24,8 @@ from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.rundir.layout import (CONFIG_FILE, has_config, load_run_config,
                                            save_run_config)
-from perspective_jax.train.trainer import (TrainResult, ensure_run_dir,
-                                           source_config, train)
+from perspective_jax.train.resume import ensure_run_dir, source_config
+from perspective_jax.train.trainer import TrainResult, train
 
 ALIGN_STEP_SHARE = 4   # the align fine-tune runs train.steps / 4 steps
 # The run each stage starts from (--init-from; a resumed run needs none but upcycle).

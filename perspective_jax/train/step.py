@@ -3,8 +3,17 @@
 State is a plain dict pytree {"step", "params", "opt_state"} (what orbax saves).
 The train step accumulates gradients over the leading `grad_accum` axis of the
 batch with `lax.scan`, then applies AdamW (warmup + cosine, global-norm clip,
-decoupled weight decay on matrices only). A non-finite loss or gradient skips
+decoupled weight decay, below). A non-finite loss or gradient skips
 the update (state unchanged except `step`) and reports `finite = False`.
+
+Weight decay (decoupled, λ = train.weight_decay: p ← p − lr·λ·p) applies to every
+parameter except those named in NO_DECAY: norm scales (`scale`, neutral at 1, not
+0) and the PDR decay bias (`b_p`: sigmoid(b_p) is the initial decay, 0 would mean ½). It does apply to the router:
+`w_route`, `offsets` (pulled toward 0, i.e. each expert toward its lattice cell,
+which keeps neighbours on the lattice for delta streaming; align resets them to 0
+anyway) and `log_temperature` (pulled toward 0, i.e. τ toward 1, the default
+`moe.router_temperature`). Both pulls are lr·λ per step, weak next to the task
+gradient; they are kept so routed-stage losses stay as they were.
 """
 
 from __future__ import annotations

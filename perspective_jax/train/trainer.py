@@ -2,49 +2,48 @@
 
     result = train(cfg, run_dir, data=["corpus/"], init_from=None)
 
-Run directory: config.yaml (resolved), tokenizer, data/<hash>/ token files,
-checkpoints/ (orbax), metrics.jsonl, tb/. A run with checkpoints resumes from
-the latest one exactly (params, optimizer, step, data position); SIGINT/SIGTERM
-save a checkpoint and stop; K non-finite steps in a row stop the run with the
-last good checkpoint intact.
+Run directory: config.yaml (resolved), data.json (the token store it trains on),
+tokenizer, data/<hash>/ token files, checkpoints/ (orbax), metrics.jsonl, tb/. A
+run with checkpoints resumes from the latest one exactly (params, optimizer,
+step, data position); SIGINT/SIGTERM save a checkpoint and stop; K non-finite
+steps in a row stop the run with the last good checkpoint intact.
+
+`train` = checks (`train.resume`) → `prepare_data` → `setup` (mesh, state, jitted
+steps) → `run_loop` (one train step, then the hooks of `train.hooks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import signal
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from perspective_jax.config import PerspectiveConfig, to_dict
+from perspective_jax.config import PerspectiveConfig
 from perspective_jax.data.corpus import (default_corpus_files, expand_paths,
                                          read_documents, split_documents)
 from perspective_jax.data.pipeline import eval_batches, train_iterator
 from perspective_jax.data.token_store import build_token_store, check_long_enough
 from perspective_jax.data.tokenizer import copy_tokenizer, load_or_train
 from perspective_jax.errors import UserError
-from perspective_jax.model.generate import Sampling, generate
 from perspective_jax.model.transformer import abstract_params, logical_axes
-from perspective_jax.moe.metrics import routing_report
-from perspective_jax.train import sharding as shd
 from perspective_jax.rundir.checkpoint import Checkpointer, restore_params
-from perspective_jax.rundir.layout import (CONFIG_FILE, config_path, has_config, load_run_config,
-                                           save_run_config)
+from perspective_jax.rundir.layout import has_config, load_run_config, save_run_config
+from perspective_jax.train import sharding as shd
+from perspective_jax.train.hooks import (MAX_NONFINITE_IN_A_ROW, LoopState, StopFlag,
+                                         default_hooks, log_evaluation)
 from perspective_jax.train.metrics import MetricsLogger, progress_bar
-from perspective_jax.train.objective import (effective_params, expert_activation_bits,
-                                             make_apply_fns)
+from perspective_jax.train.objective import effective_params, make_apply_fns
+from perspective_jax.train.resume import (check_data_record, check_init_compatible,
+                                          check_resume_compatible, ensure_run_dir,
+                                          pin_schedule, source_config)
 from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
-MAX_NONFINITE_IN_A_ROW = 5
-SAMPLE_PROMPT_TOKENS = 16
-SAMPLE_NEW_TOKENS = 48
+__all__ = ["TrainResult", "TrainSetup", "train", "prepare_data", "setup", "run_loop",
+           "ensure_run_dir", "source_config", "MAX_NONFINITE_IN_A_ROW"]
 
 
 @dataclasses.dataclass
@@ -61,104 +60,50 @@ class TrainResult:
     note: str = ""  # e.g. why no step ran in this call
 
 
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """The fixed parts of one training call: config, mesh, data, jitted steps,
+    checkpointer and logger. Built by `setup`, read by the loop and its hooks."""
 
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _shape_signature(cfg: PerspectiveConfig) -> dict:
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(cfg.model, cfg.moe))[0]
-    return {jax.tree_util.keystr(p): (tuple(a.shape), str(a.dtype)) for p, a in leaves}
+    cfg: PerspectiveConfig
+    run_dir: str
+    mesh: Any
+    tokenizer: Any
+    val_split: Any
+    val_windows: list
+    data_iter: Any                 # grain iterator (its position is checkpointed)
+    batch_sharding: Any
+    global_shape: tuple            # [grad_accum, micro, seq_len + 1]
+    train_step: Any                # (state, batch) -> (state, metrics)
+    eval_step: Any                 # (params, windows) -> (Σ nll, count, stats)
+    used_params: Any               # (params, step) -> the weights the model uses
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    start: int                     # step of the restored / initial state
+    end: int                       # last step of this call
 
 
-def _shape_changes(saved: PerspectiveConfig, cfg: PerspectiveConfig) -> Optional[str]:
-    """None if both configs give the same parameter shapes, else the model.*/moe.*
-    values that differ ('model.d_model: 32 -> 48; ...')."""
-    if _shape_signature(saved) == _shape_signature(cfg):
-        return None
-    changed = []
-    for section in ("model", "moe"):
-        old, new = getattr(saved, section), getattr(cfg, section)
-        changed += [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
-                    for f in dataclasses.fields(new)
-                    if getattr(old, f.name) != getattr(new, f.name)]
-    return "; ".join(changed) or "another parameter layout"
+def data_source(cfg: PerspectiveConfig, data: Optional[Sequence[str]]) -> str:
+    """How the corpus is named: --data, else data.path, else the default corpus."""
+    if data:
+        return "--data " + " ".join(data)
+    return f"data.path={cfg.data.path}" if cfg.data.path else "the default corpus"
 
 
-def ensure_run_dir(run_dir: str) -> None:
-    """Create the run directory, or say in one line why it cannot be used."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"--run-dir {run_dir} is an existing file, not a directory; "
-                        "pass a directory path") from None
-    except OSError as exc:
-        raise UserError(f"--run-dir {run_dir}: cannot create it ({exc.strerror}); "
-                        "pass a path in a writable directory") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--run-dir {run_dir} is not writable; pass another directory")
-
-
-def source_config(init_from: str) -> PerspectiveConfig:
-    """The resolved config of the run that --init-from names."""
-    if not os.path.isdir(init_from):
-        raise UserError(f"--init-from {init_from}: no such directory; pass the run "
-                        "directory of an earlier stage")
-    if not os.path.isfile(config_path(init_from)):
-        raise UserError(f"--init-from {init_from}: no {CONFIG_FILE}; is it a "
-                        "perspective-train run directory?")
-    return load_run_config(init_from)
-
-
-def check_init_compatible(init_from: str, cfg: PerspectiveConfig) -> None:
-    """Refuse --init-from a run whose parameters have other shapes than `cfg`'s."""
-    changes = _shape_changes(source_config(init_from), cfg)
-    if changes:
-        raise UserError(f"--init-from {init_from} holds a model of another shape ({changes}); "
-                        "use the same model.* and moe.* values as that run")
-
-
-def check_resume_compatible(saved: PerspectiveConfig, cfg: PerspectiveConfig,
-                            run_dir: str) -> None:
-    """Refuse a resume whose config changes parameter shapes or the data stream."""
-    changes = _shape_changes(saved, cfg)
-    if changes:
-        raise UserError(f"{run_dir} holds a model of another shape ({changes}); "
-                        "resume with the original config, or use a new --run-dir "
-                        "(optionally --init-from)")
-    for section, keys in (("data", ("seq_len", "tokenizer", "seed", "val_fraction")),
-                          ("train", ("batch_size", "grad_accum", "seed"))):
-        for key in keys:
-            a, b = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
-            if a != b:
-                raise UserError(f"{run_dir} was trained with {section}.{key}={a!r}; resuming "
-                                f"with {b!r} would not continue the same data stream — "
-                                "use the original value or a new --run-dir")
+def corpus_files(cfg: PerspectiveConfig, data: Optional[Sequence[str]]) -> list[str]:
+    """The corpus files: --data, else data.path (relative to the current
+    directory), else the default corpus."""
+    if data:
+        return expand_paths(data)
+    if cfg.data.path:
+        return expand_paths([cfg.data.path], "data.path")
+    return default_corpus_files()
 
 
 def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]],
                  tokenizer_from: Optional[str] = None):
     """Corpus → tokenizer (trained or reused) → cached token files."""
-    files = expand_paths(data) if data else default_corpus_files()
-    docs = read_documents(files)
+    docs = read_documents(corpus_files(cfg, data))
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
     if tokenizer_from:
         copy_tokenizer(tokenizer_from, run_dir)
@@ -189,14 +134,113 @@ def _already_done(run_dir: str, step: int, steps: int, t_start: float) -> TrainR
                             "train (raise train.steps to continue)")
 
 
+def _initial_state(cfg, tx, p_shard, init_from, resuming):
+    """Train state at step 0 (random init, or --init-from's params); ternary
+    stages with distillation keep the starting weights, frozen, as teacher."""
+    if init_from and not resuming:
+        params = jax.device_put(restore_params(init_from, abstract_params(cfg.model, cfg.moe)),
+                                p_shard)
+    else:
+        from perspective_jax.model.transformer import init_params
+        params = jax.jit(lambda r: init_params(cfg.model, r, moe=cfg.moe),
+                         out_shardings=p_shard)(jax.random.key(cfg.train.seed))
+    state = jax.jit(lambda p: init_state(p, tx))(params)
+    if cfg.ternary.enabled and cfg.ternary.kd_weight > 0:
+        if not (init_from or resuming):
+            raise UserError("the ternary stage distils from a teacher: pass --init-from "
+                            "SPARSE_RUN_DIR")
+        state["teacher"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def setup(cfg: PerspectiveConfig, run_dir: str, mesh, ckpt: Checkpointer, tokenizer,
+          train_split, val_split, init_from: Optional[str], resuming: bool,
+          max_steps_this_call: Optional[int] = None) -> tuple[TrainSetup, dict, int]:
+    """(run, train state, non-finite count so far): the state is initial, or restored
+    with the data iterator from the latest checkpoint. Call under `jax.set_mesh`."""
+    divisor = shd.batch_divisor(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % divisor:
+        raise UserError(f"micro-batch {micro} (train.batch_size / train.grad_accum) is not "
+                        f"divisible by the {divisor} data-parallel shards of the mesh "
+                        f"{dict(mesh.shape)}")
+    tx = make_optimizer(cfg.train)
+    p_shard = shd.param_shardings(logical_axes(cfg.model, cfg.moe),
+                                  abstract_params(cfg.model, cfg.moe), mesh)
+    train_apply, eval_apply = make_apply_fns(cfg)
+    state = _initial_state(cfg, tx, p_shard, init_from, resuming)
+    state_shard = jax.tree.map(lambda a: a.sharding, state)
+    data_iter = train_iterator(train_split.tokens, cfg.data.seq_len, cfg.train.batch_size,
+                               cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    nonfinite_total = 0
+    if resuming:
+        state, meta = ckpt.restore(ckpt.latest_step(), state, data_iter)
+        nonfinite_total = int(meta.get("nonfinite_total", 0))
+    batch_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None))
+    ce_weight = cfg.ternary.ce_weight if cfg.ternary.enabled else 1.0
+    train_step = jax.jit(make_train_step(train_apply, tx, lr_schedule(cfg.train),
+                                         ce_weight=ce_weight),
+                         in_shardings=(state_shard, batch_sharding),
+                         out_shardings=(state_shard, None), donate_argnums=(0,))
+    start = int(state["step"])
+    end = cfg.train.steps if max_steps_this_call is None else min(
+        cfg.train.steps, start + max_steps_this_call)
+    run = TrainSetup(
+        cfg=cfg, run_dir=run_dir, mesh=mesh, tokenizer=tokenizer, val_split=val_split,
+        val_windows=eval_batches(val_split.tokens, cfg.data.seq_len, micro,
+                                 cfg.train.eval_batches),
+        data_iter=data_iter, batch_sharding=batch_sharding,
+        global_shape=(cfg.train.grad_accum, micro, cfg.data.seq_len + 1),
+        train_step=train_step, eval_step=jax.jit(make_eval_step(eval_apply)),
+        used_params=jax.jit(lambda p, step: effective_params(cfg, p, step)),
+        ckpt=ckpt, logger=MetricsLogger(run_dir), start=start, end=end)
+    return run, state, nonfinite_total
+
+
+def run_loop(run: TrainSetup, state: dict, nonfinite_total: int, progress: bool,
+             deadline_s: Optional[float], t_start: float) -> LoopState:
+    """Steps start..end, each followed by the hooks in order; a hook may stop the
+    loop. Ends with an evaluation if none ran, then closes checkpointer and log."""
+    result = TrainResult(run.run_dir, run.start, None, None, None, "", "finished", 0.0)
+    loop = LoopState(state=state, result=result, nonfinite_total=nonfinite_total)
+    bar = progress_bar(run.end, run.start, progress, desc=f"train {run.cfg.name}")
+    with StopFlag() as flag:
+        hooks = default_hooks(run.cfg, run.end, bar, flag, deadline_s, t_start)
+        for step in range(run.start, run.end):
+            batch = jax.make_array_from_process_local_data(
+                run.batch_sharding, next(run.data_iter), run.global_shape)
+            loop.state, loop.metrics = run.train_step(loop.state, batch)
+            loop.done, loop.window_steps = step + 1, loop.window_steps + 1
+            loop.finite = bool(loop.metrics["finite"])
+            for hook in hooks:
+                if hook.due(loop):
+                    hook.run(run, loop)
+                if loop.stop:
+                    break
+            if loop.stop:
+                result.stopped = loop.stop
+                break
+    if result.val_loss is None and result.stopped != "nonfinite":
+        log_evaluation(run, loop, result.step)  # e.g. no step reached an evaluation
+    bar.close()
+    run.ckpt.close()
+    run.logger.close()
+    return loop
+
+
 def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = None,
           init_from: Optional[str] = None, devices=None, progress: bool = True,
           max_steps_this_call: Optional[int] = None,
           deadline_s: Optional[float] = None) -> TrainResult:
-    """Train (or resume) the dense model described by `cfg` in `run_dir`.
+    """Train (or resume) the model described by `cfg` in `run_dir`.
 
-    `deadline_s` (seconds since this call started) ends training early — with a
-    final evaluation and checkpoint — for wall-clock-budgeted benchmarks."""
+    `data` (files, directories, globs) defaults to `data.path`, then to the
+    default corpus. `deadline_s` (seconds since this call started) ends training
+    early — with a final evaluation and checkpoint — for wall-clock-budgeted
+    benchmarks."""
     t_start = time.perf_counter()
     ensure_run_dir(run_dir)
     saved_cfg = load_run_config(run_dir) if has_config(run_dir) else None
@@ -205,152 +249,24 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     resuming = latest is not None
     if resuming and saved_cfg is not None:
         check_resume_compatible(saved_cfg, cfg, run_dir)
+    cfg = pin_schedule(cfg, saved_cfg if resuming else None, run_dir)
     if init_from and not resuming:
         check_init_compatible(init_from, cfg)
     if resuming and latest >= cfg.train.steps:
         ckpt.close()
         return _already_done(run_dir, latest, cfg.train.steps, t_start)
-    save_run_config(cfg, run_dir)
     tokenizer, train_split, val_split = prepare_data(cfg, run_dir, data, init_from)
+    check_data_record(run_dir, train_split.store, data_source(cfg, data), resuming)
+    save_run_config(cfg, run_dir)
 
     mesh = shd.make_mesh(cfg.mesh, devices)
-    divisor = shd.batch_divisor(mesh)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % divisor:
-        raise UserError(f"micro-batch {micro} (train.batch_size / train.grad_accum) is not "
-                        f"divisible by the {divisor} data-parallel shards of the mesh "
-                        f"{dict(mesh.shape)}")
-    tx = make_optimizer(cfg.train)
-    abstract = abstract_params(cfg.model, cfg.moe)
-    p_shard = shd.param_shardings(logical_axes(cfg.model, cfg.moe), abstract, mesh)
-    train_apply, eval_apply = make_apply_fns(cfg)
-
     with jax.set_mesh(mesh):
-        if init_from and not resuming:
-            params = jax.device_put(restore_params(init_from, abstract), p_shard)
-        else:
-            from perspective_jax.model.transformer import init_params
-            params = jax.jit(lambda r: init_params(cfg.model, r, moe=cfg.moe),
-                             out_shardings=p_shard)(
-                jax.random.key(cfg.train.seed))
-        state = jax.jit(lambda p: init_state(p, tx))(params)
-        if cfg.ternary.enabled and cfg.ternary.kd_weight > 0:
-            if not (init_from or resuming):
-                raise UserError("the ternary stage distils from a teacher: pass --init-from "
-                                "SPARSE_RUN_DIR")
-            # the starting weights, frozen, are the distillation teacher
-            state["teacher"] = jax.tree.map(jnp.copy, params)
-        state_shard = jax.tree.map(lambda a: a.sharding, state)
-        data_iter = train_iterator(train_split.tokens, cfg.data.seq_len, cfg.train.batch_size,
-                                   cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-        counters = {"nonfinite_total": 0}
-        if resuming:
-            state, meta = ckpt.restore(ckpt.latest_step(), state, data_iter)
-            counters["nonfinite_total"] = int(meta.get("nonfinite_total", 0))
-
-        batch_sharding = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None))
-        ce_weight = cfg.ternary.ce_weight if cfg.ternary.enabled else 1.0
-        train_step = jax.jit(make_train_step(train_apply, tx, lr_schedule(cfg.train),
-                                             ce_weight=ce_weight),
-                             in_shardings=(state_shard, batch_sharding),
-                             out_shardings=(state_shard, None), donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(eval_apply))
-        used_params = jax.jit(lambda p, step: effective_params(cfg, p, step))
-        val_windows = eval_batches(val_split.tokens, cfg.data.seq_len, micro,
-                                   cfg.train.eval_batches)
-        logger = MetricsLogger(run_dir)
-        start = int(state["step"])
-        end = cfg.train.steps if max_steps_this_call is None else min(
-            cfg.train.steps, start + max_steps_this_call)
-        global_shape = (cfg.train.grad_accum, micro, cfg.data.seq_len + 1)
-        result = TrainResult(run_dir, start, None, None, None, "", "finished", 0.0)
-
-        def meta():
-            return {"config": to_dict(cfg), **counters}
-
-        def evaluate(step):
-            total, count, stats = 0.0, 0.0, None
-            params_used = used_params(state["params"], state["step"])
-            for w in val_windows:
-                w = jax.make_array_from_callback(w.shape, shd.batch_sharding(mesh),
-                                                 lambda idx, w=w: w[idx])
-                s, c, st = eval_step(params_used, w)
-                total, count = total + float(s), count + float(c)
-                st = jax.tree.map(np.asarray, st)
-                stats = st if stats is None else jax.tree.map(np.add, stats, st)
-            loss = total / count
-            prompt = np.asarray(val_split.tokens[:SAMPLE_PROMPT_TOKENS], np.int32)[None]
-            out = generate(cfg.model, params_used, prompt, SAMPLE_NEW_TOKENS,
-                           Sampling(temperature=0.8, top_k=40), seed=step, moe=cfg.moe,
-                           activation_bits=expert_activation_bits(cfg))
-            sample = tokenizer.decode(np.concatenate([prompt[0], out[0]]))
-            bpc = loss / math.log(2) / val_split.chars_per_token
-            record = {"val_loss": loss, "val_bits_per_token": loss / math.log(2),
-                      "val_bits_per_char": bpc, "sample": sample}
-            if stats:
-                routing = routing_report(stats["counts"], stats["switches"],
-                                         stats["entropy"] / len(val_windows))
-                record.update({k: v for k, v in routing.items() if k != "utilisation"})
-                record["routing"] = routing
-                result.routing = routing
-            logger.log(step, "eval", record)
-            result.val_loss, result.val_bits_per_char, result.sample = loss, bpc, sample
-            return loss
-
-        bar = progress_bar(end, start, progress, desc=f"train {cfg.name}")
-        in_a_row, window_t, window_steps = 0, time.perf_counter(), 0
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        with _StopFlag() as stop:
-            for step in range(start, end):
-                local = next(data_iter)
-                batch = jax.make_array_from_process_local_data(batch_sharding, local,
-                                                               global_shape)
-                state, m = train_step(state, batch)
-                done = step + 1
-                window_steps += 1
-                if not bool(m["finite"]):
-                    in_a_row += 1
-                    counters["nonfinite_total"] += 1
-                    logger.log(done, "nonfinite", {"loss": float(m["loss"])})
-                    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        result.stopped = "nonfinite"
-                        break
-                else:
-                    in_a_row = 0
-                    if done % cfg.train.log_every == 0 or done == end:
-                        loss = float(m["loss"])
-                        elapsed = time.perf_counter() - window_t
-                        tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                        logger.log(done, "train", {
-                            "tokens_per_s": tps,
-                            **{k: float(v) for k, v in m.items() if k != "finite"}})
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                        result.train_loss = loss
-                        window_t, window_steps = time.perf_counter(), 0
-                    if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                        bar.write(f"step {done}: val loss {evaluate(done):.4f}")
-                    ckpt.save(done, state, data_iter, meta(), force=done == end)
-                bar.update(1)
-                result.step = done
-                if stop.signal is not None:
-                    ckpt.save(done, state, data_iter, meta(), force=True)
-                    result.stopped = "signal"
-                    break
-                if deadline_s is not None and time.perf_counter() - t_start > deadline_s:
-                    if result.val_loss is None or done % cfg.train.eval_every:
-                        evaluate(done)
-                    ckpt.save(done, state, data_iter, meta(), force=True)
-                    result.stopped = "deadline"
-                    break
-        if result.val_loss is None and result.stopped != "nonfinite":
-            evaluate(result.step)  # e.g. no step reached an evaluation: report one anyway
-        bar.close()
-        ckpt.close()
+        run, state, nonfinite_total = setup(cfg, run_dir, mesh, ckpt, tokenizer, train_split,
+                                            val_split, init_from, resuming,
+                                            max_steps_this_call)
+        loop = run_loop(run, state, nonfinite_total, progress, deadline_s, t_start)
         last_good = ckpt.latest_step()
-        logger.close()
+    result = loop.result
     result.wall_s = time.perf_counter() - t_start
     if result.stopped == "nonfinite":
         raise UserError(f"{MAX_NONFINITE_IN_A_ROW} non-finite steps in a row ending at step "
