@@ -21,7 +21,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from perspective_jax.infer import layers as L  # noqa: E402
-from perspective_jax.modeldir import format as md  # noqa: E402
 from perspective_jax.modeldir.manifest import read_manifest  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
 

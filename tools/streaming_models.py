@@ -54,7 +54,6 @@ def _derive(src: str, dst: str, transform, label: str, current=None) -> None:
     current(its manifest) holds."""
     from safetensors.numpy import load_file, save_file
     from perspective_jax.modeldir import format as md
-    from perspective_jax.modeldir.manifest import read_manifest
     if _complete(dst) and _links(src, dst):
         with open(os.path.join(dst, md.MANIFEST)) as fh:
             if current is None or current(json.load(fh)):

@@ -73,7 +73,6 @@ def run(argv=None) -> int:
             check_output_file(path, flag)
     from perspective_jax.data.tokenizer import load_tokenizer
     from perspective_jax.model.generate import Sampling
-    from perspective_jax.modeldir import format as md
     from perspective_jax.modeldir.manifest import read_manifest
     from perspective_jax.infer.engine import StreamingEngine
     from perspective_jax.infer.session import Conversation, describe

@@ -8,9 +8,12 @@ documents, the tokenizer and the split, so any change re-tokenises.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+
+from typing import Optional
 
 import numpy as np
 
@@ -70,15 +73,27 @@ def build_token_store(run_dir: str, train_docs: list[Document], val_docs: list[D
         with open(tmp, "w") as fh:
             json.dump(meta, fh, indent=2)
         os.replace(tmp, meta_path)  # meta.json last: a half-written store is never reused
-    with open(meta_path) as fh:
+    return _read_store(out)
+
+
+def _read_store(out: str) -> tuple[TokenSplit, TokenSplit]:
+    """The (train, val) splits of one complete store directory (memory-mapped)."""
+    with open(os.path.join(out, "meta.json")) as fh:
         meta = json.load(fh)
     splits = []
     for name in ("train", "val"):
         n = meta[name]["tokens"]
         tokens = np.memmap(os.path.join(out, f"{name}.bin"), dtype=meta["dtype"], mode="r",
                            shape=(n,)) if n else np.zeros((0,), meta["dtype"])
-        splits.append(TokenSplit(tokens, meta[name]["chars"], key))
+        splits.append(TokenSplit(tokens, meta[name]["chars"], os.path.basename(out)))
     return splits[0], splits[1]
+
+
+def latest_token_store(run_dir: str) -> Optional[tuple[TokenSplit, TokenSplit]]:
+    """The (train, val) splits of the run's most recently written store, or None."""
+    metas = sorted(glob.glob(os.path.join(run_dir, "data", "*", "meta.json")),
+                   key=os.path.getmtime)
+    return _read_store(os.path.dirname(metas[-1])) if metas else None
 
 
 def check_long_enough(split: TokenSplit, name: str, seq_len: int) -> None:

@@ -98,14 +98,21 @@ def load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: i
     return train_sentencepiece(train_texts(), vocab_size, run_dir, seed=seed)
 
 
-def copy_tokenizer(src_run: str, dst_run: str) -> None:
-    """Give `dst_run` the tokenizer of `src_run` (kept if it already has one)."""
+def copy_tokenizer(src_run: str, dst_dir: str) -> None:
+    """Give `dst_dir` (a later stage's run, or a model directory) the one tokenizer
+    `load_tokenizer(src_run)` uses — sentencepiece first — unless it has one already.
+    A source without a tokenizer is a one-line error."""
     import shutil
+    load_tokenizer(src_run)
     for name in (SPM_FILE, BYTE_MARKER):
-        src, dst = os.path.join(src_run, name), os.path.join(dst_run, name)
-        if os.path.exists(src) and not os.path.exists(dst):
-            os.makedirs(dst_run, exist_ok=True)
-            shutil.copy(src, dst)
+        if os.path.exists(os.path.join(dst_dir, name)):
+            return
+    for name in (SPM_FILE, BYTE_MARKER):
+        src = os.path.join(src_run, name)
+        if os.path.exists(src):
+            os.makedirs(dst_dir, exist_ok=True)
+            shutil.copy(src, os.path.join(dst_dir, name))
+            return
 
 
 def load_tokenizer(run_dir: str):

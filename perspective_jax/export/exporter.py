@@ -14,8 +14,6 @@ scale (`infer.embedding_int8`; `--embedding float32` keeps it exact).
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import shutil
 from typing import Optional
@@ -28,7 +26,8 @@ from safetensors.numpy import save_file
 from perspective_jax.config import PerspectiveConfig, to_dict
 from perspective_jax.config.choices import CURRICULUM
 from perspective_jax.config.param_layout import expert_layers, map_routed_ffns, routed_ffns
-from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE, load_tokenizer
+from perspective_jax.data.token_store import latest_token_store
+from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.modeldir import format as md
 from perspective_jax.quant import embedding_int8
@@ -79,16 +78,11 @@ def calibration_tokens(run_dir: str, n_tokens: int, text_file: Optional[str] = N
             raise UserError(f"--calibration-text {text_file}: too little text to calibrate "
                             "with (at least 2 tokens); give a longer file")
     else:
-        metas = sorted(glob.glob(os.path.join(run_dir, "data", "*", "meta.json")),
-                       key=os.path.getmtime)
-        if not metas:
+        store = latest_token_store(run_dir)
+        if store is None:
             return None
-        with open(metas[-1]) as fh:
-            meta = json.load(fh)
-        n = meta["val"]["tokens"] or meta["train"]["tokens"]
-        split = "val" if meta["val"]["tokens"] else "train"
-        ids = np.memmap(os.path.join(os.path.dirname(metas[-1]), f"{split}.bin"),
-                        dtype=meta["dtype"], mode="r", shape=(n,))
+        train_split, val_split = store
+        ids = (val_split if len(val_split.tokens) else train_split).tokens
     ids = np.asarray(ids[:n_tokens], np.int32)
     return ids[None] if ids.size else None
 
@@ -294,7 +288,7 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     for name, value in (scales or {}).items():
         tensors[md.scale_key(name)] = value
     save_file(tensors, os.path.join(out, md.SHARED_FILE))
-    _copy_tokenizer(run, out)
+    copy_tokenizer(run, out)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
     shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
                    "quantized": quantized, "embedding": embedding,
@@ -302,16 +296,6 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
                                for k, v in tensors.items()}}
     return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
                              shared_meta, experts_index, freqs)
-
-
-def _copy_tokenizer(run: str, out: str) -> None:
-    """Copy the one tokenizer `load_tokenizer(run)` uses (its order: sentencepiece
-    first), so the manifest's tokenizer kind is the run's."""
-    load_tokenizer(run)                       # a clear error when the run has none
-    for name in (SPM_FILE, BYTE_MARKER):
-        if os.path.exists(os.path.join(run, name)):
-            shutil.copy(os.path.join(run, name), out)
-            return
 
 
 def with_embedding(params, table):

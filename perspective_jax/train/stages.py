@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.config.choices import CURRICULUM, ROUTED_STAGES, STAGES, TERNARY_STAGES
+from perspective_jax.config.param_layout import map_routed_ffns, routed_ffns
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, init_params
@@ -59,21 +60,21 @@ def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
     """Routed params from dense ones: every PDR layer's FFN copied into its E
     experts (+ noise of std moe.upcycle_noise × the weight's std); router and
     offsets from `routed_init`; every other parameter copied unchanged."""
-    out = jax.tree.map(lambda a: a, dense)
     e = cfg.moe.num_experts
-    for i, kind in enumerate(cfg.model.layer_pattern):
-        if kind != "pdr":
-            continue
-        name = f"layer_{i}"
-        src = dense["periods"][name]["ffn"]
-        new = {"router": routed_init["periods"][name]["ffn"]["router"]}
+    routers = dict(routed_ffns(routed_init, cfg.model))
+    key = [rng]                       # split one after another, as the upcycle always did
+
+    def experts(i, src):
+        new = {"router": routers[i]["router"]}
         for w in ("w_gate", "w_up", "w_down"):
             base = src[w]["kernel"]                                          # [P, a, b]
             stacked = jnp.broadcast_to(base[:, None], (base.shape[0], e, *base.shape[1:]))
-            rng, sub = jax.random.split(rng)
+            key[0], sub = jax.random.split(key[0])
             noise = jax.random.normal(sub, stacked.shape, stacked.dtype)
             new[w] = stacked + cfg.moe.upcycle_noise * jnp.std(base) * noise
-        out["periods"][name]["ffn"] = new
+        return new
+
+    out = map_routed_ffns(dense, cfg.model, experts)
     if jax.tree.structure(out) != jax.tree.structure(routed_init):
         raise UserError("upcycle: the dense checkpoint does not match this config's layers")
     return out
@@ -154,11 +155,10 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     params = restore_params(ternary_run, abstract_params(src.model, src.moe))
     used = effective_params(src, params, src.train.steps)
     report = {"stress_before": [], "stress_after": []}
-    for i, kind in enumerate(src.model.layer_pattern):
-        if kind != "pdr":
-            continue
-        ffn = params["periods"][f"layer_{i}"]["ffn"]
-        ffn_used = used["periods"][f"layer_{i}"]["ffn"]
+    used_ffns = dict(routed_ffns(used, src.model))
+
+    def permuted(i, ffn):
+        ffn_used = used_ffns[i]
         new = {n: np.array(ffn[n]) for n in ("w_gate", "w_up", "w_down")}
         for p in range(src.model.n_periods):
             perm, before, after = align_layer({n: ffn_used[n][p] for n in new}, src.moe.lattice)
@@ -167,7 +167,11 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
             report["stress_before"].append(before)
             report["stress_after"].append(after)
         ffn.update({n: jnp.asarray(v) for n, v in new.items()})
-        ffn["router"]["offsets"] = jnp.zeros_like(ffn["router"]["offsets"])
+        ffn["router"] = {**ffn["router"],
+                         "offsets": jnp.zeros_like(ffn["router"]["offsets"])}
+        return ffn
+
+    params = map_routed_ffns(params, src.model, permuted)
     cfg = stage_config(cfg, "align")
     ckpt = Checkpointer(out_dir, cfg.checkpoint)
     if ckpt.latest_step() is None:

@@ -6,7 +6,6 @@ import os
 import pytest
 
 from perspective_jax.config import load_config
-from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.infer.engine import StreamingEngine
 from perspective_jax.export.synthetic import write_synthetic_model_dir
