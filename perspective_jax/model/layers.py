@@ -2,7 +2,7 @@
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`) so the
 trainer can map them to mesh axes with one rule table
-(`perspective_jax.model.sharding`).
+(`perspective_jax.train.sharding`).
 """
 
 from __future__ import annotations
