@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from perspective_jax.infer import layers as L  # noqa: E402
+from perspective_jax.infer import compute as L  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
 from perspective_jax.infer.options import EngineOptions  # noqa: E402
 from perspective_jax.model.routed_ffn import TorusRouter  # noqa: E402

@@ -2,7 +2,7 @@
 
 Every expert the window needs stays in its own device slot (no transfers), the
 tokens are decoded twice, and the second pass is repeated with each jitted
-piece of `perspective_jax.infer.layers` synchronised on its own:
+piece of `perspective_jax.infer.compute` synchronised on its own:
 
     python tools/profile_decode.py MODEL_DIR [--tokens 24] [--prompt 16]
 
@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from perspective_jax.infer import layers as L  # noqa: E402
+from perspective_jax.infer import compute as L  # noqa: E402
 from perspective_jax.modeldir import format as md  # noqa: E402
 from perspective_jax.modeldir.manifest import read_manifest  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402

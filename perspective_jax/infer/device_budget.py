@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
 from perspective_jax.errors import UserError
-from perspective_jax.infer import layers as L
+from perspective_jax.infer import compute as L
 
 MB = 1 << 20
 

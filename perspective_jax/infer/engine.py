@@ -39,7 +39,7 @@ from perspective_jax.config import PerspectiveConfig
 from perspective_jax.config.loader import from_dict
 from perspective_jax.errors import UserError
 from perspective_jax.infer import compile_clock
-from perspective_jax.infer import layers as L
+from perspective_jax.infer import compute as L
 from perspective_jax.infer import state as S
 from perspective_jax.infer.device_budget import MB, DeviceBudget, workspace_bytes
 from perspective_jax.infer.device_slots import DeviceSlots, memory_sharding

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from perspective_jax.infer import expert_tiers
-from perspective_jax.infer import layers as L
+from perspective_jax.infer import compute as L
 from perspective_jax.modeldir import format as md
 from perspective_jax.infer.device_slots import DeviceSlots
 from perspective_jax.infer.engine import StreamingEngine, Stats

@@ -13,7 +13,8 @@ from perspective_jax.infer.options import EngineOptions
 from perspective_jax.export.synthetic import write_synthetic_model_dir
 from perspective_jax.quant.quantized_kernel import QuantizedKernel
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                     "tools")
 
 
 @pytest.fixture
