@@ -11,14 +11,11 @@ jit-compiled and warm, median of --repeats, with random top-1 routing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import median_ms  # noqa: E402
 from perspective_jax.moe.dispatch import IMPLS, expert_swiglu  # noqa: E402
 

@@ -20,14 +20,10 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import add_shakespeare_args, load_shakespeare_config  # noqa: E402
 
 from perspective_jax.train.stages import stage_config, upcycle  # noqa: E402
 from perspective_jax.train.trainer import train  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nats_per_char(result) -> float:

@@ -26,13 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import median_ms  # noqa: E402
 from kernels_pallas.pdr_scan import PDR_IMPLS as IMPLS, pdr_scan  # noqa: E402
 

@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tools"))
 from benchlib import add_shakespeare_args, load_shakespeare_config  # noqa: E402
 
 from perspective_jax.model.census import summary, train_flops_per_token  # noqa: E402

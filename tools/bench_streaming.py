@@ -35,7 +35,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 MB = 1 << 20
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "

@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import median_ms  # noqa: E402
 from kernels_pallas.ternary_matmul import pack_rows_2bit, ternary_matmul  # noqa: E402
 from perspective_jax.config import load_config  # noqa: E402

@@ -24,7 +24,8 @@ failure in one is reported and the rest still run:
     python tools/gpu_checks.py [--config curricula/perspective-1t.yaml] [--out DIR]
         [--sections ternary,shared,pdr,transfer,staging,ffn] [--quick]
 
-Prints a table per section; writes every number to DIR/gpu_checks.json.
+Prints a table per section; writes every number to DIR/gpu_checks.json (default
+DIR: $OUT if set, else docs/device_runs/YYYY-MM-DD-BACKEND/, next to earlier runs).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -326,7 +326,8 @@ SECTIONS = {"ternary": section_ternary, "shared": section_shared, "pdr": section
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.path.join(REPO, "curricula", "perspective-1t.yaml"))
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(
+        REPO, "docs", "device_runs", f"{time.strftime('%Y-%m-%d')}-{jax.default_backend()}"))
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     args = p.parse_args(argv)

@@ -48,8 +48,8 @@ fi
 if [[ $STEPS == *2* ]]; then
 step "2. engine + kernel tests on the device"
 JAX_PLATFORMS=$TEST_PLATFORM JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$T_TESTS" \
-  $py -m pytest -q -p no:cacheprovider -rfE tests/test_infer.py tests/test_expert_tiers.py \
-  tests/test_group_matmul.py tests/test_kernels.py \
+  $py -m pytest -q -p no:cacheprovider -rfE tests/infer/test_infer.py tests/infer/test_expert_tiers.py \
+  tests/kernels/test_group_matmul.py tests/kernels/test_kernels.py \
   -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved or group or 2bit or gptq or pinned or cancel or admission or guess or transfer}" \
   --durations=12 > "$out/pytest_device.log" 2>&1
 echo "rc $?"; tail -25 "$out/pytest_device.log"

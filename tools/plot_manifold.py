@@ -16,8 +16,6 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from perspective_jax.config import load_config  # noqa: E402
 from perspective_jax.train.metrics import read_metrics  # noqa: E402
 

@@ -17,11 +17,7 @@ Prints one table; chance is 1 / experts per layer.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,11 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 MB = 1 << 20
 

@@ -5,7 +5,7 @@ PDR mixer's w_k, w_q, w_v, w_o; the attention's w_q, w_k, w_v, w_o; the dense
 SwiGLU FFNs' w_gate, w_up, w_down — and the PDR decay projection w_p (a raw
 param of the mixer, `periods/P/layer_i/mixer/w_p`, whose input is w_k's, so it
 shares w_k's Hessian): SPEC §3.4 quantises every shared matrix to 2 bits, and
-the budget (tools/budget.py) counts them so. Not included: routed experts
+the budget (`perspective-budget`) counts them so. Not included: routed experts
 (`ffn/w_gate|w_up|w_down` of routed layers are raw params, not Projections),
 the embedding, norms, the decay bias b_p and routers.
 

@@ -11,7 +11,7 @@ A query at position p attends to keys at positions p − W < s ≤ p (W = window
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -35,12 +35,19 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def init_kv_cache(cfg: ModelConfig, batch: int) -> dict:
+class KVCache(NamedTuple):
     """Ring buffer of one GQA layer: k, v [B, W, K, D]; pos [B, W] (−1 = empty)."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int) -> KVCache:
     shape = (batch, cfg.window, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype_of(cfg.dtype)),
-            "v": jnp.zeros(shape, dtype_of(cfg.dtype)),
-            "pos": jnp.full((batch, cfg.window), -1, jnp.int32)}
+    return KVCache(k=jnp.zeros(shape, dtype_of(cfg.dtype)),
+                   v=jnp.zeros(shape, dtype_of(cfg.dtype)),
+                   pos=jnp.full((batch, cfg.window), -1, jnp.int32))
 
 
 def local_attention(q, k, v, q_pos, k_pos, prev_k, prev_v, prev_pos, window: int):
@@ -86,9 +93,9 @@ def local_attention(q, k, v, q_pos, k_pos, prev_k, prev_v, prev_pos, window: int
     return out.reshape(b, n * bq, h, dh)[:, :t].astype(q.dtype)
 
 
-def update_ring(cache: dict, k, v, positions) -> dict:
+def update_ring(cache: KVCache, k, v, positions) -> KVCache:
     """Write the newest min(T, W) keys/values at slots position mod W."""
-    w = cache["pos"].shape[1]
+    w = cache.pos.shape[1]
     if k.shape[1] > w:
         k, v, positions = k[:, -w:], v[:, -w:], positions[:, -w:]
     slots = positions % w
@@ -96,9 +103,9 @@ def update_ring(cache: dict, k, v, positions) -> dict:
     def write(buf, new, idx):
         return buf.at[idx].set(new.astype(buf.dtype))
 
-    return {"k": jax.vmap(write)(cache["k"], k, slots),
-            "v": jax.vmap(write)(cache["v"], v, slots),
-            "pos": jax.vmap(write)(cache["pos"], positions.astype(jnp.int32), slots)}
+    return KVCache(k=jax.vmap(write)(cache.k, k, slots),
+                   v=jax.vmap(write)(cache.v, v, slots),
+                   pos=jax.vmap(write)(cache.pos, positions.astype(jnp.int32), slots))
 
 
 class WindowedGQA(nn.Module):
@@ -108,9 +115,12 @@ class WindowedGQA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_pos: jax.Array,
-                 cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+                 cache: Optional[KVCache] = None, adapters: Optional[dict] = None
+                 ) -> tuple[jax.Array, Optional[KVCache]]:
         cfg = self.cfg
         b, t, _ = x.shape
+        if adapters:
+            raise ValueError("adapters are supported on PDR layers only")
         chex.assert_shape(segment_pos, (b, t))
         q = Projection((cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), cfg,
                        name="w_q")(x)
@@ -121,8 +131,8 @@ class WindowedGQA(nn.Module):
         q = rope(q, segment_pos, cfg.rope_theta)
         k = rope(k, segment_pos, cfg.rope_theta)
         past = cache if cache is not None else init_kv_cache(cfg, b)
-        out = local_attention(q, k, v, segment_pos, segment_pos, past["k"], past["v"],
-                              past["pos"], cfg.window)
+        out = local_attention(q, k, v, segment_pos, segment_pos, past.k, past.v, past.pos,
+                              cfg.window)
         y = OutProjection(cfg.d_model, ("heads", "head_dim", "embed"), cfg, name="w_o")(
             out, n_in=2)
         new_cache = update_ring(cache, k, v, segment_pos) if cache is not None else None

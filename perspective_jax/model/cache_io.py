@@ -23,8 +23,17 @@ from perspective_jax.model.transformer import init_cache
 FORMAT = "perspective-cache/1"
 
 
+def _part(p) -> str:
+    """One pytree path entry as a name: dict key, NamedTuple field (`PDRCache.state`,
+    `KVCache.k`…) or sequence index — the same strings the dict caches had."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(p, attr):
+            return str(getattr(p, attr))
+    return str(p)
+
+
 def _key(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+    return "/".join(_part(p) for p in path)
 
 
 def flatten_cache(cache) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ scaled by 1/√r so that q·k is O(1) at init. The recurrence runs in float32.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -19,20 +19,28 @@ import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
+from perspective_jax.model.extensions import lora_delta
 from perspective_jax.model.layers import Projection, dtype_of, logical, quantized_param
 from kernels_pallas.pdr_scan import pdr_scan, pdr_step
 
 
-def init_pdr_cache(cfg: ModelConfig, batch: int) -> dict:
-    """Decode state of one PDR layer: S [B, d, r] (float32, zeros)."""
-    return {"state": jnp.zeros((batch, cfg.d_model, cfg.pdr_rank), jnp.float32)}
+class PDRCache(NamedTuple):
+    """Decode state of one PDR layer: S [B, d, r] (float32)."""
+
+    state: jax.Array
+
+
+def init_pdr_cache(cfg: ModelConfig, batch: int) -> PDRCache:
+    return PDRCache(state=jnp.zeros((batch, cfg.d_model, cfg.pdr_rank), jnp.float32))
 
 
 class PDRMixer(nn.Module):
     """x: [B, T, d] → ([B, T, d], cache). With cache=None the state starts at 0
-    and no cache is returned (training)."""
+    and no cache is returned (training). `adapters` {name: {"a", "b"}} adds a LoRA
+    term to the projections it names (W_p, W_q, W_k, W_v, W_o; `extensions.lora_delta`)."""
 
     cfg: ModelConfig
+    adapter_scale: float = 1.0
 
     def _perspective_init(self, key, shape, dtype):
         d = shape[0]
@@ -41,8 +49,15 @@ class PDRMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_pos: jax.Array,
-                 cache: Optional[dict] = None) -> tuple[jax.Array, Optional[dict]]:
+                 cache: Optional[PDRCache] = None, adapters: Optional[dict] = None
+                 ) -> tuple[jax.Array, Optional[PDRCache]]:
         cfg = self.cfg
+        adapters = adapters or {}
+
+        def lora(y, name, inp):                       # y + scale·(inp·A)·B, if adapted
+            delta = lora_delta(inp, adapters.get(name), self.adapter_scale)
+            return y if delta is None else (y + delta).astype(y.dtype)
+
         b, t, d = x.shape
         chex.assert_shape(segment_pos, (b, t))
         pdt = dtype_of(cfg.param_dtype)
@@ -59,17 +74,18 @@ class PDRMixer(nn.Module):
             p = w_p_codes.contract(x.astype(jnp.float32), 1)
         else:
             p = jnp.dot(x.astype(jnp.float32), w_p.astype(jnp.float32))
-        p = p + b_p.astype(jnp.float32)
+        p = lora(p, "w_p", x) + b_p.astype(jnp.float32)
         log_decay = jnp.minimum(jax.nn.log_sigmoid(p),                 # [B,T,d] < 0
                                 math.log(cfg.pdr_max_decay))
         self.sow("intermediates", "log_decay", log_decay)
-        k = Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_k")(x)
-        q = Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_q",
-                       init_scale=1.0 / cfg.pdr_rank)(x)
-        v = Projection((d,), ("embed", "pdr_rows"), cfg, name="w_v")(x)
+        k = lora(Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_k")(x),
+                 "w_k", x)
+        q = lora(Projection((cfg.pdr_rank,), ("embed", "pdr_rank"), cfg, name="w_q",
+                            init_scale=1.0 / cfg.pdr_rank)(x), "w_q", x)
+        v = lora(Projection((d,), ("embed", "pdr_rows"), cfg, name="w_v")(x), "w_v", x)
         k, q, v = (a.astype(jnp.float32) for a in (k, q, v))
 
-        state = cache["state"] if cache is not None else jnp.zeros(
+        state = cache.state if cache is not None else jnp.zeros(
             (b, d, cfg.pdr_rank), jnp.float32)
         if t == 1 and cache is not None:
             y, new_state = pdr_step(log_decay[:, 0], k[:, 0], q[:, 0], v[:, 0], state)
@@ -77,6 +93,6 @@ class PDRMixer(nn.Module):
         else:
             y, new_state = pdr_scan(log_decay, k, q, v, state, impl=cfg.pdr_impl,
                                     chunk=cfg.pdr_chunk)
-        out = Projection((d,), ("pdr_rows", "embed"), cfg, name="w_o")(
-            y.astype(dtype_of(cfg.dtype)))
-        return out, ({"state": new_state} if cache is not None else None)
+        y = y.astype(dtype_of(cfg.dtype))
+        out = lora(Projection((d,), ("pdr_rows", "embed"), cfg, name="w_o")(y), "w_o", y)
+        return out, (PDRCache(new_state) if cache is not None else None)

@@ -1,13 +1,17 @@
 """Torus router + stacked SwiGLU experts: the routed FFN after each PDR layer.
 
     z = (W_route h) mod 1 ∈ T³,   d²_e = geodesic²(z, pos_e),   pos_e = lattice_e + offset_e
-    e* = argmin_e d²_e (top-1),   g = softmax_e(−d²/τ)[e*]
-    y  = FFN_{e*}(h) · gate,      gate = g / stop_gradient(g)   (moe.gate=straight_through)
-                                  gate = g                      (moe.gate=softmax)
+    e* = policy(d², z) (nearest: argmin_e d²_e),   ℓ = log_softmax_e(−d²/τ)[e*]
+    y  = FFN_{e*}(h) · gate,      gate = exp(ℓ − stop_gradient(ℓ))   (moe.gate=straight_through)
+                                  gate = exp(ℓ) = g                  (moe.gate=softmax)
 
-The straight-through gate has value exactly 1, so an upcycled model (all
-experts equal) computes what the dense model did, while the task loss still
-trains W_route, the offsets and τ through ∂g. Routing statistics and the
+The straight-through gate has value exactly 1 (exp(0), no division: a chosen
+expert whose softmax weight underflows — the antipode, say — still gets 1, not
+0/0), so an upcycled model (all experts equal) computes what the dense model
+did, while the task loss still trains W_route, the offsets and τ through
+∂ℓ = ∂g/g. `policy` is an `extensions.RoutePolicy` (the routing perspectives of
+SPEC §3.6); `gated_residual` is the routed block's residual, shared with the
+streaming engine. Routing statistics and the
 balance/smoothness losses are sown into the "aux" collection.
 
 activation_bits=8 (ternary stage, SPEC §3.4): the expert input h and the
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.config.choices import ROUTE_MODES
+from perspective_jax.model.extensions import NEAREST, RoutePolicy
 from perspective_jax.model.layers import dtype_of, logical
 from perspective_jax.moe import torus
 from perspective_jax.moe.dispatch import expert_swiglu
@@ -36,7 +41,8 @@ def select_expert(dist_sq, mode: str = "nearest", k: int = 0, key=None, z=None, 
     """Expert index per token from squared distances [..., E].
 
     nearest: argmin; kth: the k-th nearest (k=1: second); antipode: nearest to
-    the antipode of z (needs z [..., 3] and pos [E, 3]); random: uniform (key).
+    the antipode of z (needs z [..., 3] and pos [E, 3]); random: uniform (key: one
+    key, or one per token [...] as `random_keys` makes).
     """
     if mode == "nearest":
         return jnp.argmin(dist_sq, axis=-1)
@@ -46,8 +52,34 @@ def select_expert(dist_sq, mode: str = "nearest", k: int = 0, key=None, z=None, 
         return jnp.argmin(torus.geodesic_distance_sq(torus.antipode(z)[..., None, :], pos),
                           axis=-1)
     if mode == "random":
-        return jax.random.randint(key, dist_sq.shape[:-1], 0, dist_sq.shape[-1])
+        n = dist_sq.shape[-1]
+        if key.shape == dist_sq.shape[:-1] and key.ndim:
+            return jax.vmap(lambda k: jax.random.randint(k, (), 0, n))(
+                key.reshape(-1)).reshape(key.shape)
+        return jax.random.randint(key, dist_sq.shape[:-1], 0, n)
     raise ValueError(f"unknown route mode {mode!r}; use one of {ROUTE_MODES}")
+
+
+def random_keys(seed: int, period, layer: int, segment_pos):
+    """One key per token [B, T] for the seeded random perspective: drawn from
+    (seed, period, layer, position), so decoding token by token and a parallel pass
+    draw the same experts."""
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), period), layer)
+    flat = jax.vmap(lambda p: jax.random.fold_in(base, p))(segment_pos.reshape(-1))
+    return flat.reshape(segment_pos.shape)
+
+
+def routed_gate(moe: MoEConfig, log_p):
+    """The factor the chosen expert's output is multiplied by, from ℓ = log g [B, T]:
+    straight-through exp(ℓ − sg(ℓ)) (value exactly 1, gradient ∂g/g), or g itself."""
+    if moe.gate == "straight_through":
+        return jnp.exp(log_p - jax.lax.stop_gradient(log_p))
+    return jnp.exp(log_p)
+
+
+def gated_residual(h, y, gate):
+    """h [B, T, d] + y [B·T or B, T, d] · gate [B, T]: the routed block's residual."""
+    return (h + y.reshape(h.shape) * gate[..., None].astype(y.dtype)).astype(h.dtype)
 
 
 def switch_kinds(idx, neighbours):
@@ -61,15 +93,16 @@ def switch_kinds(idx, neighbours):
 
 
 class TorusRouter(nn.Module):
-    """h: [B, T, d] → (expert index [B, T], gate [B, T], z [B, T, 3], probs [B, T, E])."""
+    """h: [B, T, d] → (expert index [B, T], gate [B, T] (`routed_gate`), z [B, T, 3],
+    probs [B, T, E]). `segment_pos` [B, T], `period` and `layer` seed the random
+    perspective only."""
 
     cfg: ModelConfig
     moe: MoEConfig
-    mode: str = "nearest"
-    k: int = 0
+    policy: RoutePolicy = NEAREST
 
     @nn.compact
-    def __call__(self, h):
+    def __call__(self, h, segment_pos=None, period=0, layer: int = 0):
         moe = self.moe
         d = h.shape[-1]
         w_route = self.param(
@@ -85,39 +118,48 @@ class TorusRouter(nn.Module):
         dist_sq = torus.geodesic_distance_sq(z[..., None, :], pos)          # [B,T,E]
         tau = jnp.exp(log_tau) if moe.learn_temperature else moe.router_temperature
         probs = jax.nn.softmax(-dist_sq / tau, axis=-1)
-        key = self.make_rng("route") if self.mode == "random" else None
-        idx = select_expert(dist_sq, self.mode, self.k, key, z, pos)
-        gate = jnp.take_along_axis(probs, idx[..., None], axis=-1)[..., 0]
-        return idx, gate, z, probs
+        log_probs = jax.nn.log_softmax(-dist_sq / tau, axis=-1)
+        policy = self.policy
+        key = None
+        if policy.mode == "random":
+            if segment_pos is None:
+                segment_pos = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+            key = random_keys(policy.seed, period, layer, segment_pos)
+        idx = select_expert(dist_sq, policy.mode, policy.k, key, z, pos)
+        log_p = jnp.take_along_axis(log_probs, idx[..., None], axis=-1)[..., 0]
+        return idx, routed_gate(moe, log_p), z, probs
 
 
 class RoutedFFN(nn.Module):
-    """x: [B, T, d] → [B, T, d]; top-1 routed SwiGLU experts, dropless."""
+    """x: [B, T, d] → FFN_{e*}(x) · gate [B, T, d]; top-1 routed SwiGLU experts,
+    dropless. `route_only=True` creates no expert weights and returns the router's
+    (idx, gate) — what the streaming engine computes before it fetches an expert."""
 
     cfg: ModelConfig
     moe: MoEConfig
-    mode: str = "nearest"
-    k: int = 0
+    policy: RoutePolicy = NEAREST
     activation_bits: int = 0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, segment_pos=None, period=0, layer: int = 0,
+                 route_only: bool = False):
         cfg, moe = self.cfg, self.moe
         b, t, d = x.shape
         e, f = moe.num_experts, cfg.d_ff
         pdt, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2)
+        router = TorusRouter(cfg, moe, self.policy, name="router")
+        if route_only:
+            return router(x, segment_pos, period, layer)[:2]
         w_gate = self.param("w_gate", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
         w_up = self.param("w_up", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
         w_down = self.param("w_down", logical(init, ("expert", "mlp", "embed")), (e, f, d), pdt)
-        idx, gate, z, probs = TorusRouter(cfg, moe, self.mode, self.k, name="router")(x)
+        idx, gate, z, probs = router(x, segment_pos, period, layer)
         quant = quantize_activations_int8 if self.activation_bits == 8 else (lambda a: a)
         y = expert_swiglu(quant(x.reshape(b * t, d).astype(dt)), idx.reshape(-1),
                           w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt),
                           impl=moe.dispatch, block=moe.dispatch_block,
                           hidden_fn=quant).reshape(b, t, d)
-        if moe.gate == "straight_through":
-            gate = gate / jax.lax.stop_gradient(gate)
         y = y * gate[..., None].astype(y.dtype)
         chex.assert_shape(y, (b, t, d))
         self._sow_statistics(idx, z, probs)

@@ -26,6 +26,9 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.model.attention import WindowedGQA, init_kv_cache
+from perspective_jax.model.extensions import (NEAREST, Extensions, RoutePolicy, final_hidden,
+                                              inject_vector)
+from perspective_jax.model.extensions import NONE as NO_EXTENSIONS
 from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
 from perspective_jax.model.pdr import PDRMixer, init_pdr_cache
 from perspective_jax.model.routed_ffn import RoutedFFN
@@ -37,55 +40,95 @@ _REMAT_POLICIES = {
 }
 
 
+PARTS = ("block", "mix", "route", "ffn")
+
+
 class ResidualBlock(nn.Module):
-    """Pre-norm mixer + pre-norm FFN, each with a residual. x: [B, T, d].
-    The FFN after a PDR layer is routed (experts) when `cfg.routed`."""
+    """One layer, pre-norm mixer + pre-norm FFN, each with a residual; x: [B, T, d].
+
+        h  = x + Mixer(RMSNorm(x))                       part="mix"   → (h, cache)
+        x' = h + SwiGLU(RMSNorm(h))                      part="ffn"   (dense FFN)
+        x' = h + FFN_e*(RMSNorm(h)) · gate               routed (after PDR, cfg.routed):
+             e*, gate from the router                    part="route" → (RMSNorm(h), e*, gate)
+
+    part="block" (default) runs the whole layer → (x', cache). The streaming engine
+    calls the parts one by one (its experts come from disk between "route" and the
+    gated residual, `routed_ffn.gated_residual`), so the two cannot drift apart.
+    `period` (traced under the period scan) and `layer` seed the random perspective."""
 
     cfg: ModelConfig
     kind: str
     moe: MoEConfig = MoEConfig()
-    route_mode: str = "nearest"
-    route_k: int = 0
     activation_bits: int = 0
+    policy: RoutePolicy = NEAREST
+    layer: int = 0
+    adapter_scale: float = 1.0
+
+    @property
+    def routed(self) -> bool:
+        return self.kind == "pdr" and self.cfg.routed
 
     @nn.compact
-    def __call__(self, x, segment_pos, cache=None):
-        mixed, cache = MIXERS[self.kind](self.cfg, name="mixer")(
-            RMSNorm(self.cfg, name="mixer_norm")(x), segment_pos, cache)
-        h = x + mixed
-        if self.kind == "pdr" and self.cfg.routed:
-            ffn = RoutedFFN(self.cfg, self.moe, self.route_mode, self.route_k,
-                            self.activation_bits, name="ffn")
+    def __call__(self, x, segment_pos, cache=None, period=0, adapters=None,
+                 part: str = "block"):
+        cfg = self.cfg
+        if part in ("block", "mix"):
+            mixer = MIXERS[self.kind](cfg, name="mixer") if self.kind == "gqa" else \
+                PDRMixer(cfg, self.adapter_scale, name="mixer")
+            mixed, cache = mixer(RMSNorm(cfg, name="mixer_norm")(x), segment_pos, cache,
+                                 adapters)
+            h = x + mixed
+            if part == "mix":
+                return h, cache
         else:
-            ffn = SwiGLU(self.cfg, name="ffn")
-        out = h + ffn(RMSNorm(self.cfg, name="ffn_norm")(h))
-        return out.astype(x.dtype), cache
+            h = x
+        hn = RMSNorm(cfg, name="ffn_norm")(h)
+        if not self.routed:
+            if part == "route":
+                raise ValueError(f"layer kind {self.kind!r} of this model is not routed")
+            out = h + SwiGLU(cfg, name="ffn")(hn)
+        else:
+            ffn = RoutedFFN(cfg, self.moe, self.policy, self.activation_bits, name="ffn")
+            if part == "route":
+                idx, gate = ffn(hn, segment_pos, period, self.layer, route_only=True)
+                return hn, idx, gate
+            if part == "ffn":
+                raise ValueError("part='ffn' is the dense FFN; a routed layer is "
+                                 "'route', its experts, then gated_residual")
+            out = h + ffn(hn, segment_pos, period, self.layer)
+        out = out.astype(x.dtype)
+        return (out, cache) if part == "block" else out
 
 
 class Period(nn.Module):
-    """One repetition of `layer_pattern`; carry x, scan over the cache slice."""
+    """One repetition of `layer_pattern`; carry x, scan over the cache slice and the
+    period index (which the random perspective and the injection read)."""
 
     cfg: ModelConfig
     moe: MoEConfig = MoEConfig()
-    route_mode: str = "nearest"
-    route_k: int = 0
     activation_bits: int = 0
+    ext: Extensions = NO_EXTENSIONS
 
     @nn.compact
-    def __call__(self, x, segment_pos, cache):
+    def __call__(self, x, segment_pos, cache, period=0, adapters=None):
+        cfg, ext = self.cfg, self.ext
         new_cache = {}
-        for i, kind in enumerate(self.cfg.layer_pattern):
+        for i, kind in enumerate(cfg.layer_pattern):
             name = f"layer_{i}"
-            x, c = ResidualBlock(self.cfg, kind, self.moe, self.route_mode, self.route_k,
-                                 self.activation_bits, name=name)(
-                x, segment_pos, None if cache is None else cache[name])
+            layer_adapters = None if adapters is None else adapters.get(name)
+            x, c = ResidualBlock(cfg, kind, self.moe, self.activation_bits, ext.route, i,
+                                 ext.adapter_scale, name=name)(
+                x, segment_pos, None if cache is None else cache[name], period, layer_adapters)
             new_cache[name] = c
+            if ext.inject_layer is not None and ext.inject_layer % len(cfg.layer_pattern) == i:
+                target = ext.inject_layer // len(cfg.layer_pattern)
+                x = jnp.where(period == target, x + inject_vector(ext, x), x)
         return x, (new_cache if cache is not None else None)
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> dict:
-    """Empty decode cache: per-period layer caches stacked on axis 0, plus the
-    next position per sequence."""
+    """Empty decode cache: per-period layer caches (`PDRCache` / `KVCache`) stacked on
+    axis 0, plus the next position per sequence."""
     one = {}
     for i, kind in enumerate(cfg.layer_pattern):
         one[f"layer_{i}"] = (init_pdr_cache(cfg, batch) if kind == "pdr"
@@ -95,20 +138,28 @@ def init_cache(cfg: ModelConfig, batch: int) -> dict:
 
 
 class PerspectiveLM(nn.Module):
-    """tokens [B, T] → (logits [B, T, V], cache). `moe` sizes the routed FFNs
-    when `cfg.routed`; `route_mode`/`route_k` pick the routing perspective
-    (nearest, kth, antipode, random — see `moe.routed_ffn.select_expert`);
-    `activation_bits=8` fake-quantises expert inputs per token (ternary stage)."""
+    """tokens [B, T] → (logits [B, T, V], cache). `moe` sizes the routed FFNs when
+    `cfg.routed`; `activation_bits=8` fake-quantises expert inputs per token (ternary
+    stage). `ext` (`extensions.Extensions`, per call) picks the routing perspective,
+    transforms the final hidden state, injects into the residual stream, adds LoRA
+    adapters; None is the plain model."""
 
     cfg: ModelConfig
     moe: MoEConfig = MoEConfig()
-    route_mode: str = "nearest"
-    route_k: int = 0
     activation_bits: int = 0
 
-    def setup(self):
+    @nn.compact
+    def __call__(self, tokens: jax.Array, segment_pos: Optional[jax.Array] = None,
+                 cache: Optional[dict] = None, ext: Optional[Extensions] = None):
         cfg = self.cfg
-        self.embed = nn.Embed(
+        ext = NO_EXTENSIONS if ext is None else ext
+        b, t = tokens.shape
+        if segment_pos is None:
+            start = cache["next_pos"][:, None] if cache is not None else 0
+            segment_pos = start + jnp.arange(t, dtype=jnp.int32)[None, :]
+            segment_pos = jnp.broadcast_to(segment_pos, (b, t))
+        chex.assert_shape(segment_pos, (b, t))
+        embed = nn.Embed(
             cfg.vocab_size, cfg.d_model,
             embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(1.0 / math.sqrt(cfg.d_model)), ("vocab", "embed")),
@@ -116,31 +167,22 @@ class PerspectiveLM(nn.Module):
         block = Period
         if cfg.remat != "none":
             block = nn.remat(Period, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        self.periods = nn.scan(
+        periods = nn.scan(
             block,
             variable_axes={"params": 0, "aux": 0},
-            split_rngs={"params": True, "route": True},
-            in_axes=(nn.broadcast, 0),
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0, 0, 0),
             out_axes=0,
             length=cfg.n_periods,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.moe, self.route_mode, self.route_k, self.activation_bits, name="periods")
-        self.final_norm = RMSNorm(cfg, name="final_norm")
-
-    def __call__(self, tokens: jax.Array, segment_pos: Optional[jax.Array] = None,
-                 cache: Optional[dict] = None):
-        cfg = self.cfg
-        b, t = tokens.shape
-        if segment_pos is None:
-            start = cache["next_pos"][:, None] if cache is not None else 0
-            segment_pos = start + jnp.arange(t, dtype=jnp.int32)[None, :]
-            segment_pos = jnp.broadcast_to(segment_pos, (b, t))
-        chex.assert_shape(segment_pos, (b, t))
-        x = self.embed(tokens).astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
-        x, period_cache = self.periods(x, segment_pos,
-                                       None if cache is None else cache["periods"])
-        x = self.final_norm(x)
-        logits = self.embed.attend(x.astype(jnp.float32))
+        )(cfg, self.moe, self.activation_bits, ext, name="periods")
+        x = embed(tokens).astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
+        adapters = None if ext.adapters is None else ext.adapters["periods"]
+        x, period_cache = periods(x, segment_pos,
+                                  None if cache is None else cache["periods"],
+                                  jnp.arange(cfg.n_periods, dtype=jnp.int32), adapters)
+        xn = final_hidden(RMSNorm(cfg, name="final_norm")(x).astype(jnp.float32), ext)
+        logits = embed.attend(xn)
         chex.assert_shape(logits, (b, t, cfg.vocab_size))
         if cache is None:
             return logits, None

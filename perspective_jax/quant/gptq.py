@@ -143,7 +143,7 @@ def _group_params(wg: np.ndarray, maxq: int):
 
 def _fp16_scale(scale: np.ndarray) -> np.ndarray:
     """The smallest float16 ≥ scale (as float64): group parameters are stored as
-    float16 (the 2.5 bits per weight `tools/budget.py` counts at group 64), and
+    float16 (the 2.5 bits per weight `perspective-budget` counts at group 64), and
     rounding up keeps [lo, hi] inside the code range."""
     tiny = np.finfo(np.float16).tiny
     s16 = np.maximum(scale, tiny).astype(np.float16)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perspective_jax.model.attention import (init_kv_cache, local_attention, rope,
+from perspective_jax.model.attention import (KVCache, init_kv_cache, local_attention, rope,
                                              update_ring)
 
 
@@ -48,18 +48,18 @@ def test_ring_cache_continuation_matches_one_pass():
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     full = local_attention(q, k, v, pos, pos, *empty_past(b, window, kv, d), window)
-    cache = {"k": jnp.zeros((b, window, kv, d)), "v": jnp.zeros((b, window, kv, d)),
-             "pos": jnp.full((b, window), -1, jnp.int32)}
+    cache = KVCache(k=jnp.zeros((b, window, kv, d)), v=jnp.zeros((b, window, kv, d)),
+                    pos=jnp.full((b, window), -1, jnp.int32))
     outs = []
     for lo, hi in [(0, 13)] + [(i, i + 1) for i in range(13, t)]:
         sl = slice(lo, hi)
         outs.append(local_attention(q[:, sl], k[:, sl], v[:, sl], pos[:, sl], pos[:, sl],
-                                    cache["k"], cache["v"], cache["pos"], window))
+                                    cache.k, cache.v, cache.pos, window))
         cache = update_ring(cache, k[:, sl], v[:, sl], pos[:, sl])
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full),
                                atol=1e-5)
     # the ring holds exactly the last `window` positions
-    assert sorted(np.asarray(cache["pos"][0]).tolist()) == list(range(t - window, t))
+    assert sorted(np.asarray(cache.pos[0]).tolist()) == list(range(t - window, t))
 
 
 def test_rope_preserves_norm_and_relative_phase():
@@ -78,5 +78,5 @@ def test_rope_preserves_norm_and_relative_phase():
 
 def test_kv_cache_layout(small_cfg):
     c = init_kv_cache(small_cfg, 3)
-    assert c["k"].shape == (3, small_cfg.window, small_cfg.n_kv_heads, small_cfg.head_dim)
-    assert (np.asarray(c["pos"]) == -1).all()
+    assert c.k.shape == (3, small_cfg.window, small_cfg.n_kv_heads, small_cfg.head_dim)
+    assert (np.asarray(c.pos) == -1).all()

@@ -162,7 +162,7 @@ def test_ten_thousand_decode_steps_of_constant_input_stay_finite(small_cfg):
 
     cache, y = jax.jit(lambda c: jax.lax.fori_loop(
         0, 10_000, body, (c, jnp.zeros((1, 1, cfg.d_model)))))(init_pdr_cache(cfg, 1))
-    state = np.asarray(cache["state"])
+    state = np.asarray(cache.state)
     assert np.isfinite(state).all() and np.isfinite(np.asarray(y)).all()
     # float64 closed form: S_n = v kᵀ · (1 − γⁿ) / (1 − γ) per row
     xs = np.asarray(x[0, 0], np.float64)

@@ -1,15 +1,20 @@
-"""tools/budget.py: every figure re-derived here by hand from the config fields."""
+"""perspective-budget (`perspective_jax.cli.budget`, computed by
+`perspective_jax.infer.envelope`): every figure re-derived here by hand from the
+config fields."""
 
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
 
+from perspective_jax.cli import budget
+from perspective_jax.config import load_config
+from perspective_jax.infer.envelope import Assumptions, envelope
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import budget  # noqa: E402
 
 FULL = os.path.join(REPO, "curricula", "perspective-1t.yaml")
 TINY = os.path.join(REPO, "curricula", "tiny.yaml")
@@ -17,13 +22,13 @@ ISSUE_FLAGS = ["--device-mb", "4096", "--ram-mb", "32768", "--pcie-gbs", "7", "-
 
 
 def run_json(capsys, config, *extra):
-    assert budget.main(["--config", config, *ISSUE_FLAGS, "--json", *extra]) == 0
+    assert budget.run(["--config", config, *ISSUE_FLAGS, "--json", *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 @pytest.fixture(scope="module")
 def full():
-    r = budget.budget(budget.parse_args(["--config", FULL, *ISSUE_FLAGS]))
+    r = budget.report(budget.parse_args(["--config", FULL, *ISSUE_FLAGS]))
     return json.loads(json.dumps(r))          # what --json prints
 
 
@@ -84,7 +89,7 @@ def test_speed_model_full(full):
 
 
 def test_markdown_full(capsys):
-    assert budget.main(["--config", FULL, *ISSUE_FLAGS]) == 0
+    assert budget.run(["--config", FULL, *ISSUE_FLAGS]) == 0
     out = capsys.readouterr().out
     assert "| **total** |" in out and "tok/s" in out
     assert "fits the 4,096.0 MiB device / 32,768.0 MiB RAM envelope" in out
@@ -123,7 +128,7 @@ def test_flags_change_the_sums(capsys):
 ])
 def test_bad_input_exits_2(capsys, args, message):
     argv = ["--config", TINY, *args] if args[0] != "--config" else args
-    assert budget.main(argv) == 2
+    assert budget.run(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -173,3 +178,22 @@ def test_speed_model_by_hand(capsys, shares, hit):
     want = same * compute + neighbour * move(0.1 * xl) + full * move(xl)
     assert s["ms_per_expert_layer"] == pytest.approx(want, rel=1e-6)
     assert s["tok_s"] == pytest.approx(1e3 / (60 * want), rel=1e-6)
+
+
+def test_envelope_called_directly_matches_the_command(capsys):
+    """The library call with default `Assumptions` gives what the command prints, less
+    the command's own config path and overrides."""
+    cli = run_json(capsys, TINY)
+    want = json.loads(json.dumps(envelope(load_config(TINY, []), Assumptions(
+        device_mb=4096, ram_mb=32768, pcie_gbs=7, disk_gbs=6))))
+    flags = cli.pop("flags")
+    assert (flags.pop("config"), flags.pop("overrides")) == (TINY, [])
+    assert flags == want.pop("flags") and cli == want
+
+
+def test_module_entry_point_runs():
+    """`python -m perspective_jax.cli.budget` (what the console script calls)."""
+    proc = subprocess.run([sys.executable, "-m", "perspective_jax.cli.budget", "--config",
+                           TINY, "--bogus"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: unrecognized arguments: --bogus")

@@ -1,116 +1,80 @@
-"""Device / host / disk budget and projected decode speed of a config (SPEC §3.5, §5).
+"""Projected device / RAM / disk envelope and decode speed of a config (SPEC §3.5, §5).
 
-    .venv/bin/python tools/budget.py --config curricula/perspective-1t.yaml \
-        --device-mb 4096 --ram-mb 32768 --pcie-gbs 7 --disk-gbs 6 [--json] \
-        [--same 0.3 --neighbour 0.4 --full 0.3] [--hit-rate H] [--delta-share 0.1] ...
-
-Every size comes from the config: parameter shapes from `jax.eval_shape` of the
-real model (`census`, `abstract_params`, `logical_axes`), decode-state shapes
-from `init_cache`, neighbour counts from the torus lattice. Nothing is
-allocated. The budget describes the exported routed model (one expert per PDR
+`envelope(config, Assumptions(...))` returns every figure `perspective-budget`
+prints. Every size comes from the config: parameter shapes from `jax.eval_shape`
+of the real model (`census`, `abstract_params`, `logical_axes`), decode-state
+shapes from `init_cache`, neighbour counts from the torus lattice. Nothing is
+allocated. The envelope describes the exported routed model (one expert per PDR
 layer), so a config with `model.routed: false` is counted as if routed.
 
-Units: memory footprints and the --*-mb budgets are MiB (2^20 B, as GPU and RAM
+Units: memory footprints and the *_mb budgets are MiB (2^20 B, as GPU and RAM
 sizes are quoted); expert-layer and disk sizes also in decimal MB/GB (10^6,
 10^9 B, as SPEC quotes 27.05 MB); bandwidths in GB/s = 10^9 B/s.
 
 Speed model (per decoded token, batch 1): the expert layers run in order; while
 expert layer l computes, the double buffer's other slot receives layer l+1, so
 each expert layer costs max(transfer, compute) where compute = (active FLOPs /
---device-tflops + device bytes read / --device-gbs) / expert layers (the
-non-expert layers' work is spread evenly over them). Transfers: same expert →
-nothing; lattice neighbour → a delta (--delta-share of a full expert-layer);
-otherwise a full load. A host-cache miss (probability 1 − --hit-rate; default:
-the share of all expert-layers the cache holds, i.e. uniform routing) first
-reads the bytes from disk, not overlapped with its PCIe copy.
+device_tflops + device bytes read / device_gbs) / expert layers (the non-expert
+layers' work is spread evenly over them). Transfers: same expert → nothing;
+lattice neighbour → a delta (delta_share of a full expert-layer); otherwise a
+full load. A host-cache miss (probability 1 − hit_rate; default: the share of
+all expert-layers the cache holds, i.e. uniform routing) first reads the bytes
+from disk, not overlapped with its PCIe copy.
+
+Wire format "base3" (5 trits per byte, SPEC §3.4) is a what-if projection: the
+model directory stores 2-bit codes (`modeldir/format.py`), which the kernel reads
+directly.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import jax  # noqa: E402
-from jax.sharding import PartitionSpec  # noqa: E402
+import jax
+from jax.sharding import PartitionSpec
 
-from kernels_pallas.ternary_matmul import DEQUANT_BLOCK_BYTES  # noqa: E402
-from perspective_jax.model import census  # noqa: E402
-from perspective_jax.cli.common import cli_entry, finite_float  # noqa: E402
-from perspective_jax.config import load_config  # noqa: E402
-from perspective_jax.errors import UserError  # noqa: E402
-from perspective_jax.quant import embedding_int8  # noqa: E402
-from perspective_jax.model.transformer import (abstract_params, init_cache,  # noqa: E402
-                                               logical_axes)
-from perspective_jax.moe.torus import lattice_neighbours, neighbour_pairs  # noqa: E402
+from kernels_pallas.ternary_matmul import DEQUANT_BLOCK_BYTES
+from perspective_jax.model import census
+from perspective_jax.model.transformer import abstract_params, init_cache, logical_axes
+from perspective_jax.moe.torus import lattice_neighbours, neighbour_pairs
+from perspective_jax.quant import embedding_int8
 
 MIB, MB, GB = 2 ** 20, 1e6, 1e9
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 DESIGN_DEVICE_MB, DESIGN_RAM_MB, GATE_TOK_S = 2684, 26000, 12.0   # SPEC §3.5 / §5
+EMBEDDING = {"float32": "embedding float32 (export --embedding float32)",
+             "int8": "embedding int8 + row scale (SPEC §3.4)"}
+WIRE_FORMATS = ("2bit", "base3")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                     # one line, exit 2 via cli_entry
-        raise UserError(message)
-
-
-def parse_args(argv):
-    p = _Parser(description=__doc__.splitlines()[0])
-    f = p.add_argument
-    f("--config", default=os.path.join(REPO, "curricula", "perspective-1t.yaml"))
-    f("overrides", nargs="*", metavar="section.key=value")
-    f("--json", action="store_true", help="print one JSON object instead of tables")
-    for name, default in (("device-mb", 4096.0), ("ram-mb", 32768.0), ("pcie-gbs", 7.0),
-                          ("disk-gbs", 6.0), ("same", 0.3), ("neighbour", 0.4), ("full", 0.3)):
-        f("--" + name, type=finite_float, default=default)
-    f("--device-target-mb", type=finite_float, default=DESIGN_DEVICE_MB,
-      help="SPEC design target")
-    f("--ram-target-mb", type=finite_float, default=DESIGN_RAM_MB, help="SPEC design target; "
-      "the host cache fills RAM up to min(this, --ram-mb)")
-    f("--device-reserve-mb", type=finite_float, default=512.0,
-      help="CUDA context + cuBLAS/XLA workspaces + allocator slack (typ. 300-500 MiB)")
-    f("--host-reserve-mb", type=finite_float, default=2048.0,
-      help="Python + JAX/XLA + CUDA driver host side of the inference process")
-    f("--host-cache-mb", type=finite_float, default=None, help="cap on the host expert cache")
-    f("--group-size", type=int, default=64, help="GPTQ rows per scale+zero group")
-    f("--group-bytes", type=int, default=4, help="bytes of one group's scale + zero per "
-      "output column: 4 = fp16 + fp16, 8 = float32 + float32")
-    f("--embedding", default="int8", choices=list(EMBEDDING),
-      help="embedding/head format on the device: int8 with one float32 scale per row is "
-      "what perspective-export --shared-bits writes (SPEC §3.4); float32 is "
-      "--embedding float32")
-    f("--state-dtype", default="float32", choices=[*ITEMSIZE, "config"])
-    f("--workspace-factor", type=finite_float, default=2.0,
-      help="multiplier on the live activation vectors for XLA temporaries")
-    f("--wire-format", default="2bit", choices=["2bit", "base3"],
-      help="expert format on disk, in the host cache and over PCIe")
-    f("--region-align", type=int, default=4096, help="expert-region alignment on disk")
-    f("--delta-share", type=finite_float, default=0.1, help="mean delta / full expert-layer")
-    f("--hit-rate", type=finite_float, default=None, help="host-cache hit rate of loads")
-    f("--device-tflops", type=finite_float, default=7.0,
-      help="RTX 3050 Laptop 4 GB class: 2048 CUDA cores x 2 x ~1.7 GHz")
-    f("--device-gbs", type=finite_float, default=192.0,
-      help="RTX 3050 Laptop 4 GB class: 128-bit GDDR6 at 12 Gbps")
-    a = p.parse_args(argv)
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name, value in vars(a).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise UserError(f"{flag(name)} must be >= 0, got {value}")
-        if name in ("pcie_gbs", "disk_gbs", "device_tflops", "device_gbs", "group_size",
-                    "group_bytes", "region_align") and value == 0:
-            raise UserError(f"{flag(name)} must be > 0")
-        if name in ("same", "neighbour", "full", "delta_share", "hit_rate") and (value or 0) > 1:
-            raise UserError(f"{flag(name)} must lie in [0, 1], got {value}")
-    total = a.same + a.neighbour + a.full
-    if abs(total - 1.0) > 1e-6:
-        raise UserError(f"--same + --neighbour + --full must sum to 1, got "
-                        f"{a.same:g} + {a.neighbour:g} + {a.full:g} = {total:g}")
-    return a
+@dataclasses.dataclass(frozen=True)
+class Assumptions:
+    """Hardware, runtime and routing assumptions of a projection (the defaults are
+    `perspective-budget`'s; its --help says what each one means)."""
+    device_mb: float = 4096.0
+    ram_mb: float = 32768.0
+    pcie_gbs: float = 7.0
+    disk_gbs: float = 6.0
+    same: float = 0.3
+    neighbour: float = 0.4
+    full: float = 0.3
+    device_target_mb: float = DESIGN_DEVICE_MB
+    ram_target_mb: float = DESIGN_RAM_MB
+    device_reserve_mb: float = 512.0
+    host_reserve_mb: float = 2048.0
+    host_cache_mb: float | None = None
+    group_size: int = 64
+    group_bytes: int = 4
+    embedding: str = "int8"
+    state_dtype: str = "float32"
+    workspace_factor: float = 2.0
+    wire_format: str = "2bit"
+    region_align: int = 4096
+    delta_share: float = 0.1
+    hit_rate: float | None = None
+    device_tflops: float = 7.0
+    device_gbs: float = 192.0
 
 
 def _leaves(cfg, moe):
@@ -128,10 +92,6 @@ def _matrix(shape, axes):
     dims = [(n, a) for n, a in zip(shape, axes) if a not in ("layers", "expert")]
     k = math.prod(n for n, _ in dims[:-1]) if dims[-1][1] == "embed" else dims[0][0]
     return stack, k, math.prod(n for n, _ in dims) // k
-
-
-EMBEDDING = {"float32": "embedding float32 (export --embedding float32)",
-             "int8": "embedding int8 + row scale (SPEC §3.4)"}
 
 
 def weights(cfg, moe, a, granularity: str = "tensor"):
@@ -184,8 +144,8 @@ def decode_state(cfg, a):
     return out
 
 
-def budget(a) -> dict:
-    pc = load_config(a.config, a.overrides)
+def envelope(pc, a: Assumptions) -> dict:
+    """The envelope report of the loaded config `pc` under the assumptions `a`."""
     cfg, moe = pc.model, pc.moe
     if not cfg.routed:
         cfg = dataclasses.replace(cfg, routed=True)
@@ -314,105 +274,5 @@ def budget(a) -> dict:
         "fits_envelope": device_total <= a.device_mb * MIB and host_total <= a.ram_mb * MIB,
         "fits_targets": device_total <= a.device_target_mb * MIB
         and host_total <= a.ram_target_mb * MIB,
-        "speed": speed, "flags": {k: v for k, v in vars(a).items() if k != "json"},
+        "speed": speed, "flags": dataclasses.asdict(a),
     }
-
-
-def _num(x):
-    return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.2f}" if abs(x) >= 1 else f"{x:.3g}"
-
-
-def _mib(n):
-    return _num(n / MIB)
-
-
-_verdict = ("FAIL", "PASS").__getitem__
-
-
-def render(r) -> str:
-    s, xl, p = r["speed"], r["expert_layer"], r["params"]
-    fl = r["flags"]
-    out = [f"# Budget: {r['config']}" + (" (counted as routed)" if r["routed_forced"] else ""),
-           "",
-           f"Census: {census.human(p['total_params'])} parameters, "
-           f"{census.human(p['shared_params'])} shared, "
-           f"{census.human(p['expert_params'])} in experts, "
-           f"{census.human(p['active_params_per_token'])} active per token. "
-           f"{r['expert_layers']} expert layers × {r['experts']} experts on a "
-           f"{'×'.join(map(str, r['lattice']))} torus ({r['neighbour_pairs']} neighbour pairs "
-           f"per layer).",
-           "",
-           f"One expert-layer: {xl['matrices']} matrices, {xl['trits'] / 1e6:.2f}M trits = "
-           f"{_num(xl['bytes_2bit'] / MB)} MB as 2-bit codes ({_mib(xl['bytes_2bit'])} MiB), "
-           f"{_num(xl['bytes_base3'] / MB)} MB as base-3 ({_mib(xl['bytes_base3'])} MiB), "
-           "its float32 expert scales included.", ""]
-
-    def table(title, items, total, unit_mib=True):
-        fmt = _mib if unit_mib else (lambda n: _num(n / GB))
-        rows = [f"## {title}", "", f"| item | {'MiB' if unit_mib else 'GB'} |", "|---|---:|"]
-        rows += [f"| {k} | {fmt(v)} |" for k, v in items.items()]
-        return rows + [f"| **total** | **{fmt(total)}** |", ""]
-
-    out += table("Device memory", r["device"], r["device_total"])
-    for label, cap in (("envelope", r["device_budget"]), ("design target", r["device_target"])):
-        out.append(f"- device {label} {_mib(cap)} MiB: {_verdict(r['device_total'] <= cap)}, "
-                   f"headroom {_mib(cap - r['device_total'])} MiB")
-    out += [""] + table("Host memory (RAM)", r["host"], r["host_total"])
-    out.append(f"- host expert cache holds {r['host_cache_expert_layers']:,} expert-layers = "
-               f"{100 * r['host_cache_share']:.1f}% of all {r['expert_layers'] * r['experts']:,}")
-    for label, cap in (("envelope", r["ram_budget"]), ("design target", r["ram_target"])):
-        out.append(f"- RAM {label} {_mib(cap)} MiB: {_verdict(r['host_total'] <= cap)}, "
-                   f"headroom {_mib(cap - r['host_total'])} MiB")
-    out += [""] + table("Disk", r["disk"], r["disk_total"], unit_mib=False)
-    out.append("(total excludes the alternative-format row)")
-    rd = s["device_bytes_read_per_token"]
-    out += ["", "## Projected decode speed (batch 1)", "", "| quantity | value |", "|---|---:|",
-            f"| active FLOPs per token | {s['flops_per_token'] / 1e9:.2f} G "
-            f"→ {s['compute_ms_flops']:.2f} ms at {fl['device_tflops']:g} TFLOPS |",
-            *[f"| device reads per token: {k} | {v / MB:,.1f} MB |" for k, v in rd.items()],
-            f"| device memory time per token | {s['compute_ms_memory']:.2f} ms at "
-            f"{fl['device_gbs']:g} GB/s |",
-            f"| compute per token / per expert layer | {s['compute_ms_per_token']:.2f} ms / "
-            f"{s['compute_ms_per_expert_layer']:.3f} ms |",
-            f"| one full expert-layer over PCIe ({fl['wire_format']}) | "
-            f"{s['full_load_pcie_ms']:.2f} ms at {fl['pcie_gbs']:g} GB/s |",
-            f"| same in base-3 (SPEC §3.5's 27.05 MB format) | {s['base3_pcie_ms']:.2f} ms |",
-            f"| one full expert-layer from disk | {s['full_load_disk_ms']:.2f} ms at "
-            f"{fl['disk_gbs']:g} GB/s |",
-            f"| shares same / neighbour / full, delta share | {fl['same']:g} / "
-            f"{fl['neighbour']:g} / {fl['full']:g}, {fl['delta_share']:g} |",
-            f"| host-cache hit rate | {s['hit_rate']:.3f}"
-            + (" (uniform routing)" if fl["hit_rate"] is None else "") + " |",
-            f"| expected time per expert layer | {s['ms_per_expert_layer']:.3f} ms |",
-            f"| **projected decode** | **{s['tok_s']:.2f} tok/s**, bound by {s['bound']}; "
-            f"{100 * s['transfer_stall_share']:.0f}% of the time waits on transfers |",
-            f"| compute only (every layer 'same') | {s['tok_s_compute_only']:.2f} tok/s |",
-            f"| every layer a full load, all cached / all from disk | "
-            f"{s['tok_s_all_full_cached']:.2f} / {s['tok_s_all_full_from_disk']:.2f} tok/s |", ""]
-    need = s["hit_rate_needed_for_gate"]
-    out += [f"- decode gate ≥ {s['gate_tok_s']:g} tok/s (SPEC §5): {_verdict(s['meets_gate'])}",
-            f"- to meet it with same:neighbour kept at {fl['same']:g}:{fl['neighbour']:g}, the "
-            f"full-load share must be ≤ {s['max_full_share_for_gate_at_hit_rate']:.3f} at hit "
-            f"rate {s['hit_rate']:.3f}, ≤ {s['max_full_share_for_gate_all_cached']:.3f} if "
-            "every load hits the host cache",
-            "- at the given shares the gate needs a host-cache hit rate of "
-            + (f"≥ {need:.3f}" if need is not None else "> 1 (unreachable)"), "",
-            f"**{_verdict(r['fits_envelope'])}: fits the {_mib(r['device_budget'])} MiB device / "
-            f"{_mib(r['ram_budget'])} MiB RAM envelope** (headroom "
-            f"{_mib(r['device_budget'] - r['device_total'])} MiB device, "
-            f"{_mib(r['ram_budget'] - r['host_total'])} MiB RAM); design targets "
-            f"{_mib(r['device_target'])} / {_mib(r['ram_target'])} MiB: "
-            f"{_verdict(r['fits_targets'])}"]
-    return "\n".join(out)
-
-
-@cli_entry
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    r = budget(a)
-    print(json.dumps(r, indent=2) if a.json else render(r))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
