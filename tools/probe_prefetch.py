@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from perspective_jax.infer import compute as L  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
 from perspective_jax.infer.options import EngineOptions  # noqa: E402
+from perspective_jax.model.extensions import NEAREST  # noqa: E402
 from perspective_jax.model.routed_ffn import TorusRouter  # noqa: E402
 
 TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom. "
@@ -38,7 +39,7 @@ def probe(engine: StreamingEngine, tokens: np.ndarray, top: int, ahead: int) -> 
 
     @jax.jit
     def router_probs(lp, h):
-        hn = L.route(model, moe, lp, h)[0]
+        hn = L.route(model, moe, NEAREST, 0, lp, h, None, 0)[0]       # RMSNorm(h)
         return TorusRouter(model, moe).apply({"params": lp["ffn"]["router"]}, hn)[3]
 
     step, actual, ranked = [0], {}, {}

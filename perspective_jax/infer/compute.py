@@ -1,16 +1,20 @@
-"""Per-layer compute of the streaming engine, built from the model's own modules.
+"""The streaming engine's jitted per-layer calls.
 
-The engine runs the network one layer at a time so it can stream experts; each
-function here is the exact computation `ResidualBlock` performs, jitted on its
-own (one compilation per layer kind and token-group size):
+The engine runs the network one layer at a time so it can stream experts. What
+the in-memory model computes comes from the model's own `ResidualBlock` parts —
+the same functions `PerspectiveLM` runs, so the two cannot drift apart — jitted
+per (config, layer kind, part) with the static arguments as jit keys:
 
-    mixer:    h = x + Mixer(RMSNorm(x))                   (PDR or windowed GQA)
-    route:    hn = RMSNorm(h); e = argmin_e d²(z, pos_e); gate as the model's
-    experts:  y[rows] = SwiGLU_e(hn[rows]) with packed 2-bit ternary weights,
-              (x·T)·scale via `kernels_pallas.ternary_matmul`
-    dense:    h + SwiGLU(RMSNorm(h))
-    head:     logits = RMSNorm(x) · Eᵀ                    (tied embedding; int8 E
-                                                           in row blocks, embedding_int8)
+    mixer:     h = x + Mixer(RMSNorm(x))               part="mix" (LoRA adapters)
+    route:     hn, e, gate = RMSNorm(h), router(hn)     part="route" (routing policy)
+    dense_ffn: h + SwiGLU(RMSNorm(h))                  part="ffn"
+    combine:   h + y · gate                            routed_ffn.gated_residual
+
+What is the engine's own: the embedding and head on an int8 table (row blocks,
+embedding_int8) and the final transform before the head; experts on packed 2-bit
+ternary regions, (x·T)·scale via `kernels_pallas.ternary_matmul`, in row groups
+(prefill, batched decode) with a fence for the slot, or one fused
+expert-and-residual call (decode); route + next layer's guess in one call.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from kernels_pallas.ternary_matmul import ternary_matmul
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.quant import embedding_int8 as int8_embedding
 from perspective_jax.modeldir.format import RegionLayout
-from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
-from perspective_jax.model.transformer import MIXERS
-from perspective_jax.model.routed_ffn import TorusRouter
+from perspective_jax.model.extensions import RoutePolicy
+from perspective_jax.model.layers import RMSNorm, dtype_of
+from perspective_jax.model.routed_ffn import gated_residual
+from perspective_jax.model.transformer import ResidualBlock
 from perspective_jax.quant.ternary import quantize_activations_int8
 
 
@@ -40,32 +45,38 @@ def embed(cfg: ModelConfig, table, tokens):
     return rows * math.sqrt(cfg.d_model)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def mixer(cfg: ModelConfig, kind: str, lp, x, segment_pos, cache):
-    y = RMSNorm(cfg).apply({"params": lp["mixer_norm"]}, x)
-    mixed, cache = MIXERS[kind](cfg).apply({"params": lp["mixer"]}, y, segment_pos, cache)
-    return x + mixed, cache
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def mixer(cfg: ModelConfig, kind: str, adapter_scale: float, lp, x, segment_pos, cache,
+          adapters=None):
+    """x [B, T, d] → (h, new cache): the block's part "mix" (`adapters`: this layer's
+    LoRA subtree of one period, or None)."""
+    return ResidualBlock(cfg, kind, adapter_scale=adapter_scale).apply(
+        {"params": lp}, x, segment_pos, cache, 0, adapters, part="mix")
 
 
-def _route(cfg: ModelConfig, moe: MoEConfig, lp, h):
-    """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]) as `RoutedFFN` computes."""
-    hn = RMSNorm(cfg).apply({"params": lp["ffn_norm"]}, h)
-    idx, gate, _, _ = TorusRouter(cfg, moe).apply({"params": lp["ffn"]["router"]}, hn)
-    if moe.gate == "straight_through":
-        gate = gate / gate                # the value of g / stop_gradient(g)
-    return hn, idx, gate
+def _route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp, h,
+           segment_pos, period):
+    return ResidualBlock(cfg, "pdr", moe, policy=policy, layer=layer).apply(
+        {"params": lp}, h, segment_pos, None, period, part="route")
 
 
-route = jax.jit(_route, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp, h,
+          segment_pos, period):
+    """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]): the block's part
+    "route" of layer `layer` of period `period` (both seed the random policy)."""
+    return _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def route_and_guess(cfg: ModelConfig, moe: MoEConfig, lp, lp_next, h):
-    """Decode: `route(lp, h)` and the expert layer `lp_next`'s router applies to the
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def route_and_guess(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int,
+                    layer_next: int, lp, lp_next, h, segment_pos, period, period_next):
+    """Decode: `route(lp, h)` and the expert layer `lp_next`'s router applied to the
     same h (the prefetch guess for the next expert layer, SPEC §3.5), in one call:
     h [B, T, d] → (hn, expert [B, T], gate [B, T], guessed next expert [B, T])."""
-    hn, idx, gate = _route(cfg, moe, lp, h)
-    return hn, idx, gate, _route(cfg, moe, lp_next, h)[1]
+    hn, idx, gate = _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
+    guess = _route(cfg, moe, policy, layer_next, lp_next, h, segment_pos, period_next)[1]
+    return hn, idx, gate, guess
 
 
 def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):
@@ -102,29 +113,28 @@ def expert_token(cfg: ModelConfig, activation_bits: int, h, hn, gate, codes, sca
     lookup, expert, combine: no eager ops between route and the next mixer)."""
     y = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e),
                        hn.reshape(1, cfg.d_model))
-    return _combine(h, y, gate)
-
-
-def _combine(h, y, gate):
-    """h [B, T, d] + y [B·T, d] · gate [B, T] (the routed FFN's gated residual)."""
-    return (h + y.reshape(h.shape) * gate[..., None].astype(y.dtype)).astype(h.dtype)
+    return gated_residual(h, y, gate)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def combine(cfg: ModelConfig, h, y, gate):
-    return _combine(h, y, gate)
+    """h [B, T, d] + y [B·T, d] · gate [B, T]: the routed block's residual."""
+    return gated_residual(h, y, gate)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def dense_ffn(cfg: ModelConfig, lp, h):
-    hn = RMSNorm(cfg).apply({"params": lp["ffn_norm"]}, h)
-    return (h + SwiGLU(cfg).apply({"params": lp["ffn"]}, hn)).astype(h.dtype)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def dense_ffn(cfg: ModelConfig, kind: str, lp, h):
+    """h → h + SwiGLU(RMSNorm(h)): the block's part "ffn" (a dense-FFN layer)."""
+    return ResidualBlock(cfg, kind).apply({"params": lp}, h, None, part="ffn")
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def head(cfg: ModelConfig, final_norm, table, x):
-    """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def head(cfg: ModelConfig, final_norm, table, x, final_transform=None):
+    """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`;
+    `final_transform` (Extensions) maps RMSNorm(x) [B, 1, d] before the tied head."""
     xn = RMSNorm(cfg).apply({"params": final_norm}, x).astype(jnp.float32)
+    if final_transform is not None:
+        xn = final_transform(xn[:, None])[:, 0]
     if isinstance(table, int8_embedding.Int8Table):
         return int8_embedding.head_logits(table, xn, cfg.vocab_size)
     return jnp.dot(xn, table.astype(jnp.float32).T)

@@ -54,6 +54,8 @@ from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.modeldir.shared_weights import embedding_table, insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
+from perspective_jax.model.extensions import (NEAREST, Extensions, check_extensions,
+                                              inject_after, layer_adapters)
 from perspective_jax.model.transformer import init_cache
 
 
@@ -188,37 +190,43 @@ class StreamingEngine:
             raise UserError(f"token ids must lie in [0, {self.model.vocab_size})")
         return tokens
 
-    def forward(self, tokens: np.ndarray, state: EngineState):
+    def forward(self, tokens: np.ndarray, state: EngineState,
+                ext: Optional[Extensions] = None):
         """Feed tokens [T] (prefill when T > 1, in chunks); returns (last logits [V], the
         new state). `state` itself is left as it was, so a feed that fails part-way (an
-        unreadable expert, Ctrl-C) can be retried or saved from the state before it."""
+        unreadable expert, Ctrl-C) can be retried or saved from the state before it.
+        `ext` (model.extensions.Extensions) is honoured as `PerspectiveLM` honours it."""
         tokens = self._check_tokens(tokens)
+        self._check_ext(ext)
         layers = [list(row) for row in state.layers]   # new lists; the caches are immutable
         pos = state.next_pos
         t0, c0 = time.perf_counter(), compile_clock.seconds()
         for s in range(0, tokens.size, self.prefill_chunk):
             chunk = tokens[s: s + self.prefill_chunk]
             segment_pos = jnp.arange(pos, pos + chunk.size, dtype=jnp.int32)[None]
-            logits = self._forward_chunk(chunk[None], segment_pos, layers)
+            logits = self._forward_chunk(chunk[None], segment_pos, layers, ext)
             pos += chunk.size
         logits = np.asarray(logits)[0]
         self._account(t0, c0, prefill=tokens.size if tokens.size > 1 else 0,
                       decode=1 if tokens.size == 1 else 0)
         return logits, EngineState(tuple(tuple(row) for row in layers), pos)
 
-    def step(self, states: list, tokens) -> tuple[np.ndarray, list]:
+    def step(self, states: list, tokens,
+             ext: Optional[Extensions] = None) -> tuple[np.ndarray, list]:
         """One decode step of B independent sequences: `states[b]` (an EngineState, from
         `new_state` + `forward` or an earlier step) is fed `tokens[b]`. Returns (logits
         [B, V], the B new states); the given states are left as they were. Each routed
-        layer groups the B tokens by expert: an expert is brought in once per step."""
+        layer groups the B tokens by expert: an expert is brought in once per step.
+        `ext` applies to every sequence (an `inject` of shape [B, d]: one row each)."""
         if not states or len(states) != len(tokens):
             raise UserError(f"a batched step needs one token per sequence; got "
                             f"{len(tokens)} tokens for {len(states)} sequences")
         tokens = self._check_tokens(tokens)
+        self._check_ext(ext)
         t0, c0 = time.perf_counter(), compile_clock.seconds()
         layers = S.stack(states)
         pos = np.asarray([s.next_pos for s in states], np.int32)
-        logits = self._forward_chunk(tokens[:, None], jnp.asarray(pos)[:, None], layers)
+        logits = self._forward_chunk(tokens[:, None], jnp.asarray(pos)[:, None], layers, ext)
         logits = np.asarray(logits)
         self._account(t0, c0, prefill=0, decode=len(states))
         self.stats.batch_steps += 1
@@ -235,27 +243,40 @@ class StreamingEngine:
             self.stats.decode_tokens += decode
             self.stats.decode_s += dt
 
-    def _forward_chunk(self, tokens: np.ndarray, segment_pos, layers: list):
+    def _check_ext(self, ext: Optional[Extensions]) -> None:
+        if ext is not None:
+            if not isinstance(ext, Extensions):
+                raise TypeError("ext must be a model.extensions.Extensions")
+            check_extensions(ext, self.model)
+
+    def _forward_chunk(self, tokens: np.ndarray, segment_pos, layers: list,
+                       ext: Optional[Extensions] = None):
         """tokens [B, T] at positions segment_pos [B, T] through every layer, updating
         `layers[p][i]` in place; returns the last position's logits [B, V]."""
-        cfg = self.model
+        cfg, n = self.model, len(self.model.layer_pattern)
+        scale = 1.0 if ext is None else ext.adapter_scale
+        policy = NEAREST if ext is None else ext.route
         x = L.embed(cfg, self.embed_table, jnp.asarray(tokens))
         for p in range(cfg.n_periods):
             for i, kind in enumerate(cfg.layer_pattern):
                 lp = self.layer_params[p][i]
-                h, layers[p][i] = L.mixer(cfg, kind, lp, x, segment_pos, layers[p][i])
+                h, layers[p][i] = L.mixer(cfg, kind, scale, lp, x, segment_pos, layers[p][i],
+                                          layer_adapters(ext, p, i))
                 if self.routed and kind == "pdr":
-                    x = self._routed(self.layer_index[(p, i)], lp, h)
+                    x = self._routed(self.layer_index[(p, i)], lp, h, segment_pos, policy)
                 else:
-                    x = L.dense_ffn(cfg, lp, h)
-        return L.head(cfg, self.final_norm, self.embed_table, x[:, -1])
+                    x = L.dense_ffn(cfg, kind, lp, h)
+                x = inject_after(x, ext, p * n + i)
+        return L.head(cfg, self.final_norm, self.embed_table, x[:, -1],
+                      None if ext is None else ext.final_transform)
 
-    def _routed(self, j: int, lp, h):
+    def _routed(self, j: int, lp, h, segment_pos, policy=NEAREST):
         cfg = self.model
         b, t = h.shape[:2]
         if b * t == 1:                               # decode: one expert, one fused call
-            return self._routed_token(j, lp, h)
-        hn, idx, gate = L.route(cfg, self.moe, lp, h)
+            return self._routed_token(j, lp, h, segment_pos, policy)
+        p, i = self.expert_layers[j]
+        hn, idx, gate = L.route(cfg, self.moe, policy, i, lp, h, segment_pos, np.int32(p))
         idx = np.asarray(idx).reshape(-1)
         if b == 1:                                   # prefill: the previous token's expert
             self.predictor.last[j] = int(idx[-1])
@@ -272,7 +293,7 @@ class StreamingEngine:
             self.slots.fence(slot, done)     # refilling this slot waits for this call
         return L.combine(cfg, h, y, gate)
 
-    def _routed_token(self, j: int, lp, h):
+    def _routed_token(self, j: int, lp, h, segment_pos, policy=NEAREST):
         """Decode step of expert layer j: h [1, 1, d] → h + gate · expert(norm(h)).
         Layer j's route and the router's guess for layer j+1 (its norm and router on
         the same h, SPEC §3.5) come back in one host sync; the guess is queued behind
@@ -280,13 +301,15 @@ class StreamingEngine:
         cfg, nxt = self.model, j + 1
         guess_router = (self.prefetch and nxt < len(self.expert_layers)
                         and self.predictor.uses_router)
+        p, i = self.expert_layers[j]
         if guess_router:
-            p, i = self.expert_layers[nxt]
-            hn, idx, gate, idx_next = L.route_and_guess(cfg, self.moe, lp,
-                                                        self.layer_params[p][i], h)
+            p2, i2 = self.expert_layers[nxt]
+            hn, idx, gate, idx_next = L.route_and_guess(
+                cfg, self.moe, policy, i, i2, lp, self.layer_params[p2][i2], h, segment_pos,
+                np.int32(p), np.int32(p2))
             e, router_guess = (int(v.reshape(-1)[0]) for v in jax.device_get((idx, idx_next)))
         else:
-            hn, idx, gate = L.route(cfg, self.moe, lp, h)
+            hn, idx, gate = L.route(cfg, self.moe, policy, i, lp, h, segment_pos, np.int32(p))
             e, router_guess = int(np.asarray(idx).reshape(-1)[0]), None
         self._observe(j, e)
         then = self._predict_next(j, h, router_guess) if self.prefetch else None
