@@ -53,12 +53,15 @@ def exported_model(tmp_path, small_cfg):
     return cfg, params, export_model(tmp_path, cfg, params)
 
 
-def reference_logits(cfg, params, prompt, steps):
-    """In-memory model with the exported (ternary) expert values."""
-    model = PerspectiveLM(cfg.model, cfg.moe)
+def reference_logits(cfg, params, prompt, steps, ext=None):
+    """In-memory model with the exported (ternary) expert values (and int8 expert
+    activations when the export's config has ternary.activation_bits=8), under the
+    model extensions `ext` (None: the plain model)."""
+    bits = cfg.ternary.activation_bits if cfg.ternary.enabled else 0
+    model = PerspectiveLM(cfg.model, cfg.moe, activation_bits=bits)
     used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
     cache = init_cache(cfg.model, 1)
-    apply = jax.jit(lambda p, toks, c: model.apply({"params": p}, toks, cache=c))
+    apply = jax.jit(lambda p, toks, c: model.apply({"params": p}, toks, cache=c, ext=ext))
     logits, cache = apply(used, jnp.asarray(prompt)[None], cache)
     out = [np.asarray(logits[0, -1])]
     for tok in steps:

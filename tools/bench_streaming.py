@@ -127,14 +127,17 @@ def job(spec: dict) -> dict:
     """Run one measurement described by `spec`; returns a JSON-able dict."""
     import numpy as np
     from perspective_jax.infer.engine import StreamingEngine
+    from perspective_jax.infer.options import EngineOptions
     kind = spec["kind"]
     if kind == "bandwidth":
         return {"bytes_per_s": read_bandwidth(spec["dir"], spec["io"], spec["nbytes"])}
     t0 = time.perf_counter()
-    eng = StreamingEngine(spec["dir"], host_budget_mb=spec.get("host_mb", 1024),
-                          device_slots=spec.get("slots", 2), prefetch=spec.get("prefetch", True),
-                          use_deltas=spec.get("deltas", True), io=spec.get("io", "mmap"),
-                          **VARIANT_KWARGS[spec.get("variant", "")])
+    eng = StreamingEngine(spec["dir"], EngineOptions(host_budget_mb=spec.get("host_mb", 1024),
+                                                     device_slots=spec.get("slots", 2),
+                                                     prefetch=spec.get("prefetch", True),
+                                                     use_deltas=spec.get("deltas", True),
+                                                     io=spec.get("io", "mmap"),
+                                                     **VARIANT_KWARGS[spec.get("variant", "")]))
     init_s = time.perf_counter() - t0
     vocab = eng.model.vocab_size
     n = spec["tokens"]
@@ -165,7 +168,7 @@ def job(spec: dict) -> dict:
             out["rss_mb"] = rss_mb()
             out["device_bytes_needed"] = eng.device_bytes_needed
             out["state_bytes"] = eng.state_bytes
-            out["next_pos"] = state["next_pos"]
+            out["next_pos"] = state.next_pos
         out["deltas_in_manifest"] = sum(len(layer["deltas"])
                                         for layer in eng.manifest["experts"]["layers"])
     finally:

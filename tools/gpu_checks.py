@@ -19,7 +19,7 @@ failure in one is reported and the rest still run:
   staging   one region read from disk to the device: staged through pinned_host
             memory vs sent straight from the read buffer (what the engine does).
   ffn       the ternary SwiGLU of one expert at batch 1 on the device, as the
-            streaming engine runs it (`infer.layers.expert_rows`), vs SPEC's 0.14 ms.
+            streaming engine runs it (`infer.compute.expert_rows`), vs SPEC's 0.14 ms.
 
     python tools/gpu_checks.py [--config curricula/perspective-1t.yaml] [--out DIR]
         [--sections ternary,shared,pdr,transfer,staging,ffn] [--quick]

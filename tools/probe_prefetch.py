@@ -22,8 +22,10 @@ import sys
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from perspective_jax.infer import layers as L  # noqa: E402
+from perspective_jax.infer import compute as L  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
+from perspective_jax.infer.options import EngineOptions  # noqa: E402
+from perspective_jax.model.extensions import NEAREST  # noqa: E402
 from perspective_jax.model.routed_ffn import TorusRouter  # noqa: E402
 
 TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom. "
@@ -37,7 +39,7 @@ def probe(engine: StreamingEngine, tokens: np.ndarray, top: int, ahead: int) -> 
 
     @jax.jit
     def router_probs(lp, h):
-        hn = L.route(model, moe, lp, h)[0]
+        hn = L.route(model, moe, NEAREST, 0, lp, h, None, 0)[0]       # RMSNorm(h)
         return TorusRouter(model, moe).apply({"params": lp["ffn"]["router"]}, hn)[3]
 
     step, actual, ranked = [0], {}, {}
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         raw = open(a.text, "rb").read() if a.text else TEXT * 64
     except OSError as e:
         p.error(f"--text: {e}")
-    engine = StreamingEngine(a.model_dir, host_budget_mb=a.host_mb)
+    engine = StreamingEngine(a.model_dir, EngineOptions(host_budget_mb=a.host_mb))
     if not engine.routed:
         p.error(f"{a.model_dir} has no routed experts to guess")
     need = PROMPT + a.tokens

@@ -2,7 +2,7 @@
 
 Every expert the window needs stays in its own device slot (no transfers), the
 tokens are decoded twice, and the second pass is repeated with each jitted
-piece of `perspective_jax.infer.layers` synchronised on its own:
+piece of `perspective_jax.infer.compute` synchronised on its own:
 
     python tools/profile_decode.py MODEL_DIR [--tokens 24] [--prompt 16]
 
@@ -20,9 +20,10 @@ import time
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from perspective_jax.infer import layers as L  # noqa: E402
+from perspective_jax.infer import compute as L  # noqa: E402
 from perspective_jax.modeldir.manifest import read_manifest  # noqa: E402
 from perspective_jax.infer.engine import StreamingEngine  # noqa: E402
+from perspective_jax.infer.options import EngineOptions  # noqa: E402
 
 PIECES = ("embed", "mixer", "route", "expert_token", "dense_ffn", "head")
 TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom. "
@@ -40,8 +41,8 @@ def main(argv=None) -> int:
     # one device slot per expert the window can touch: after the first pass every
     # transfer is "same" (the report line shows it), so only compute is timed
     layers = len(read_manifest(a.model_dir)["experts"]["layers"])
-    eng = StreamingEngine(a.model_dir, host_budget_mb=a.host_mb,
-                          device_slots=layers * (a.prompt + a.tokens) + 2, prefetch=False)
+    eng = StreamingEngine(a.model_dir, EngineOptions(
+        host_budget_mb=a.host_mb, device_slots=layers * (a.prompt + a.tokens) + 2, prefetch=False))
     repeats = -(-(a.prompt + a.tokens) // len(TEXT))
     toks = np.frombuffer(TEXT * repeats, np.uint8).astype(np.int32) % eng.model.vocab_size
 

@@ -75,16 +75,18 @@ def run(argv=None) -> int:
     from perspective_jax.model.generate import Sampling
     from perspective_jax.modeldir.manifest import read_manifest
     from perspective_jax.infer.engine import StreamingEngine
+    from perspective_jax.infer.options import EngineOptions
     from perspective_jax.infer.session import Conversation, describe
 
-    read_manifest(a.model_dir)                 # clear errors before any heavy work
+    manifest = read_manifest(a.model_dir)      # clear errors before any heavy work; read once
     compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    engine = StreamingEngine(a.model_dir, host_budget_mb=a.host_budget_mb,
-                             device_budget_mb=a.device_budget_mb, device_slots=a.device_slots,
-                             prefetch=not a.no_prefetch, use_deltas=not a.no_deltas,
-                             warm_start=not a.no_warm_start, io=a.io, predictor=a.predictor,
-                             prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
+    options = EngineOptions(host_budget_mb=a.host_budget_mb,
+                            device_budget_mb=a.device_budget_mb, device_slots=a.device_slots,
+                            prefetch=not a.no_prefetch, use_deltas=not a.no_deltas,
+                            warm_start=not a.no_warm_start, io=a.io, predictor=a.predictor,
+                            prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
+    engine = StreamingEngine(a.model_dir, options, manifest=manifest)
     tokenizer = load_tokenizer(a.model_dir)
     if a.resume_state:
         conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed)

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from perspective_jax.errors import UserError
+from perspective_jax.infer.state import EngineState
 from perspective_jax.model.generate import Sampling, filter_logits
 from perspective_jax.model.cache_io import cache_from_tensors, flatten_cache
 
@@ -88,16 +89,9 @@ class Conversation:
             logits, self.state = self.engine.forward(np.asarray([tok], np.int32), self.state)
 
     # ---------------------------------------------------------------- save/resume
-    def _stacked_cache(self) -> dict:
-        periods = {}
-        for i in range(len(self.engine.model.layer_pattern)):
-            layer = [self.state["layers"][p][i] for p in range(self.engine.model.n_periods)]
-            periods[f"layer_{i}"] = jax.tree.map(lambda *a: jnp.stack(a), *layer)
-        return {"periods": periods, "next_pos": jnp.asarray([self.state["next_pos"]], jnp.int32)}
-
     def save(self, path: str) -> None:
         """Write the conversation state atomically (safetensors + JSON metadata)."""
-        tensors = flatten_cache(self._stacked_cache())
+        tensors = flatten_cache(self.state.to_cache())
         tensors["pending"] = np.asarray(self.pending, np.int32)
         meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
                 "model": self.engine.identity}
@@ -144,11 +138,7 @@ class Conversation:
         if stacked["next_pos"].shape != (1,):
             raise UserError(f"{path}: holds a batch of {stacked['next_pos'].shape[0]} "
                             "conversations; perspective-infer resumes one")
-        conv.state = {"layers": [[jax.tree.map(lambda a, p=p: a[p],
-                                               stacked["periods"][f"layer_{i}"])
-                                  for i in range(len(engine.model.layer_pattern))]
-                                 for p in range(engine.model.n_periods)],
-                      "next_pos": int(stacked["next_pos"][0])}
+        conv.state = EngineState.from_cache(stacked)
         conv.pending = pending.astype(int).tolist()
         conv.steps = steps
         return conv

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from perspective_jax.infer import expert_tiers
-from perspective_jax.infer import layers as L
+from perspective_jax.infer import compute as L
 from perspective_jax.modeldir import format as md
 from perspective_jax.infer.device_slots import DeviceSlots
 from perspective_jax.infer.engine import StreamingEngine, Stats
+from perspective_jax.infer.options import EngineOptions
 from perspective_jax.infer.expert_store import ReadCancelled
 from perspective_jax.infer.host_cache import HostCache
 from streaming_helpers import assert_engine_matches, reference_logits
@@ -182,7 +183,8 @@ def test_decode_routes_and_guesses_in_one_call_per_expert_layer(exported, monkey
     rng = np.random.default_rng(6)
     prompt, steps = rng.integers(0, 259, 5), rng.integers(0, 259, 4)
     ref = reference_logits(cfg, params, prompt, steps)
-    engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor="router")
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_slots=2,
+                                                 predictor="router"))
     layers = len(engine.expert_layers)
     assert_engine_matches(engine, ref, prompt, steps)
     engine.close()
@@ -202,9 +204,11 @@ def test_pinned_host_tier_admits_fresh_regions_after_their_transfer(exported):
         cfg.model.d_model, cfg.model.d_ff).nbytes
     runs = {}
     for first in (False, True):
-        engine = StreamingEngine(path, host_budget_mb=2 * everything / 2**20,
-                                 device_slots=2, warm_start=False, use_deltas=False,
-                                 host_memory_kind="pinned_host", pin_before_transfer=first)
+        engine = StreamingEngine(path, EngineOptions(host_budget_mb=2 * everything / 2**20,
+                                                     device_slots=2, warm_start=False,
+                                                     use_deltas=False,
+                                                     host_memory_kind="pinned_host",
+                                                     pin_before_transfer=first))
         sent, load = [], engine.slots.load
         engine.slots.load = lambda slot, key, host: (sent.append(isinstance(host, np.ndarray)),
                                                      load(slot, key, host))[1]
@@ -241,8 +245,9 @@ def test_read_buffers_waiting_for_a_slow_admission_are_bounded(exported):
     import time as _time
     from perspective_jax.infer import expert_tiers
     _, _, path = exported
-    engine = StreamingEngine(path, host_budget_mb=4, device_slots=2, warm_start=False,
-                             use_deltas=False, host_memory_kind="pinned_host")
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=4, device_slots=2,
+                                                 warm_start=False, use_deltas=False,
+                                                 host_memory_kind="pinned_host"))
     place = engine.host.place
     engine.host.place = lambda r: (_time.sleep(0.05), place(r))[1]   # slow pinning
     waiting = []
@@ -274,11 +279,11 @@ def test_wrong_prefetches_still_reading_are_cancelled_and_decode_stays_exact(
     ref = reference_logits(cfg, params, prompt, steps)
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
     buffers = expert_tiers.MAX_QUEUED_ADMISSIONS + 3 if transfer_thread else 0
-    engine = StreamingEngine(path, host_budget_mb=(2 + buffers) * region / 2**20,
-                             device_slots=2, warm_start=False, use_deltas=False,
-                             predictor="previous", cancel_wrong_reads=True,
-                             transfer_thread=transfer_thread,
-                             host_memory_kind="pinned_host" if transfer_thread else None)
+    engine = StreamingEngine(path, EngineOptions(
+        host_budget_mb=(2 + buffers) * region / 2**20, device_slots=2, warm_start=False,
+        use_deltas=False, predictor="previous", cancel_wrong_reads=True,
+        transfer_thread=transfer_thread,
+        host_memory_kind="pinned_host" if transfer_thread else None))
     read = engine.store.read_region
 
     def slow_read(j, e, cancel=None):

@@ -15,6 +15,7 @@ from perspective_jax.quant import gptq
 from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.options import EngineOptions
 from perspective_jax.export.exporter import with_embedding, with_ternary_experts
 from perspective_jax.infer.host_cache import HostCache
 from perspective_jax.model.transformer import init_params
@@ -32,8 +33,8 @@ def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
     n_layers = cfg.model.n_pdr_layers
     # host budget: 3 regions (forces evictions); one slot per expert layer + 1 so that
     # each layer's last expert stays on the device and neighbours arrive as deltas
-    engine = StreamingEngine(path, host_budget_mb=3 * region / 2**20,
-                             device_slots=n_layers + 1)
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=3 * region / 2**20,
+                                                 device_slots=n_layers + 1))
     assert_engine_matches(engine, ref, prompt, steps)
     report = engine.report()
     engine.close()
@@ -57,8 +58,8 @@ def test_engine_with_the_gpu_kernel_choice_is_exact(exported, monkeypatch):
     rng = np.random.default_rng(2)
     prompt, steps = rng.integers(0, 259, 40), rng.integers(0, 259, 6)
     ref = reference_logits(cfg, params, prompt, steps)
-    engine = StreamingEngine(path, host_budget_mb=1, device_slots=2,
-                             host_memory_kind="pinned_host")
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_slots=2,
+                                                 host_memory_kind="pinned_host"))
     assert_engine_matches(engine, ref, prompt, steps)
     engine.close()
     assert chosen == {"pallas", "dequant"}      # both GPU paths were traced and checked
@@ -70,9 +71,10 @@ def test_double_buffer_with_prefetch_and_chunked_prefill_is_exact(exported):
     prompt, steps = rng.integers(0, 259, 30), rng.integers(0, 259, 12)
     ref = reference_logits(cfg, params, prompt, steps)
     for predictor in ("router", "previous"):           # host tier in pinned_host memory
-        engine = StreamingEngine(path, host_budget_mb=1, device_slots=2, predictor=predictor,
-                                 prefill_chunk=7, use_deltas=False,
-                                 host_memory_kind="pinned_host")
+        engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_slots=2,
+                                                     predictor=predictor, prefill_chunk=7,
+                                                     use_deltas=False,
+                                                     host_memory_kind="pinned_host"))
         assert_engine_matches(engine, ref, prompt, steps)
         report = engine.report()
         engine.close()
@@ -133,7 +135,7 @@ def test_flipped_byte_is_detected_and_named(exported_writable):
         byte = fh.read(1)
         fh.seek(entry["offset"] + 17)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    engine = StreamingEngine(path, host_budget_mb=1, warm_start=False)
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, warm_start=False))
     engine.store.read_region(1, 2)                     # an intact neighbour reads fine
     with pytest.raises(md.ModelDirError, match=r"layer_001\.bin: expert 3 of expert layer 1"):
         engine.store.read_region(1, 3)
@@ -158,7 +160,8 @@ def test_a_damaged_delta_is_reported_and_its_expert_loaded_in_full(exported_writ
     rng = np.random.default_rng(0)
     prompt, steps = rng.integers(0, 259, 21), rng.integers(0, 259, 24)
     ref = reference_logits(cfg, params, prompt, steps)
-    engine = StreamingEngine(path, host_budget_mb=1, device_slots=cfg.model.n_pdr_layers + 1)
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1,
+                                                 device_slots=cfg.model.n_pdr_layers + 1))
     assert_engine_matches(engine, ref, prompt, steps)
     report = engine.report()
     engine.close()
@@ -266,8 +269,8 @@ def test_synthetic_model_with_2bit_shared_weights_equals_dequantised_floats(tmp_
     manifest = read_manifest(paths[2])
     assert manifest["shared"]["bits"] == 2 and len(manifest["shared"]["quantized"]) > 0
     assert all(q["method"] == "rtn" for q in manifest["shared"]["quantized"])
-    packed, floats = (StreamingEngine(paths[2], host_budget_mb=1) for _ in range(2))
-    plain = StreamingEngine(paths[0], host_budget_mb=1)
+    packed, floats = (StreamingEngine(paths[2], EngineOptions(host_budget_mb=1)) for _ in range(2))
+    plain = StreamingEngine(paths[0], EngineOptions(host_budget_mb=1))
     assert packed.shared_bytes < 0.5 * plain.shared_bytes
 
     def expand(leaf):
@@ -350,10 +353,10 @@ def test_host_cache_budget_and_frequency_weighted_eviction():
 def test_budgets_are_enforced_with_clear_errors(exported):
     _, _, path = exported
     with pytest.raises(UserError, match="host-budget-mb .* cannot hold one expert region"):
-        StreamingEngine(path, host_budget_mb=0.001)
+        StreamingEngine(path, EngineOptions(host_budget_mb=0.001))
     with pytest.raises(UserError, match="device-budget-mb .* too small"):
-        StreamingEngine(path, host_budget_mb=1, device_budget_mb=0.01)
-    engine = StreamingEngine(path, host_budget_mb=1, device_budget_mb=64)
+        StreamingEngine(path, EngineOptions(host_budget_mb=1, device_budget_mb=0.01))
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_budget_mb=64))
     assert engine.device_bytes_needed <= 64 * 2**20
     region, needed = engine.store.alloc_bytes, engine.device_bytes_needed
     # the largest call's temporaries (XLA's own count) are part of the budget
@@ -362,22 +365,26 @@ def test_budgets_are_enforced_with_clear_errors(exported):
                                                      + engine.workspace_bytes)
     engine.close()
     with pytest.raises(UserError, match="workspace"):
-        StreamingEngine(path, host_budget_mb=1, device_budget_mb=(needed - 1) / 2**20)
+        StreamingEngine(path, EngineOptions(host_budget_mb=1,
+                                            device_budget_mb=(needed - 1) / 2**20))
     # a pinned tier also budgets the read buffers in flight (the one being read and
     # those queued to be pinned): one region alone no longer fits
     with pytest.raises(UserError, match=r"cannot hold one expert region .* plus .* read "
                                         r"buffers in flight"):
-        StreamingEngine(path, host_budget_mb=region / 2**20, host_memory_kind="pinned_host")
+        StreamingEngine(path, EngineOptions(host_budget_mb=region / 2**20,
+                                            host_memory_kind="pinned_host"))
     from perspective_jax.infer.expert_tiers import MAX_QUEUED_ADMISSIONS
     for transfer_thread in (False, True):        # a transfer thread: two more buffers
         fits = (MAX_QUEUED_ADMISSIONS + 2 + 2 * transfer_thread) * region / 2**20
-        engine = StreamingEngine(path, host_budget_mb=fits, host_memory_kind="pinned_host",
-                                 transfer_thread=transfer_thread)
+        engine = StreamingEngine(path, EngineOptions(host_budget_mb=fits,
+                                                     host_memory_kind="pinned_host",
+                                                     transfer_thread=transfer_thread))
         assert engine.host.capacity == 1 and engine.host.bytes_held <= engine.host.budget_bytes
         engine.close()
         with pytest.raises(UserError, match="read buffers in flight"):
-            StreamingEngine(path, host_budget_mb=fits - 0.01, host_memory_kind="pinned_host",
-                            transfer_thread=transfer_thread)
+            StreamingEngine(path, EngineOptions(host_budget_mb=fits - 0.01,
+                                                host_memory_kind="pinned_host",
+                                                transfer_thread=transfer_thread))
 
 
 def test_model_dir_errors(exported_writable, tmp_path):
@@ -440,7 +447,7 @@ def test_gptq_shared_weights_round_trip_through_the_model_dir(tmp_path, small_cf
     dequantised = with_embedding(replace_shared(params, kernels), table)
     prompt, steps = np.arange(5, 25), np.arange(30, 38)
     ref = reference_logits(cfg, dequantised, prompt, steps)
-    engine = StreamingEngine(path, host_budget_mb=1)
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1))
     # the engine computes from the packed codes: every quantised kernel stays a
     # QuantizedKernel on the device, and the device bytes count codes, not floats
     held = [leaf for layer in engine.layer_params for lp in layer
@@ -503,6 +510,6 @@ def test_engine_with_per_output_feature_scales(tmp_path, small_cfg):
     path = export_model(tmp_path, cfg, params)
     prompt, steps = np.arange(40, 52), np.arange(60, 66)
     ref = reference_logits(cfg, params, prompt, steps)
-    engine = StreamingEngine(path, host_budget_mb=1)
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1))
     assert_engine_matches(engine, ref, prompt, steps)
     engine.close()

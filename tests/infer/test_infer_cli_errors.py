@@ -11,7 +11,10 @@ from perspective_jax.cli import export, infer
 from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.options import EngineOptions
 from perspective_jax.infer.session import Conversation
+
+ONE_MB = EngineOptions(host_budget_mb=1)      # host tier of the tests' engines
 
 
 def _one_line_error(capsys, message, silent=False):
@@ -52,7 +55,7 @@ def test_a_state_file_with_damaged_metadata_is_refused(exported, tmp_path):
     from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
     _, _, path = exported
-    engine = StreamingEngine(path, host_budget_mb=1)
+    engine = StreamingEngine(path, ONE_MB)
     conv = Conversation(engine, ByteTokenizer(), seed=5)
     conv.generate("hi", 3)
     good = str(tmp_path / "good.state")
@@ -97,10 +100,10 @@ def test_an_interrupted_generation_saves_the_conversation_so_far(exported, tmp_p
     monkeypatch.setattr(StreamingEngine, "forward", forward)
     from test_session import IdTokenizer
     from perspective_jax.model.generate import Sampling
-    engine, greedy = StreamingEngine(path, host_budget_mb=1), Sampling(temperature=0.0)
+    engine, greedy = StreamingEngine(path, ONE_MB), Sampling(temperature=0.0)
     conv = Conversation.load(engine, IdTokenizer(), state, greedy)
     assert conv.steps == 3 and len(conv.pending) == 1     # 3 sampled, the 3rd not yet fed
-    assert conv.state["next_pos"] == len("hello") + 2
+    assert conv.state.next_pos == len("hello") + 2
     whole = Conversation(engine, IdTokenizer(), greedy).generate("hello", 9)
     assert whole.endswith(conv.generate("", 6))           # continues as if never stopped
     engine.close()

@@ -9,8 +9,11 @@ from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model.generate import Sampling
 from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.options import EngineOptions
 from perspective_jax.infer.session import Conversation, _streamable
 from streaming_helpers import reference_logits
+
+ONE_MB = EngineOptions(host_budget_mb=1)      # host tier of the tests' engines
 
 
 class IdTokenizer(ByteTokenizer):
@@ -24,17 +27,17 @@ class IdTokenizer(ByteTokenizer):
 def test_saved_conversation_resumes_identically(exported, tmp_path):
     _, _, path = exported
     tok, sampling = IdTokenizer(), Sampling(temperature=1.0, top_k=50)
-    one = Conversation(StreamingEngine(path, host_budget_mb=1), tok, sampling, seed=3)
+    one = Conversation(StreamingEngine(path, ONE_MB), tok, sampling, seed=3)
     first = one.generate("hello", 12)
     whole = first + one.generate("", 12)
     assert len(set(whole.split(">"))) > 6               # sampled, not one repeated token
-    two = Conversation(StreamingEngine(path, host_budget_mb=1), tok, sampling, seed=3)
+    two = Conversation(StreamingEngine(path, ONE_MB), tok, sampling, seed=3)
     assert two.generate("hello", 12) == first
     two.save(str(tmp_path / "chat.state"))
-    three = Conversation.load(StreamingEngine(path, host_budget_mb=1), tok,
+    three = Conversation.load(StreamingEngine(path, ONE_MB), tok,
                               str(tmp_path / "chat.state"), sampling)
     assert first + three.generate("", 12) == whole
-    four = Conversation(StreamingEngine(path, host_budget_mb=1), tok, sampling, seed=4)
+    four = Conversation(StreamingEngine(path, ONE_MB), tok, sampling, seed=4)
     assert four.generate("hello", 12) != first          # the seed is used
     with pytest.raises(UserError, match="prompt is empty"):
         Conversation(three.engine, tok).generate("", 4)
@@ -74,7 +77,7 @@ def test_a_feed_that_fails_part_way_leaves_the_state_as_it_was(exported):
     cfg, params, path = exported
     prompt, steps = np.arange(5, 17), np.arange(30, 33)
     ref = reference_logits(cfg, params, prompt, steps)
-    engine = StreamingEngine(path, host_budget_mb=1)
+    engine = StreamingEngine(path, ONE_MB)
     _, state = engine.forward(prompt, engine.new_state())
     before = jax.tree.map(np.asarray, state)
     ensure, calls = engine.tiers.ensure, []
@@ -101,7 +104,7 @@ def test_prefill_and_decode_timings_leave_compilation_out(exported):
     import time
     from perspective_jax.infer import compile_clock
     _, _, path = exported
-    engine = StreamingEngine(path, host_budget_mb=1)
+    engine = StreamingEngine(path, ONE_MB)
     prompt = np.arange(40, 57)
 
     def feed(state):

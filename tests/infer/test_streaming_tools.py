@@ -8,6 +8,7 @@ import pytest
 from perspective_jax.config import load_config
 from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.options import EngineOptions
 from perspective_jax.export.synthetic import write_synthetic_model_dir
 from perspective_jax.quant.quantized_kernel import QuantizedKernel
 
@@ -35,7 +36,7 @@ def test_derive_quantized_links_experts_and_profile_is_compute_only(tmp_path, to
     for name in os.listdir(os.path.join(src, "experts")):       # hard links, same bytes
         assert os.path.samefile(os.path.join(src, "experts", name),
                                 os.path.join(dst, "experts", name))
-    engine = StreamingEngine(dst, host_budget_mb=1)
+    engine = StreamingEngine(dst, EngineOptions(host_budget_mb=1))
     kinds = {type(k["mixer"]["w_p"]) for layer in engine.layer_params for k in layer
              if "w_p" in k["mixer"]}
     assert kinds == {QuantizedKernel}
@@ -57,7 +58,7 @@ def test_probe_prefetch_top1_is_the_engines_router_guess(tmp_path, tools_path, c
                              "moe.num_experts=8", "moe.lattice=[2,2,2]", "data.tokenizer=byte"])
     path = str(tmp_path / "model")
     write_synthetic_model_dir(path, cfg, seed=0, log=lambda *_: None)
-    engine = StreamingEngine(path, host_budget_mb=8, predictor="router")
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=8, predictor="router"))
     tokens = np.frombuffer(probe_prefetch.TEXT, np.uint8).astype(np.int32)[:24]
     result = probe_prefetch.probe(engine, tokens, top=8, ahead=2)
     engine.close()

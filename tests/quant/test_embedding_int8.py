@@ -15,6 +15,7 @@ from perspective_jax.quant import embedding_int8 as e8
 from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.options import EngineOptions
 from perspective_jax.export.exporter import with_embedding
 from perspective_jax.model.transformer import init_params
 from streaming_helpers import assert_engine_matches, export_model, reference_logits, routed_cfg
@@ -82,7 +83,7 @@ def test_engine_on_an_int8_export_equals_the_model_with_the_dequantised_table(
     ref = reference_logits(cfg, with_embedding(params, e8.dequantize(codes, scale)),
                            np.arange(5, 25), np.arange(30, 40))
     monkeypatch.setattr(e8, "BLOCK_ROWS", 100)      # 259 rows: 3 blocks of 87, 2 padded
-    engine = StreamingEngine(path, host_budget_mb=1)
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1))
     table, d = engine.embed_table, cfg.model.d_model
     assert table.codes.shape == (3, 87, d) and table.codes.dtype == jnp.int8
     # the device holds int8 codes + padding + row scales, not a float table
@@ -118,4 +119,4 @@ def test_int8_manifest_errors_and_format_3_still_reads(exported_writable, tmp_pa
     old_manifest["format_version"] = 3
     del old_manifest["shared"]["embedding"]
     json.dump(old_manifest, open(old_path, "w"))
-    StreamingEngine(old, host_budget_mb=1).close()
+    StreamingEngine(old, EngineOptions(host_budget_mb=1)).close()

@@ -1,0 +1,140 @@
+"""The streaming engine's jitted per-layer calls.
+
+The engine runs the network one layer at a time so it can stream experts. What
+the in-memory model computes comes from the model's own `ResidualBlock` parts —
+the same functions `PerspectiveLM` runs, so the two cannot drift apart — jitted
+per (config, layer kind, part) with the static arguments as jit keys:
+
+    mixer:     h = x + Mixer(RMSNorm(x))               part="mix" (LoRA adapters)
+    route:     hn, e, gate = RMSNorm(h), router(hn)     part="route" (routing policy)
+    dense_ffn: h + SwiGLU(RMSNorm(h))                  part="ffn"
+    combine:   h + y · gate                            routed_ffn.gated_residual
+
+What is the engine's own: the embedding and head on an int8 table (row blocks,
+embedding_int8) and the final transform before the head; experts on packed 2-bit
+ternary regions, (x·T)·scale via `kernels_pallas.ternary_matmul`, in row groups
+(prefill, batched decode) with a fence for the slot, or one fused
+expert-and-residual call (decode); route + next layer's guess in one call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.ternary_matmul import ternary_matmul
+from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.quant import embedding_int8 as int8_embedding
+from perspective_jax.modeldir.format import RegionLayout
+from perspective_jax.model.extensions import RoutePolicy
+from perspective_jax.model.layers import RMSNorm, dtype_of
+from perspective_jax.model.routed_ffn import gated_residual
+from perspective_jax.model.transformer import ResidualBlock
+from perspective_jax.quant.ternary import quantize_activations_int8
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def embed(cfg: ModelConfig, table, tokens):
+    """tokens [B, T] → x [B, T, d]; `table` is [V, d] float or an `Int8Table`."""
+    dt = dtype_of(cfg.dtype)
+    rows = (int8_embedding.embed_rows(table, tokens, dt)
+            if isinstance(table, int8_embedding.Int8Table) else table[tokens].astype(dt))
+    return rows * math.sqrt(cfg.d_model)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def mixer(cfg: ModelConfig, kind: str, adapter_scale: float, lp, x, segment_pos, cache,
+          adapters=None):
+    """x [B, T, d] → (h, new cache): the block's part "mix" (`adapters`: this layer's
+    LoRA subtree of one period, or None)."""
+    return ResidualBlock(cfg, kind, adapter_scale=adapter_scale).apply(
+        {"params": lp}, x, segment_pos, cache, 0, adapters, part="mix")
+
+
+def _route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp, h,
+           segment_pos, period):
+    return ResidualBlock(cfg, "pdr", moe, policy=policy, layer=layer).apply(
+        {"params": lp}, h, segment_pos, None, period, part="route")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp, h,
+          segment_pos, period):
+    """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]): the block's part
+    "route" of layer `layer` of period `period` (both seed the random policy)."""
+    return _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def route_and_guess(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int,
+                    layer_next: int, lp, lp_next, h, segment_pos, period, period_next):
+    """Decode: `route(lp, h)` and the expert layer `lp_next`'s router applied to the
+    same h (the prefetch guess for the next expert layer, SPEC §3.5), in one call:
+    h [B, T, d] → (hn, expert [B, T], gate [B, T], guessed next expert [B, T])."""
+    hn, idx, gate = _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
+    guess = _route(cfg, moe, policy, layer_next, lp_next, h, segment_pos, period_next)[1]
+    return hn, idx, gate, guess
+
+
+def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):
+    """x [M, d] through one expert whose flat 2-bit region is `codes`;
+    scales = (gate, up, down) scales, each [1] or [N]."""
+    parts = RegionLayout(cfg.d_model, cfg.d_ff).split(codes)
+    dt = dtype_of(cfg.dtype)
+    quant = quantize_activations_int8 if activation_bits == 8 else (lambda a: a)
+    x = quant(x.astype(dt))
+    g = ternary_matmul(x, parts["w_gate"], scales[0])
+    u = ternary_matmul(x, parts["w_up"], scales[1])
+    hidden = quant((jax.nn.silu(g) * u).astype(dt))
+    return ternary_matmul(hidden, parts["w_down"], scales[2]).astype(dt)
+
+
+def _scales_at(scales, j, e):
+    """(gate, up, down) scales [L, E, S] of all experts → those of expert e of layer j."""
+    return tuple(s[j, e] for s in scales)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def expert_rows(cfg: ModelConfig, activation_bits: int, y, hn, rows, codes, scales, j, e):
+    """Prefill: (y [N, d] with rows `rows` (padded by repeating an entry) set to
+    expert(hn[rows]), a scalar ready when this call is done: the fence that the
+    slot holding `codes` waits for before it is refilled); `codes` is expert e of
+    expert layer j."""
+    out = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e), hn[rows])
+    return y.at[rows].set(out), out[0, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def expert_token(cfg: ModelConfig, activation_bits: int, h, hn, gate, codes, scales, j, e):
+    """Decode: h, hn [1, 1, d], gate [1, 1] → h + gate · expert(hn) in one call (scale
+    lookup, expert, combine: no eager ops between route and the next mixer)."""
+    y = _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e),
+                       hn.reshape(1, cfg.d_model))
+    return gated_residual(h, y, gate)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def combine(cfg: ModelConfig, h, y, gate):
+    """h [B, T, d] + y [B·T, d] · gate [B, T]: the routed block's residual."""
+    return gated_residual(h, y, gate)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def dense_ffn(cfg: ModelConfig, kind: str, lp, h):
+    """h → h + SwiGLU(RMSNorm(h)): the block's part "ffn" (a dense-FFN layer)."""
+    return ResidualBlock(cfg, kind).apply({"params": lp}, h, None, part="ffn")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def head(cfg: ModelConfig, final_norm, table, x, final_transform=None):
+    """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`;
+    `final_transform` (Extensions) maps RMSNorm(x) [B, 1, d] before the tied head."""
+    xn = RMSNorm(cfg).apply({"params": final_norm}, x).astype(jnp.float32)
+    if final_transform is not None:
+        xn = final_transform(xn[:, None])[:, 0]
+    if isinstance(table, int8_embedding.Int8Table):
+        return int8_embedding.head_logits(table, xn, cfg.vocab_size)
+    return jnp.dot(xn, table.astype(jnp.float32).T)

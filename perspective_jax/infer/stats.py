@@ -1,0 +1,94 @@
+"""The engine's counters and the --stats report built from them.
+
+`Stats` is filled by the engine (token counts, timings) and by `ExpertTiers`
+(transfers, bytes, guesses, stalls); `report(engine)` is the --stats table's
+content; `peak_rss_bytes()` reads the process's peak resident memory on Linux.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Optional
+
+KINDS = ("same", "delta", "full")
+
+
+@dataclasses.dataclass
+class Stats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    compile_s: float = 0.0      # tracing + compiling during feeds (not in prefill/decode)
+    batch_steps: int = 0        # batched decode steps (`StreamingEngine.step`)
+    transfers: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    bytes_moved: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    predictions: int = 0
+    predicted_right: int = 0
+    stalls: int = 0
+    stall_s: float = 0.0
+    cancelled: int = 0          # wrong prefetches stopped part-way through their read
+    failed_guesses: int = 0     # wrong prefetches whose read failed (not needed: no error)
+    damaged_deltas: list = dataclasses.field(default_factory=list)   # messages; each
+    #                             delta failed its checksum and its target loaded in full
+
+    def brings(self) -> int:
+        """Expert regions asked of the tiers so far (each "same", "delta" or "full")."""
+        return sum(self.transfers[k] for k in KINDS)
+
+
+def report(engine) -> dict:
+    """The --stats statistics of `engine` (a StreamingEngine)."""
+    s = engine.stats
+    out = {
+        "prefill_tokens": s.prefill_tokens,
+        "prefill_tok_per_s": s.prefill_tokens / s.prefill_s if s.prefill_s else 0.0,
+        "decode_tokens": s.decode_tokens,
+        "decode_tok_per_s": s.decode_tokens / s.decode_s if s.decode_s else 0.0,
+        "compile_s": s.compile_s,
+        "device_bytes_held": engine.device_bytes_needed,
+    }
+    if s.batch_steps:
+        out["batch_steps"] = s.batch_steps
+    if engine.routed:
+        host, tiers = engine.host, engine.tiers
+        lookups = host.hits + host.misses
+        out.update({
+            "transfers": {k: s.transfers[k] for k in KINDS},
+            "bytes_moved": {k: s.bytes_moved[k] for k in (*KINDS, "wasted")},
+            "disk_bytes_read": engine.store.bytes_read,
+            "host_cache_hit_rate": host.hits / lookups if lookups else 0.0,
+            "host_cache_evictions": host.evictions,
+            "host_peak_bytes": host.peak_bytes,
+            "host_budget_bytes": host.budget_bytes,
+            "host_read_buffers_peak": tiers.buffers_peak,
+            "host_read_buffers_budgeted": tiers.buffers_budgeted,
+            "prefetch_accuracy": s.predicted_right / s.predictions if s.predictions else 0.0,
+            "stalls": s.stalls, "stall_s": s.stall_s, "prefetch_cancelled": s.cancelled,
+            "prefetch_failed": s.failed_guesses,
+            "damaged_deltas": len(s.damaged_deltas),
+            "device_slots": engine.n_slots,
+            "device_expert_regions_peak": engine.slots.regions_peak,
+            "warm_start_regions": engine.warmed,
+        })
+    rss = peak_rss_bytes()
+    if rss is not None:
+        out["process_peak_rss_bytes"] = rss
+    device = engine.device
+    mem = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if mem and "peak_bytes_in_use" in mem:
+        out["device_peak_bytes_runtime"] = mem["peak_bytes_in_use"]
+    return out
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """Peak resident memory of this process (Linux VmHWM), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
