@@ -72,7 +72,7 @@ def run(argv=None) -> int:
         if path:
             check_output_file(path, flag)
     from perspective_jax.data.tokenizer import load_tokenizer
-    from perspective_jax.model.generate import Sampling
+    from perspective_jax.model.sampling import Sampling
     from perspective_jax.modeldir.manifest import read_manifest
     from perspective_jax.infer.engine import StreamingEngine
     from perspective_jax.infer.options import EngineOptions

@@ -72,7 +72,9 @@ class StreamingEngine:
         self.options = o = options
         self.predictor_mode, self.prefill_chunk = o.predictor, o.prefill_chunk
         self.manifest = read_manifest(model_dir) if manifest is None else manifest
-        self.cfg: PerspectiveConfig = from_dict(PerspectiveConfig, self.manifest["config"])
+        parsed = getattr(self.manifest, "config", None)     # read_manifest parsed it once
+        self.cfg: PerspectiveConfig = (parsed if parsed is not None else
+                                       from_dict(PerspectiveConfig, self.manifest["config"]))
         # what a saved conversation is tied to: the exact config, shared weights, experts
         self.identity = md.sha256_bytes(json.dumps(
             {"config": self.manifest["config"],

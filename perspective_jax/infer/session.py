@@ -24,17 +24,15 @@ from safetensors.numpy import load_file, save_file
 
 from perspective_jax.errors import UserError
 from perspective_jax.infer.state import EngineState
-from perspective_jax.model.generate import Sampling, filter_logits
+from perspective_jax.model.sampling import Sampling, sample_next
 from perspective_jax.model.cache_io import cache_from_tensors, flatten_cache
 
 STATE_FORMAT = "perspective-conversation/1"
 
 
 def sample_token(logits: np.ndarray, sampling: Sampling, key) -> int:
-    if sampling.temperature == 0.0:
-        return int(np.argmax(logits))
-    filtered = filter_logits(jnp.asarray(logits)[None], sampling)
-    return int(jax.random.categorical(key, filtered[0]))
+    """One token from logits [V] by the one sampling rule (`model.sampling`)."""
+    return int(sample_next(jnp.asarray(logits)[None], key, sampling)[0])
 
 
 def _streamable(text: str, stop: Sequence[str]) -> str:

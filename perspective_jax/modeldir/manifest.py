@@ -24,7 +24,14 @@ from perspective_jax.moe import torus
 TOKENIZER_FILES = {"byte": "tokenizer.byte", "sentencepiece": "tokenizer.model"}
 
 
-def read_manifest(model_dir: str) -> dict:
+class Manifest(dict):
+    """A manifest as read from manifest.json (a dict), with its config parsed once
+    (`.config`, a PerspectiveConfig) by the check that read it."""
+
+    config = None
+
+
+def read_manifest(model_dir: str) -> Manifest:
     """The manifest of `model_dir`, checked for format, version, consistency with its
     config (`check_manifest`) and the size of every listed file."""
     if os.path.exists(model_dir) and not os.path.isdir(model_dir):
@@ -52,7 +59,9 @@ def read_manifest(model_dir: str) -> dict:
                             f"not supported (this build reads versions "
                             f"{', '.join(map(str, md.READABLE_VERSIONS))}); "
                             "re-export the model with this version of perspective-export")
-    check_manifest(model_dir, manifest)       # agrees with its config, lists every file
+    manifest = Manifest(manifest)
+    manifest.config = check_manifest(model_dir, manifest)   # agrees with its config, lists
+    #                                                         every file
     for rel, info in manifest["files"].items():
         full = os.path.join(model_dir, rel)
         if not os.path.exists(full):
@@ -65,14 +74,15 @@ def read_manifest(model_dir: str) -> dict:
     return manifest
 
 
-def check_manifest(model_dir: str, manifest: dict) -> None:
+def check_manifest(model_dir: str, manifest: dict):
+    """The manifest's config (PerspectiveConfig), once it is checked."""
     path = os.path.join(model_dir, md.MANIFEST)
 
     def bad(what: str) -> md.ModelDirError:
         return md.ModelDirError(f"{path}: {what}; the model directory is inconsistent — "
                                 "re-run perspective-export")
     try:
-        _check(manifest, bad)
+        return _check(manifest, bad)
     except md.ModelDirError:
         raise
     except UserError as e:                    # the config does not parse
@@ -102,7 +112,7 @@ def _check_embedding(manifest: dict, model, bad) -> None:
                       f"expected {dtype or 'float'} {shape} for embedding {fmt}")
 
 
-def _check(manifest: dict, bad) -> None:
+def _check(manifest: dict, bad):
     from perspective_jax.config import PerspectiveConfig, from_dict
     files = manifest["files"]
     sizes = {rel: int(info["bytes"]) for rel, info in files.items()}
@@ -127,7 +137,7 @@ def _check(manifest: dict, bad) -> None:
     if not cfg.model.routed:
         if layers:
             raise bad("the config is not routed but the manifest indexes expert layers")
-        return
+        return cfg
     expected = expert_layers(cfg.model)
     if len(layers) != len(expected):
         raise bad(f"{len(layers)} expert layers indexed, the config has {len(expected)}")
@@ -162,3 +172,4 @@ def _check(manifest: dict, bad) -> None:
     if freqs is not None and (len(freqs) != len(layers)
                               or any(len(row) != n_experts for row in freqs)):
         raise bad(f"routing_frequencies must be [{len(layers)}, {n_experts}]")
+    return cfg

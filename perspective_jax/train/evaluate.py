@@ -14,7 +14,8 @@ import math
 import jax
 import numpy as np
 
-from perspective_jax.model.generate import Sampling, generate
+from perspective_jax.model.generate import generate
+from perspective_jax.model.sampling import Sampling
 from perspective_jax.moe.metrics import routing_report
 from perspective_jax.train import sharding as shd
 from perspective_jax.train.objective import expert_activation_bits

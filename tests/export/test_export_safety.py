@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from perspective_jax.cli import export
 from perspective_jax.errors import UserError
 from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir.manifest import read_manifest
@@ -204,3 +205,19 @@ def test_a_manifest_that_is_not_an_object_is_refused(exported_writable):
         json.dump([1, 2], fh)
     with pytest.raises(md.ModelDirError, match="is not a manifest"):
         read_manifest(path)
+
+
+def test_export_to_an_unwritable_place_fails_before_any_work(tmp_path, capsys):
+    _stage(tmp_path, "align", steps=10, done=10)
+    (tmp_path / "align" / "tokenizer.byte").write_text("utf-8 bytes\n")
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    # root may write anywhere it can create files: /proc refuses even root
+    out = "/proc/no-model-here" if os.geteuid() == 0 else str(tmp_path / "ro" / "m")
+    try:
+        code = export.run(["--run-dir", str(tmp_path), "--out", out])
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert "cannot create" in err and err.startswith("error: ") and err.count("\n") == 1

@@ -7,7 +7,7 @@ import pytest
 
 from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.errors import UserError
-from perspective_jax.model.generate import Sampling
+from perspective_jax.model.sampling import Sampling
 from perspective_jax.infer.engine import StreamingEngine
 from perspective_jax.infer.options import EngineOptions
 from perspective_jax.infer.session import Conversation, _streamable

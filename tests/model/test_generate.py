@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from perspective_jax.errors import UserError
-from perspective_jax.model.generate import Sampling, filter_logits, generate
+from perspective_jax.model.generate import generate
+from perspective_jax.model.sampling import Sampling, filter_logits
 from perspective_jax.model.transformer import PerspectiveLM, init_params
 
 
