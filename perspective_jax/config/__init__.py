@@ -1,4 +1,5 @@
-"""Configuration: schema (frozen dataclasses) and YAML loading."""
+"""Configuration: schema (frozen dataclasses), YAML loading, every closed set of choices,
+and where routed FFNs live in a parameter tree."""
 
 from perspective_jax.config.loader import (apply_overrides, from_dict, load_config,
                                            save_config, to_dict)

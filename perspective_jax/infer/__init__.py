@@ -1,2 +1,3 @@
-"""Streaming inference (SPEC §3.5): export to a model directory, tiered expert
-store (disk → host cache → device slots), layer-streamed decode engine."""
+"""Streaming inference (SPEC §3.5): the layer-streamed engine over a model directory
+(tiers disk → host cache → device slots, prefetch, batched steps), conversations,
+and the hardware envelope of a config."""

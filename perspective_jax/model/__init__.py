@@ -1,1 +1,2 @@
-"""Flax modules of the Perspective network and their pure-function kernels."""
+"""The Perspective network: Flax blocks and their parts, PDR and GQA mixers, the routed
+FFN, extension points, parameter census, sampling and in-memory generation."""

@@ -1,1 +1,2 @@
-"""Routed experts on the torus T³ (SPEC §3.3): geometry, router, dispatch, losses."""
+"""Routed-expert geometry and mechanics (SPEC §3.3): the torus T³, dropless dispatch,
+routing metrics, MDS re-embedding of experts onto the lattice."""

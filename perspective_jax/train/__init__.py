@@ -1,1 +1,2 @@
-"""Training: mesh/sharding, optimizer and steps, checkpoints, metrics, the loop."""
+"""Training: the trainer (setup, loop, hooks, evaluation), curriculum stages, steps and
+optimizer, mesh/sharding, objectives, metrics."""
