@@ -45,7 +45,7 @@ from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.quant import gptq
 from perspective_jax.model.layers import OutProjection, Projection, dtype_of
 from perspective_jax.model.pdr import PDRMixer
-from perspective_jax.model.transformer import PerspectiveLM, Period
+from perspective_jax.model.transformer import Period, embed_tokens
 
 
 def _unbox(tree):
@@ -133,8 +133,7 @@ def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> 
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
     b, t = tokens.shape
-    model = PerspectiveLM(cfg, moe)
-    x = model.apply({"params": params}, tokens, method=lambda m, tok: m.embed(tok))
+    x = embed_tokens(cfg, params, tokens)
     x = x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
     segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
     owner: dict = {}

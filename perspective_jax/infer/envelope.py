@@ -133,14 +133,16 @@ def decode_state(cfg, a):
     """Bytes of the batch-1 decode cache (PDR states, GQA KV rings, positions)."""
     out = {"PDR states": 0, "GQA KV ring caches": 0, "positions": 0}
     tree = jax.eval_shape(lambda: init_cache(cfg, 1))
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key, n = jax.tree_util.keystr(path), math.prod(leaf.shape)
+    items = {"state": "PDR states", "k": "GQA KV ring caches", "v": "GQA KV ring caches",
+             "pos": "positions"}                      # fields of PDRCache / KVCache
+    leaves = [("positions", tree["next_pos"])]
+    for layer in tree["periods"].values():
+        leaves += [(items[name], leaf) for name, leaf in layer._asdict().items()]
+    for item, leaf in leaves:
         floating = jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
         size = ITEMSIZE[a.state_dtype] if floating and a.state_dtype != "config" \
             else leaf.dtype.itemsize
-        item = ("PDR states" if "'state'" in key else
-                "GQA KV ring caches" if ("'k'" in key or "'v'" in key) else "positions")
-        out[item] += n * size
+        out[item] += math.prod(leaf.shape) * size
     return out
 
 

@@ -137,6 +137,21 @@ def init_cache(cfg: ModelConfig, batch: int) -> dict:
     return {"periods": stacked, "next_pos": jnp.zeros((batch,), jnp.int32)}
 
 
+def _embedding(cfg: ModelConfig, name=None) -> nn.Embed:
+    """The tied token embedding / output head table [V, d]."""
+    return nn.Embed(cfg.vocab_size, cfg.d_model,
+                    embedding_init=nn.with_logical_partitioning(
+                        nn.initializers.normal(1.0 / math.sqrt(cfg.d_model)),
+                        ("vocab", "embed")),
+                    param_dtype=dtype_of(cfg.param_dtype), name=name)
+
+
+def embed_tokens(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] → the embedding rows [B, T, d] as the model looks them up (before
+    the √d scale and the cast to cfg.dtype)."""
+    return _embedding(cfg).apply({"params": params["embed"]}, tokens)
+
+
 class PerspectiveLM(nn.Module):
     """tokens [B, T] → (logits [B, T, V], cache). `moe` sizes the routed FFNs when
     `cfg.routed`; `activation_bits=8` fake-quantises expert inputs per token (ternary
@@ -159,11 +174,7 @@ class PerspectiveLM(nn.Module):
             segment_pos = start + jnp.arange(t, dtype=jnp.int32)[None, :]
             segment_pos = jnp.broadcast_to(segment_pos, (b, t))
         chex.assert_shape(segment_pos, (b, t))
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.d_model,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(1.0 / math.sqrt(cfg.d_model)), ("vocab", "embed")),
-            param_dtype=dtype_of(cfg.param_dtype), name="embed")
+        embed = _embedding(cfg, name="embed")
         block = Period
         if cfg.remat != "none":
             block = nn.remat(Period, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
