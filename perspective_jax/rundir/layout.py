@@ -19,6 +19,7 @@ import os
 from typing import Optional
 
 from perspective_jax.config import PerspectiveConfig, load_config, save_config
+from perspective_jax.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 DATA_RECORD = "data.json"
@@ -43,17 +44,24 @@ def save_run_config(cfg: PerspectiveConfig, run_dir: str) -> None:
 
 def load_data_record(run_dir: str) -> Optional[dict]:
     """{"token_store": <hash>, "source": <what --data/data.path named>} written at
-    the run's first start, or None (no record, or an unreadable one)."""
-    try:
-        with open(os.path.join(run_dir, DATA_RECORD)) as fh:
-            record = json.load(fh)
-    except (OSError, ValueError):
+    the run's first start, or None when the run has none (a run from before the
+    record existed). A damaged record is a one-line error naming the file."""
+    path = os.path.join(run_dir, DATA_RECORD)
+    if not os.path.exists(path):
         return None
-    return record if isinstance(record, dict) and "token_store" in record else None
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as exc:
+        record = exc
+    if not (isinstance(record, dict) and isinstance(record.get("token_store"), str)):
+        raise UserError(f"{path} is damaged (not a data record); delete it to let the "
+                        "resume adopt the data it is given, or use a new --run-dir")
+    return record
 
 
 def save_data_record(run_dir: str, record: dict) -> None:
     path = os.path.join(run_dir, DATA_RECORD)
     with open(path + ".tmp", "w") as fh:
-        json.dump(record, fh, indent=2)
+        json.dump({"format": 1, **record}, fh, indent=2)
     os.replace(path + ".tmp", path)

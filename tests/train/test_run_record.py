@@ -63,3 +63,15 @@ def test_raising_steps_of_a_ternary_run_keeps_its_schedule(tmp_path, text_corpus
         "ternary.schedule_steps": 9}))
     with pytest.raises(UserError, match="ternary.schedule_steps=4"):
         train(bad, run_dir, data=[str(text_corpus)], progress=False)
+
+
+def test_a_damaged_data_record_is_a_one_line_error(tmp_path):
+    import pytest
+    from perspective_jax.errors import UserError
+    from perspective_jax.rundir.layout import DATA_RECORD, load_data_record, save_data_record
+    assert load_data_record(str(tmp_path)) is None
+    save_data_record(str(tmp_path), {"token_store": "abc", "source": "x"})
+    assert load_data_record(str(tmp_path))["token_store"] == "abc"
+    (tmp_path / DATA_RECORD).write_text("{not json")
+    with pytest.raises(UserError, match="damaged"):
+        load_data_record(str(tmp_path))
