@@ -82,8 +82,6 @@ def check_extensions(ext: Extensions, cfg: ModelConfig) -> None:
     if ext.inject_layer is not None and not 0 <= ext.inject_layer < n_layers:
         raise UserError(f"inject_layer {ext.inject_layer}: the model has layers "
                         f"0..{n_layers - 1}")
-    if ext.route.mode == "kth" and ext.route.k >= 1 and not cfg.routed:
-        raise UserError("a routing policy needs a routed model")
 
 
 def layer_adapters(ext: Optional[Extensions], p: int, i: int) -> Optional[dict]:

@@ -171,3 +171,11 @@ def test_lora_on_w_p_equals_merged_weights(routed):
     want, _ = _logits(cfg, merged, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
     assert not np.allclose(np.asarray(got), np.asarray(_logits(cfg, params, tokens)[0]))
+
+
+def test_an_injection_layer_outside_the_model_is_a_one_line_error():
+    from perspective_jax.model.extensions import check_extensions
+    cfg = _cfg()
+    check_extensions(Extensions(inject_layer=7, inject=jnp.zeros((cfg.d_model,))), cfg)
+    with pytest.raises(UserError, match="inject_layer 8: the model has layers 0..7"):
+        check_extensions(Extensions(inject_layer=8, inject=jnp.zeros((cfg.d_model,))), cfg)
