@@ -25,7 +25,6 @@ and dst's bytes there: applying it to src's codes gives dst's codes exactly.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import xxhash
 
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import sha256_bytes, sha256_file  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "perspective-model"
 FORMAT_VERSION = 4   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
@@ -147,21 +147,9 @@ def region_digest(data) -> str:
     return xxhash.xxh3_128_hexdigest(memoryview(data))
 
 
-def sha256_bytes(data) -> str:
-    return hashlib.sha256(memoryview(data)).hexdigest()
-
-
 def embedding_format(manifest: dict) -> str:
     """'float32' or 'int8': how the tied embedding is stored (format 3 wrote float32)."""
     return manifest["shared"].get("embedding", "float32")
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(out: str, config: dict, source: str, shared: dict, experts_index: list,

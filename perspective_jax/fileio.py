@@ -1,0 +1,91 @@
+"""Writing files so that nothing is lost, and reading them back verified.
+
+    atomic_write(path, data)          # temp file in the same directory, fsync, rename
+    digest = sha256_file(path)        # hex sha256 of a file's bytes
+    raise disk_error(exc, path, need) # OSError → one-line UserError (ENOSPC, EROFS, …)
+
+Every file a run or a model directory holds is written through `atomic_write` (or
+renamed into place the same way), so a crash leaves the old file or the new one,
+never half of one; readers check it against a recorded sha256 before use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from typing import Optional, Union
+
+from perspective_jax.errors import UserError
+
+
+def sha256_bytes(data) -> str:
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} B"
+
+
+def free_bytes(path: str) -> Optional[int]:
+    """Bytes free for an unprivileged writer on the filesystem holding `path` (its
+    nearest existing ancestor), or None when it cannot be told."""
+    probe = os.path.abspath(path)
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def disk_error(exc: OSError, path: str, needed: Optional[int] = None) -> UserError:
+    """The one-line error for a failed write of `path`: names the path, the cause and,
+    for a full disk, the bytes needed and free."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(path)
+        need = f"needs {_human(needed)}" if needed else "needs more space"
+        have = f", {_human(free)} free" if free is not None else ""
+        return UserError(f"no space left on the device writing {path} ({need}{have}); "
+                         "free some space and re-run the same command")
+    if exc.errno == errno.EROFS:
+        return UserError(f"cannot write {path}: the filesystem is read-only")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path}: permission denied")
+    return UserError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def atomic_write(path: str, data: Union[bytes, str]) -> None:
+    """Write `data` to `path` through a temp file in the same directory, fsynced and
+    renamed into place; on any failure the temp file is removed, `path` is untouched
+    and an OSError becomes a one-line `UserError` (`disk_error`)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise disk_error(exc, path, len(payload)) from None
+
