@@ -3,6 +3,7 @@
     atomic_write(path, data)          # temp file in the same directory, fsync, rename
     digest = sha256_file(path)        # hex sha256 of a file's bytes
     raise disk_error(exc, path, need) # OSError → one-line UserError (ENOSPC, EROFS, …)
+    record = seal({...}); seal_holds(record)   # a JSON record carrying its own sha256
 
 Every file a run or a model directory holds is written through `atomic_write` (or
 renamed into place the same way), so a crash leaves the old file or the new one,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 from typing import Optional, Union
@@ -89,3 +91,25 @@ def atomic_write(path: str, data: Union[bytes, str]) -> None:
             os.remove(tmp)
         raise disk_error(exc, path, len(payload)) from None
 
+
+
+def canonical_json(obj) -> bytes:
+    """The bytes a JSON record is checksummed over: sorted keys, no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+SEAL = "sha256"
+
+
+def seal(record: dict) -> dict:
+    """`record` plus `"sha256"`: the digest of its canonical JSON without that key."""
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return {**body, SEAL: sha256_bytes(canonical_json(body))}
+
+
+def seal_holds(record) -> bool:
+    """Whether a record written by `seal` still matches its digest."""
+    if not isinstance(record, dict) or not isinstance(record.get(SEAL), str):
+        return False
+    return seal(record)[SEAL] == record[SEAL]

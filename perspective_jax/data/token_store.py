@@ -1,8 +1,11 @@
 """Tokenise a corpus once into memory-mapped token files, cached by content hash.
 
 Layout: RUN_DIR/data/<hash>/{train,val}.bin (uint16 or uint32 ids, documents
-joined by EOS) and meta.json (token and character counts). The hash covers the
-documents, the tokenizer and the split, so any change re-tokenises.
+joined by EOS) and meta.json (token and character counts, the sha256 of each .bin,
+itself sealed with a sha256). The hash covers the documents, the tokenizer and the
+split, so any change re-tokenises. Every read verifies the files: the store is a
+cache, so a damaged one is rebuilt from the corpus (`build_token_store`, with a note);
+where there is no corpus to rebuild from (`latest_token_store`) it is an error.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import glob
 import hashlib
 import json
 import os
-
+import sys
 from typing import Optional
 
 import numpy as np
 
 from perspective_jax.data.corpus import Document, content_hash
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import atomic_write, seal, seal_holds, sha256_file
 
 _BATCH_DOCS = 256
 
@@ -63,21 +67,52 @@ def build_token_store(run_dir: str, train_docs: list[Document], val_docs: list[D
     out = os.path.join(run_dir, "data", key)
     meta_path = os.path.join(out, "meta.json")
     dtype = "uint16" if tokenizer.vocab_size <= np.iinfo(np.uint16).max else "uint32"
+    damage = _damage(out) if os.path.exists(meta_path) else None
+    if damage is not None:
+        print(f"note: token store {out} is damaged ({damage}); re-tokenising the corpus",
+              file=sys.stderr)
+        os.remove(meta_path)
     if not os.path.exists(meta_path):
         os.makedirs(out, exist_ok=True)
-        meta = {"dtype": dtype}
+        meta = {"format": 2, "dtype": dtype}
         for name, docs in (("train", train_docs), ("val", val_docs)):
-            n_tok, n_chr = _write_split(docs, tokenizer, os.path.join(out, f"{name}.bin"))
-            meta[name] = {"tokens": n_tok, "chars": n_chr, "documents": len(docs)}
-        tmp = meta_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh, indent=2)
-        os.replace(tmp, meta_path)  # meta.json last: a half-written store is never reused
-    return _read_store(out)
+            path = os.path.join(out, f"{name}.bin")
+            n_tok, n_chr = _write_split(docs, tokenizer, path)
+            meta[name] = {"tokens": n_tok, "chars": n_chr, "documents": len(docs),
+                          "sha256": sha256_file(path)}
+        # meta.json last: a half-written store is never reused
+        atomic_write(meta_path, json.dumps(seal(meta), indent=2))
+    return _read_store(out, verified=True)
 
 
-def _read_store(out: str) -> tuple[TokenSplit, TokenSplit]:
-    """The (train, val) splits of one complete store directory (memory-mapped)."""
+def _damage(out: str):
+    """None if the store in `out` verifies (sealed meta.json, each file's size and
+    sha256), else what is wrong."""
+    try:
+        with open(os.path.join(out, "meta.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return "meta.json unreadable"
+    if not seal_holds(meta):
+        return "meta.json fails its checksum"
+    for name in ("train", "val"):
+        path = os.path.join(out, f"{name}.bin")
+        if not os.path.isfile(path):
+            return f"{name}.bin missing"
+        if os.path.getsize(path) != meta[name]["tokens"] * np.dtype(meta["dtype"]).itemsize:
+            return f"{name}.bin has the wrong size"
+        if sha256_file(path) != meta[name]["sha256"]:
+            return f"{name}.bin fails its checksum"
+    return None
+
+
+def _read_store(out: str, verified: bool = False) -> tuple[TokenSplit, TokenSplit]:
+    """The (train, val) splits of one complete store directory (memory-mapped),
+    verified first unless the caller just did."""
+    damage = None if verified else _damage(out)
+    if damage is not None:
+        raise UserError(f"token store {out} is damaged ({damage}); re-run perspective-train "
+                        "with the run's data to rebuild it")
     with open(os.path.join(out, "meta.json")) as fh:
         meta = json.load(fh)
     splits = []

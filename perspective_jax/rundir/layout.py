@@ -20,6 +20,7 @@ from typing import Optional
 
 from perspective_jax.config import PerspectiveConfig, load_config, save_config
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import atomic_write, seal, seal_holds, sha256_bytes
 
 CONFIG_FILE = "config.yaml"
 DATA_RECORD = "data.json"
@@ -33,13 +34,38 @@ def has_config(run_dir: str) -> bool:
     return os.path.exists(config_path(run_dir))
 
 
+CONFIG_SEAL = "# sha256 of the lines above: "
+
+
 def load_run_config(run_dir: str) -> PerspectiveConfig:
-    """The resolved config a run trained with (raises ConfigError naming the file)."""
-    return load_config(config_path(run_dir))
+    """The resolved config a run trained with, checked against the digest its last line
+    carries (raises a one-line error naming the file). Runs written before the digest
+    existed have none and are read unverified."""
+    path = config_path(run_dir)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror})") from None
+    body, _, last = raw.rstrip(b"\n").rpartition(b"\n")
+    if last.startswith(CONFIG_SEAL.encode()):
+        if last[len(CONFIG_SEAL):].decode("ascii", "replace") != sha256_bytes(body + b"\n"):
+            raise UserError(f"{path} does not match its checksum (damaged or edited after "
+                            "the run wrote it); restore it, or start a new --run-dir")
+    return load_config(path)
 
 
 def save_run_config(cfg: PerspectiveConfig, run_dir: str) -> None:
-    save_config(cfg, config_path(run_dir))
+    """Write config.yaml atomically, its last line the sha256 of the lines above."""
+    path = config_path(run_dir)
+    tmp = f"{path}.yaml-tmp"
+    save_config(cfg, tmp)
+    with open(tmp, "rb") as fh:
+        body = fh.read()
+    os.remove(tmp)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    atomic_write(path, body + f"{CONFIG_SEAL}{sha256_bytes(body)}\n".encode())
 
 
 def load_data_record(run_dir: str) -> Optional[dict]:
@@ -50,18 +76,19 @@ def load_data_record(run_dir: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             record = json.load(fh)
     except (OSError, ValueError) as exc:
         record = exc
-    if not (isinstance(record, dict) and isinstance(record.get("token_store"), str)):
-        raise UserError(f"{path} is damaged (not a data record); delete it to let the "
-                        "resume adopt the data it is given, or use a new --run-dir")
+    sealed_ok = seal_holds(record) or (isinstance(record, dict) and "sha256" not in record
+                                       and record.get("format") == 1)  # before the seal
+    if not (sealed_ok and isinstance(record.get("token_store"), str)):
+        raise UserError(f"{path} is damaged (not a data record, or it fails its checksum); "
+                        "delete it to let the resume adopt the data it is given, or use a "
+                        "new --run-dir")
     return record
 
 
 def save_data_record(run_dir: str, record: dict) -> None:
     path = os.path.join(run_dir, DATA_RECORD)
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"format": 1, **record}, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(seal({"format": 2, **record}), indent=2))

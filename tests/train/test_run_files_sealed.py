@@ -1,0 +1,40 @@
+"""config.yaml and data.json of a run carry a checksum: a damaged or edited one is a
+one-line error naming the file, never silently read."""
+
+import pytest
+
+from perspective_jax.config import PerspectiveConfig
+from perspective_jax.errors import UserError
+from perspective_jax.rundir.layout import (config_path, load_data_record, load_run_config,
+                                           save_data_record, save_run_config)
+
+
+def test_run_config_round_trips_and_refuses_an_edit(tmp_path):
+    cfg = PerspectiveConfig()
+    save_run_config(cfg, str(tmp_path))
+    assert load_run_config(str(tmp_path)) == cfg
+    path = config_path(str(tmp_path))
+    text = open(path).read()
+    assert "norm_eps" in text
+    edited = text.replace("norm_eps: ", "norm_eps: 1", 1)     # one digit more
+    open(path, "w").write(edited)
+    with pytest.raises(UserError, match="config.yaml does not match its checksum"):
+        load_run_config(str(tmp_path))
+
+
+def test_run_config_without_a_checksum_still_reads(tmp_path):
+    """Runs written before the checksum existed resume as before."""
+    save_run_config(PerspectiveConfig(), str(tmp_path))
+    path = config_path(str(tmp_path))
+    lines = open(path).read().splitlines(keepends=True)
+    open(path, "w").write("".join(lines[:-1]))
+    assert load_run_config(str(tmp_path)) == PerspectiveConfig()
+
+
+def test_data_record_is_sealed(tmp_path):
+    save_data_record(str(tmp_path), {"token_store": "abc123", "source": "--data x"})
+    assert load_data_record(str(tmp_path))["token_store"] == "abc123"
+    path = tmp_path / "data.json"
+    path.write_text(path.read_text().replace("abc123", "abc124"))
+    with pytest.raises(UserError, match="data.json is damaged"):
+        load_data_record(str(tmp_path))
