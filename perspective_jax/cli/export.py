@@ -12,6 +12,7 @@ import warnings
 from perspective_jax.cli import compile_cache
 from perspective_jax.config.choices import EMBEDDING_FORMATS
 from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, finite_float
+from perspective_jax.model import footprint
 
 
 @cli_entry
@@ -35,10 +36,15 @@ def run(argv=None) -> int:
     p.add_argument("--delta-max-share", type=finite_float, default=0.5,
                    help="keep a neighbour delta only if it is at most this share of a "
                         "full region's bytes")
+    p.add_argument("--allow-oversize", action="store_true", help=footprint.OVERRIDE_HELP)
     compile_cache.add_flag(p)
     a = p.parse_args(argv)
     compile_cache.enable(a.compilation_cache)
-    from perspective_jax.export.exporter import export_model
+    from perspective_jax.export.exporter import export_model, resolve_run
+    from perspective_jax.rundir.layout import load_run_config
+    run_cfg = load_run_config(resolve_run(a.run_dir, log=lambda *_: None))
+    footprint.refuse_oversize(footprint.export_need(run_cfg, a.shared_bits, a.calibration_tokens),
+                              footprint.probe_machine(), a.allow_oversize)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
         export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,

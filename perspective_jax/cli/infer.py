@@ -14,6 +14,7 @@ from perspective_jax.config.choices import IO_MODES, PREDICTORS
 from perspective_jax.cli.common import (OneLineParser, check_output_file, cli_entry, exit_with,
                                         finite_float)
 from perspective_jax.errors import UserError
+from perspective_jax.model import footprint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stats", action="store_true", help="print run statistics to stderr")
     s.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
     compile_cache.add_flag(s)
+    p.add_argument("--allow-oversize", action="store_true", help=footprint.OVERRIDE_HELP)
     return p
 
 
@@ -79,6 +81,11 @@ def run(argv=None) -> int:
     from perspective_jax.infer.session import Conversation, describe
 
     manifest = read_manifest(a.model_dir)      # clear errors before any heavy work; read once
+    machine = footprint.probe_machine()
+    footprint.refuse_oversize(footprint.infer_need(
+        manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
+        manifest["experts"].get("region_bytes", 0), a.host_budget_mb, a.device_slots,
+        a.prefill_chunk), machine, a.allow_oversize)
     compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     options = EngineOptions(host_budget_mb=a.host_budget_mb,

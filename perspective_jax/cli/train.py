@@ -15,6 +15,7 @@ from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entr
                                          exit_with)
 from perspective_jax.config import load_config
 from perspective_jax.config.choices import STAGES
+from perspective_jax.model.footprint import OVERRIDE_HELP
 
 
 
@@ -32,14 +33,16 @@ def run(argv=None) -> int:
     parser.add_argument("--init-from", metavar="RUN_DIR",
                         help="start from another run's final parameters and tokenizer")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--allow-oversize", action="store_true", help=OVERRIDE_HELP)
     compile_cache.add_flag(parser)
     add_config_args(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow flags
     cfg = load_config(args.config, args.overrides)
     compile_cache.enable(args.compilation_cache)
 
-    from perspective_jax.train.stages import run_stage
+    from perspective_jax.train.stages import check_memory, run_stage
 
+    check_memory(args.stage, cfg, allow=args.allow_oversize)   # before any heavy work
     result = run_stage(args.stage, cfg, args.run_dir, data=args.data,
                        init_from=args.init_from,
                        progress=not args.no_progress and sys.stderr.isatty())

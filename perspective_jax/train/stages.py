@@ -20,6 +20,7 @@ from perspective_jax.config.choices import CURRICULUM, ROUTED_STAGES, STAGES, TE
 from perspective_jax.config.param_layout import map_routed_ffns, routed_ffns
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
+from perspective_jax.model import footprint
 from perspective_jax.model.transformer import abstract_params, init_params
 from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
@@ -53,6 +54,17 @@ def stage_config(cfg: PerspectiveConfig, stage: str) -> PerspectiveConfig:
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, routed=stage in ROUTED_STAGES),
         ternary=ternary, train=train_cfg)
+
+
+def check_memory(stage: str, cfg: PerspectiveConfig, allow: bool = False) -> None:
+    """Refuse, before any work, a stage (every stage of 'all') whose memory need exceeds
+    what this machine has (`model.footprint`); `allow` (--allow-oversize) overrides.
+    Sizes no JAX program can index are refused first, by arithmetic alone."""
+    footprint.check_dimensions(cfg)
+    machine = footprint.probe_machine()
+    for name in CURRICULUM if stage == "all" else (stage,):
+        footprint.refuse_oversize(footprint.train_need(stage_config(cfg, name), name, machine),
+                                  machine, allow)
 
 
 def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
