@@ -37,6 +37,8 @@ TINY = {"model.vocab_size": 320, "model.d_model": 32, "model.n_layers": 4, "mode
         "train.warmup_steps": 2, "train.eval_every": 4, "train.eval_batches": 1,
         "train.log_every": 1, "checkpoint.every": 2, "checkpoint.keep": 10}
 PROMPT = "ROMEO:"
+GROUPS = ("kill", "signal", "flip-run", "flip-model", "flip-export", "disk-full", "concurrent",
+          "malformed")
 
 
 class Bench:
@@ -63,26 +65,38 @@ class Bench:
                             run_dir], capture_output=True, text=True)
         return json.loads(p.stdout) if p.returncode == 0 and p.stdout.strip() else {}
 
+    SAVED = ("stage_all_s", "f_all", "f_dense10", "model_files", "text", "cont")
+
     def build_reference(self) -> None:
+        """Make the reference artefacts, or reuse those of an earlier call on this --work."""
         w = self.work
         self.cur = os.path.join(w, "ref", "cur")
+        self.dense_more = os.path.join(w, "ref", "dense10")
+        self.model = os.path.join(w, "ref", "model")
+        self.state = os.path.join(w, "ref", "c.state")
+        record = os.path.join(w, "ref", "reference.json")
+        if os.path.exists(record):
+            with open(record) as fh:
+                self.__dict__.update(json.load(fh))
+            return
         t0 = time.perf_counter()
         must(run(self.train("all", self.cur)), "reference --stage all")
         self.stage_all_s = time.perf_counter() - t0
         self.f_all = self.fingerprint(self.cur)
-        self.dense_more = copy_tree(os.path.join(self.cur, "dense"),
-                                    os.path.join(w, "ref", "dense10"))
+        copy_tree(os.path.join(self.cur, "dense"), self.dense_more)
         must(run(self.train("dense", self.dense_more, **{"train.steps": 10})),
              "reference dense continuation")
         self.f_dense10 = self.fingerprint(self.dense_more)
-        self.model = os.path.join(w, "ref", "model")
         must(run(cli("export", "--run-dir", self.cur, "--out", self.model)), "export")
         self.model_files = tree_digest(self.model, skip=("manifest.json",))
-        self.state = os.path.join(w, "ref", "c.state")
         self.text = must(run(self.infer(self.model, "--save-state", self.state)), "infer").out
         self.cont = must(run(cli("infer", "--model-dir", self.model, "--resume-state",
                                  self.state, "--max-tokens", "8", "--temperature", "0")),
                          "infer --resume-state").out
+        if not (self.f_all and self.f_dense10):
+            sys.exit("error: cannot fingerprint the reference checkpoints")
+        with open(record, "w") as fh:
+            json.dump({k: getattr(self, k) for k in self.SAVED}, fh)
 
 
 def must(proc, what: str):
@@ -145,7 +159,7 @@ def flip_run_trials(b: Bench, n: int) -> list[Trial]:
         if rel.startswith("checkpoints") and rel.split(os.sep)[1] not in (str(latest),) \
                 and rel.split(os.sep)[1].isdigit():
             continue                               # older steps stay for recovery
-        if rel.startswith("tb") or ".lock" in rel:
+        if rel.startswith("tb") or ".lock" in rel or not os.path.getsize(os.path.join(src, rel)):
             continue
         kinds.setdefault(run_dir_kind(rel), []).append(rel)
     trials = []
@@ -169,6 +183,8 @@ def flip_model_trials(b: Bench, n: int) -> list[Trial]:
     and generate; plus one edited digit of the manifest's config."""
     kinds: dict[str, list[str]] = {}
     for rel in tree_digest(b.model):
+        if not os.path.getsize(os.path.join(b.model, rel)):
+            continue
         name = os.path.basename(rel)
         kind = ("manifest" if name == "manifest.json" else "tokenizer (model)"
                 if name.startswith("tokenizer") else "experts" if "expert" in rel
@@ -343,6 +359,8 @@ def main() -> None:
                                                   "tinyshakespeare.txt"))
     p.add_argument("--work", help="working directory (default: a temporary one)")
     p.add_argument("--json", help="also write every trial as JSON here")
+    p.add_argument("--groups", default=",".join(GROUPS),
+                   help=f"which trials, comma-separated from {','.join(GROUPS)}")
     p.add_argument("--fingerprint", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.fingerprint:
@@ -360,18 +378,23 @@ def main() -> None:
     t0 = time.perf_counter()
     b.build_reference()
     print(f"reference: --stage all in {b.stage_all_s:.0f}s; work dir {work}", flush=True)
-    groups = [lambda: interrupt_trials(b, args.kills, signal.SIGKILL, "kill"),
-              lambda: interrupt_trials(b, args.signals - args.signals // 2, signal.SIGINT, "int"),
-              lambda: interrupt_trials(b, args.signals // 2, signal.SIGTERM, "term"),
-              lambda: flip_run_trials(b, args.flips),
-              lambda: flip_model_trials(b, args.flips),
-              lambda: export_flip_trials(b, args.flips),
-              lambda: disk_full_trials(b, args.disk_full),
-              lambda: concurrent_trial(b),
-              lambda: malformed_trials(b)]
+    groups = {"kill": lambda: interrupt_trials(b, args.kills, signal.SIGKILL, "kill"),
+              "signal": lambda: (
+                  interrupt_trials(b, args.signals - args.signals // 2, signal.SIGINT, "int")
+                  + interrupt_trials(b, args.signals // 2, signal.SIGTERM, "term")),
+              "flip-run": lambda: flip_run_trials(b, args.flips),
+              "flip-model": lambda: flip_model_trials(b, args.flips),
+              "flip-export": lambda: export_flip_trials(b, args.flips),
+              "disk-full": lambda: disk_full_trials(b, args.disk_full),
+              "concurrent": lambda: concurrent_trial(b),
+              "malformed": lambda: malformed_trials(b)}
+    chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = sorted(set(chosen) - set(groups))
+    if unknown:
+        sys.exit(f"error: unknown --groups {unknown}; choose from {','.join(GROUPS)}")
     trials: list[Trial] = []
-    for group in groups:
-        got = group()
+    for name in chosen:
+        got = groups[name]()
         trials += got
         for t in got:
             print(f"  {t.outcome:<9} {t.kind}: {t.detail}", flush=True)
