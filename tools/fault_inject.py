@@ -200,7 +200,7 @@ def flip_model_trials(b: Bench, n: int) -> list[Trial]:
             t = judge_result(f"byte flip: {kind}", proc, proc.out == b.text)
             t.detail = f"{rel}: {t.detail}"
             trials.append(t)
-    for key, edit in (("norm_eps", lambda v: v * 10), ("window", lambda v: v - 1)):
+    for key, edit in (("norm_eps", lambda v: 0.5), ("window", lambda v: 4)):
         model = copy_tree(b.model, os.path.join(b.work, "medit", key))
         path = os.path.join(model, "manifest.json")
         with open(path) as fh:
