@@ -3,6 +3,7 @@
     atomic_write(path, data)          # temp file in the same directory, fsync, rename
     digest = sha256_file(path)        # hex sha256 of a file's bytes
     raise disk_error(exc, path, need) # OSError → one-line UserError (ENOSPC, EROFS, …)
+    with naming(path): ...            # an OSError inside names `path`
 
 Every file a run or a model directory holds is written through `atomic_write` (or
 renamed into place the same way), so a crash leaves the old file or the new one,
@@ -39,6 +40,22 @@ def _human(nbytes: int) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return f"{nbytes} B"
+
+
+def human_bytes(nbytes: int) -> str:
+    """A size as the one-line errors write it: '512 B', '3.2 MB', '1.1 GB'."""
+    return _human(nbytes)
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """An OSError raised inside the block names `path` (a write that fails on a full
+    disk carries no file name), for a caller that turns it into `disk_error`."""
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = path
+        raise
 
 
 def free_bytes(path: str) -> Optional[int]:
