@@ -4,6 +4,7 @@
     digest = sha256_file(path)        # hex sha256 of a file's bytes
     raise disk_error(exc, path, need) # OSError → one-line UserError (ENOSPC, EROFS, …)
     record = seal({...}); seal_holds(record)   # a JSON record carrying its own sha256
+    with naming(path): ...            # an OSError inside names `path`
 
 Every file a run or a model directory holds is written through `atomic_write` (or
 renamed into place the same way), so a crash leaves the old file or the new one,
@@ -41,6 +42,22 @@ def _human(nbytes: int) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return f"{nbytes} B"
+
+
+def human_bytes(nbytes: int) -> str:
+    """A size as the one-line errors write it: '512 B', '3.2 MB', '1.1 GB'."""
+    return _human(nbytes)
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """An OSError raised inside the block names `path` (a write that fails on a full
+    disk carries no file name), for a caller that turns it into `disk_error`."""
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = path
+        raise
 
 
 def free_bytes(path: str) -> Optional[int]:
@@ -86,30 +103,32 @@ def atomic_write(path: str, data: Union[bytes, str]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:    # OSError, or a signal mid-write: no temp file left
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise disk_error(exc, path, len(payload)) from None
+        if isinstance(exc, OSError):
+            raise disk_error(exc, path, len(payload)) from None
+        raise
 
 
 
 def canonical_json(obj) -> bytes:
-    """The bytes a JSON record is checksummed over: sorted keys, no whitespace."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    """The bytes a JSON record is checksummed over: the record as a reader will parse
+    it, with sorted keys, no whitespace, ASCII — so formatting and key order do not
+    count and any changed value does."""
+    as_read = json.loads(json.dumps(obj))
+    return json.dumps(as_read, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode("ascii")
 
 
-SEAL = "sha256"
+def seal(record: dict, key: str = "sha256") -> dict:
+    """`record` plus `key`: the sha256 of its canonical JSON without that key."""
+    body = {k: v for k, v in record.items() if k != key}
+    return {**body, key: sha256_bytes(canonical_json(body))}
 
 
-def seal(record: dict) -> dict:
-    """`record` plus `"sha256"`: the digest of its canonical JSON without that key."""
-    body = {k: v for k, v in record.items() if k != SEAL}
-    return {**body, SEAL: sha256_bytes(canonical_json(body))}
-
-
-def seal_holds(record) -> bool:
+def seal_holds(record, key: str = "sha256") -> bool:
     """Whether a record written by `seal` still matches its digest."""
-    if not isinstance(record, dict) or not isinstance(record.get(SEAL), str):
+    if not isinstance(record, dict) or not isinstance(record.get(key), str):
         return False
-    return seal(record)[SEAL] == record[SEAL]
+    return seal(record, key)[key] == record[key]

@@ -75,7 +75,7 @@ def _derive(src: str, dst: str, transform, label: str, current=None) -> None:
                                          "sha256": md.sha256_file(out)}
     manifest["source_run"] += f" ({label})"
     with open(os.path.join(tmp, md.MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=1)
+        json.dump(md.seal_manifest(manifest), fh, indent=1)
     os.replace(tmp, dst)
 
 

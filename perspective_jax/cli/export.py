@@ -2,7 +2,7 @@
 
     perspective-export --run-dir runs/quickstart --out models/tiny [--force]
                        [--shared-bits 2 --group-size 64] [--calibration-text FILE]
-                       [--embedding int8|float32]
+                       [--embedding int8|float32] [--skip-space-check]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def run(argv=None) -> int:
                    help="keep a neighbour delta only if it is at most this share of a "
                         "full region's bytes")
     p.add_argument("--allow-oversize", action="store_true", help=footprint.OVERRIDE_HELP)
+    p.add_argument("--skip-space-check", action="store_true",
+                   help="export even when the free space of --out's filesystem is below "
+                        "the export's expected size (a full disk is still a clean error)")
     compile_cache.add_flag(p)
     a = p.parse_args(argv)
     compile_cache.enable(a.compilation_cache)
@@ -50,7 +53,8 @@ def run(argv=None) -> int:
         export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,
                      group_size=a.group_size, calibration_text=a.calibration_text,
                      calibration_tokens_n=a.calibration_tokens,
-                     delta_max_share=a.delta_max_share, embedding=a.embedding)
+                     delta_max_share=a.delta_max_share, embedding=a.embedding,
+                     space_check=not a.skip_space_check)
     return 0
 
 

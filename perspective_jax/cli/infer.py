@@ -73,10 +73,9 @@ def run(argv=None) -> int:
     for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json)):
         if path:
             check_output_file(path, flag)
-    from perspective_jax.data.tokenizer import load_tokenizer
     from perspective_jax.model.sampling import Sampling
     from perspective_jax.modeldir.manifest import read_manifest
-    from perspective_jax.infer.engine import StreamingEngine
+    from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
     from perspective_jax.infer.options import EngineOptions
     from perspective_jax.infer.session import Conversation, describe
 
@@ -86,6 +85,7 @@ def run(argv=None) -> int:
         manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
         manifest["experts"].get("region_bytes", 0), a.host_budget_mb, a.device_slots,
         a.prefill_chunk), machine, a.allow_oversize)
+    tokenizer = load_model_tokenizer(a.model_dir, manifest)    # checked against its sha256
     compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     options = EngineOptions(host_budget_mb=a.host_budget_mb,
@@ -94,7 +94,6 @@ def run(argv=None) -> int:
                             warm_start=not a.no_warm_start, io=a.io, predictor=a.predictor,
                             prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
     engine = StreamingEngine(a.model_dir, options, manifest=manifest)
-    tokenizer = load_tokenizer(a.model_dir)
     if a.resume_state:
         conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed)
     else:

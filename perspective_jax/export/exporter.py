@@ -5,7 +5,10 @@
 The export is written into a sibling staging directory and renamed into place
 only when every file and finally the manifest are on disk, so an interrupted
 export never looks complete; `--force` replaces only an earlier export, never a
-run directory or other files (`infer.publish`). Experts are the exact ternary values
+run directory or other files (`modeldir.publish`). Free space is checked against
+the export's size before any heavy work (`export.space`); a write that fails
+anyway (a full disk) is one line naming the file and the bytes needed, and
+leaves nothing behind. Experts are the exact ternary values
 the trained model computes with: trits = clip(round(W / (mean|W| + ε)), −1, 1),
 scale = mean|W| per matrix (`ternary.quant.ternarize`). With `--shared-bits` the
 shared kernels are GPTQ-quantised and the tied embedding is written int8 with a row
@@ -21,7 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from perspective_jax.config import PerspectiveConfig, to_dict
 from perspective_jax.config.choices import CURRICULUM
@@ -29,6 +32,8 @@ from perspective_jax.config.param_layout import expert_layers, map_routed_ffns, 
 from perspective_jax.data.token_store import latest_token_store
 from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from perspective_jax.errors import UserError
+from perspective_jax.export.space import check_free_space, expected_bytes
+from perspective_jax.fileio import disk_error, naming
 from perspective_jax.modeldir import format as md
 from perspective_jax.quant import embedding_int8
 from perspective_jax.modeldir import publish
@@ -133,19 +138,22 @@ def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice
     layer_regions(j) -> list of E flat uint8 regions of expert layer j."""
     pairs = torus.neighbour_pairs(tuple(lattice))
     directed = [(int(a), int(b)) for a, b in pairs] + [(int(b), int(a)) for a, b in pairs]
-    os.makedirs(os.path.join(out, "experts"))
-    os.makedirs(os.path.join(out, "deltas"))
+    for sub in ("experts", "deltas"):
+        with naming(os.path.join(out, sub)):
+            os.makedirs(os.path.join(out, sub))
     index, n_deltas, delta_bytes = [], 0, 0
     for j in range(n_layers):
         regions = layer_regions(j)
         entries = []
-        with open(os.path.join(out, md.expert_file(j)), "wb") as fh:
+        path = os.path.join(out, md.expert_file(j))
+        with naming(path), open(path, "wb") as fh:
             for x, region in enumerate(regions):
                 entries.append({"expert": x, "offset": x * layout.stride,
                                 md.REGION_CHECKSUM: md.region_digest(region)})
                 fh.write(region.tobytes() + b"\0" * (layout.stride - layout.nbytes))
         deltas = []
-        with open(os.path.join(out, md.delta_file(j)), "wb") as fh:
+        path = os.path.join(out, md.delta_file(j))
+        with naming(path), open(path, "wb") as fh:
             at = 0
             for a, b in directed:
                 if 5 * np.count_nonzero(regions[a] != regions[b]) > (delta_max_share
@@ -196,9 +204,11 @@ def _write_experts(out: str, cfg: PerspectiveConfig, params, delta_max_share: fl
 def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: int = 0,
                  group_size: int = 64, calibration_text: Optional[str] = None,
                  calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
-                 embedding: Optional[str] = None, log=print) -> dict:
+                 embedding: Optional[str] = None, space_check: bool = True,
+                 log=print) -> dict:
     """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest.
-    `embedding` None means int8 when `shared_bits` is set (SPEC §3.4), else float32."""
+    `embedding` None means int8 when `shared_bits` is set (SPEC §3.4), else float32;
+    `space_check` False skips the free-space check (--skip-space-check)."""
     embedding = default_embedding(embedding, shared_bits)
     _check_args(shared_bits, delta_max_share, group_size, embedding)
     if calibration_tokens_n < 2:
@@ -211,11 +221,14 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     if cfg.model.routed and not cfg.ternary.enabled:
         raise UserError(f"{run} holds a routed model whose experts are not ternary yet; "
                         "export the result of the ternary or align stage")
+    like = abstract_params(cfg.model, cfg.moe)
+    if space_check:                           # before restoring: shapes suffice
+        check_free_space(out_dir, expected_bytes(cfg, like, shared_bits, embedding))
     log(f"exporting {run} ({cfg.name})")
-    params = restore_params(run, abstract_params(cfg.model, cfg.moe))
+    params = restore_params(run, like)
     calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
     return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
-                           delta_max_share, embedding, log)
+                           delta_max_share, embedding, log, space_check=False)
 
 
 def default_embedding(embedding: Optional[str], shared_bits: int) -> str:
@@ -237,19 +250,29 @@ def _check_args(shared_bits, delta_max_share, group_size, embedding="float32") -
 def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir: str,
                     calib=None, force: bool = False, shared_bits: int = 0,
                     group_size: int = 64, delta_max_share: float = 0.5,
-                    embedding: Optional[str] = None, log=print) -> dict:
+                    embedding: Optional[str] = None, log=print,
+                    space_check: bool = True) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
-    staging directory that is renamed into place after the manifest is written."""
+    staging directory that is renamed into place after the manifest is written. A
+    failed write (OSError) is one line naming the file and the bytes the export needs
+    (`fileio.disk_error`); the staging directory is removed."""
     embedding = default_embedding(embedding, shared_bits)
     _check_args(shared_bits, delta_max_share, group_size, embedding)
     publish.check_destination(out_dir, force, protected=(tokenizer_dir,))
     out_dir = os.path.abspath(out_dir)
+    needed = expected_bytes(cfg, params, shared_bits, embedding)
+    if space_check:
+        check_free_space(out_dir, needed)
     params = jax.tree.map(np.asarray, params)
     tmp = publish.staging_dir(out_dir)
     try:
         manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
                                 group_size, delta_max_share, embedding, log)
         publish.publish(tmp, out_dir, force)
+    except OSError as exc:                    # named by the writer (`fileio.naming`)
+        name = exc.filename if isinstance(exc.filename, str) else tmp
+        where = out_dir + name[len(tmp):] if name.startswith(tmp) else name
+        raise disk_error(exc, where, needed) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out_dir}")
@@ -287,8 +310,9 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
             f"{len(quantized)} tensors")
     for name, value in (scales or {}).items():
         tensors[md.scale_key(name)] = value
-    save_file(tensors, os.path.join(out, md.SHARED_FILE))
-    copy_tokenizer(run, out)
+    save_tensors(tensors, os.path.join(out, md.SHARED_FILE))
+    with naming(out):
+        copy_tokenizer(run, out)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
     shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
                    "quantized": quantized, "embedding": embedding,
@@ -296,6 +320,14 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
                                for k, v in tensors.items()}}
     return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
                              shared_meta, experts_index, freqs)
+
+
+def save_tensors(tensors: dict, path: str) -> None:
+    """A safetensors file written by Python, so that a failed write (a full disk) is an
+    OSError naming `path`, never half a file that passes for a whole one."""
+    data = save(tensors)
+    with naming(path), open(path, "wb") as fh:
+        fh.write(data)
 
 
 def with_embedding(params, table):

@@ -5,6 +5,7 @@
     logits, state = engine.forward(prompt_ids, state)       # prefill (grouped per expert)
     logits, state = engine.forward(np.array([tok]), state)  # one decode step
     logits, states = engine.step(states, tokens)            # one step of B sequences
+    tokenizer = load_model_tokenizer(model_dir, engine.manifest)   # sha256-checked
 
 Tiers: disk (`ExpertStore`, memory-mapped, checksummed) → host (`HostCache`,
 pinned_host memory — on the CPU backend plain host arrays, since host memory is
@@ -52,12 +53,22 @@ from perspective_jax.infer.predictor import Predictor
 from perspective_jax.infer.state import EngineState
 from perspective_jax.infer.stats import Stats, report
 from perspective_jax.modeldir import format as md
-from perspective_jax.modeldir.manifest import read_manifest
+from perspective_jax.data.byte_tokenizer import ByteTokenizer
+from perspective_jax.data.tokenizer import SentencePieceTokenizer
+from perspective_jax.modeldir.manifest import read_manifest, tokenizer_file, verified_path
 from perspective_jax.modeldir.shared_weights import embedding_table, insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.extensions import (NEAREST, Extensions, check_extensions,
                                               inject_after, layer_adapters)
 from perspective_jax.model.transformer import init_cache
+
+
+def load_model_tokenizer(model_dir: str, manifest: Optional[dict] = None):
+    """The tokenizer file the manifest names, once it matches the manifest's sha256
+    (a damaged or swapped tokenizer changes every token: a one-line ModelDirError)."""
+    manifest = read_manifest(model_dir) if manifest is None else manifest
+    path = verified_path(model_dir, manifest, tokenizer_file(manifest))
+    return ByteTokenizer() if manifest["tokenizer"] == "byte" else SentencePieceTokenizer(path)
 
 
 class StreamingEngine:

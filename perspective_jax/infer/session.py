@@ -7,7 +7,10 @@ from which it continues exactly as if it had never stopped.
     conv.save("chat.state");  conv = Conversation.load(engine, tokenizer, "chat.state", sampling)
 
 The last sampled token is not fed until the conversation continues, so a
-continuation (with or without new prompt text) feeds it first.
+continuation (with or without new prompt text) feeds it first. A state file
+carries a format version and a sha256 over all its content (`cache_io.
+write_checked`): an edited position or step count, or any flipped byte, is a
+one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from perspective_jax.errors import UserError
 from perspective_jax.infer.state import EngineState
 from perspective_jax.model.sampling import Sampling, sample_next
-from perspective_jax.model.cache_io import cache_from_tensors, flatten_cache
+from perspective_jax.model.cache_io import (cache_from_tensors, flatten_cache, read_checked,
+                                            write_checked)
 
-STATE_FORMAT = "perspective-conversation/1"
+STATE_FORMAT = "perspective-conversation/2"     # 2: a sha256 over the content
+OLDER_FORMATS = ("perspective-conversation/1",)
 
 
 def sample_token(logits: np.ndarray, sampling: Sampling, key) -> int:
@@ -88,19 +91,12 @@ class Conversation:
 
     # ---------------------------------------------------------------- save/resume
     def save(self, path: str) -> None:
-        """Write the conversation state atomically (safetensors + JSON metadata)."""
+        """Write the conversation state atomically (safetensors + metadata + checksum)."""
         tensors = flatten_cache(self.state.to_cache())
         tensors["pending"] = np.asarray(self.pending, np.int32)
         meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
                 "model": self.engine.identity}
-        tmp = f"{path}.tmp"
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_checked(tensors, meta, path)
 
     @classmethod
     def load(cls, engine, tokenizer, path: str, sampling: Sampling = Sampling(),
@@ -109,16 +105,8 @@ class Conversation:
             raise UserError(f"--resume-state {path} is a directory; give a state file")
         if not os.path.isfile(path):
             raise UserError(f"--resume-state {path}: no such file")
-        try:
-            tensors = load_file(path)
-            from safetensors import safe_open
-            with safe_open(path, "np") as fh:
-                meta = fh.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path}: not a conversation state file ({e})") from None
-        if meta.get("format") != STATE_FORMAT:
-            raise UserError(f"{path}: not a conversation state file (format "
-                            f"{meta.get('format')!r}, expected {STATE_FORMAT!r})")
+        tensors, meta = read_checked(path, STATE_FORMAT, "a conversation state file",
+                                     OLDER_FORMATS, "start a new conversation")
         if meta.get("model") != engine.identity:
             raise UserError(f"{path} was saved with another model; resume it with the "
                             "model directory that wrote it")

@@ -4,7 +4,8 @@
       manifest.json           format + version, resolved config, tokenizer, tensor
                               index, expert/delta index, routing frequencies,
                               XXH3-128 of every region and delta, byte size and
-                              sha256 of every file (written last)
+                              sha256 of every file, and the sha256 of its own
+                              content (`manifest_digest`); written last
       shared.safetensors      every non-expert weight (float32, or 2-bit GPTQ
                               groups for the shared kernels) + expert_scales/<matrix>
                               [L, E, S]: one scale per matrix (S = 1) or per output
@@ -34,13 +35,15 @@ import numpy as np
 import xxhash
 
 from perspective_jax.errors import UserError
-from perspective_jax.fileio import sha256_bytes, sha256_file  # noqa: F401  (re-exported)
+from perspective_jax.fileio import naming, seal, sha256_bytes, sha256_file  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "perspective-model"
-FORMAT_VERSION = 4   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
+FORMAT_VERSION = 5   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
                      # 3: region and delta checksums are XXH3-128 ("xxh3_128");
-                     # 4: shared/embedding says "float32" or "int8" (+ row scales)
-READABLE_VERSIONS = (3, 4)   # 3 is read as 4 with a float32 embedding
+                     # 4: shared/embedding says "float32" or "int8" (+ row scales);
+                     # 5: the manifest carries a sha256 of its own content
+READABLE_VERSIONS = (5,)   # older manifests cannot be verified: refused, re-export
+MANIFEST_CHECKSUM = "manifest_sha256"   # manifest key of its own content's sha256
 REGION_CHECKSUM = "xxh3_128"   # manifest key of a region's / delta's checksum
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
@@ -148,13 +151,24 @@ def region_digest(data) -> str:
 
 
 def embedding_format(manifest: dict) -> str:
-    """'float32' or 'int8': how the tied embedding is stored (format 3 wrote float32)."""
+    """'float32' or 'int8': how the tied embedding is stored."""
     return manifest["shared"].get("embedding", "float32")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's content without its own checksum (`fileio.seal`)."""
+    return seal(manifest, MANIFEST_CHECKSUM)[MANIFEST_CHECKSUM]
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """`manifest` with its content checksum (MANIFEST_CHECKSUM) set."""
+    return {**manifest, MANIFEST_CHECKSUM: manifest_digest(manifest)}
 
 
 def write_manifest(out: str, config: dict, source: str, shared: dict, experts_index: list,
                    routing_frequencies=None) -> dict:
-    """Hash every file under `out` and write the manifest (the last file written)."""
+    """Hash every file under `out` and write the sealed manifest (the last file
+    written). An OSError (a full disk) propagates with its file name."""
     files = {}
     for root, _, names in os.walk(out):
         for name in sorted(names):
@@ -175,6 +189,8 @@ def write_manifest(out: str, config: dict, source: str, shared: dict, experts_in
                                 else np.round(routing_frequencies, 6).tolist()),
         "files": files,
     }
-    with open(os.path.join(out, MANIFEST), "w") as fh:
+    manifest = seal_manifest(manifest)
+    path = os.path.join(out, MANIFEST)
+    with naming(path), open(path, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
     return manifest

@@ -2,12 +2,16 @@
 
     manifest = read_manifest(model_dir)   # raises ModelDirError naming what is wrong
 
-`read_manifest` checks the format, version and that every listed file has its
-byte size; `check_manifest` (called by it) checks what a hand-edited or damaged
-manifest could still get wrong: every file the engine reads is listed (so it is size- and hash-checked),
-the config parses, the embedding format and its tensors, the expert index has one layer per routed layer and one
-region per expert, region sizes match the config's layout, every region and
-delta lies inside its file, and deltas join lattice neighbours.
+`read_manifest` checks the format, the version, the manifest's sha256 of its
+own content (format 5; older versions are refused: their config cannot be
+verified) and that every listed file has its byte size; `verified_path` checks
+a file against its sha256 before it is loaded (tokenizer, shared weights).
+`check_manifest` (called by it) checks what a buggy exporter could still get
+wrong: every file the engine reads is listed (so it is size- and hash-checked),
+the config parses, the embedding format and its tensors, the expert index has
+one layer per routed layer and one region per expert, region sizes match the
+config's layout, every region and delta lies inside its file, and deltas join
+lattice neighbours.
 """
 
 from __future__ import annotations
@@ -44,21 +48,24 @@ def read_manifest(model_dir: str) -> Manifest:
     if not os.path.exists(path):
         raise md.ModelDirError(f"{model_dir} has no {md.MANIFEST}: not an exported model (or an "
                             "interrupted export); re-run perspective-export")
-    try:
-        with open(path) as fh:
-            manifest = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise md.ModelDirError(f"{path} is not valid JSON ({e}); re-run perspective-export")
-    if not isinstance(manifest, dict):
-        raise md.ModelDirError(f"{path} is not a manifest (a JSON object); re-run perspective-export")
+    manifest = _parse(path)
     if manifest.get("format") != md.FORMAT_NAME:
         raise md.ModelDirError(f"{path}: format {manifest.get('format')!r} is not "
                             f"{md.FORMAT_NAME!r}; is this a Perspective model directory?")
-    if manifest.get("format_version") not in md.READABLE_VERSIONS:
-        raise md.ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is "
-                            f"not supported (this build reads versions "
+    version = manifest.get("format_version")
+    if version not in md.READABLE_VERSIONS:
+        old = isinstance(version, int) and 0 < version < min(md.READABLE_VERSIONS)
+        why = (f"format version {version} has no checksum over its own config, so it "
+               "cannot be verified" if old else
+               f"format version {version!r} is not supported")
+        raise md.ModelDirError(f"{path}: {why} (this build reads versions "
                             f"{', '.join(map(str, md.READABLE_VERSIONS))}); "
                             "re-export the model with this version of perspective-export")
+    recorded = manifest.get(md.MANIFEST_CHECKSUM)
+    if not isinstance(recorded, str) or recorded != md.manifest_digest(manifest):
+        what = "has no" if not isinstance(recorded, str) else "fails its"
+        raise md.ModelDirError(f"{path} {what} {md.MANIFEST_CHECKSUM} checksum: it was "
+                            "edited or is damaged — re-run perspective-export")
     manifest = Manifest(manifest)
     manifest.config = check_manifest(model_dir, manifest)   # agrees with its config, lists
     #                                                         every file
@@ -72,6 +79,51 @@ def read_manifest(model_dir: str) -> Manifest:
                                 f"manifest says {info['bytes']}; the file is truncated or "
                                 "corrupt — re-run perspective-export")
     return manifest
+
+
+def _parse(path: str) -> dict:
+    """manifest.json as a JSON object; anything else is a one-line ModelDirError."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise md.ModelDirError(f"{path}: cannot read it ({e.strerror}); check the "
+                               "model directory's permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise md.ModelDirError(f"{path} is not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                               f"offset {e.start}): it is damaged — re-run "
+                               "perspective-export") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise md.ModelDirError(f"{path} is not valid JSON ({e}); re-run "
+                               "perspective-export") from None
+    if not isinstance(manifest, dict):
+        raise md.ModelDirError(f"{path} is not a manifest (a JSON object); re-run "
+                               "perspective-export")
+    return manifest
+
+
+def tokenizer_file(manifest: dict) -> str:
+    """The model directory's tokenizer file the manifest names (relative)."""
+    return TOKENIZER_FILES[manifest["tokenizer"]]
+
+
+def verified_path(model_dir: str, manifest: dict, rel: str) -> str:
+    """model_dir/rel once its bytes match the manifest's sha256 for it; else a one-line
+    ModelDirError naming the file."""
+    path = os.path.join(model_dir, rel)
+    try:
+        digest = md.sha256_file(path)
+    except OSError as e:
+        raise md.ModelDirError(f"{path}: cannot read it ({e.strerror}); re-run "
+                               "perspective-export") from None
+    if digest != manifest["files"][rel]["sha256"]:
+        raise md.ModelDirError(f"{path} fails its sha256 checksum; the model directory is "
+                               "corrupt — re-run perspective-export")
+    return path
 
 
 def check_manifest(model_dir: str, manifest: dict):

@@ -20,19 +20,16 @@ from safetensors.numpy import load_file
 from perspective_jax.quant import embedding_int8
 from perspective_jax.quant import gptq
 from perspective_jax.modeldir import format as md
+from perspective_jax.modeldir.manifest import verified_path
 from perspective_jax.quant.quantized_kernel import from_quantized_matrix
 
 
 def load_shared(model_dir: str, manifest: dict):
     """(float tensors by '/'-joined path, {kernel path: QuantizedKernel}) of the shared
     weights; the second is empty unless the export quantised them (--shared-bits)."""
-    path = os.path.join(model_dir, md.SHARED_FILE)
-    expected = manifest["files"].get(md.SHARED_FILE, {}).get("sha256")
     # Hash first, then load: the second pass reads from the page cache; hashing an
     # in-memory copy instead would hold the shared weights twice at start-up.
-    if expected and md.sha256_file(path) != expected:
-        raise md.ModelDirError(f"{path} fails its sha256 checksum; the model directory is "
-                               "corrupt — re-run perspective-export")
+    path = verified_path(model_dir, manifest, manifest["shared"]["file"])
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:

@@ -416,7 +416,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypa
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(ex, "save_file", boom)
+    monkeypatch.setattr(ex, "save_tensors", boom)
     with pytest.raises(RuntimeError):
         export_model(tmp_path, cfg, params, name="broken")
     assert not (tmp_path / "broken").exists()

@@ -1,6 +1,8 @@
 """Conversations on the streaming engine: exact resume, stop strings while
 streaming, and a feed that fails part-way leaving the state as it was."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -124,3 +126,66 @@ def test_prefill_and_decode_timings_leave_compilation_out(exported):
     assert engine.stats.compile_s == compiled
     assert engine.report()["compile_s"] == compiled
     engine.close()
+
+
+def _flip_in_tensor(path, name):
+    """Flip the lowest bit of the first byte of tensor `name` in a safetensors file (for
+    a float: a change in the last place, still finite)."""
+    import json
+    with open(path, "rb") as fh:
+        raw = bytearray(fh.read())
+    n = int.from_bytes(raw[:8], "little")
+    start = json.loads(raw[8: 8 + n])[name]["data_offsets"][0]
+    raw[8 + n + start] ^= 0x01
+    with open(path, "wb") as fh:
+        fh.write(raw)
+
+
+def test_an_edited_or_damaged_conversation_state_is_refused(exported, tmp_path):
+    """The position, the step count and every tensor byte are under the file's sha256;
+    a state of the older format (no checksum) is refused, not read unverified."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    _, _, path = exported
+    engine = StreamingEngine(path, ONE_MB)
+    conv = Conversation(engine, IdTokenizer(), seed=5)     # a fresh one: nothing compiled
+    conv.steps = 4
+    good = str(tmp_path / "good.state")
+    conv.save(good)
+    tensors = load_file(good)
+    with safe_open(good, "np") as fh:
+        meta = fh.metadata()
+    float_key = next(k for k, v in tensors.items() if v.dtype == np.float32 and v.size)
+    edits = {"position": (meta, {**tensors, "next_pos": tensors["next_pos"] + 1}),
+             "steps": ({**meta, "steps": str(int(meta["steps"]) + 1)}, tensors),
+             "older": ({k: v for k, v in meta.items() if k != "sha256"}
+                       | {"format": "perspective-conversation/1"}, tensors)}
+    for name, (m, t) in edits.items():
+        bad = str(tmp_path / f"{name}.state")
+        save_file(t, bad, metadata=m)
+        message = ("older format 'perspective-conversation/1', which has no checksum"
+                   if name == "older" else "fails its sha256 checksum")
+        with pytest.raises(UserError, match=f"^{re.escape(bad)}: .*{message}"):
+            Conversation.load(engine, IdTokenizer(), bad)
+    flipped = str(tmp_path / "flipped.state")
+    conv.save(flipped)
+    _flip_in_tensor(flipped, float_key)
+    with pytest.raises(UserError, match=f"^{re.escape(flipped)}: .*fails its sha256 checksum"):
+        Conversation.load(engine, IdTokenizer(), flipped)
+    assert Conversation.load(engine, IdTokenizer(), good).state.next_pos == conv.state.next_pos
+    engine.close()
+
+
+def test_a_saved_decode_cache_with_an_edited_position_is_refused(small_cfg, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from perspective_jax.model.cache_io import load_cache, save_cache
+    from perspective_jax.model.transformer import init_cache
+    path = str(tmp_path / "c.safetensors")
+    save_cache(init_cache(small_cfg, 1), path)
+    tensors = load_file(path)
+    with safe_open(path, "np") as fh:
+        meta = fh.metadata()
+    save_file({**tensors, "next_pos": tensors["next_pos"] + 3}, path, metadata=meta)
+    with pytest.raises(UserError, match=f"^{re.escape(path)}: .*fails its sha256 checksum"):
+        load_cache(path, small_cfg)

@@ -94,8 +94,8 @@ def test_engine_on_an_int8_export_equals_the_model_with_the_dequantised_table(
     engine.close()
 
 
-def test_int8_manifest_errors_and_format_3_still_reads(exported_writable, tmp_path,
-                                                        small_cfg):
+def test_int8_manifest_errors_and_older_formats_are_refused(exported_writable, tmp_path,
+                                                            small_cfg):
     cfg = routed_cfg(small_cfg)
     params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
     path = export_model(tmp_path, cfg, params, name="int8", embedding="int8")
@@ -109,14 +109,15 @@ def test_int8_manifest_errors_and_format_3_still_reads(exported_writable, tmp_pa
              r"embed/embedding is int8 \[259, 32\], expected float")):
         broken = json.loads(json.dumps(manifest))
         edit(broken)
-        json.dump(broken, open(manifest_path, "w"))
+        json.dump(md.seal_manifest(broken), open(manifest_path, "w"))
         with pytest.raises(md.ModelDirError, match=message):
             read_manifest(path)
-    # an export written before the int8 format (version 3, no "embedding") still loads
+    # an export written before the manifest checksum (version 3 or 4) cannot be verified
     _, _, old = exported_writable
     old_path = os.path.join(old, md.MANIFEST)
     old_manifest = json.load(open(old_path))
     old_manifest["format_version"] = 3
-    del old_manifest["shared"]["embedding"]
+    del old_manifest["shared"]["embedding"], old_manifest[md.MANIFEST_CHECKSUM]
     json.dump(old_manifest, open(old_path, "w"))
-    StreamingEngine(old, EngineOptions(host_budget_mb=1)).close()
+    with pytest.raises(md.ModelDirError, match="format version 3 has no checksum .* re-export"):
+        StreamingEngine(old, EngineOptions(host_budget_mb=1))
