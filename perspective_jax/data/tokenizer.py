@@ -89,7 +89,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
             sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, character_coverage=0.9995,
-            allow_whitespace_only_pieces=True, required_chars=_SPACE, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            allow_whitespace_only_pieces=True, required_chars=_SPACE, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=3,
             max_sentence_length=_MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1,
             minloglevel=2, hard_vocab_limit=False)
     except RuntimeError as exc:

@@ -24,6 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from perspective_jax.config.choices import TEMPERATURE_RANGE
 from perspective_jax.errors import UserError
 
 
@@ -34,8 +35,10 @@ class Sampling:
     top_p: float = 1.0         # 1 → off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        lo, hi = TEMPERATURE_RANGE
+        if not lo <= self.temperature <= hi:
+            raise UserError(f"temperature must lie in [{lo:g}, {hi:g}] (0 = greedy), got "
+                            f"{self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
