@@ -105,15 +105,18 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
 
 
 def vocab_note(tokenizer, vocab_size: int) -> Optional[str]:
-    """One line when the tokenizer has fewer ids than model.vocab_size (a corpus too
-    small or too narrow for it), else None: the ids it lacks are never sampled."""
+    """One line when the tokenizer has fewer ids than model.vocab_size (for
+    sentencepiece: a corpus too small or too narrow for it), else None: the ids it
+    lacks are never sampled."""
     pieces = tokenizer.vocab_size
     if pieces >= vocab_size:
         return None
+    why, more = "", ""
+    if not isinstance(tokenizer, ByteTokenizer):
+        why, more = " (the corpus is too small or too narrow for more)", ", or add text"
     return (f"note: the tokenizer has {pieces} ids, fewer than model.vocab_size="
-            f"{vocab_size} (the corpus is too small or too narrow for more); ids {pieces}.."
-            f"{vocab_size - 1} are never sampled — set model.vocab_size={pieces} for a "
-            "smaller model, or add text")
+            f"{vocab_size}{why}; ids {pieces}..{vocab_size - 1} are never sampled — set "
+            f"model.vocab_size={pieces} for a smaller model{more}")
 
 
 def load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: int = 0):
