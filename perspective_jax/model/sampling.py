@@ -13,7 +13,7 @@ vocabulary and ids >= the tokenizer's piece count are never chosen (`n_valid`),
 rather than the vocabulary following the tokenizer: runs and model directories that
 already exist keep working unchanged, the resolved config stays what the user asked
 for (resume and --init-from compare it), and the unused rows cost only
-(vocab_size - pieces) x d_model parameters, which training drives down anyway.
+(vocab_size - pieces) x d_model parameters.
 """
 
 from __future__ import annotations
