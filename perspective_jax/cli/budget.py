@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, finite_float
+from perspective_jax.cli.common import (OneLineParser, cli_entry, exit_with, float_in, int_in,
+                                        megabytes, share)
 from perspective_jax.config import load_config
 from perspective_jax.errors import UserError
 from perspective_jax.infer.envelope import (EMBEDDING, GB, ITEMSIZE, MB, MIB, WIRE_FORMATS,
@@ -22,6 +23,7 @@ from perspective_jax.model import census
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULTS = Assumptions()
+rate = float_in(0.0, 1e6, open_low=True)   # GB/s or TFLOPS
 
 
 def parse_args(argv):
@@ -30,53 +32,46 @@ def parse_args(argv):
     f("--config", default=os.path.join(REPO, "curricula", "perspective-1t.yaml"))
     f("overrides", nargs="*", metavar="section.key=value")
     f("--json", action="store_true", help="print one JSON object instead of tables")
-    for name in ("device-mb", "ram-mb", "pcie-gbs", "disk-gbs", "same", "neighbour", "full"):
-        f("--" + name, type=finite_float, default=getattr(DEFAULTS, name.replace("-", "_")))
-    f("--device-target-mb", type=finite_float, default=DEFAULTS.device_target_mb,
+    for name, kind in (("device-mb", megabytes), ("ram-mb", megabytes), ("pcie-gbs", rate),
+                       ("disk-gbs", rate), ("same", share), ("neighbour", share),
+                       ("full", share)):
+        f("--" + name, type=kind, default=getattr(DEFAULTS, name.replace("-", "_")))
+    f("--device-target-mb", type=megabytes, default=DEFAULTS.device_target_mb,
       help="SPEC design target")
-    f("--ram-target-mb", type=finite_float, default=DEFAULTS.ram_target_mb,
+    f("--ram-target-mb", type=megabytes, default=DEFAULTS.ram_target_mb,
       help="SPEC design target; the host cache fills RAM up to min(this, --ram-mb)")
-    f("--device-reserve-mb", type=finite_float, default=DEFAULTS.device_reserve_mb,
+    f("--device-reserve-mb", type=megabytes, default=DEFAULTS.device_reserve_mb,
       help="CUDA context + cuBLAS/XLA workspaces + allocator slack (typ. 300-500 MiB)")
-    f("--host-reserve-mb", type=finite_float, default=DEFAULTS.host_reserve_mb,
+    f("--host-reserve-mb", type=megabytes, default=DEFAULTS.host_reserve_mb,
       help="Python + JAX/XLA + CUDA driver host side of the inference process")
-    f("--host-cache-mb", type=finite_float, default=DEFAULTS.host_cache_mb,
+    f("--host-cache-mb", type=megabytes, default=DEFAULTS.host_cache_mb,
       help="cap on the host expert cache")
-    f("--group-size", type=int, default=DEFAULTS.group_size,
+    f("--group-size", type=int_in(1), default=DEFAULTS.group_size,
       help="GPTQ rows per scale+zero group")
-    f("--group-bytes", type=int, default=DEFAULTS.group_bytes, help="bytes of one group's "
+    f("--group-bytes", type=int_in(1), default=DEFAULTS.group_bytes, help="bytes of one group's "
       "scale + zero per output column: 4 = fp16 + fp16, 8 = float32 + float32")
     f("--embedding", default=DEFAULTS.embedding, choices=list(EMBEDDING),
       help="embedding/head format on the device: int8 with one float32 scale per row is "
       "what perspective-export --shared-bits writes (SPEC §3.4); float32 is "
       "--embedding float32")
     f("--state-dtype", default=DEFAULTS.state_dtype, choices=[*ITEMSIZE, "config"])
-    f("--workspace-factor", type=finite_float, default=DEFAULTS.workspace_factor,
+    f("--workspace-factor", type=float_in(0.0, 1e3), default=DEFAULTS.workspace_factor,
       help="multiplier on the live activation vectors for XLA temporaries")
     f("--wire-format", default=DEFAULTS.wire_format, choices=list(WIRE_FORMATS),
       help="expert format on disk, in the host cache and over PCIe: 2bit is what "
       "perspective-export writes; base3 (5 trits/byte, SPEC §3.4) is a what-if "
       "projection only, no exporter or engine reads it")
-    f("--region-align", type=int, default=DEFAULTS.region_align,
+    f("--region-align", type=int_in(1, 2**30), default=DEFAULTS.region_align,
       help="expert-region alignment on disk")
-    f("--delta-share", type=finite_float, default=DEFAULTS.delta_share,
+    f("--delta-share", type=share, default=DEFAULTS.delta_share,
       help="mean delta / full expert-layer")
-    f("--hit-rate", type=finite_float, default=DEFAULTS.hit_rate,
+    f("--hit-rate", type=share, default=DEFAULTS.hit_rate,
       help="host-cache hit rate of loads")
-    f("--device-tflops", type=finite_float, default=DEFAULTS.device_tflops,
+    f("--device-tflops", type=rate, default=DEFAULTS.device_tflops,
       help="RTX 3050 Laptop 4 GB class: 2048 CUDA cores x 2 x ~1.7 GHz")
-    f("--device-gbs", type=finite_float, default=DEFAULTS.device_gbs,
+    f("--device-gbs", type=rate, default=DEFAULTS.device_gbs,
       help="RTX 3050 Laptop 4 GB class: 128-bit GDDR6 at 12 Gbps")
     a = p.parse_args(argv)
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name, value in vars(a).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise UserError(f"{flag(name)} must be >= 0, got {value}")
-        if name in ("pcie_gbs", "disk_gbs", "device_tflops", "device_gbs", "group_size",
-                    "group_bytes", "region_align") and value == 0:
-            raise UserError(f"{flag(name)} must be > 0")
-        if name in ("same", "neighbour", "full", "delta_share", "hit_rate") and (value or 0) > 1:
-            raise UserError(f"{flag(name)} must lie in [0, 1], got {value}")
     total = a.same + a.neighbour + a.full
     if abs(total - 1.0) > 1e-6:
         raise UserError(f"--same + --neighbour + --full must sum to 1, got "

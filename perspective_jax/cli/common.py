@@ -26,6 +26,12 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+# argparse types for every numeric flag: a value outside its range is a one-line error
+# naming the flag ("argument --top-k: must lie in [0, 2147483647], got -1").
+MAX_COUNT = 2**31 - 1     # the most any count flag may give (tokens, slots, rows)
+MAX_MB = float(2**30)     # the most any memory or disk flag may give, in MB (1 PiB)
+
+
 def finite_float(text: str) -> float:
     """argparse type: a float that is neither NaN nor infinite."""
     try:
@@ -35,6 +41,37 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def int_in(lo: int, hi: int = MAX_COUNT):
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must lie in [{lo}, {hi}], got {text}")
+        return value
+    return parse
+
+
+def float_in(lo: float, hi: float, open_low: bool = False):
+    """argparse type: a finite float in [lo, hi], or (lo, hi] with `open_low`."""
+    def show(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if not (lo < value if open_low else lo <= value) or value > hi:
+            raise argparse.ArgumentTypeError(
+                f"must lie in {'(' if open_low else '['}{show(lo)}, {show(hi)}], got {text}")
+        return value
+    return parse
+
+
+megabytes = float_in(0.0, MAX_MB)      # a memory or disk size in MB
+share = float_in(0.0, 1.0)             # a fraction
 
 
 def check_output_file(path: str, flag: str) -> None:

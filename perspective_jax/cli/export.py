@@ -11,7 +11,7 @@ import warnings
 
 from perspective_jax.cli import compile_cache
 from perspective_jax.config.choices import EMBEDDING_FORMATS
-from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, finite_float
+from perspective_jax.cli.common import OneLineParser, cli_entry, exit_with, int_in, share
 from perspective_jax.model import footprint
 
 
@@ -23,17 +23,17 @@ def run(argv=None) -> int:
                         "stage is exported)")
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--shared-bits", type=int, default=0,
+    p.add_argument("--shared-bits", type=int_in(0, 8), default=0,
                    help="quantise shared kernels to this many bits with GPTQ (0 = float32)")
-    p.add_argument("--group-size", type=int, default=64, help="GPTQ group size (input rows)")
+    p.add_argument("--group-size", type=int_in(1), default=64, help="GPTQ group size (input rows)")
     p.add_argument("--embedding", choices=EMBEDDING_FORMATS, default=None,
                    help="tied embedding/head format: int8 with one scale per row (SPEC "
                         "§3.4; the default with --shared-bits) or float32 (the default "
                         "otherwise; exact)")
     p.add_argument("--calibration-text", help="text file for GPTQ and routing frequencies "
                    "(default: the run's validation split)")
-    p.add_argument("--calibration-tokens", type=int, default=4096)
-    p.add_argument("--delta-max-share", type=finite_float, default=0.5,
+    p.add_argument("--calibration-tokens", type=int_in(2, 2**24), default=4096)
+    p.add_argument("--delta-max-share", type=share, default=0.5,
                    help="keep a neighbour delta only if it is at most this share of a "
                         "full region's bytes")
     p.add_argument("--allow-oversize", action="store_true", help=footprint.OVERRIDE_HELP)

@@ -10,9 +10,9 @@ import json
 import sys
 
 from perspective_jax.cli import compile_cache
-from perspective_jax.config.choices import IO_MODES, PREDICTORS
+from perspective_jax.config.choices import IO_MODES, PREDICTORS, TEMPERATURE_RANGE
 from perspective_jax.cli.common import (OneLineParser, check_output_file, cli_entry, exit_with,
-                                        finite_float)
+                                        float_in, int_in, megabytes)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 
@@ -23,21 +23,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="prompt text ('-' reads standard input)")
     p.add_argument("--model-dir", required=True, help="directory written by perspective-export")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=finite_float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=40, help="0 = off")
-    g.add_argument("--top-p", type=finite_float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--max-tokens", type=int_in(1), default=128)
+    g.add_argument("--temperature", type=float_in(*TEMPERATURE_RANGE), default=0.8,
+                   help="0 = greedy")
+    g.add_argument("--top-k", type=int_in(0), default=40, help="0 = off")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0, open_low=True), default=1.0,
+                   help="1 = off")
+    g.add_argument("--seed", type=int_in(0, 2**32 - 1), default=None,
                    help="sampling seed (default 0; a resumed conversation keeps its own)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable)")
     m = p.add_argument_group("memory and streaming")
-    m.add_argument("--host-budget-mb", type=finite_float, default=1024,
+    m.add_argument("--host-budget-mb", type=megabytes, default=1024,
                    help="hard limit for the host expert cache")
-    m.add_argument("--device-budget-mb", type=finite_float, default=None,
+    m.add_argument("--device-budget-mb", type=megabytes, default=None,
                    help="hard limit for weights, expert slots and state on the device")
-    m.add_argument("--device-slots", type=int, default=2,
-                   help="expert-layer slots on the device (2 = double buffer)")
+    m.add_argument("--device-slots", type=int_in(2), default=2,
+                   help="expert-layer slots on the device (2 = double buffer, the least)")
     m.add_argument("--no-prefetch", action="store_true", help="load experts only when needed")
     m.add_argument("--no-deltas", action="store_true", help="never stream neighbour deltas")
     m.add_argument("--no-warm-start", action="store_true",
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--predictor", default="auto", choices=PREDICTORS)
     m.add_argument("--io", default="mmap", choices=IO_MODES,
                    help="direct: bypass the page cache when reading experts")
-    m.add_argument("--prefill-chunk", type=int, default=256)
+    m.add_argument("--prefill-chunk", type=int_in(1), default=256)
     m.add_argument("--transfer-thread", action="store_true",
                    help="copy regions to the device on a thread of their own while the "
                         "disk reads on (for accelerators; not yet measured on one)")
@@ -66,10 +68,6 @@ def run(argv=None) -> int:
     if not prompt and not a.resume_state:
         raise UserError("the prompt is empty; pass the text to continue, e.g. "
                         "perspective-infer --model-dir M \"Once upon a time\"")
-    if a.prefill_chunk < 1:
-        raise UserError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
-    if a.seed is not None and not 0 <= a.seed < 2 ** 32:
-        raise UserError(f"--seed {a.seed}: must lie in [0, 2^32)")
     for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json)):
         if path:
             check_output_file(path, flag)

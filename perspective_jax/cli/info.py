@@ -12,7 +12,7 @@ import os
 import time
 
 from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
-                                         exit_with)
+                                         exit_with, int_in)
 from perspective_jax.config import load_config
 from perspective_jax.errors import UserError
 
@@ -67,11 +67,9 @@ def run(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--forward-text", metavar="FILE",
                         help="also run a forward pass of the freshly initialised model on FILE")
-    parser.add_argument("--seq-len", type=int, default=256,
+    parser.add_argument("--seq-len", type=int_in(1, 2**20), default=256,
                         help="tokens for --forward-text (default 256)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow flags
-    if args.seq_len <= 0:
-        raise UserError(f"--seq-len must be > 0, got {args.seq_len}")
     cfg = load_config(args.config, args.overrides)
 
     from perspective_jax.model.census import format_table, summary

@@ -20,6 +20,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 SCALE_GRANULARITIES = ("tensor", "row")
 # data.tokenizer
 TOKENIZERS = ("sentencepiece", "byte")
+# data.binary_files: what reading the corpus does with a file that is not text
+BINARY_FILES = ("skip", "refuse")
 # perspective-train --stage (the curriculum in order, then "all" = every stage)
 CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
 STAGES = (*CURRICULUM, "all")
@@ -30,3 +32,8 @@ PREDICTORS = ("auto", "router", "previous")
 IO_MODES = ("mmap", "direct")
 # export: tied embedding/head storage
 EMBEDDING_FORMATS = ("float32", "int8")
+# sampling temperature range (model.sampling.Sampling, perspective-infer --temperature);
+# beyond it sampling is uniform in all but rounding, and float32 overflows near 3e38
+TEMPERATURE_RANGE = (0.0, 100.0)
+# seeds (data.seed + train.seed seed grain's shuffle, which takes [0, 2**32))
+SEED_RANGE = (0, 2**31 - 1)

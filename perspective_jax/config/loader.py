@@ -1,5 +1,6 @@
 """YAML → `PerspectiveConfig`: `base_config:` inheritance, dotted overrides,
-type checking, and unknown keys rejected with the closest valid key.
+type checking, and unknown keys rejected with the closest valid key. A key given
+twice in one mapping and an empty file are errors (PyYAML keeps the last duplicate).
 
     cfg = load_config("curricula/tiny.yaml", ["model.d_model=256", "train.steps=50"])
 """
@@ -21,6 +22,26 @@ from perspective_jax.errors import ConfigError
 
 BASE_KEY = "base_config"
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line "
+                        f"{lines[key]}); keep one", key_node.start_mark)
+                lines[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
@@ -134,7 +155,7 @@ def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
                           "(presets live in curricula/)")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -146,6 +167,9 @@ def read_yaml_tree(path: str, _seen: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"{path}: invalid YAML value: {exc}; quote it") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; give at least one section "
+                          "(e.g. 'base_config: tiny.yaml') or leave out --config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = data.pop(BASE_KEY, None)
@@ -166,7 +190,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except (yaml.YAMLError, ValueError, OverflowError):
         value = raw
     return parts, value

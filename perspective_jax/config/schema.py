@@ -11,15 +11,20 @@ import dataclasses
 import math
 from typing import Optional
 
-from perspective_jax.config.choices import (DISPATCH_IMPLS, DTYPES, GATES, LAYER_KINDS,
-                                            PDR_IMPLS, REMAT_POLICIES, SCALE_GRANULARITIES,
-                                            TOKENIZERS)
+from perspective_jax.config.choices import (BINARY_FILES, DISPATCH_IMPLS, DTYPES, GATES,
+                                            LAYER_KINDS, PDR_IMPLS, REMAT_POLICIES,
+                                            SCALE_GRANULARITIES, SEED_RANGE, TOKENIZERS)
 from perspective_jax.errors import ConfigError
 
 
 def _require(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{field}: {message}")
+
+
+def _seed(value: int, field: str) -> None:
+    lo, hi = SEED_RANGE
+    _require(lo <= value <= hi, field, f"must lie in [{lo}, {hi}], got {value}")
 
 
 def _positive(obj, *names: str, section: str) -> None:
@@ -190,11 +195,16 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.1
     seed: int = 0
+    # a corpus file that is not text (NUL bytes, mostly invalid UTF-8): skip | refuse
+    binary_files: str = "skip"
 
     def __post_init__(self):
         s = "data"
         _require(self.tokenizer in TOKENIZERS, f"{s}.tokenizer",
                  f"use 'sentencepiece' or 'byte', got {self.tokenizer!r}")
+        _require(self.binary_files in BINARY_FILES, f"{s}.binary_files",
+                 f"use one of {BINARY_FILES}, got {self.binary_files!r}")
+        _seed(self.seed, f"{s}.seed")
         _positive(self, "seq_len", section=s)
         _require(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction",
                  f"must lie in (0, 1), got {self.val_fraction}")
@@ -221,6 +231,7 @@ class TrainConfig:
         s = "train"
         _positive(self, "steps", "batch_size", "learning_rate", "grad_accum",
                   "eval_every", "eval_batches", "log_every", section=s)
+        _seed(self.seed, f"{s}.seed")
         _require(0 <= self.warmup_steps <= self.steps, f"{s}.warmup_steps",
                  f"must lie in [0, steps={self.steps}], got {self.warmup_steps}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"{s}.min_lr_ratio", "must lie in [0, 1]")

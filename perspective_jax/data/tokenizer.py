@@ -4,13 +4,18 @@
 * `ByteTokenizer` — UTF-8 bytes (character-level benchmarks).
 * `SentencePieceTokenizer` — BPE trained on the corpus with byte fallback and
   identity normalisation, saved in the run directory and reused.
+
+A tokenizer may have fewer ids than model.vocab_size (sentencepiece stops early on a
+narrow corpus); `load_or_train` says so in one line before training and every token
+choice stays below the tokenizer's `vocab_size` (`model.sampling.sample_next`).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from typing import Iterable
+import sys
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -39,11 +44,27 @@ class SentencePieceTokenizer:
         return [np.asarray(ids, np.int32) for ids in self._sp.encode(texts)]
 
     def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the {self.vocab_size} pieces of "
+                            f"the tokenizer {self.path}; it belongs to another model")
+        return self._sp.decode(ids)
+
+
+# sentencepiece drops training sentences longer than this many bytes; lines are cut
+# into pieces of _MAX_LINE_CHARS characters (<= 4 bytes each) so none is dropped.
+_MAX_SENTENCE_BYTES = 1 << 16
+_MAX_LINE_CHARS = _MAX_SENTENCE_BYTES // 4
+# sentencepiece's space symbol; always a piece, else a corpus with few spaces (numbers)
+# byte-encodes it and decoding turns every space into a literal '\u2581'.
+_SPACE = "\u2581"
 
 
 def _training_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
-    lines = [line for text in texts for line in text.splitlines(keepends=True) if line.strip()]
+    lines = [line[i:i + _MAX_LINE_CHARS] for text in texts
+             for line in text.splitlines(keepends=True) if line.strip()
+             for i in range(0, len(line), _MAX_LINE_CHARS)]
     if len(lines) > max_lines:
         lines = random.Random(seed).sample(lines, max_lines)
     return lines
@@ -68,18 +89,47 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
             sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, character_coverage=0.9995,
-            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+            allow_whitespace_only_pieces=True, required_chars=_SPACE, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=3,
+            max_sentence_length=_MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1,
             minloglevel=2, hard_vocab_limit=False)
     except RuntimeError as exc:
-        raise UserError(f"sentencepiece training failed: {exc}") from None
+        detail = " ".join(str(exc).split())
+        raise UserError(f"cannot train a {vocab_size}-piece tokenizer on {len(lines)} lines "
+                        f"({sum(map(len, lines))} characters) of the training split "
+                        f"({detail}); add text, lower model.vocab_size or use "
+                        "data.tokenizer=byte") from None
     if os.path.exists(prefix + ".vocab"):
         os.remove(prefix + ".vocab")
     return SentencePieceTokenizer(prefix + ".model")
 
 
+def vocab_note(tokenizer, vocab_size: int) -> Optional[str]:
+    """One line when the tokenizer has fewer ids than model.vocab_size (for
+    sentencepiece: a corpus too small or too narrow for it), else None: the ids it
+    lacks are never sampled."""
+    pieces = tokenizer.vocab_size
+    if pieces >= vocab_size:
+        return None
+    why, more = "", ""
+    if not isinstance(tokenizer, ByteTokenizer):
+        why, more = " (the corpus is too small or too narrow for more)", ", or add text"
+    return (f"note: the tokenizer has {pieces} ids, fewer than model.vocab_size="
+            f"{vocab_size}{why}; ids {pieces}..{vocab_size - 1} are never sampled — set "
+            f"model.vocab_size={pieces} for a smaller model{more}")
+
+
 def load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: int = 0):
-    """The run's tokenizer: reuse the one saved in `run_dir`, else create it."""
+    """The run's tokenizer: reuse the one saved in `run_dir`, else create it; a
+    `vocab_note` goes to stderr before training."""
+    tokenizer = _load_or_train(kind, run_dir, vocab_size, train_texts, seed)
+    note = vocab_note(tokenizer, vocab_size)
+    if note:
+        print(note, file=sys.stderr)
+    return tokenizer
+
+
+def _load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: int):
     spm_path = os.path.join(run_dir, SPM_FILE)
     byte_path = os.path.join(run_dir, BYTE_MARKER)
     if kind == "byte":

@@ -33,9 +33,11 @@ STATE_FORMAT = "perspective-conversation/2"     # 2: a sha256 over the content
 OLDER_FORMATS = ("perspective-conversation/1",)
 
 
-def sample_token(logits: np.ndarray, sampling: Sampling, key) -> int:
-    """One token from logits [V] by the one sampling rule (`model.sampling`)."""
-    return int(sample_next(jnp.asarray(logits)[None], key, sampling)[0])
+def sample_token(logits: np.ndarray, sampling: Sampling, key,
+                 n_valid: Optional[int] = None) -> int:
+    """One token from logits [V] by the one sampling rule (`model.sampling`), below
+    n_valid (the tokenizer's piece count)."""
+    return int(sample_next(jnp.asarray(logits)[None], key, sampling, n_valid)[0])
 
 
 def _streamable(text: str, stop: Sequence[str]) -> str:
@@ -73,7 +75,8 @@ class Conversation:
         shown = ""
         base = jax.random.key(self.seed)
         while True:
-            tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps))
+            tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps),
+                               self.tokenizer.vocab_size)
             self.pending, self.steps = [tok], self.steps + 1   # sampled, not yet fed
             out.append(tok)
             text = self.tokenizer.decode(np.asarray(out))

@@ -1,9 +1,11 @@
 """In-memory generation for evaluation: prefill once, then cached decode steps.
 
     tokens = generate(cfg, params, prompt_ids, max_new_tokens=64,
-                      sampling=Sampling(temperature=0.8, top_k=40), seed=0)
+                      sampling=Sampling(temperature=0.8, top_k=40), seed=0,
+                      n_valid=tokenizer.vocab_size)
 
-Sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus).
+Sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus), never an id
+>= n_valid (one the tokenizer does not have; `model.sampling`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def _compiled(cfg: ModelConfig, moe: MoEConfig, activation_bits: int = 0):
 def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
              sampling: Sampling = Sampling(), seed: int = 0,
              eos_id: Optional[int] = None, moe: MoEConfig = MoEConfig(),
-             activation_bits: int = 0) -> np.ndarray:
-    """prompt [B, T0] int → generated continuation [B, ≤ max_new_tokens].
+             activation_bits: int = 0, n_valid: Optional[int] = None) -> np.ndarray:
+    """prompt [B, T0] int → generated continuation [B, ≤ max_new_tokens], every id
+    < n_valid (the tokenizer's piece count; None = the whole vocabulary).
     `activation_bits=8`: int8 expert activations, as the ternary stage trains."""
     prompt = np.asarray(prompt, dtype=np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -59,7 +62,7 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
     done = np.zeros(prompt.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
         rng, sub = jax.random.split(rng)
-        token = sample_next(logits, sub, sampling)
+        token = sample_next(logits, sub, sampling, n_valid)
         out.append(np.asarray(token))
         if eos_id is not None:
             done |= out[-1] == eos_id

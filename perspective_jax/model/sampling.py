@@ -1,18 +1,30 @@
-"""The sampling rule, defined once: temperature, top-k, top-p, greedy at T = 0.
+"""The sampling rule, defined once: temperature, top-k, top-p, greedy at T = 0, and
+only ids the tokenizer has.
 
-    token = sample_next(logits [B, V], key, Sampling(temperature=0.8, top_k=40))   # [B]
+    token = sample_next(logits [B, V], key, Sampling(temperature=0.8, top_k=40),
+                        n_valid=tokenizer.vocab_size)                          # [B]
 
 Used by in-memory generation (`model.generate`), training samples and the
 streaming engine's conversations (`infer.session`).
+
+A trained tokenizer may have fewer pieces than `model.vocab_size` (sentencepiece stops
+early on a narrow corpus: numbers, one script). The model keeps its configured
+vocabulary and ids >= the tokenizer's piece count are never chosen (`n_valid`),
+rather than the vocabulary following the tokenizer: runs and model directories that
+already exist keep working unchanged, the resolved config stays what the user asked
+for (resume and --init-from compare it), and the unused rows cost only
+(vocab_size - pieces) x d_model parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from perspective_jax.config.choices import TEMPERATURE_RANGE
 from perspective_jax.errors import UserError
 
 
@@ -23,8 +35,10 @@ class Sampling:
     top_p: float = 1.0         # 1 → off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        lo, hi = TEMPERATURE_RANGE
+        if not lo <= self.temperature <= hi:
+            raise UserError(f"temperature must lie in [{lo:g}, {hi:g}] (0 = greedy), got "
+                            f"{self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -51,8 +65,20 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return logits
 
 
-def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [B, V] → token ids [B]."""
+def mask_unknown(logits: jax.Array, n_valid: Optional[int]) -> jax.Array:
+    """logits [B, V] with ids >= n_valid (the tokenizer's piece count) set to −inf;
+    None → unchanged."""
+    if n_valid is None or n_valid >= logits.shape[-1]:
+        return logits
+    if n_valid < 1:
+        raise UserError(f"the tokenizer has {n_valid} pieces; it cannot decode anything")
+    return jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
+
+
+def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling,
+                n_valid: Optional[int] = None) -> jax.Array:
+    """logits [B, V] → token ids [B], each < n_valid (the tokenizer's piece count)."""
+    logits = mask_unknown(logits, n_valid)
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, filter_logits(logits, sampling)).astype(jnp.int32)

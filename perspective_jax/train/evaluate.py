@@ -26,12 +26,14 @@ SAMPLE_NEW_TOKENS = 48
 
 def sample_text(run, params_used, step: int) -> str:
     """The first SAMPLE_PROMPT_TOKENS validation tokens continued by
-    SAMPLE_NEW_TOKENS sampled ones (temperature 0.8, top-k 40, seed = step)."""
+    SAMPLE_NEW_TOKENS sampled ones (temperature 0.8, top-k 40, seed = step), never an
+    id the tokenizer does not have (it may have fewer pieces than model.vocab_size)."""
     cfg = run.cfg
     prompt = np.asarray(run.val_split.tokens[:SAMPLE_PROMPT_TOKENS], np.int32)[None]
     out = generate(cfg.model, params_used, prompt, SAMPLE_NEW_TOKENS,
                    Sampling(temperature=0.8, top_k=40), seed=step, moe=cfg.moe,
-                   activation_bits=expert_activation_bits(cfg))
+                   activation_bits=expert_activation_bits(cfg),
+                   n_valid=run.tokenizer.vocab_size)
     return run.tokenizer.decode(np.concatenate([prompt[0], out[0]]))
 
 

@@ -103,7 +103,7 @@ def corpus_files(cfg: PerspectiveConfig, data: Optional[Sequence[str]]) -> list[
 def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]],
                  tokenizer_from: Optional[str] = None):
     """Corpus → tokenizer (trained or reused) → cached token files."""
-    docs = read_documents(corpus_files(cfg, data))
+    docs = read_documents(corpus_files(cfg, data), cfg.data.binary_files)
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
     if tokenizer_from:
         copy_tokenizer(tokenizer_from, run_dir)

@@ -117,8 +117,8 @@ def test_flags_change_the_sums(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--same", "0.5"], "must sum to 1"),
-    (["--pcie-gbs", "-1"], "--pcie-gbs must be >= 0"),
-    (["--hit-rate", "1.5"], "--hit-rate must lie in [0, 1]"),
+    (["--pcie-gbs", "-1"], "argument --pcie-gbs: must lie in (0, 1000000], got -1"),
+    (["--hit-rate", "1.5"], "argument --hit-rate: must lie in [0, 1], got 1.5"),
     (["--config", "no/such.yaml"], "config file not found"),
     (["--bogus"], "unrecognized arguments"),
     (["--same", "nan"], "'nan' is not a finite number"),

@@ -75,6 +75,9 @@ def test_resolved_config_round_trips(tmp_path, repo):
     (["train.weight_decay=1" + "0" * 400], "train.weight_decay: number too large"),
     (["model.d_model=99999999999999999999"], "model.d_model: 99999999999999999999 is out"),
     (["moe.lattice=[2, 2, -99999999999999999999]"], "moe.lattice[2]: -9999"),
+    (["train.seed=-1"], "train.seed: must lie in [0, 2147483647], got -1"),
+    (["data.seed=4294967296"], "data.seed: must lie in [0, 2147483647]"),
+    (["data.binary_files=keep"], "data.binary_files: use one of ('skip', 'refuse')"),
 ])
 def test_bad_config_gives_one_line_error_naming_the_field(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -127,3 +130,23 @@ def test_dataclasses_validate_on_direct_construction():
         ModelConfig(n_heads=5, n_kv_heads=2)
     with pytest.raises(ConfigError, match="lattice"):
         MoEConfig(num_experts=8, lattice=(2, 2, 3))
+
+
+def test_duplicate_keys_and_empty_files_are_errors(tmp_path):
+    """PyYAML keeps the last of two equal keys; an empty file read as no config."""
+    cases = {"dup.yaml": ("model:\n  d_model: 64\n  d_model: 96\n",
+                          "line 3: duplicate key 'd_model' (first given at line 2)"),
+             "dup_section.yaml": ("model: {d_model: 64}\ntrain: {steps: 3}\nmodel: {}\n",
+                                  "line 3: duplicate key 'model' (first given at line 1)"),
+             "empty.yaml": ("", "the config file is empty"),
+             "comments.yaml": ("# nothing here\n\n", "the config file is empty")}
+    for name, (body, needle) in cases.items():
+        (tmp_path / name).write_text(body)
+        with pytest.raises(ConfigError) as err:
+            load_config(str(tmp_path / name))
+        assert str(tmp_path / name) in str(err.value) and needle in str(err.value)
+        assert "\n" not in str(err.value)
+    (tmp_path / "merge.yaml").write_text("base: &b {steps: 4, warmup_steps: 1}\n"
+                                         "train:\n  <<: *b\n  steps: 5\n")
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):   # merges are fine
+        load_config(str(tmp_path / "merge.yaml"))

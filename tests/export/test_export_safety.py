@@ -141,10 +141,12 @@ def test_a_curriculum_root_exports_its_last_finished_stage(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--group-size", "0", "--shared-bits", "2"], "--group-size 0: must be >= 1"),
-    (["--calibration-tokens", "-5"], "--calibration-tokens -5: must be >= 2"),
+    (["--group-size", "0", "--shared-bits", "2"],
+     "argument --group-size: must lie in [1, 2147483647], got 0"),
+    (["--calibration-tokens", "-5"],
+     "argument --calibration-tokens: must lie in [2, 16777216], got -5"),
     (["--shared-bits", "5"], "--shared-bits 5: use 0"),
-    (["--delta-max-share", "1.5"], "--delta-max-share 1.5: must lie in"),
+    (["--delta-max-share", "1.5"], "argument --delta-max-share: must lie in [0, 1], got 1.5"),
     (["--embedding", "int4"], "--embedding: invalid choice: 'int4'"),
 ])
 def test_bad_export_arguments_are_one_line_errors(tmp_path, capsys, flags, message):

@@ -29,9 +29,10 @@ def _one_line_error(capsys, message, silent=False):
     (["--top-p", "inf"], "'inf' is not a finite number"),
     (["--host-budget-mb", "nan"], "'nan' is not a finite number"),
     (["--device-budget-mb", "nan"], "'nan' is not a finite number"),
-    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999: must lie in"),
-    (["--device-slots", "1"], "at least 2 slots"),
-    (["--max-tokens", "x"], "invalid int value"),
+    (["--seed", "99999999999999999999999"],
+     "argument --seed: must lie in [0, 4294967295], got 99999999999999999999999"),
+    (["--device-slots", "1"], "argument --device-slots: must lie in [2, "),
+    (["--max-tokens", "x"], "'x' is not an integer"),
     (["--save-state", "/no/such/dir/s.state"], "directory /no/such/dir does not exist"),
     (["--stats-json", "."], "--stats-json . is a directory"),
 ])
