@@ -41,7 +41,9 @@ def _inputs(b) -> dict[str, str]:
 
 def malformed_trials(b) -> list[Trial]:
     f = _inputs(b)
-    os.makedirs(f["empty_run"], exist_ok=True)
+    os.makedirs(f["empty_run"], exist_ok=True)    # a run that never saved a checkpoint
+    with open(os.path.join(b.cur, "dense", "config.yaml"), "rb") as fh:
+        _write(os.path.join(f["empty_run"], "config.yaml"), fh.read())
     r = os.path.join(b.work, "malformed", "runs")
 
     def train(name, *extra, **over):
@@ -62,7 +64,7 @@ def malformed_trials(b) -> list[Trial]:
         ("export of a run without checkpoints",
          cli("export", "--run-dir", f["empty_run"], "--out", os.path.join(r, "m")), "error", ""),
         ("--temperature -1", b.infer(b.model, "--temperature", "-1"), "error", "temperature"),
-        ("--top-p 2", b.infer(b.model, "--top-p", "2"), "error", "top-p"),
+        ("--top-p 2", b.infer(b.model, "--top-p", "2"), "error", "top"),
         ("--max-tokens -5", b.infer(b.model, "--max-tokens", "-5"), "error", "max-tokens"),
         ("--host-budget-mb 1e308", b.infer(b.model, "--host-budget-mb", "1e308"), "error",
          "host-budget-mb"),
