@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -39,16 +40,26 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str, kind: Optional[str] = None) -> list[dict]:
-    """Records of metrics.jsonl; a step logged twice (after a resume) keeps the last."""
+    """Records of metrics.jsonl; a step logged twice (after a resume) keeps the last.
+    A line that is not a whole record — the torn end of a log whose writer was killed
+    or ran out of disk, or a damaged byte — is left out with a note on stderr."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     by_key: dict = {}
-    with open(path, encoding="utf-8") as fh:
+    torn = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+                key = (rec["kind"], rec["step"])
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
             if kind is None or rec["kind"] == kind:
-                by_key[(rec["kind"], rec["step"])] = rec
+                by_key[key] = rec
+    if torn:
+        print(f"note: {path}: {torn} damaged line(s) left out", file=sys.stderr)
     return sorted(by_key.values(), key=lambda r: (r["step"], r["kind"]))
 
 

@@ -38,3 +38,15 @@ def test_data_record_is_sealed(tmp_path):
     path.write_text(path.read_text().replace("abc123", "abc124"))
     with pytest.raises(UserError, match="data.json is damaged"):
         load_data_record(str(tmp_path))
+
+
+def test_a_torn_metrics_log_is_read_without_its_damaged_lines(tmp_path, capsys):
+    from perspective_jax.train.metrics import MetricsLogger, read_metrics
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in range(3):
+        log.log(step, "train", {"loss": float(step)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "kind": "tra')             # a writer killed mid-line
+    assert [r["loss"] for r in read_metrics(str(tmp_path), "train")] == [0.0, 1.0, 2.0]
+    assert "1 damaged line(s)" in capsys.readouterr().err
