@@ -45,16 +45,20 @@ def run(argv=None) -> int:
     compile_cache.enable(a.compilation_cache)
     from perspective_jax.export.exporter import export_model, resolve_run
     from perspective_jax.rundir.layout import load_run_config
-    run_cfg = load_run_config(resolve_run(a.run_dir, log=lambda *_: None))
-    footprint.refuse_oversize(footprint.export_need(run_cfg, a.shared_bits, a.calibration_tokens),
-                              footprint.probe_machine(), a.allow_oversize)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
-        export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,
-                     group_size=a.group_size, calibration_text=a.calibration_text,
-                     calibration_tokens_n=a.calibration_tokens,
-                     delta_max_share=a.delta_max_share, embedding=a.embedding,
-                     space_check=not a.skip_space_check)
+    from perspective_jax.rundir.lock import hold_output_dir, hold_run_dir
+    # a trainer writing --run-dir, or another export into --out, is refused in one line
+    with hold_run_dir(a.run_dir, shared=True), hold_output_dir(a.out):
+        run_cfg = load_run_config(resolve_run(a.run_dir, log=lambda *_: None))
+        footprint.refuse_oversize(footprint.export_need(run_cfg, a.shared_bits,
+                                                        a.calibration_tokens),
+                                  footprint.probe_machine(), a.allow_oversize)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
+            export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,
+                         group_size=a.group_size, calibration_text=a.calibration_text,
+                         calibration_tokens_n=a.calibration_tokens,
+                         delta_max_share=a.delta_max_share, embedding=a.embedding,
+                         space_check=not a.skip_space_check)
     return 0
 
 

@@ -3,7 +3,8 @@
     run_stage("all", cfg, "runs/x")   # runs/x/dense, runs/x/upcycle, runs/x/sparse
 
 Each stage is a run directory; a stage that already finished is resumed (and
-so skipped), so `--stage all` can be re-run after any interruption.
+so skipped), so `--stage all` can be re-run after any interruption. The curriculum
+root and the stage in training are locked against a second writer (`rundir.lock`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.rundir.layout import (CONFIG_FILE, has_config, load_run_config,
                                            save_run_config)
+from perspective_jax.rundir.lock import hold_run_dir
 from perspective_jax.train.resume import ensure_run_dir, source_config
 from perspective_jax.train.trainer import TrainResult, train
 
@@ -211,6 +213,14 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
     ensure_run_dir(run_dir)
     if init_from:
         check_init_source(stage, init_from, run_dir)
+    with hold_run_dir(run_dir):       # the curriculum root, or the stage's directory
+        return _run_stage(stage, cfg, run_dir, data, init_from, progress, log)
+
+
+def _run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
+               data: Optional[Sequence[str]], init_from: Optional[str], progress: bool,
+               log) -> Optional[TrainResult]:
+    """`run_stage` while holding `run_dir`'s lock."""
     if stage == "all":
         result, previous = None, None
         for name in CURRICULUM:
