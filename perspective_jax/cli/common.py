@@ -1,12 +1,17 @@
-"""Shared CLI plumbing: config arguments and one-line errors instead of tracebacks."""
+"""Shared CLI plumbing: config arguments, one-line errors instead of tracebacks, and
+signals that end a command promptly and cleanly."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
+from typing import Optional
 
 from perspective_jax.errors import UserError
 
@@ -86,17 +91,124 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path}: directory {parent} is not writable")
 
 
-def cli_entry(fn):
-    """Wrap a `main(argv) -> int`: UserError → 'error: …' on stderr, exit 2."""
+# A Python handler that is a bound method of an object with `take_signal(signum) ->
+# bool` (train.hooks.StopFlag) is offered each signal first; True means it will act.
+TAKE_SIGNAL = "take_signal"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore(_signum, _frame) -> None:
+    """The main thread's handler: nothing. The watcher thread acts, so no
+    KeyboardInterrupt is ever raised inside library code or its threads."""
+
+
+class SignalWatcher:
+    """SIGINT/SIGTERM end the process at once — exit 130, one line naming the signal
+    and `hint` — from a thread woken through `signal.set_wakeup_fd`, which runs even
+    while the main thread is inside C code (an XLA compile), by `os._exit`, so no
+    interpreter teardown races live XLA or orbax threads. For commands whose files
+    are written atomically (a trainer: orbax saves into temporary directories). A
+    handler that takes signals (TAKE_SIGNAL) is offered them first: the training
+    loop saves and stops, and exit is immediate when it declines (before its first
+    step, or a second signal)."""
+
+    def __init__(self, hint: str = ""):
+        self.hint = hint
+        self._reminder: Optional[threading.Timer] = None
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old = {sig: signal.signal(sig, _ignore) for sig in SIGNALS}
+        self._thread = threading.Thread(target=self._watch, name="signal-watcher",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self._w)                       # the watcher reads end-of-file
+        self._thread.join()
+        os.close(self._r)
+        if self._reminder is not None:
+            self._reminder.cancel()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in SIGNALS and not self._offer(signum):
+                    self._exit(signum)
+
+    def _offer(self, signum: int) -> bool:
+        """True when the installed handler takes the signal; if the process is still
+        running 3 s later, say how to quit at once."""
+        handler = signal.getsignal(signum)
+        take = getattr(getattr(handler, "__self__", None), TAKE_SIGNAL, None)
+        if not (take and take(signum)):
+            return False
+        self._reminder = threading.Timer(3.0, _write_stderr, [
+            "stopping after this step to save a checkpoint; press Ctrl-C again to quit "
+            "at once"])
+        self._reminder.daemon = True
+        self._reminder.start()
+        return True
+
+    def _exit(self, signum: int) -> None:
+        flush = threading.Thread(target=_flush, daemon=True)
+        flush.start()
+        flush.join(1.0)          # the main thread may hold a stream's lock: don't wait on it
+        _write_stderr(f"interrupted by {signal.Signals(signum).name}"
+                      + (f"; {self.hint}" if self.hint else ""))
+        os._exit(130)
+
+
+def _write_stderr(line: str) -> None:
+    """One line straight to fd 2 (no stream lock the main thread might hold)."""
+    lead = "\n" if sys.stderr.isatty() else ""     # after a progress bar's partial line
+    with contextlib.suppress(OSError):
+        os.write(2, f"{lead}{line}\n".encode())
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def cli_entry(fn=None, *, on_signal: Optional[str] = None):
+    """Wrap a `main(argv) -> int`: UserError → 'error: …' on stderr, exit 2.
+    Ctrl-C: KeyboardInterrupt (the command may handle it, e.g. save a conversation),
+    then 'interrupted', exit 130; with `on_signal`, SIGINT/SIGTERM are handled by a
+    `SignalWatcher` instead: 'interrupted by SIGINT; <on_signal>', exit 130, at once.
+    Use as `@cli_entry` or `@cli_entry(on_signal="...")`."""
+    if fn is None:
+        return functools.partial(cli_entry, on_signal=on_signal)
+
     @functools.wraps(fn)
     def wrapper(argv=None):
+        watcher = SignalWatcher(on_signal) if on_signal is not None else None
         try:
-            return fn(argv) or 0
+            with watcher or contextlib.nullcontext():
+                return fn(argv) or 0
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted" + (f"; {on_signal}" if on_signal else ""), file=sys.stderr)
             return 130
     return wrapper
 

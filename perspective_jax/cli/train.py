@@ -3,7 +3,10 @@
     perspective-train --stage dense --config curricula/tiny.yaml --run-dir runs/x \\
         [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [section.key=value ...]
 
-Re-running the same command resumes from the run's latest checkpoint.
+Re-running the same command resumes from the run's latest checkpoint. One trainer
+at a time per run directory (a second is refused, naming the first's PID). Ctrl-C
+or SIGTERM: exit 130 — in the training loop after saving a checkpoint, before it
+(start-up, data preparation, the first compile) at once; a second one quits at once.
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from perspective_jax.config.choices import STAGES
 from perspective_jax.model.footprint import OVERRIDE_HELP
 
 
-
-@cli_entry
+@cli_entry(on_signal="rerun the same command to resume from the last checkpoint")
 def run(argv=None) -> int:
     parser = OneLineParser(prog="perspective-train", description=__doc__.split("\n")[0])
     parser.add_argument("--stage", required=True,

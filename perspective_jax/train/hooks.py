@@ -176,10 +176,18 @@ class DeadlineHook(Hook):
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag `SignalHook` checks after each step."""
+    """Turns SIGINT/SIGTERM into `signal`, which `SignalHook` checks after each step.
+
+    Under a CLI's signal watcher (`cli.common.SignalWatcher`) each signal is offered
+    to `take_signal`: once `armed` (the loop's first step ran, so compiling is done
+    and there is progress to save) the first one is taken and the loop saves and
+    stops; before that, and for a second signal, the watcher ends the process at
+    once. Without a watcher the handler only sets the flag."""
 
     def __init__(self):
         self.signal: Optional[int] = None
+        self.armed = False
+        self.offered = 0
         self._old = {}
 
     def __enter__(self):
@@ -190,8 +198,17 @@ class StopFlag:
                 pass
         return self
 
+    def take_signal(self, signum: int) -> bool:
+        """Called from the watcher thread: True when the loop will save and stop."""
+        self.offered += 1
+        if self.armed and self.offered == 1:
+            self.signal = signum
+            return True
+        return False
+
     def _handle(self, signum, _frame):
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

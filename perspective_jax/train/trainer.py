@@ -3,8 +3,8 @@
     result = train(cfg, run_dir, data=["corpus/"], init_from=None)
 
 Run directory: config.yaml (resolved), data.json (the token store it trains on),
-tokenizer, data/<hash>/ token files, checkpoints/ (orbax), metrics.jsonl, tb/. A
-run with checkpoints resumes from the latest one exactly (params, optimizer,
+tokenizer, data/<hash>/ token files, checkpoints/ (orbax), metrics.jsonl, tb/, and
+.lock while a trainer holds it (`rundir.lock`: one writer per directory). A run with checkpoints resumes from the latest one exactly (params, optimizer,
 step, data position); SIGINT/SIGTERM save a checkpoint and stop; K non-finite
 steps in a row stop the run with the last good checkpoint intact.
 
@@ -31,6 +31,7 @@ from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, logical_axes
 from perspective_jax.rundir.checkpoint import Checkpointer, restore_params
 from perspective_jax.rundir.layout import has_config, load_run_config, save_run_config
+from perspective_jax.rundir.lock import hold_run_dir
 from perspective_jax.train import sharding as shd
 from perspective_jax.train.hooks import (MAX_NONFINITE_IN_A_ROW, LoopState, StopFlag,
                                          default_hooks, log_evaluation)
@@ -215,6 +216,7 @@ def run_loop(run: TrainSetup, state: dict, nonfinite_total: int, progress: bool,
             loop.state, loop.metrics = run.train_step(loop.state, batch)
             loop.done, loop.window_steps = step + 1, loop.window_steps + 1
             loop.finite = bool(loop.metrics["finite"])
+            flag.armed = True              # compiled and ran: a signal now saves and stops
             for hook in hooks:
                 if hook.due(loop):
                     hook.run(run, loop)
@@ -223,11 +225,13 @@ def run_loop(run: TrainSetup, state: dict, nonfinite_total: int, progress: bool,
             if loop.stop:
                 result.stopped = loop.stop
                 break
-    if result.val_loss is None and result.stopped != "nonfinite":
-        log_evaluation(run, loop, result.step)  # e.g. no step reached an evaluation
-    bar.close()
-    run.ckpt.close()
-    run.logger.close()
+        if result.val_loss is None and result.stopped == "finished" and flag.signal is None:
+            log_evaluation(run, loop, result.step)  # e.g. no step reached an evaluation
+        bar.close()
+        run.ckpt.close()                   # waits for the last save
+        run.logger.close()
+        if flag.signal is not None and result.stopped == "finished":
+            result.stopped = "signal"      # arrived after the last step: it is saved
     return loop
 
 
@@ -243,6 +247,14 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     benchmarks."""
     t_start = time.perf_counter()
     ensure_run_dir(run_dir)
+    with hold_run_dir(run_dir):
+        return _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call,
+                      deadline_s, t_start)
+
+
+def _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call,
+           deadline_s, t_start) -> TrainResult:
+    """`train` while holding the run directory's lock."""
     saved_cfg = load_run_config(run_dir) if has_config(run_dir) else None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     latest = ckpt.latest_step()
