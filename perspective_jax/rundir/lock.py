@@ -13,9 +13,9 @@ simply taken over. Whether a lock is held is decided by `flock` alone. The refus
 names the holder by the kernel's lock list (/proc/locks); the file also holds the
 holder's PID, host, command and start time, a courtesy used for the start time and,
 where the kernel's list is unavailable (another host over NFS), for the name, and
-then only while that process is alive. A process
-may re-enter a lock it holds (`--stage all` holds the curriculum root, then each
-stage directory, whose trainer takes its run directory again).
+then only while that process is alive. A process may re-enter a lock it holds
+(`--stage all` holds the curriculum root, then each stage directory, whose trainer
+takes its run directory again); re-entry is a no-op, whatever its mode.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from perspective_jax.fileio import disk_error
 
 LOCK_FILE = ".lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
-_held: dict[str, list] = {}          # lock file (real path) -> [fd, shared, depth]
+_held: set[str] = set()              # lock files (real paths) this process holds
 
 
 def lock_path(run_dir: str) -> str:
@@ -208,23 +208,19 @@ def hold_lock_file(path: str, shared: bool = False, directory: Optional[str] = N
     own writes will report why)."""
     directory = directory or path
     key = os.path.realpath(path)
-    if key in _held:                        # re-entered by this process
-        _held[key][2] += 1
-        try:
-            yield
-        finally:
-            _held[key][2] -= 1
+    if key in _held:                        # re-entered: the outer holder releases
+        yield
         return
     fd = _open_locked(path, shared, directory, optional)
     if fd is None:
         yield
         return
     _write_holder(fd)
-    _held[key] = [fd, shared, 1]
+    _held.add(key)
     try:
         yield
     finally:
-        del _held[key]
+        _held.discard(key)
         _release(path, fd, shared)
 
 

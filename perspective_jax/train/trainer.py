@@ -4,9 +4,10 @@
 
 Run directory: config.yaml (resolved), data.json (the token store it trains on),
 tokenizer, data/<hash>/ token files, checkpoints/ (orbax), metrics.jsonl, tb/, and
-.lock while a trainer holds it (`rundir.lock`: one writer per directory). A run with checkpoints resumes from the latest one exactly (params, optimizer,
-step, data position); SIGINT/SIGTERM save a checkpoint and stop; K non-finite
-steps in a row stop the run with the last good checkpoint intact.
+.lock while a trainer holds it (`rundir.lock`: one writer per directory). A run
+with checkpoints resumes from the latest one exactly (params, optimizer, step,
+data position); SIGINT/SIGTERM after the first step save a checkpoint and stop;
+K non-finite steps in a row stop the run with the last good checkpoint intact.
 
 `train` = checks (`train.resume`) → `prepare_data` → `setup` (mesh, state, jitted
 steps) → `run_loop` (one train step, then the hooks of `train.hooks`).

@@ -86,7 +86,7 @@ def test_signals_and_a_second_writer_at_each_moment_of_one_run(tmp_path, text_co
     proc = start(run_dir, text_corpus, **fresh)
     config = run_dir / "config.yaml"
     wait_for(lambda: config.exists() and config.stat().st_mtime >= t0, proc, "config")
-    time.sleep(1.5)
+    time.sleep(1.0)
     assert stop(proc, signal.SIGINT, within=3) == ["interrupted by SIGINT" + interrupted]
     assert not train_log(run_dir), "the signal came after the first step"
 
