@@ -103,16 +103,17 @@ def _read_info(path: str) -> Optional[dict]:
 
 def _holder(path: str) -> str:
     """'PID 123 (perspective-train …, since 12:00:01)'. The PID is the kernel's (its
-    lock list); only where that is unavailable does the name written in the file
-    count, and only while its process is alive on this host — a holder that has just
-    taken the lock may not have written it yet, so a stale one is read again."""
+    lock list); the file's command and time are shown only for that PID (else the
+    command is /proc's). Where the kernel's list is unavailable the file's name counts
+    only while its process is alive on this host — a holder that has just taken the
+    lock may not have written it yet, so a stale one is read again."""
     pids = _flock_pids(path)
     if pids:
         info = _read_info(path) or {}
         parts = []
         for pid in pids[:3]:
             mine = info.get("pid") == pid
-            what = _cmdline(pid) or (str(info.get("command", "")) if mine else "")
+            what = (_short(str(info.get("command", ""))) if mine else "") or _cmdline(pid)
             since = info.get("since") if mine else None
             what = ", ".join(x for x in (what, f"since {since}" if since else "") if x)
             parts.append(f"PID {pid}" + (f" ({what})" if what else ""))
