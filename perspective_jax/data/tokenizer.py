@@ -21,6 +21,7 @@ import numpy as np
 
 from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import atomic_write
 
 SPM_FILE = "tokenizer.model"
 BYTE_MARKER = "tokenizer.byte"
@@ -83,7 +84,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
     if not lines:
         raise UserError("cannot train a tokenizer: the training split has no text lines")
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, "tokenizer")
+    final = os.path.join(out_dir, "tokenizer")
+    prefix = f"{final}.training{os.getpid()}"     # renamed into place when complete
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size,
@@ -94,6 +96,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
             max_sentence_length=_MAX_SENTENCE_BYTES, num_threads=os.cpu_count() or 1,
             minloglevel=2, hard_vocab_limit=False)
     except RuntimeError as exc:
+        for ext in (".model", ".vocab"):
+            if os.path.exists(prefix + ext):
+                os.remove(prefix + ext)
         detail = " ".join(str(exc).split())
         raise UserError(f"cannot train a {vocab_size}-piece tokenizer on {len(lines)} lines "
                         f"({sum(map(len, lines))} characters) of the training split "
@@ -101,7 +106,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str,
                         "data.tokenizer=byte") from None
     if os.path.exists(prefix + ".vocab"):
         os.remove(prefix + ".vocab")
-    return SentencePieceTokenizer(prefix + ".model")
+    os.replace(prefix + ".model", final + ".model")
+    return SentencePieceTokenizer(final + ".model")
 
 
 def vocab_note(tokenizer, vocab_size: int) -> Optional[str]:
@@ -137,8 +143,7 @@ def _load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: 
             raise UserError(f"{run_dir} was created with a sentencepiece tokenizer; "
                             "use a new --run-dir for data.tokenizer=byte")
         os.makedirs(run_dir, exist_ok=True)
-        with open(byte_path, "w") as fh:
-            fh.write("utf-8 bytes\n")
+        atomic_write(byte_path, "utf-8 bytes\n")
         return ByteTokenizer()
     if os.path.exists(byte_path):
         raise UserError(f"{run_dir} was created with the byte tokenizer; "
@@ -150,9 +155,8 @@ def _load_or_train(kind: str, run_dir: str, vocab_size: int, train_texts, seed: 
 
 def copy_tokenizer(src_run: str, dst_dir: str) -> None:
     """Give `dst_dir` (a later stage's run, or a model directory) the one tokenizer
-    `load_tokenizer(src_run)` uses — sentencepiece first — unless it has one already.
-    A source without a tokenizer is a one-line error."""
-    import shutil
+    `load_tokenizer(src_run)` uses — sentencepiece first — unless it has one already
+    (copied atomically). A source without a tokenizer is a one-line error."""
     load_tokenizer(src_run)
     for name in (SPM_FILE, BYTE_MARKER):
         if os.path.exists(os.path.join(dst_dir, name)):
@@ -161,7 +165,8 @@ def copy_tokenizer(src_run: str, dst_dir: str) -> None:
         src = os.path.join(src_run, name)
         if os.path.exists(src):
             os.makedirs(dst_dir, exist_ok=True)
-            shutil.copy(src, os.path.join(dst_dir, name))
+            with open(src, "rb") as fh:
+                atomic_write(os.path.join(dst_dir, name), fh.read())
             return
 
 
