@@ -212,7 +212,7 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
         raise UserError(f"{run} holds a routed model whose experts are not ternary yet; "
                         "export the result of the ternary or align stage")
     log(f"exporting {run} ({cfg.name})")
-    params = restore_params(run, abstract_params(cfg.model, cfg.moe))
+    params = restore_params(run, abstract_params(cfg.model, cfg.moe), source="--run-dir")
     calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
     return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
                            delta_max_share, embedding, log)
