@@ -1,9 +1,12 @@
 """`perspective-train`: run a curriculum stage (SPEC §4).
 
     perspective-train --stage dense --config curricula/tiny.yaml --run-dir runs/x \\
-        [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [section.key=value ...]
+        [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [--resume-from-step N]
+        [section.key=value ...]
 
-Re-running the same command resumes from the run's latest checkpoint.
+Re-running the same command resumes from the run's latest complete checkpoint
+(verified against its checksums); `--resume-from-step N` resumes from step N
+instead and moves the later checkpoints aside.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def run(argv=None) -> int:
                              "(default: the Python standard library source)")
     parser.add_argument("--init-from", metavar="RUN_DIR",
                         help="start from another run's final parameters and tokenizer")
+    parser.add_argument("--resume-from-step", type=int, metavar="N",
+                        help="resume from the run's complete checkpoint at step N instead "
+                             "of the latest (later ones are moved to "
+                             "RUN_DIR/checkpoints-set-aside/)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     compile_cache.add_flag(parser)
     add_config_args(parser)
@@ -41,7 +48,7 @@ def run(argv=None) -> int:
     from perspective_jax.train.stages import run_stage
 
     result = run_stage(args.stage, cfg, args.run_dir, data=args.data,
-                       init_from=args.init_from,
+                       init_from=args.init_from, resume_from_step=args.resume_from_step,
                        progress=not args.no_progress and sys.stderr.isatty())
     if result is None:
         return 0
