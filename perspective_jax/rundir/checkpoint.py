@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from perspective_jax.config import CheckpointConfig
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import disk_error
 from perspective_jax.rundir import checkpoint_steps as steps
 from perspective_jax.rundir.checkpoint_failure import OrbaxErrorLog, save_failed
 
@@ -113,7 +114,8 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
         self.log = log
         self._pending: list[int] = []        # saved, not yet listed
-        self._verified: set[int] = set()     # listed or verified by this process
+        self._verified: set[int] = set()     # verified by this process (resume, restore)
+        self._closed = False
         self._need = 0                       # bytes a save needs (for a full disk)
         self._primary = jax.process_index() == 0
         unlisted = steps.unlisted_steps(self.directory) if self._primary else []
@@ -207,15 +209,17 @@ class Checkpointer:
                     self._need = steps.record(step_dir, step)
                 except UserError as exc:
                     raise self._failed(step, exc) from None
-            self._verified.add(step)
         self._pending = []
         if self._primary:
             for old in steps.complete_steps(self.directory)[:-self.keep]:
-                self.manager.delete(old)
+                try:
+                    self.manager.delete(old)
+                except OSError as exc:
+                    raise disk_error(exc, os.path.join(self.directory, str(old))) from None
 
     def _failed(self, step: int, exc: Optional[BaseException]) -> UserError:
         """Give up on the manager (quietly) and build the one-line error."""
-        self._pending = []
+        self._pending, self._closed = [], True
         with _quiet_logs(), contextlib.suppress(Exception):
             self.manager.close()
         # The filter stays: orbax's worker threads go on logging this failure after
@@ -240,7 +244,10 @@ class Checkpointer:
         self.settle()
 
     def close(self) -> None:
+        if self._closed:
+            return
         self.settle()
+        self._closed = True
         self.manager.close()
         self.errors.remove()
         if self.errors.count:

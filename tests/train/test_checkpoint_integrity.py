@@ -196,6 +196,24 @@ def test_save_failure_messages_name_the_path_and_the_bytes(tmp_path):
     assert "(odd)" in msg and "no checkpoint of this run is complete yet" in msg
 
 
+def test_tracebacks_of_callbacks_into_a_closed_event_loop_are_held_back(capsys):
+    """tensorstore prints them through sys.stderr, in pieces, after a failed save."""
+    from perspective_jax.rundir.checkpoint_failure import OrbaxErrorLog
+    errors = OrbaxErrorLog()
+    try:
+        for piece in ["step 3 ", "ok\n", "Traceback (most recent call last):\n",
+                      '  File "base_events.py", line 806, in call_soon_threadsafe\n',
+                      "RuntimeError", ": ", "Event loop is closed", "\n",
+                      "Traceback (most recent call last):\n", '  File "x.py"\n',
+                      "ValueError: a real one\n", "\r50%|##"]:
+            sys.stderr.write(piece)
+    finally:
+        errors.remove()
+    assert capsys.readouterr().err == ('step 3 ok\nTraceback (most recent call last):\n'
+                                       '  File "x.py"\nValueError: a real one\n\r50%|##')
+    assert errors.count == 1 and "Event loop is closed" in errors.texts[0]
+
+
 FILL_DISK = """
 import sys
 import numpy as np
