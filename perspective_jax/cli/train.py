@@ -1,12 +1,15 @@
 """`perspective-train`: run a curriculum stage (SPEC §4).
 
     perspective-train --stage dense --config curricula/tiny.yaml --run-dir runs/x \\
-        [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [section.key=value ...]
+        [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [--resume-from-step N]
+        [section.key=value ...]
 
-Re-running the same command resumes from the run's latest checkpoint. One trainer
-at a time per run directory (a second is refused, naming the first's PID). Ctrl-C
-or SIGTERM: exit 130 — in the training loop after saving a checkpoint, before it
-(start-up, data preparation, the first compile) at once; a second one quits at once.
+Re-running the same command resumes from the run's latest complete checkpoint
+(verified against its checksums); `--resume-from-step N` resumes from step N
+instead and moves the later checkpoints aside. One trainer at a time per run
+directory (a second is refused, naming the first's PID). Ctrl-C or SIGTERM: exit
+130 — in the training loop after saving a checkpoint, before it (start-up, data
+preparation, the first compile) at once; a second one quits at once.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 
 from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
-                                         exit_with)
+                                         exit_with, int_in)
 from perspective_jax.config import load_config
 from perspective_jax.config.choices import STAGES
 from perspective_jax.model.footprint import OVERRIDE_HELP
@@ -34,6 +37,10 @@ def run(argv=None) -> int:
                              "(default: the Python standard library source)")
     parser.add_argument("--init-from", metavar="RUN_DIR",
                         help="start from another run's final parameters and tokenizer")
+    parser.add_argument("--resume-from-step", type=int_in(0), metavar="N",
+                        help="resume from the run's complete checkpoint at step N instead "
+                             "of the latest (later ones are moved to "
+                             "RUN_DIR/checkpoints-set-aside/)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--allow-oversize", action="store_true", help=OVERRIDE_HELP)
     compile_cache.add_flag(parser)
@@ -46,7 +53,7 @@ def run(argv=None) -> int:
 
     check_memory(args.stage, cfg, allow=args.allow_oversize)   # before any heavy work
     result = run_stage(args.stage, cfg, args.run_dir, data=args.data,
-                       init_from=args.init_from,
+                       init_from=args.init_from, resume_from_step=args.resume_from_step,
                        progress=not args.no_progress and sys.stderr.isatty())
     if result is None:
         return 0

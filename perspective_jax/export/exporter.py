@@ -225,7 +225,7 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     if space_check:                           # before restoring: shapes suffice
         check_free_space(out_dir, expected_bytes(cfg, like, shared_bits, embedding))
     log(f"exporting {run} ({cfg.name})")
-    params = restore_params(run, like)
+    params = restore_params(run, like, source="--run-dir")
     calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
     return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
                            delta_max_share, embedding, log, space_check=False)

@@ -2,8 +2,11 @@
 
 A checkpoint is a `Composite` of `state` (params, optimizer state, step),
 `data_iter` (grain iterator position) and `meta` (JSON: resolved config, seed,
-counters). Saves are asynchronous; `latest_step` only sees finalised ones, so a
-run killed mid-save resumes from the previous complete checkpoint.
+counters). Saves are asynchronous; once orbax reports a step finished, the list of
+its files' checksums is written (`rundir.checkpoint_steps`): only a listed step is
+complete, and it is verified before any restore. Old steps beyond `keep` are
+removed only after a newer step is complete, and a failed save stops the run with
+one line (`rundir.checkpoint_failure`), leaving the last complete step intact.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -19,6 +23,9 @@ import orbax.checkpoint as ocp
 
 from perspective_jax.config import CheckpointConfig
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import disk_error
+from perspective_jax.rundir import checkpoint_steps as steps
+from perspective_jax.rundir.checkpoint_failure import OrbaxErrorLog, save_failed
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -38,27 +45,53 @@ def _quiet_logs():
             lg.setLevel(level)
 
 
-def _unreadable(directory: str, step: int, exc: BaseException, steps) -> UserError:
-    """The one-line error for a checkpoint that exists but cannot be read back."""
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _advice(directory: str, step: int, source: Optional[str]) -> str:
+    """What to do about a damaged step: go back to the previous complete one (the
+    trainer's own run: re-run with the flag; another run: name its command)."""
+    older = [s for s in steps.complete_steps(directory) if s < step]
+    run_dir = os.path.dirname(directory)
+    if not older:
+        path = os.path.join(directory, str(step))
+        return (f"move {path} away to start the run afresh" if source is None
+                else f"retrain {run_dir} (it holds no earlier complete checkpoint)")
+    if source is None:
+        return (f"re-run with --resume-from-step {older[-1]} to continue from the previous "
+                "complete checkpoint (later ones are moved aside, not deleted)")
+    return (f"go back to its step {older[-1]} with perspective-train --run-dir {run_dir} "
+            f"--resume-from-step {older[-1]} (and that run's other flags)")
+
+
+def _damaged(directory: str, step: int, what: str, source: Optional[str]) -> UserError:
+    path = os.path.join(directory, str(step))
+    head = f"{source} {os.path.dirname(directory)}: " if source else ""
+    return UserError(f"{head}the checkpoint at step {step} ({path}) is damaged: {what}; "
+                     f"{_advice(directory, step, source)}")
+
+
+def _unreadable(directory: str, step: int, exc: BaseException,
+                source: Optional[str]) -> UserError:
+    """The one-line error for a verified checkpoint orbax still cannot read back."""
     while exc.__cause__ is not None:  # the root cause names the damaged file
         exc = exc.__cause__
     reason = " ".join(str(exc).split())
     reason = reason if len(reason) <= 160 else reason[:157] + "..."
-    older = [s for s in steps if s < step]
-    then = (f"to resume from step {max(older)}" if older else "to start afresh")
     path = os.path.join(directory, str(step))
-    return UserError(f"the checkpoint at step {step} ({path}) is corrupt or unreadable "
-                     f"({reason or type(exc).__name__}); delete that directory {then}")
+    head = f"{source} {os.path.dirname(directory)}: " if source else ""
+    return UserError(f"{head}the checkpoint at step {step} ({path}) matches its checksums "
+                     f"but cannot be read back ({reason or type(exc).__name__}); "
+                     f"{_advice(directory, step, source)}")
 
 
 def latest_complete_step(run_dir: str) -> Optional[int]:
-    """Step of the newest complete checkpoint under `run_dir/checkpoints`, or None. Orbax
-    names a finished checkpoint by its step alone; one still being written carries a
-    suffix, so a run killed mid-save is not counted. Reads only the directory listing."""
-    directory = os.path.join(run_dir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
-        return None
-    return max((int(n) for n in os.listdir(directory) if n.isdigit()), default=None)
+    """Step of the newest complete (listed) checkpoint under `run_dir/checkpoints`, or
+    None. A step being written, or finalised but never listed, is not counted. Reads
+    only the directory listing; restores verify the step's files."""
+    complete = steps.complete_steps(os.path.join(run_dir, CHECKPOINT_DIR))
+    return complete[-1] if complete else None
 
 
 def abstract_like(tree):
@@ -67,28 +100,135 @@ def abstract_like(tree):
                         tree)
 
 
+def _tree_bytes(tree) -> int:
+    return sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(tree))
+
+
 class Checkpointer:
-    def __init__(self, run_dir: str, cfg: CheckpointConfig):
-        self.every = cfg.every
+    """Saves every `every` steps (asynchronously when `async_save`), lists each step
+    once orbax has finished it, keeps the newest `keep` complete steps."""
+
+    def __init__(self, run_dir: str, cfg: CheckpointConfig,
+                 log: Callable[[str], None] = _note):
+        self.every, self.keep, self.async_save = cfg.every, cfg.keep, cfg.async_save
+        self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
+        self.log = log
+        self._pending: list[int] = []        # saved, not yet listed
+        self._verified: set[int] = set()     # verified by this process (resume, restore)
+        self._closed = False
+        self._need = 0                       # bytes a save needs (for a full disk)
+        self._primary = jax.process_index() == 0
+        unlisted = steps.unlisted_steps(self.directory) if self._primary else []
+        if unlisted:
+            dest = steps.set_aside(self.directory, unlisted)
+            log(f"checkpoint step(s) {', '.join(map(str, unlisted))} finished saving but "
+                f"were never listed complete (the process stopped first); moved to {dest}")
+        self.errors = OrbaxErrorLog()
+        # Step directories are made before `save` returns: made asynchronously, a
+        # failure to make them leaves the grain item waiting for a signal (20 min).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR)), options=options)
+            max_to_keep=None, enable_async_checkpointing=cfg.async_save, create=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
+        complete = steps.complete_steps(self.directory)
+        return complete[-1] if complete else None
+
+    def verify(self, step: int) -> None:
+        """Check step `step` against its list; a UserError names the damaged file."""
+        if step in self._verified:
+            return
+        what = steps.problem(os.path.join(self.directory, str(step)), step)
+        if what:
+            raise _damaged(self.directory, step, what, None)
+        self._verified.add(step)
+
+    def select_resume_step(self, requested: Optional[int] = None) -> Optional[int]:
+        """The verified step to resume from: the latest complete one, or `requested`
+        (--resume-from-step), in which case later steps are moved aside."""
+        complete = steps.complete_steps(self.directory)
+        if requested is None:
+            if complete:
+                self.verify(complete[-1])
+            return complete[-1] if complete else None
+        if requested not in complete:
+            have = ", ".join(map(str, complete)) or "none"
+            raise UserError(f"--resume-from-step {requested}: {self.directory} holds no "
+                            f"complete checkpoint at that step (complete steps: {have})")
+        self.verify(requested)
+        later = [s for s in self.manager.all_steps() if s > requested]
+        if later:
+            dest = steps.set_aside(self.directory, sorted(later))
+            self.manager.reload()
+            self.log(f"--resume-from-step {requested}: moved the later checkpoint step(s) "
+                     f"{', '.join(map(str, sorted(later)))} to {dest} (delete them there "
+                     "when no longer needed)")
+        return requested
 
     def save(self, step: int, state, data_iter, meta: dict, force: bool = False) -> bool:
         if not force and step % self.every:
+            self.poll()
             return False
+        self.settle()
         if step in self.manager.all_steps():
             return False
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._need = self._need or _tree_bytes(state)
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as exc:  # orbax/tensorstore raise many kinds
+            raise self._failed(step, exc) from None
+        if started:
+            self._pending.append(step)
+            if not self.async_save:
+                self.settle()
+        return started
+
+    def poll(self) -> None:
+        """List the steps whose asynchronous save has finished (non-blocking)."""
+        if self._pending and not self.manager.is_saving_in_progress():
+            self.settle()
+
+    def settle(self) -> None:
+        """Wait for the save in flight, list every finished step, drop old ones."""
+        if not self._pending:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as exc:
+            raise self._failed(self._pending[-1], exc) from None
+        for step in self._pending:
+            step_dir = os.path.join(self.directory, str(step))
+            if not os.path.isdir(step_dir):         # orbax logged the failure, raised none
+                raise self._failed(step, None)
+            if self._primary:
+                try:
+                    self._need = steps.record(step_dir, step)
+                except UserError as exc:
+                    raise self._failed(step, exc) from None
+        self._pending = []
+        if self._primary:
+            for old in steps.complete_steps(self.directory)[:-self.keep]:
+                try:
+                    self.manager.delete(old)
+                except OSError as exc:
+                    raise disk_error(exc, os.path.join(self.directory, str(old))) from None
+
+    def _failed(self, step: int, exc: Optional[BaseException]) -> UserError:
+        """Give up on the manager (quietly) and build the one-line error."""
+        self._pending, self._closed = [], True
+        with _quiet_logs(), contextlib.suppress(Exception):
+            self.manager.close()
+        # The filter stays: orbax's worker threads go on logging this failure after
+        # the manager is closed, and the run is over anyway.
+        return save_failed(os.path.join(self.directory, str(step)), exc, self.errors,
+                           self._need, self.latest_step())
 
     def restore(self, step: int, state_like, data_iter=None) -> tuple[Any, dict]:
+        self.verify(step)
         items = {"state": ocp.args.StandardRestore(abstract_like(state_like)),
                  "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
@@ -97,28 +237,38 @@ class Checkpointer:
             with _quiet_logs():
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as exc:  # damaged files: orbax/tensorstore raise many kinds
-            raise _unreadable(str(self.manager.directory), step, exc,
-                              self.manager.all_steps()) from None
+            raise _unreadable(self.directory, step, exc, None) from None
         return restored["state"], restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.settle()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._closed:
+            return
+        self.settle()
+        self._closed = True
         self.manager.close()
+        self.errors.remove()
+        if self.errors.count:
+            self.log(self.errors.summary("while saving checkpoints"))
 
 
-def restore_params(run_dir: str, params_like) -> Any:
-    """Params of the latest checkpoint of another run (for --init-from)."""
+def restore_params(run_dir: str, params_like, source: str = "--init-from") -> Any:
+    """Params of the latest complete checkpoint of another run, verified first.
+    `source` names how the caller got `run_dir` (a flag) for its error messages."""
     directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
     if not os.path.isdir(directory):
-        raise UserError(f"--init-from {run_dir}: no checkpoints/ directory; is it a "
-                        "finished perspective-train run?")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step()
-    if step is None:
-        raise UserError(f"--init-from {run_dir}: the run has no complete checkpoint")
+        raise UserError(f"{source} {run_dir}: no checkpoints/ directory; is it a "
+                        "perspective-train run?")
+    complete = steps.complete_steps(directory)
+    if not complete:
+        raise UserError(f"{source} {run_dir}: the run has no complete checkpoint yet; "
+                        f"train it first (perspective-train --run-dir {run_dir} ...)")
+    step = complete[-1]
+    what = steps.problem(os.path.join(directory, str(step)), step)
+    if what:
+        raise _damaged(directory, step, what, source)
     # Restore only the params subtree onto one device (callers reshard); the
     # optimizer state of the source run is dropped. PyTreeRestore reads shardings
     # from `restore_args`, not from `item`: without them orbax falls back to the
@@ -126,6 +276,7 @@ def restore_params(run_dir: str, params_like) -> Any:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params_like)}
+    manager = ocp.CheckpointManager(directory)
     try:
         with _quiet_logs():
             restored = manager.restore(step, args=ocp.args.Composite(
@@ -133,8 +284,7 @@ def restore_params(run_dir: str, params_like) -> Any:
                     item=target, partial_restore=True,
                     restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
     except Exception as exc:
-        err = _unreadable(directory, step, exc, manager.all_steps())
-        raise UserError(f"--init-from {run_dir}: {err}") from None
+        raise _unreadable(directory, step, exc, source) from None
     finally:
         manager.close()
     return restored["state"]["params"]

@@ -201,9 +201,14 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
 
 def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
               data: Optional[Sequence[str]] = None, init_from: Optional[str] = None,
-              progress: bool = True, log=print) -> Optional[TrainResult]:
+              progress: bool = True, log=print,
+              resume_from_step: Optional[int] = None) -> Optional[TrainResult]:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if resume_from_step is not None and stage in ("all", "upcycle"):
+        raise UserError(f"--resume-from-step cannot be used with --stage {stage}: pass the "
+                        "stage that trains and its own run directory (e.g. --stage sparse "
+                        "--run-dir RUN/sparse)")
     if stage == "all" and init_from:
         raise UserError("--init-from cannot be used with --stage all: the curriculum "
                         "initialises each stage from the previous one")
@@ -244,7 +249,7 @@ def _run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
                 f"{sum(rep['stress_before']) / len(rep['stress_before']):.3f} -> "
                 f"{sum(rep['stress_after']) / len(rep['stress_after']):.3f}")
         result = train(stage_config(cfg, "align"), run_dir, data=data, init_from=start,
-                       progress=progress)
+                       progress=progress, resume_from_step=resume_from_step)
         before = _last_routing(init_from) if init_from else None
         if before and result.routing:
             log(f"neighbour share of adjacent-token switches: "
@@ -252,4 +257,4 @@ def _run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
                 f"{result.routing['switch_neighbour']:.3f} (aligned)")
         return result
     return train(stage_config(cfg, stage), run_dir, data=data, init_from=init_from,
-                 progress=progress)
+                 progress=progress, resume_from_step=resume_from_step)

@@ -5,9 +5,10 @@
 Run directory: config.yaml (resolved), data.json (the token store it trains on),
 tokenizer, data/<hash>/ token files, checkpoints/ (orbax), metrics.jsonl, tb/, and
 .lock while a trainer holds it (`rundir.lock`: one writer per directory). A run
-with checkpoints resumes from the latest one exactly (params, optimizer, step,
-data position); SIGINT/SIGTERM after the first step save a checkpoint and stop;
-K non-finite steps in a row stop the run with the last good checkpoint intact.
+with checkpoints resumes exactly (params, optimizer, step, data position) from its
+latest complete checkpoint, verified, or from `--resume-from-step N`; SIGINT/SIGTERM
+after the first step save a checkpoint and stop; K non-finite steps in a row, or a
+failed save, stop the run with the last good checkpoint intact.
 
 `train` = checks (`train.resume`) → `prepare_data` → `setup` (mesh, state, jitted
 steps) → `run_loop` (one train step, then the hooks of `train.hooks`).
@@ -239,26 +240,32 @@ def run_loop(run: TrainSetup, state: dict, nonfinite_total: int, progress: bool,
 def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = None,
           init_from: Optional[str] = None, devices=None, progress: bool = True,
           max_steps_this_call: Optional[int] = None,
-          deadline_s: Optional[float] = None) -> TrainResult:
+          deadline_s: Optional[float] = None,
+          resume_from_step: Optional[int] = None) -> TrainResult:
     """Train (or resume) the model described by `cfg` in `run_dir`.
 
     `data` (files, directories, globs) defaults to `data.path`, then to the
     default corpus. `deadline_s` (seconds since this call started) ends training
     early — with a final evaluation and checkpoint — for wall-clock-budgeted
-    benchmarks."""
+    benchmarks. A run resumes from its latest complete checkpoint, verified, or
+    from `resume_from_step` (later checkpoints are moved aside, not deleted)."""
     t_start = time.perf_counter()
     ensure_run_dir(run_dir)
     with hold_run_dir(run_dir):
         return _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call,
-                      deadline_s, t_start)
+                      deadline_s, t_start, resume_from_step)
 
 
 def _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call,
-           deadline_s, t_start) -> TrainResult:
+           deadline_s, t_start, resume_from_step) -> TrainResult:
     """`train` while holding the run directory's lock."""
     saved_cfg = load_run_config(run_dir) if has_config(run_dir) else None
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
-    latest = ckpt.latest_step()
+    try:
+        latest = ckpt.select_resume_step(resume_from_step)
+    except UserError:
+        ckpt.close()
+        raise
     resuming = latest is not None
     if resuming and saved_cfg is not None:
         check_resume_compatible(saved_cfg, cfg, run_dir)

@@ -121,6 +121,7 @@ def _stage(root, name, steps, done):
     from perspective_jax.config import PerspectiveConfig, TrainConfig, save_config
     run = root / name
     (run / "checkpoints" / str(done)).mkdir(parents=True)
+    (run / "checkpoints" / str(done) / "checksums.json").write_text("{}")   # listed: complete
     (run / "checkpoints" / f"{done + 5}.orbax-checkpoint-tmp-1").mkdir()   # being written
     save_config(PerspectiveConfig(train=TrainConfig(steps=steps, warmup_steps=0)),
                 str(run / "config.yaml"))

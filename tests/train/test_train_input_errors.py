@@ -109,7 +109,7 @@ def corrupt_latest(run_dir, step):
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path, capfd):
     """Resume and --init-from from damaged array files: one error naming the step
-    directory and what to delete; orbax's own error logs stay quiet."""
+    directory and what to do; orbax's own error logs stay quiet."""
     import jax.numpy as jnp
 
     from perspective_jax.config import CheckpointConfig
@@ -123,9 +123,9 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, capfd):
         ckpt.restore(2, state)
     msg = str(err.value)
     assert "step 2" in msg and str(tmp_path / "checkpoints" / "2") in msg
-    assert "delete that directory to resume from step 1" in msg and "\n" not in msg
+    assert "re-run with --resume-from-step 1" in msg and "\n" not in msg
     ckpt.close()
-    with pytest.raises(UserError, match="^--init-from .*corrupt or unreadable"):
+    with pytest.raises(UserError, match="^--init-from .*is damaged"):
         restore_params(str(tmp_path), state["params"])
     assert "Traceback" not in capfd.readouterr().err
 
@@ -133,6 +133,8 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, capfd):
 def test_latest_complete_step_ignores_a_checkpoint_still_being_written(tmp_path):
     from perspective_jax.rundir.checkpoint import latest_complete_step
     assert latest_complete_step(str(tmp_path)) is None                 # no checkpoints/
-    for name in ("3", "12", "20.orbax-checkpoint-tmp-1700000000", "notes"):
+    for name in ("3", "12", "20.orbax-checkpoint-tmp-1700000000", "notes", "25"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    for name in ("3", "12"):                     # 25 finished saving but was never listed
+        (tmp_path / "checkpoints" / name / "checksums.json").write_text("{}")
     assert latest_complete_step(str(tmp_path)) == 12
