@@ -219,12 +219,13 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
     if init_from:
         check_init_source(stage, init_from, run_dir)
     with hold_run_dir(run_dir):       # the curriculum root, or the stage's directory
-        return _run_stage(stage, cfg, run_dir, data, init_from, progress, log)
+        return _run_stage(stage, cfg, run_dir, data, init_from, progress, log,
+                          resume_from_step)
 
 
 def _run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
                data: Optional[Sequence[str]], init_from: Optional[str], progress: bool,
-               log) -> Optional[TrainResult]:
+               log, resume_from_step: Optional[int]) -> Optional[TrainResult]:
     """`run_stage` while holding `run_dir`'s lock."""
     if stage == "all":
         result, previous = None, None
