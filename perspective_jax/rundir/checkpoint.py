@@ -118,11 +118,17 @@ class Checkpointer:
         self._closed = False
         self._need = 0                       # bytes a save needs (for a full disk)
         self._primary = jax.process_index() == 0
+        # A step orbax finalised (renamed to its bare number: every file written) whose
+        # list is missing — the process stopped between the two, or the run predates
+        # the lists — is adopted: listed now, with a note. Nothing is lost, and resume
+        # stays exact; only damage before this moment would go unseen.
         unlisted = steps.unlisted_steps(self.directory) if self._primary else []
+        for step in unlisted:
+            steps.record(os.path.join(self.directory, str(step)), step)
         if unlisted:
-            dest = steps.set_aside(self.directory, unlisted)
-            log(f"checkpoint step(s) {', '.join(map(str, unlisted))} finished saving but "
-                f"were never listed complete (the process stopped first); moved to {dest}")
+            log(f"checkpoint step(s) {', '.join(map(str, unlisted))} in {self.directory} "
+                "had no checksum list (saved by an older version, or the process stopped "
+                "before listing them); listed them now")
         self.errors = OrbaxErrorLog()
         # Step directories are made before `save` returns: made asynchronously, a
         # failure to make them leaves the grain item waiting for a signal (20 min).
@@ -262,6 +268,10 @@ def restore_params(run_dir: str, params_like, source: str = "--init-from") -> An
         raise UserError(f"{source} {run_dir}: no checkpoints/ directory; is it a "
                         "perspective-train run?")
     complete = steps.complete_steps(directory)
+    if not complete and steps.unlisted_steps(directory):
+        raise UserError(f"{source} {run_dir}: its checkpoints have no checksum lists (saved "
+                        "by an older version, or stopped before listing); re-run its "
+                        "perspective-train command once to list them")
     if not complete:
         raise UserError(f"{source} {run_dir}: the run has no complete checkpoint yet; "
                         f"train it first (perspective-train --run-dir {run_dir} ...)")

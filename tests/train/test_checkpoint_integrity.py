@@ -116,9 +116,10 @@ def test_missing_extra_files_and_a_damaged_list_are_named(tmp_path, damage, expe
     ckpt.close()
 
 
-def test_a_step_finished_but_never_listed_is_incomplete_and_set_aside(tmp_path):
-    """Killed between orbax's finalise and the list: the step does not count, and a
-    trainer opening the run moves it aside (saying so) instead of deleting it."""
+def test_a_step_finished_but_never_listed_is_adopted_by_the_next_trainer(tmp_path):
+    """Killed between orbax's finalise and the list (or saved by an older version): a
+    reader does not use the step, and a trainer opening the run lists it (saying so)
+    and resumes from it — nothing is lost."""
     states, _ = saved(tmp_path, steps=(1, 2, 3))
     os.remove(step_dir(tmp_path, 3) / "checksums.json")
     assert latest_complete_step(str(tmp_path)) == 2
@@ -126,12 +127,19 @@ def test_a_step_finished_but_never_listed_is_incomplete_and_set_aside(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(states[2]["params"]["w"]))
     notes = []
     ckpt = Checkpointer(str(tmp_path), CFG, log=notes.append)
-    assert ckpt.select_resume_step() == 2 and ckpt.latest_step() == 2
-    assert len(notes) == 1 and "step(s) 3" in notes[0] and "never listed" in notes[0]
-    assert (tmp_path / "checkpoints-set-aside" / "3" / "state").is_dir()
-    assert ckpt.save(3, states[3], None, {}, force=True)            # step 3 can be redone
+    assert ckpt.select_resume_step() == 3 and ckpt.latest_step() == 3
+    assert len(notes) == 1 and "step(s) 3" in notes[0] and "listed them now" in notes[0]
     ckpt.close()
     assert latest_complete_step(str(tmp_path)) == 3
+    params = restore_params(str(tmp_path), states[3]["params"])
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(states[3]["params"]["w"]))
+
+
+def test_a_run_saved_before_the_lists_is_named_to_readers(tmp_path):
+    states, _ = saved(tmp_path, steps=(1,))
+    os.remove(step_dir(tmp_path, 1) / "checksums.json")
+    with pytest.raises(UserError, match="no checksum lists .* re-run its perspective-train"):
+        restore_params(str(tmp_path), states[1]["params"], source="--run-dir")
 
 
 def test_async_saves_are_listed_once_finished_and_keep_counts_complete_steps(tmp_path):
