@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -14,6 +15,7 @@ import threading
 from typing import Optional
 
 from perspective_jax.errors import UserError
+from perspective_jax.fileio import disk_error
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -189,8 +191,14 @@ def _flush() -> None:
             stream.flush()
 
 
+# A write failing for the machine's sake (full disk, quota, read-only filesystem)
+# wherever no caller named it first: still one line naming the path.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def cli_entry(fn=None, *, on_signal: Optional[str] = None):
-    """Wrap a `main(argv) -> int`: UserError → 'error: …' on stderr, exit 2.
+    """Wrap a `main(argv) -> int`: UserError → 'error: …' on stderr, exit 2; so is an
+    OSError of a full disk or read-only filesystem anywhere (`DISK_ERRNOS`).
     Ctrl-C: KeyboardInterrupt (the command may handle it, e.g. save a conversation),
     then 'interrupted', exit 130; with `on_signal`, SIGINT/SIGTERM are handled by a
     `SignalWatcher` instead: 'interrupted by SIGINT; <on_signal>', exit 130, at once.
@@ -206,6 +214,12 @@ def cli_entry(fn=None, *, on_signal: Optional[str] = None):
                 return fn(argv) or 0
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise                     # a bug, not the machine: keep its traceback
+            where = exc.filename or "a file"
+            print(f"error: {disk_error(exc, str(where))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted" + (f"; {on_signal}" if on_signal else ""), file=sys.stderr)

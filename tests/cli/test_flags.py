@@ -34,3 +34,19 @@ def test_numeric_flags_out_of_range_are_one_line_errors(capsys, run, argv, messa
     err = capsys.readouterr().err
     assert err.startswith("error: argument ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_full_disk_anywhere_is_one_line(capsys):
+    """An OSError of a full disk that no caller named is still one line naming the path."""
+    import errno
+
+    from perspective_jax.cli.common import cli_entry
+
+    @cli_entry
+    def fails(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/some/run/metrics.jsonl")
+
+    assert fails([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on the device writing "
+                                               "/some/run/metrics.jsonl")
