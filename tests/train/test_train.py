@@ -35,9 +35,9 @@ def losses(run_dir):
 
 
 def wait_for_checkpoint(run_dir, step, proc, timeout=240):
-    path = run_dir / "checkpoints" / str(step)
+    path = run_dir / "checkpoints" / str(step) / "checksums.json"   # listed: complete
     t0 = time.time()
-    while not path.is_dir():
+    while not path.is_file():
         if proc.poll() is not None:
             raise AssertionError(f"trainer exited early: {proc.stderr.read()}")
         if time.time() - t0 > timeout:
