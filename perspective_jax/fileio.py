@@ -75,20 +75,32 @@ def free_bytes(path: str) -> Optional[int]:
         return None
 
 
-def disk_error(exc: OSError, path: str, needed: Optional[int] = None) -> UserError:
+class DiskError(UserError):
+    """A failed write, said in one line; keeps the OSError and the path so a caller
+    that knows more (the file's final name, the bytes the whole job needs) can say it
+    again with `disk_error(err.oserror, ...)`."""
+
+    def __init__(self, message: str, oserror: OSError, path: str):
+        super().__init__(message)
+        self.oserror, self.path = oserror, path
+
+
+def disk_error(exc: OSError, path: str, needed: Optional[int] = None) -> DiskError:
     """The one-line error for a failed write of `path`: names the path, the cause and,
     for a full disk, the bytes needed and free."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(path)
         need = f"needs {_human(needed)}" if needed else "needs more space"
         have = f", {_human(free)} free" if free is not None else ""
-        return UserError(f"no space left on the device writing {path} ({need}{have}); "
-                         "free some space and re-run the same command")
-    if exc.errno == errno.EROFS:
-        return UserError(f"cannot write {path}: the filesystem is read-only")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return UserError(f"cannot write {path}: permission denied")
-    return UserError(f"cannot write {path}: {exc.strerror or exc}")
+        text = (f"no space left on the device writing {path} ({need}{have}); "
+                "free some space and re-run the same command")
+    elif exc.errno == errno.EROFS:
+        text = f"cannot write {path}: the filesystem is read-only"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        text = f"cannot write {path}: permission denied"
+    else:
+        text = f"cannot write {path}: {exc.strerror or exc}"
+    return DiskError(text, exc, path)
 
 
 def atomic_write(path: str, data: Union[bytes, str]) -> None:

@@ -33,7 +33,7 @@ from perspective_jax.data.token_store import latest_token_store
 from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.export.space import check_free_space, expected_bytes
-from perspective_jax.fileio import disk_error, naming
+from perspective_jax.fileio import DiskError, disk_error, naming
 from perspective_jax.modeldir import format as md
 from perspective_jax.quant import embedding_int8
 from perspective_jax.modeldir import publish
@@ -269,8 +269,11 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
         manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
                                 group_size, delta_max_share, embedding, log)
         publish.publish(tmp, out_dir, force)
-    except OSError as exc:                    # named by the writer (`fileio.naming`)
-        name = exc.filename if isinstance(exc.filename, str) else tmp
+    except (OSError, DiskError) as exc:       # named by the writer (`fileio.naming`)
+        if isinstance(exc, DiskError):        # said by a helper: say it for the export
+            exc, name = exc.oserror, exc.path
+        else:
+            name = exc.filename if isinstance(exc.filename, str) else tmp
         where = out_dir + name[len(tmp):] if name.startswith(tmp) else name
         raise disk_error(exc, where, needed) from None
     finally:

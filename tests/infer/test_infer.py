@@ -469,7 +469,7 @@ def test_infer_cli_errors_are_one_line(exported_writable, tmp_path, capsys):
     cases = [
         (["--model-dir", path, ""], "the prompt is empty"),
         (["--model-dir", str(tmp_path / "missing"), "hi"], "does not exist"),
-        (["--model-dir", path, "hi", "--top-p", "0"], "top_p must lie in (0, 1]"),
+        (["--model-dir", path, "hi", "--top-p", "0"], "--top-p: must lie in (0, 1]"),
         (["--model-dir", path, "hi", "--host-budget-mb", "0.0001"], "cannot hold one expert"),
         (["--model-dir", path, "hi", "--resume-state", str(tmp_path / "none.state")],
          "no such file"),
