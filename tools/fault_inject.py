@@ -271,19 +271,24 @@ def disk_full_trials(b: Bench, n: int) -> list[Trial]:
         trials.append(t)
     model_kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(b.model)
                    for f in fs) // 1024
-    mount, saved = os.path.join(b.work, "full", "mnt_export"), os.path.join(b.work, "full",
-                                                                             "saved_export")
-    prefix = small_filesystem_prefix(mount, max(16, model_kb // 2), saved)
-    if prefix is not None:
+    for skip in (False, True):      # refused up front; or past the check, mid-write
+        kind = "disk full: export" + (" (--skip-space-check)" if skip else "")
+        tag = "_skip" if skip else ""
+        mount = os.path.join(b.work, "full", f"mnt_export{tag}")
+        saved = os.path.join(b.work, "full", f"saved_export{tag}")
+        prefix = small_filesystem_prefix(mount, max(16, model_kb // 2), saved)
+        if prefix is None:
+            break
         proc = run(prefix + cli("export", "--run-dir", b.cur, "--out",
-                                os.path.join(mount, "model")))
-        t = judge_result("disk full: export", proc, None)
+                                os.path.join(mount, "model"),
+                                *(["--skip-space-check"] if skip else [])))
+        t = judge_result(kind, proc, None)
         if proc.rc == 0:
-            t = Trial("disk full: export", "silent", "export claimed success on a full disk")
+            t = Trial(kind, "silent", "export claimed success on a full disk")
         elif t.outcome == "clean":   # what is left must not pass for a model directory
             left = run(b.infer(os.path.join(saved, "model")))
             if left.rc == 0:
-                t = Trial("disk full: export", "silent", "the partial export loads")
+                t = Trial(kind, "silent", "the partial export loads")
         trials.append(t)
     return trials
 
