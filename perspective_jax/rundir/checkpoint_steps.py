@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Optional
 
-from perspective_jax.fileio import atomic_write, disk_error, sha256_bytes, sha256_file
+from perspective_jax.fileio import atomic_write, disk_error, seal, seal_holds, sha256_file
 
 LIST_FILE = "checksums.json"
 LIST_FORMAT = 1
@@ -38,10 +38,6 @@ def _files(step_dir: str) -> list[str]:
     return sorted(out)
 
 
-def _table_digest(step: int, files: dict) -> str:
-    return sha256_bytes(json.dumps({"step": step, "files": files}, sort_keys=True).encode())
-
-
 def record(step_dir: str, step: int) -> int:
     """Write `step_dir/checksums.json` for the files now there; returns their bytes."""
     try:
@@ -50,8 +46,7 @@ def record(step_dir: str, step: int) -> int:
                  for rel in _files(step_dir)}
     except OSError as exc:
         raise disk_error(exc, step_dir) from None
-    body = {"format": LIST_FORMAT, "step": step, "files": files,
-            "sha256": _table_digest(step, files)}
+    body = seal({"format": LIST_FORMAT, "step": step, "files": files})
     atomic_write(os.path.join(step_dir, LIST_FILE), json.dumps(body, indent=1))
     return sum(size for _, size in files.values())
 
@@ -66,7 +61,7 @@ def _read_list(step_dir: str, step: int):
             body = json.loads(fh.read().decode("utf-8"))
         files = body["files"]
         ok = (body.get("format") == LIST_FORMAT and body.get("step") == step
-              and body.get("sha256") == _table_digest(step, files))
+              and seal_holds(body))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         ok = False
     return (files, None) if ok else (None, f"its {LIST_FILE} is damaged")
