@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 from fault_trials import Trial, cli, copy_tree, judge_result, run
 
@@ -45,6 +46,7 @@ def malformed_trials(b) -> list[Trial]:
     with open(os.path.join(b.cur, "dense", "config.yaml"), "rb") as fh:
         _write(os.path.join(f["empty_run"], "config.yaml"), fh.read())
     r = os.path.join(b.work, "malformed", "runs")
+    shutil.rmtree(r, ignore_errors=True)          # every case starts from nothing
 
     def train(name, *extra, **over):
         return b.train("dense", os.path.join(r, name), **over) + list(extra)

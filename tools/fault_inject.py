@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def interrupt_trials(b: Bench, n: int, sig: int, label: str) -> list[Trial]:
     trials = []
     for i in range(n):
         cur = os.path.join(b.work, f"{label}{i}", "cur")
+        shutil.rmtree(os.path.dirname(cur), ignore_errors=True)   # a fresh run every call
         after = b.rng.uniform(0.5, b.stage_all_s)
         proc, latency = interrupted(b.train("all", cur), after, sig)
         kind = f"{'kill -9' if sig == signal.SIGKILL else signal.Signals(sig).name} " \
@@ -247,6 +249,7 @@ def disk_full_trials(b: Bench, n: int) -> list[Trial]:
     for i in range(n):
         mount = os.path.join(b.work, "full", f"mnt{i}")
         saved = os.path.join(b.work, "full", f"saved{i}")
+        shutil.rmtree(saved, ignore_errors=True)
         size = max(64, int(dense_kb * b.rng.uniform(0.2, 0.9)))
         prefix = small_filesystem_prefix(mount, size, saved)
         if prefix is None:
@@ -276,6 +279,7 @@ def disk_full_trials(b: Bench, n: int) -> list[Trial]:
         tag = "_skip" if skip else ""
         mount = os.path.join(b.work, "full", f"mnt_export{tag}")
         saved = os.path.join(b.work, "full", f"saved_export{tag}")
+        shutil.rmtree(saved, ignore_errors=True)
         prefix = small_filesystem_prefix(mount, max(16, model_kb // 2), saved)
         if prefix is None:
             break
@@ -296,6 +300,7 @@ def disk_full_trials(b: Bench, n: int) -> list[Trial]:
 def concurrent_trial(b: Bench) -> list[Trial]:
     """Two trainers on one run directory: the second must be refused, the first finish."""
     run_dir = os.path.join(b.work, "twice")
+    shutil.rmtree(run_dir, ignore_errors=True)
     first = subprocess.Popen(b.train("dense", run_dir), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     time.sleep(3)
