@@ -32,8 +32,9 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_file)
-        except (OSError, RuntimeError) as exc:
-            raise UserError(f"cannot load tokenizer {model_file}: {exc}") from None
+        except (OSError, RuntimeError, ValueError) as exc:   # ValueError: undecodable pieces
+            raise UserError(f"cannot load tokenizer {model_file} (damaged or not a "
+                            f"tokenizer: {' '.join(str(exc).split())[:120]})") from None
         self.path = model_file
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()

@@ -16,8 +16,11 @@ import jax
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params
-from perspective_jax.rundir.layout import (CONFIG_FILE, config_path, load_data_record,
-                                           load_run_config, save_data_record)
+from perspective_jax.data.tokenizer import BYTE_MARKER, SPM_FILE
+from perspective_jax.fileio import sha256_file
+from perspective_jax.rundir.layout import (CONFIG_FILE, DATA_RECORD, config_path,
+                                           load_data_record, load_run_config,
+                                           save_data_record)
 
 
 def _shape_signature(cfg: PerspectiveConfig) -> dict:
@@ -109,13 +112,36 @@ def pin_schedule(cfg: PerspectiveConfig, saved: Optional[PerspectiveConfig],
                                                                 schedule_steps=pinned))
 
 
+def run_tokenizer_file(run_dir: str) -> Optional[str]:
+    """The tokenizer file a run directory holds (sentencepiece first), or None."""
+    for name in (SPM_FILE, BYTE_MARKER):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            return os.path.join(run_dir, name)
+    return None
+
+
+def check_run_tokenizer(run_dir: str) -> None:
+    """Before the run's tokenizer is loaded: it must be the file the run started with
+    (its sha256 is in the data record); damage or a replacement is one line."""
+    record = load_data_record(run_dir)
+    path = run_tokenizer_file(run_dir)
+    if record is None or path is None or "tokenizer_sha256" not in record:
+        return
+    if sha256_file(path) != record["tokenizer_sha256"]:
+        raise UserError(f"{path} is not the tokenizer this run started with (its sha256 "
+                        f"differs from the one in {DATA_RECORD}: damaged or replaced); "
+                        "restore it, or use a new --run-dir")
+
+
 def check_data_record(run_dir: str, store: str, source: str, resuming: bool) -> None:
     """At a first start record the token store (a hash of the tokenised corpus, its
     split and tokenizer); on resume refuse another one. Runs from before the record
     existed adopt the current store."""
     record = load_data_record(run_dir) if resuming else None
     if record is None:
-        save_data_record(run_dir, {"token_store": store, "source": source})
+        path = run_tokenizer_file(run_dir)
+        save_data_record(run_dir, {"token_store": store, "source": source,
+                                   **({"tokenizer_sha256": sha256_file(path)} if path else {})})
     elif record["token_store"] != store:
         raise UserError(f"{run_dir} was trained on token store {record['token_store']} "
                         f"({record.get('source', '?')}); this call gives {store} ({source}) — "

@@ -40,8 +40,8 @@ from perspective_jax.train.hooks import (MAX_NONFINITE_IN_A_ROW, LoopState, Stop
 from perspective_jax.train.metrics import MetricsLogger, progress_bar
 from perspective_jax.train.objective import effective_params, make_apply_fns
 from perspective_jax.train.resume import (check_data_record, check_init_compatible,
-                                          check_resume_compatible, ensure_run_dir,
-                                          pin_schedule, source_config)
+                                          check_resume_compatible, check_run_tokenizer,
+                                          ensure_run_dir, pin_schedule, source_config)
 from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
@@ -110,6 +110,7 @@ def prepare_data(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[s
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
     if tokenizer_from:
         copy_tokenizer(tokenizer_from, run_dir)
+    check_run_tokenizer(run_dir)               # the file the run started with, or refuse
     tokenizer = load_or_train(cfg.data.tokenizer, run_dir, cfg.model.vocab_size,
                               lambda: (d.text for d in train_docs), seed=cfg.data.seed)
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -50,3 +50,28 @@ def test_a_torn_metrics_log_is_read_without_its_damaged_lines(tmp_path, capsys):
         fh.write('{"step": 3, "kind": "tra')             # a writer killed mid-line
     assert [r["loss"] for r in read_metrics(str(tmp_path), "train")] == [0.0, 1.0, 2.0]
     assert "1 damaged line(s)" in capsys.readouterr().err
+
+
+def test_a_run_refuses_a_tokenizer_other_than_the_one_it_started_with(tmp_path):
+    """The data record keeps the tokenizer's sha256; a damaged or replaced tokenizer
+    file is named before it is loaded (a damaged sentencepiece model once crashed the
+    loader with a UnicodeDecodeError)."""
+    from perspective_jax.train.resume import check_data_record, check_run_tokenizer
+    tok = tmp_path / "tokenizer.model"
+    tok.write_bytes(b"\x0a\x05hello" * 40)
+    check_data_record(str(tmp_path), "abc", "--data x", resuming=False)
+    check_run_tokenizer(str(tmp_path))                       # the same file: fine
+    raw = bytearray(tok.read_bytes())
+    raw[7] ^= 0x80
+    tok.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="tokenizer.model is not the tokenizer this run "
+                                        "started with"):
+        check_run_tokenizer(str(tmp_path))
+
+
+def test_a_damaged_sentencepiece_file_is_one_line(tmp_path):
+    from perspective_jax.data.tokenizer import SentencePieceTokenizer
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"\x0a\x03\xff\xfe\xfd" * 10)
+    with pytest.raises(UserError, match="cannot load tokenizer .*damaged or not a tokenizer"):
+        SentencePieceTokenizer(str(path))
