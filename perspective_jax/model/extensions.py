@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from perspective_jax.config import ModelConfig
 from perspective_jax.config.choices import ROUTE_MODES
 from perspective_jax.errors import UserError
+from perspective_jax.model.layers import flat_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +98,8 @@ def lora_delta(x: jax.Array, adapter: Optional[dict], scale: float):
     if adapter is None:
         return None
     x = x.astype(jnp.float32)
-    return scale * jnp.dot(jnp.dot(x, adapter["a"].astype(jnp.float32)),
-                           adapter["b"].astype(jnp.float32))
+    return scale * flat_dot(flat_dot(x, adapter["a"].astype(jnp.float32)),
+                            adapter["b"].astype(jnp.float32))
 
 
 def inject_vector(ext: Extensions, x: jax.Array) -> jax.Array:

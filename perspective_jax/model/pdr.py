@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig
 from perspective_jax.model.extensions import lora_delta
-from perspective_jax.model.layers import Projection, dtype_of, logical, quantized_param
+from perspective_jax.model.layers import (Projection, dtype_of, flat_dot, logical,
+                                          quantized_param)
 from kernels_pallas.pdr_scan import pdr_scan, pdr_step
 
 
@@ -73,7 +74,7 @@ class PDRMixer(nn.Module):
         if w_p_codes is not None:
             p = w_p_codes.contract(x.astype(jnp.float32), 1)
         else:
-            p = jnp.dot(x.astype(jnp.float32), w_p.astype(jnp.float32))
+            p = flat_dot(x.astype(jnp.float32), w_p.astype(jnp.float32))
         p = lora(p, "w_p", x) + b_p.astype(jnp.float32)
         log_decay = jnp.minimum(jax.nn.log_sigmoid(p),                 # [B,T,d] < 0
                                 math.log(cfg.pdr_max_decay))

@@ -31,7 +31,7 @@ from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.config.choices import ROUTE_MODES
 from perspective_jax.config.param_layout import routed_ffns
 from perspective_jax.model.extensions import NEAREST, RoutePolicy
-from perspective_jax.model.layers import dtype_of, logical
+from perspective_jax.model.layers import dtype_of, flat_dot, logical
 from perspective_jax.moe import torus
 from perspective_jax.moe.dispatch import expert_swiglu
 from perspective_jax.quant.ternary import quantize_activations_int8
@@ -115,7 +115,7 @@ class TorusRouter(nn.Module):
         log_tau = self.param("log_temperature", nn.initializers.constant(
             jnp.log(moe.router_temperature)), (), jnp.float32)
         pos = torus.wrap(jnp.asarray(torus.lattice_positions(moe.lattice)) + offsets)
-        z = torus.wrap(jnp.dot(h.astype(jnp.float32), w_route))
+        z = torus.wrap(flat_dot(h.astype(jnp.float32), w_route))
         dist_sq = torus.geodesic_distance_sq(z[..., None, :], pos)          # [B,T,E]
         tau = jnp.exp(log_tau) if moe.learn_temperature else moe.router_temperature
         probs = jax.nn.softmax(-dist_sq / tau, axis=-1)

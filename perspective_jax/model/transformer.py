@@ -29,7 +29,7 @@ from perspective_jax.model.attention import WindowedGQA, init_kv_cache
 from perspective_jax.model.extensions import (NEAREST, Extensions, RoutePolicy, final_hidden,
                                               inject_vector)
 from perspective_jax.model.extensions import NONE as NO_EXTENSIONS
-from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of
+from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of, flat_dot
 from perspective_jax.model.pdr import PDRMixer, init_pdr_cache
 from perspective_jax.model.routed_ffn import RoutedFFN
 
@@ -193,7 +193,7 @@ class PerspectiveLM(nn.Module):
                                   None if cache is None else cache["periods"],
                                   jnp.arange(cfg.n_periods, dtype=jnp.int32), adapters)
         xn = final_hidden(RMSNorm(cfg, name="final_norm")(x).astype(jnp.float32), ext)
-        logits = embed.attend(xn)
+        logits = flat_dot(xn, embed.embedding.astype(jnp.float32).T)   # tied head
         chex.assert_shape(logits, (b, t, cfg.vocab_size))
         if cache is None:
             return logits, None

@@ -1,0 +1,38 @@
+"""Console-script entry points: pick the host allocator (`cli.allocator`), which
+needs a re-execution before anything heavy is imported, then run the command.
+
+pyproject.toml maps `perspective-train` to `launch:train` and so on; the command
+modules themselves (`python -m perspective_jax.cli.train`) run without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from perspective_jax.cli.allocator import ensure_fast_allocator
+
+
+def _run(module: str, fast_allocator: bool = True) -> None:
+    if fast_allocator:
+        ensure_fast_allocator()
+    importlib.import_module(f"perspective_jax.cli.{module}").main()
+
+
+def train() -> None:
+    _run("train")
+
+
+def export() -> None:
+    _run("export")
+
+
+def infer() -> None:
+    _run("infer")
+
+
+def info() -> None:
+    _run("info", fast_allocator=False)
+
+
+def budget() -> None:
+    _run("budget", fast_allocator=False)
