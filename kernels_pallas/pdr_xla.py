@@ -10,13 +10,17 @@ S is [B, d, r]. Every function returns (y [B, T, d], S_T [B, d, r]).
 
 The XLA forms (the Pallas kernel is `kernels_pallas.pdr_chunked`; the one
 dispatch with its `auto` rule is `kernels_pallas.pdr_scan`):
-  * `pdr_chunked`     — chunkwise-parallel (default off GPU).
+  * `pdr_chunked`     — chunkwise-parallel, c×c×d pairwise decays (default off GPU).
+  * `pdr_chunked_matmul` — chunkwise with the intra-chunk term as matmuls, stable
+                        (every exponential factor ≤ 1 outside m×m diagonal blocks).
   * `pdr_sequential`  — `lax.scan` over tokens: the definition and test reference.
   * `pdr_associative` — `lax.associative_scan`; materialises a state per token.
   * `pdr_step`        — the O(1) decode form.
 """
 
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -94,9 +98,59 @@ def _chunk_step(state, chunk_inputs):
     return state, y
 
 
-def pdr_chunked(log_decay, k, q, v, state, chunk: int = 16):
+def _chunk_step_matmul(state, chunk_inputs, sub: int):
+    """`_chunk_step` with the intra-chunk sum as matmuls, stable for any decay.
+
+    The chunk's c tokens form J = c/m sub-blocks of m. For a query t in sub-block I
+    (first token I₀, reference R_I = L_{I₀−1}, R_0 = 0) and a key s < I₀:
+
+      exp(L_t − L_s) = exp(L_t − R_I) · exp(R_I − L_s),   both factors ≤ 1,
+
+    so  y_t += exp(L_t − R_I) ⊙ Σ_{s<I₀} (q_t·k_s) (exp(R_I − L_s) ⊙ v_s)  is one
+    [m, c] × [c, d] matmul per sub-block. Keys in t's own sub-block use the exact
+    pairwise m×m×d form. No factor exceeds 1, so nothing overflows, and a factor
+    that underflows multiplies a product that is smaller still.
+    """
+    lam, k, q, v = chunk_inputs
+    b, c, d = lam.shape
+    m = sub
+    j = c // m
+    cum = jnp.cumsum(lam, axis=1)                                  # [B,c,d] ≤ 0
+    last = cum[:, -1]
+    scores = jnp.einsum("btr,bsr->bts", q, k)                      # [B,c,c]
+    ref = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, m - 1:c - 1:m]], axis=1)
+    before = jnp.arange(c)[None, :] < (jnp.arange(j) * m)[:, None]  # [J,c]: s < I₀
+    arg = jnp.where(before[None, :, :, None], ref[:, :, None, :] - cum[:, None, :, :],
+                    -jnp.inf)
+    keys = jnp.exp(arg) * v[:, None]                               # [B,J,c,d]
+    cum_blocks = cum.reshape(b, j, m, d)
+    y = jnp.exp(cum_blocks - ref[:, :, None, :]) * jnp.einsum(
+        "bjis,bjsd->bjid", scores.reshape(b, j, m, c), keys)        # [B,J,m,d]
+    tri = jnp.tril(jnp.ones((m, m), dtype=bool))[None, None, :, :, None]
+    diff = cum_blocks[:, :, :, None, :] - cum_blocks[:, :, None, :, :]
+    pair_decay = jnp.exp(jnp.where(tri, diff, -jnp.inf))           # [B,J,m,m,d]
+    diag = jnp.diagonal(scores.reshape(b, j, m, j, m), axis1=1, axis2=3)  # [B,m,m,J]
+    diag = jnp.moveaxis(diag, -1, 1)                               # [B,J,m,m]
+    y = y + jnp.einsum("bjts,bjtsd,bjsd->bjtd", diag, pair_decay, v.reshape(b, j, m, d))
+    y = y.reshape(b, c, d) + jnp.exp(cum) * jnp.einsum("bdr,btr->btd", state, q)
+    to_end = jnp.exp(last[:, None, :] - cum) * v
+    state = jnp.exp(last)[:, :, None] * state + jnp.einsum("bsd,bsr->bdr", to_end, k)
+    return state, y
+
+
+def pdr_chunked_matmul(log_decay, k, q, v, state, chunk: int = 32, sub: int = 4):
+    """Chunkwise PDR with matmul-shaped intra-chunk work (`_chunk_step_matmul`),
+    stable for any decay; `sub` (the diagonal block) must divide `chunk`."""
+    if chunk % sub:
+        raise ValueError(f"PDR sub-block {sub} does not divide the chunk {chunk}")
+    return pdr_chunked(log_decay, k, q, v, state, chunk=chunk,
+                       step_fn=functools.partial(_chunk_step_matmul, sub=sub))
+
+
+def pdr_chunked(log_decay, k, q, v, state, chunk: int = 16, step_fn=_chunk_step):
     """Chunkwise PDR, stable for any decay in (0, 1): `lax.scan` over chunks of
-    `chunk` tokens, each advanced by `_chunk_step` (parallel within the chunk).
+    `chunk` tokens, each advanced by `step_fn` (`_chunk_step`: parallel within the
+    chunk).
 
     The step is rematerialised (`jax.checkpoint`), so reverse mode keeps only
     the d×r state entering each chunk — never one per token — plus the inputs;
@@ -116,7 +170,7 @@ def pdr_chunked(log_decay, k, q, v, state, chunk: int = 16):
 
     xs = (chunk_major(log_decay.astype(jnp.float32), d), chunk_major(k, r),
           chunk_major(q, r), chunk_major(v, d))
-    step = jax.checkpoint(_chunk_step, prevent_cse=False)
+    step = jax.checkpoint(step_fn, prevent_cse=False)
     final, ys = jax.lax.scan(step, state, xs)
     y = jnp.swapaxes(ys, 0, 1).reshape(b, n * chunk, d)[:, :t]
     return y, final

@@ -1,6 +1,6 @@
 """Benchmark the Perspective Decay Recurrence scans (issue 2).
 
-Measures, for each `pdr_scan` implementation (chunked, scan, associative) and
+Measures, for each `pdr_scan` implementation (chunked, matmul, scan, associative) and
 each sequence length T:
 
   * forward time          jit-compiled, warm, median of --repeats runs
@@ -12,7 +12,8 @@ each sequence length T:
 An implementation whose memory analysis exceeds --max-run-gb is compiled and
 analysed but not run. Targets checked (PASS/FAIL per T): chunked fwd+bwd is
 at least 2x faster than scan, and uses at least 10x less memory than
-associative. `--chunks 8,16,32,64` adds a chunk-size sweep for `chunked`.
+associative. `--chunks 8,16,32,64` adds a chunk-size sweep for `chunked`
+(`--sweep-impls chunked,matmul` for both chunked forms).
 
 Run from the repo root:
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="first T only, 2 repeats")
     p.add_argument("--chunks", default="", help="chunk sizes to sweep, e.g. 8,16,32,64")
     p.add_argument("--sweep-seq", type=int, default=1024, help="T for the chunk sweep")
+    p.add_argument("--sweep-impls", default="chunked",
+                   help="implementations the chunk sweep runs (chunked, matmul)")
     p.add_argument("--max-run-gb", type=float, default=12.0,
                    help="skip running programs whose memory analysis exceeds this")
     p.add_argument("--decay-range", type=float, default=4.0,
@@ -106,7 +109,7 @@ def compiled_mb(fn, args):
 def measure(impl, t, chunk, args, inputs):
     """Memory for fwd and fwd+bwd; time each unless it needs > --max-run-gb."""
     xs = (*inputs[0], inputs[1])
-    row = dict(impl=impl, T=t, chunk=chunk if impl == "chunked" else None)
+    row = dict(impl=impl, T=t, chunk=chunk if impl in ("chunked", "matmul", "pallas") else None)
     for name, fn in zip(("fwd", "bwd"), build_fns(impl, chunk)):
         compiled, mb = compiled_mb(fn, xs)
         row[f"{name}_mb"], row[f"{name}_ms"], row[f"{name}_skipped"] = mb, None, None
@@ -177,12 +180,13 @@ def main(argv=None):
     sweep = []
     if args.chunks:
         inputs = make_inputs(args, args.sweep_seq)
-        print(f"\nchunk sweep (chunked, T={args.sweep_seq})")
-        for c in (int(s) for s in args.chunks.split(",")):
-            sweep.append(measure("chunked", args.sweep_seq, c, args, inputs))
+        print(f"\nchunk sweep ({args.sweep_impls}, T={args.sweep_seq})")
+        for impl in args.sweep_impls.split(","):
+            for c in (int(s) for s in args.chunks.split(",")):
+                sweep.append(measure(impl, args.sweep_seq, c, args, inputs))
     print_table(rows, "Main table")
     if sweep:
-        print_table(sweep, f"Chunk sweep (chunked, T={args.sweep_seq})")
+        print_table(sweep, f"Chunk sweep (T={args.sweep_seq})")
     targets = check_targets(rows, args)
     if args.json:
         out = dict(jax=jax.__version__, cpu_count=cpu, args=vars(args),

@@ -7,7 +7,7 @@ from __future__ import annotations
 LAYER_KINDS = ("pdr", "gqa")
 DTYPES = ("float32", "bfloat16", "float16")
 # model.pdr_impl: kernels_pallas.pdr_scan (auto: Pallas on a GPU where it fits, else chunked)
-PDR_IMPLS = ("auto", "chunked", "scan", "associative", "pallas")
+PDR_IMPLS = ("auto", "chunked", "matmul", "scan", "associative", "pallas")
 # moe.dispatch: perspective_jax.moe.dispatch (auto: ragged on GPU/TPU, blocked on CPU)
 DISPATCH_IMPLS = ("auto", "ragged", "blocked", "dense")
 # moe.gate: perspective_jax.model.routed_ffn

@@ -46,12 +46,14 @@ class ModelConfig:
     # PDR (SPEC §3.1)
     pdr_rank: int = 32
     pdr_chunk: int = 16
+    # pdr_impl=matmul: diagonal block of the matmul-shaped chunk (divides pdr_chunk)
+    pdr_sub: int = 4
     pdr_init_decay: float = 0.95
     pdr_init_noise: float = 0.01
     # Upper bound on any decay so the state stays bounded over unbounded
     # contexts (|S| ≤ |v kᵀ| / (1 − max)); float32 sigmoid would round to 1.
     pdr_max_decay: float = 0.99999
-    pdr_impl: str = "auto"        # auto: Pallas kernel on a GPU, chunked XLA elsewhere
+    pdr_impl: str = "auto"        # auto: Pallas on a GPU, else matmul (d >= 256) / chunked
     # Windowed GQA (SPEC §3.2)
     n_heads: int = 4
     n_kv_heads: int = 2
@@ -69,7 +71,7 @@ class ModelConfig:
     def __post_init__(self):
         s = "model"
         _positive(self, "vocab_size", "d_model", "n_layers", "d_ff", "pdr_rank",
-                  "pdr_chunk", "n_heads", "n_kv_heads", "head_dim", "window",
+                  "pdr_chunk", "pdr_sub", "n_heads", "n_kv_heads", "head_dim", "window",
                   "rope_theta", "norm_eps", section=s)
         _require(len(self.layer_pattern) > 0, f"{s}.layer_pattern", "must not be empty")
         for kind in self.layer_pattern:
@@ -90,6 +92,8 @@ class ModelConfig:
         _require(self.pdr_init_noise >= 0, f"{s}.pdr_init_noise", "must be >= 0")
         _require(self.pdr_impl in PDR_IMPLS, f"{s}.pdr_impl",
                  f"unknown {self.pdr_impl!r}; use one of {PDR_IMPLS}")
+        _require(self.pdr_impl != "matmul" or self.pdr_chunk % self.pdr_sub == 0,
+                 f"{s}.pdr_sub", f"{self.pdr_sub} does not divide pdr_chunk={self.pdr_chunk}")
         for name in ("dtype", "param_dtype"):
             _require(getattr(self, name) in DTYPES, f"{s}.{name}",
                      f"unknown dtype {getattr(self, name)!r}; use one of {DTYPES}")

@@ -93,7 +93,7 @@ class PDRMixer(nn.Module):
             y = y[:, None]
         else:
             y, new_state = pdr_scan(log_decay, k, q, v, state, impl=cfg.pdr_impl,
-                                    chunk=cfg.pdr_chunk)
+                                    chunk=cfg.pdr_chunk, sub=cfg.pdr_sub)
         y = y.astype(dtype_of(cfg.dtype))
         out = lora(Projection((d,), ("pdr_rows", "embed"), cfg, name="w_o")(y), "w_o", y)
         return out, (PDRCache(new_state) if cache is not None else None)

@@ -64,6 +64,7 @@ def test_resolved_config_round_trips(tmp_path, repo):
     (["model.d_model=abc"], "model.d_model: expected an integer"),
     (["model.layer_pattern=[pdr, mlp]"], "model.layer_pattern"),
     (["moe.num_experts=9"], "moe.lattice"),
+    (["model.pdr_impl=matmul", "model.pdr_chunk=16", "model.pdr_sub=5"], "model.pdr_sub"),
     (["train.batch_size=10", "train.grad_accum=3"], "train.batch_size"),
     (["model.pdr_init_decay=1.5"], "model.pdr_init_decay"),
     (["model"], "section.key=value"),

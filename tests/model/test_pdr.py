@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.pdr_scan import PDR_IMPLS as IMPLS, pdr_scan
-from kernels_pallas.pdr_xla import pdr_chunked, pdr_sequential, pdr_step
+from kernels_pallas.pdr_xla import pdr_chunked, pdr_chunked_matmul, pdr_sequential, pdr_step
 
 
 def numpy_reference(lam, k, q, v, s0):
@@ -52,6 +52,53 @@ def test_chunked_stable_for_tiny_and_near_one_decays():
         scale = max(1.0, np.abs(y_ref).max())
         assert np.isfinite(np.asarray(y)).all()
         assert np.abs(np.asarray(y) - y_ref).max() / scale < 1e-5
+
+
+# The decay ranges the model produces: log sigmoid(p) from sigmoid(-10) up to the
+# 0.99999 cap, mixed, and far below the range (sigmoid(-30)).
+DECAY_RANGES = [(-4.0, 4.0), (-10.5, -9.5), (9.5, 14.0), (-10.0, 14.0), (-30.0, -20.0)]
+
+
+@pytest.mark.parametrize("lo,hi", DECAY_RANGES)
+@pytest.mark.parametrize("chunk,sub", [(16, 4), (32, 8), (64, 8)])
+def test_matmul_form_matches_float64_reference_on_every_decay_range(lo, hi, chunk, sub):
+    """The matmul-shaped chunk (factors ≤ 1 off the diagonal blocks) is as exact as
+    the pairwise form wherever the factored form would overflow (c·|λ| > 88)."""
+    inputs = make_inputs(6, 2, 200, 16, 4, lo, hi)
+    inputs[0][...] = np.minimum(inputs[0], np.log(0.99999))        # the model's cap
+    y_ref, s_ref = numpy_reference(*inputs)
+    y, s = jax.jit(lambda *a: pdr_chunked_matmul(*a, chunk=chunk, sub=sub))(*f32(inputs))
+    scale = max(1.0, np.abs(y_ref).max())
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(s)).all()
+    assert np.abs(np.asarray(y) - y_ref).max() / scale < 2e-5
+    assert np.abs(np.asarray(s) - s_ref).max() / max(1.0, np.abs(s_ref).max()) < 2e-5
+
+
+def test_matmul_form_gradients_match_float64_sequential():
+    lam, k, q, v, s0 = make_inputs(7, 2, 96, 16, 8, -10, 14)
+    lam = np.minimum(lam, np.log(0.99999))
+    cot = np.random.default_rng(9).normal(size=v.shape)
+
+    def loss(fn, lam, k, q, v, s0, cot):
+        y, s = fn(lam, k, q, v, s0)
+        return jnp.sum(y * cot) + jnp.sum(s)
+
+    argnums = (0, 1, 2, 3, 4)
+    with jax.enable_x64(True):
+        ref = jax.grad(lambda *a: loss(pdr_sequential, *a), argnums)(
+            *[jnp.asarray(a, jnp.float64) for a in (lam, k, q, v, s0, cot)])
+    matmul = lambda *a: pdr_chunked_matmul(*a, chunk=32, sub=8)
+    got = jax.jit(jax.grad(lambda *a: loss(matmul, *a), argnums))(
+        *f32((lam, k, q, v, s0, cot)))
+    for name, g, r in zip(("log_decay", "k", "q", "v", "state"), got, ref):
+        g, r = np.asarray(g), np.asarray(r)
+        assert np.isfinite(g).all(), name
+        assert np.abs(g - r).max() / max(1.0, np.abs(r).max()) < 1e-4, name
+
+
+def test_matmul_form_refuses_a_sub_block_that_does_not_divide_the_chunk():
+    with pytest.raises(ValueError, match="does not divide"):
+        pdr_chunked_matmul(*f32(make_inputs(0, 1, 8, 4, 2, -1, 1)), chunk=16, sub=5)
 
 
 @pytest.mark.parametrize("t,chunk", [(100, 16), (37, 8), (5, 16)])
@@ -120,7 +167,9 @@ def test_ten_thousand_constant_steps_stay_finite():
 
 def test_auto_impl_picks_pallas_only_on_gpu_where_tiles_fit(monkeypatch):
     from kernels_pallas import pdr_scan as mod
-    assert mod.resolve_impl("auto", 256, 64, 16) == "chunked"        # this CPU
+    assert mod.resolve_impl("auto", 256, 64, 16) == "matmul"         # this CPU, d >= 256
+    assert mod.resolve_impl("auto", 128, 32, 16) == "chunked"        # below it
+    assert mod.resolve_impl("auto", 256, 64, 18) == "chunked"        # 4 does not divide 18
     assert mod.resolve_impl("scan", 256, 64, 16) == "scan"
     assert mod.pallas_block_d(256, 64, 16) == 32
     assert mod.pallas_block_d(48, 64, 16) == 16
