@@ -20,6 +20,11 @@ import shutil
 import sys
 import tempfile
 
+from perspective_jax.cli.allocator import ensure_fast_allocator  # noqa: E402
+
+if __name__ == "__main__":
+    ensure_fast_allocator()         # before JAX starts (cli/allocator.py)
+
 from benchlib import add_shakespeare_args, load_shakespeare_config  # noqa: E402
 
 from perspective_jax.train.stages import stage_config, upcycle  # noqa: E402

@@ -16,6 +16,11 @@ import math
 import os
 import sys
 
+from perspective_jax.cli.allocator import ensure_fast_allocator  # noqa: E402
+
+if __name__ == "__main__":
+    ensure_fast_allocator()         # before JAX starts (cli/allocator.py)
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -61,16 +61,16 @@ def compiled_step(cfg):
     return run, state, batch
 
 
-def interleaved_ms(arms, repeats: int) -> list[float]:
-    """Median ms of each arm's step, timed round-robin (one call of each arm per
-    round) so that a busy moment of a shared machine hits every arm alike."""
+def interleaved_ms(arms, repeats: int, stat=statistics.median) -> list[float]:
+    """`stat` (median) of each arm's step ms, timed round-robin (one call of each arm
+    per round) so that a busy moment of a shared machine hits every arm alike."""
     times = [[] for _ in arms]
     for _ in range(repeats):
         for i, (run, state, batch) in enumerate(arms):
             t0 = time.perf_counter()
             jax.block_until_ready(run(state, batch))
             times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    return [stat(t) for t in times]
 
 
 def main(argv=None) -> int:
@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=os.path.join(REPO, "curricula", "shakespeare-char.yaml"))
     p.add_argument("--stages", default="dense,sparse")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="per-arm statistic of the timed calls (min: least disturbed by "
+                        "a shared machine)")
     p.add_argument("--arm", action="append", default=[], metavar="LABEL:STAGE:K=V;K=V",
                    help="an extra arm: a stage with overrides of its own (repeatable)")
     p.add_argument("overrides", nargs="*")
@@ -90,14 +93,14 @@ def main(argv=None) -> int:
             for label, stage, extra in specs]
     arms = [compiled_step(cfg) for _, cfg in cfgs]
     rows = []
-    for (label, cfg), ms in zip(cfgs, interleaved_ms(arms, a.repeats)):
+    for (label, cfg), ms in zip(cfgs, interleaved_ms(arms, a.repeats, getattr(statistics, a.stat) if a.stat == "median" else min)):
         tokens = cfg.train.batch_size * cfg.data.seq_len
         rows.append((label, summary(cfg.model, cfg.moe)["active_params_per_token"], ms,
                      tokens / ms * 1e3))
     print(f"\nTraining step, {os.path.relpath(a.config, REPO)} {' '.join(a.overrides)} "
           f"(jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cores, "
           f"allocator: {describe_allocator()})\n")
-    print("| arm | active params | ms / step | train tok/s | ÷ first |")
+    print(f"| arm | active params | ms / step ({a.stat} of {a.repeats}) | train tok/s | ÷ first |")
     print("|---|---:|---:|---:|---:|")
     for stage, active, ms, tps in rows:
         print(f"| {stage} | {active / 1e6:.2f}M | {ms:.1f} | {tps:,.0f} | {ms / rows[0][2]:.2f}× |")

@@ -17,6 +17,11 @@ import collections
 import sys
 import time
 
+from perspective_jax.cli.allocator import ensure_fast_allocator  # noqa: E402
+
+if __name__ == "__main__":
+    ensure_fast_allocator()         # before JAX starts (cli/allocator.py)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -1,5 +1,7 @@
 """Console-script entry points: pick the host allocator (`cli.allocator`), which
 needs a re-execution before anything heavy is imported, then run the command.
+`perspective-train` and `perspective-export` get the faster allocator on CPU;
+`perspective-infer`, `-info` and `-budget` run as they are.
 
 pyproject.toml maps `perspective-train` to `launch:train` and so on; the command
 modules themselves (`python -m perspective_jax.cli.train`) run without it.
@@ -27,7 +29,10 @@ def export() -> None:
 
 
 def infer() -> None:
-    _run("infer")
+    # The streaming engine keeps its host memory within a budget measured as RSS;
+    # jemalloc with decay disabled keeps freed pages mapped, so infer stays on the
+    # system allocator (its decode is not allocation-bound: docs/benchmarks.md).
+    _run("infer", fast_allocator=False)
 
 
 def info() -> None:
