@@ -38,7 +38,7 @@ def nats_per_char(result) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shakespeare_args(p, budget_s=150.0)
-    p.add_argument("--sparse-steps", type=int, default=260,
+    p.add_argument("--sparse-steps", type=int, default=400,
                    help="scheduled steps of the sparse half (cut by the deadline)")
     a = p.parse_args(argv)
     cfg = load_shakespeare_config(a)

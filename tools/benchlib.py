@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,3 +42,16 @@ def load_shakespeare_config(args):
         print(f"error: corpus not found: {args.data} (pass --data)", file=sys.stderr)
         return None
     return load_config(args.config, args.overrides)
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype=None) -> float:
+    """Measured matmul throughput of this machine's default device (XLA; float32
+    unless `dtype`), the denominator of the benchmarks' MFU."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype or jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e9

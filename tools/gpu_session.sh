@@ -6,6 +6,10 @@
 #                            (SECTIONS=… picks sections; default below)
 #   2. engine tests on the device (pinned_host staging, Pallas decode path)
 #   3. tools/bench_streaming.py part A on a reduced synthetic model (2-bit shared)
+#   4. tools/bench_train_step.py: training tokens/s and MFU of the dense and routed
+#      steps at d_model 1024 and 2048 (curricula/small.yaml scaled, bfloat16),
+#      pdr_impl=auto (Pallas) vs chunked (issue 19; MFU against PEAK_TFLOPS, the
+#      datasheet dense bf16 peak, 989 for an H100/H200 SXM)
 # When step 3 is asked for, its synthetic store (≈ 45 s on the 16-core H100 host) is
 # built in the background after step 1 (whose host-side timings it would disturb),
 # so step 2 hides the build. Every job
@@ -20,7 +24,8 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/perspective-jax-cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 T_CHECKS=${T_CHECKS:-170} T_TESTS=${T_TESTS:-150} T_BENCH=${T_BENCH:-240}
-STEPS=${STEPS:-123}          # which of the numbered steps below to run
+STEPS=${STEPS:-1234}         # which of the numbered steps below to run
+T_TRAIN=${T_TRAIN:-200} PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 SECTIONS=${SECTIONS:-ternary,shared,pdr,transfer,staging,ffn}
 TEST_PLATFORM=${TEST_PLATFORM:-cuda}
 WORK=${WORK:-/tmp/perspective-bench}
@@ -61,5 +66,19 @@ wait "$build_pid"; echo "build rc $?"; tail -3 "$out/build.log"
 timeout "$T_BENCH" $py tools/bench_streaming.py "${BENCH[@]}" --skip-build \
   > "$out/bench_streaming.log" 2>&1
 echo "rc $?"; tail -22 "$out/bench_streaming.log"
+fi
+if [[ $STEPS == *4* ]]; then
+step "4. training step throughput and MFU (bf16, d_model 1024 / 2048)"
+for width in "1024 2816 8 128" "2048 5632 16 128"; do
+  read -r d ff heads hd <<< "$width"
+  timeout "$T_TRAIN" $py tools/bench_train_step.py --config curricula/small.yaml \
+    --stages dense,sparse --arm "dense-chunked:dense:model.pdr_impl=chunked" \
+    --repeats 10 --peak-tflops "$PEAK_TFLOPS" \
+    model.d_model=$d model.d_ff=$ff model.n_heads=$heads model.head_dim=$hd \
+    model.n_kv_heads=4 model.n_layers=8 model.dtype=bfloat16 model.vocab_size=32768 \
+    moe.num_experts=8 moe.lattice=[2,2,2] data.seq_len=1024 train.batch_size=16 \
+    > "$out/train_step_d$d.log" 2>&1
+  echo "rc $?"; tail -9 "$out/train_step_d$d.log"
+done
 fi
 step "done"

@@ -31,7 +31,7 @@ def export() -> None:
 def infer() -> None:
     # The streaming engine keeps its host memory within a budget measured as RSS;
     # jemalloc with decay disabled keeps freed pages mapped, so infer stays on the
-    # system allocator (its decode is not allocation-bound: docs/benchmarks.md).
+    # system allocator (its decode speed with jemalloc is not measured yet).
     _run("infer", fast_allocator=False)
 
 

@@ -84,3 +84,22 @@ def test_a_bad_choice_is_one_line_and_exit_2():
     proc = _run(PERSPECTIVE_ALLOCATOR="tcmalloc")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "PERSPECTIVE_ALLOCATOR" in proc.stderr
+
+
+def test_console_scripts_go_through_the_launcher():
+    """pyproject maps every perspective-* command to `cli.launch`, and the installed
+    perspective-train (re-executed with the allocator) still answers --help."""
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert all(target.startswith("perspective_jax.cli.launch:") for target in scripts.values())
+    from perspective_jax.cli import launch
+    assert all(callable(getattr(launch, t.split(":")[1])) for t in scripts.values())
+    exe = pathlib.Path(sys.executable).parent / "perspective-train"
+    if not exe.exists():
+        pytest.skip("perspective-train is not installed beside this interpreter")
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_DONE, ENV_CHOICE)}
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120,
+                          env={**env, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and "--stage" in proc.stdout, proc.stderr
