@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from perspective_jax.quant.ternary import (quantize_activations_int8, schedule_fraction,
                                            ternarize, ternary_ste)
@@ -129,3 +130,20 @@ def test_row_granularity_scales_each_output_feature():
     import pytest
     with pytest.raises(ValueError, match="granularity"):
         ternarize(w, "block")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_magnitude_threshold_selects_what_the_quantile_selects(fraction, ties):
+    """The bisection threshold keeps exactly the entries jnp.quantile's (sorting)
+    threshold keeps, ties included, for odd and even sizes and stacked matrices."""
+    from perspective_jax.quant.ternary import magnitude_threshold
+    rng = np.random.default_rng(int(fraction * 100) + ties)
+    for shape in ((3, 2, 257), (1, 4096), (5, 64)):
+        a = np.abs(rng.normal(size=shape)).astype(np.float32)
+        if ties:
+            a = np.round(a * 4) / 4                  # many equal magnitudes, zeros too
+        t = np.asarray(magnitude_threshold(jnp.asarray(a), fraction))
+        q = np.asarray(jnp.quantile(jnp.asarray(a), 1.0 - jnp.float32(fraction), axis=-1,
+                                    keepdims=True))
+        np.testing.assert_array_equal(a >= t, a >= q)
