@@ -74,28 +74,6 @@ def test_matmul_form_matches_float64_reference_on_every_decay_range(lo, hi, chun
     assert np.abs(np.asarray(s) - s_ref).max() / max(1.0, np.abs(s_ref).max()) < 2e-5
 
 
-def test_matmul_form_gradients_match_float64_sequential():
-    lam, k, q, v, s0 = make_inputs(7, 2, 96, 16, 8, -10, 14)
-    lam = np.minimum(lam, np.log(0.99999))
-    cot = np.random.default_rng(9).normal(size=v.shape)
-
-    def loss(fn, lam, k, q, v, s0, cot):
-        y, s = fn(lam, k, q, v, s0)
-        return jnp.sum(y * cot) + jnp.sum(s)
-
-    argnums = (0, 1, 2, 3, 4)
-    with jax.enable_x64(True):
-        ref = jax.grad(lambda *a: loss(pdr_sequential, *a), argnums)(
-            *[jnp.asarray(a, jnp.float64) for a in (lam, k, q, v, s0, cot)])
-    matmul = lambda *a: pdr_chunked_matmul(*a, chunk=32, sub=8)
-    got = jax.jit(jax.grad(lambda *a: loss(matmul, *a), argnums))(
-        *f32((lam, k, q, v, s0, cot)))
-    for name, g, r in zip(("log_decay", "k", "q", "v", "state"), got, ref):
-        g, r = np.asarray(g), np.asarray(r)
-        assert np.isfinite(g).all(), name
-        assert np.abs(g - r).max() / max(1.0, np.abs(r).max()) < 1e-4, name
-
-
 def test_matmul_form_refuses_a_sub_block_that_does_not_divide_the_chunk():
     with pytest.raises(ValueError, match="does not divide"):
         pdr_chunked_matmul(*f32(make_inputs(0, 1, 8, 4, 2, -1, 1)), chunk=16, sub=5)
@@ -111,8 +89,15 @@ def test_all_impls_agree_on_ragged_lengths(t, chunk):
         np.testing.assert_allclose(np.asarray(s), s_ref, atol=2e-5, rtol=1e-5, err_msg=impl)
 
 
-def test_chunked_gradients_match_float64_sequential():
-    lam, k, q, v, s0 = make_inputs(3, 2, 1024, 16, 8, -4, 4)
+@pytest.mark.parametrize("form,inputs", [
+    ("chunked", (3, 2, 1024, 16, 8, -4, 4)),
+    ("matmul", (7, 2, 96, 16, 8, -10, 14)),          # sigmoid(-10) up to the cap
+], ids=["chunked", "matmul"])
+def test_chunked_gradients_match_float64_sequential(form, inputs):
+    fn = pdr_chunked if form == "chunked" else \
+        (lambda *a: pdr_chunked_matmul(*a, chunk=32, sub=8))
+    lam, k, q, v, s0 = make_inputs(*inputs)
+    lam = np.minimum(lam, np.log(0.99999))                      # the model's cap
     cot = np.random.default_rng(9).normal(size=v.shape)
 
     def loss(fn, lam, k, q, v, s0, cot):
@@ -124,7 +109,7 @@ def test_chunked_gradients_match_float64_sequential():
         ref = jax.grad(lambda *a: loss(pdr_sequential, *a), argnums)(
             *[jnp.asarray(a, jnp.float64) for a in (lam, k, q, v, s0, cot)])
         ref = [np.asarray(g) for g in ref]
-    got = jax.jit(jax.grad(lambda *a: loss(pdr_chunked, *a), argnums))(
+    got = jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums))(
         *f32((lam, k, q, v, s0, cot)))
     for name, g, r in zip(("log_decay", "k", "q", "v", "state"), got, ref):
         g = np.asarray(g)
