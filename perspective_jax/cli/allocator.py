@@ -107,7 +107,9 @@ def ensure_fast_allocator(argv: Optional[list] = None) -> None:
     """Re-execute this command once with the allocator `allocator_env` picks (no-op
     when it picks none, or already did). `argv`: the command line to re-run
     (default: this interpreter's own, `sys.orig_argv`, so `-m` and `-c` survive). A bad PERSPECTIVE_ALLOCATOR is one line
-    on stderr and exit 2."""
+    on stderr and exit 2. Linux only (LD_PRELOAD and glibc tunables); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         new_env, _ = allocator_env(os.environ, jemalloc=find_jemalloc(),
                                    hugetlb=glibc_has_hugetlb(),
