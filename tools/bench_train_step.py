@@ -128,7 +128,7 @@ def main(argv=None) -> int:
               f"| {ms / rows[0][2]:.2f}× | {mfu:.1%} | {flt:,.0f} |")
     print(f"\nMFU: model FLOPs (3 × forward, `census.train_flops_per_token`) per second ÷ "
           f"{'given' if a.peak_tflops else 'measured ' + str(dtype) + ' matmul'} peak "
-          f"{peak / 1e3:.1f} TFLOP/s")
+          f"{peak:,.0f} GFLOP/s")
     return 0
 
 
