@@ -1,0 +1,105 @@
+"""MPD decision rule (SPEC §3.6) against float64 numpy references: JSD, agreement,
+the three outcomes on constructed cases, the trigger, config errors."""
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perspective_jax.errors import UserError
+from perspective_jax.model.mpd import (EMIT_P0, EMIT_VOTE, PERSPECTIVES, UNCERTAIN, MPDConfig,
+                                       agreement, decide, entropy, js_divergence,
+                                       should_trigger)
+
+
+def np_jsd(p, q):
+    m = (p + q) / 2
+
+    def kl(a, b):
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log(a[mask] / b[mask])))
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def dist(*weights):
+    w = np.asarray(weights, np.float64)
+    return w / w.sum()
+
+
+def test_jsd_matches_numpy_including_zeros_and_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p, q = rng.dirichlet(np.ones(7)), rng.dirichlet(np.ones(7) * 0.3)
+        p[rng.integers(7)] = 0.0
+        p /= p.sum()
+        assert float(js_divergence(jnp.asarray(p), jnp.asarray(q))) == pytest.approx(
+            np_jsd(p, q), abs=1e-6)
+    one, other = dist(1, 0, 0), dist(0, 0, 1)
+    assert float(js_divergence(jnp.asarray(one), jnp.asarray(other))) == pytest.approx(
+        math.log(2), abs=1e-6)                                   # disjoint: ln 2
+    assert float(js_divergence(jnp.asarray(one), jnp.asarray(one))) == pytest.approx(0, abs=1e-7)
+
+
+def test_agreement_is_the_mean_of_the_six_pairs_batched():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(9), size=(4, 3))               # [P, B, V]
+    got = np.asarray(agreement(jnp.asarray(probs)))
+    for b in range(3):
+        ref = np.mean([np_jsd(probs[i, b], probs[j, b])
+                       for i, j in itertools.combinations(range(4), 2)])
+        assert got[b] == pytest.approx(ref, abs=1e-6)
+
+
+def test_calm_views_emit_p0_with_confidence_one_minus_agreement_over_tau():
+    p = dist(6, 3, 1)
+    probs = jnp.asarray(np.stack([p, dist(6.2, 2.8, 1), dist(5.9, 3.1, 1), p])[:, None])
+    d = decide(probs, MPDConfig(tau=0.15))
+    agree = float(d.agreement[0])
+    assert agree < 0.15 and int(d.kind[0]) == EMIT_P0 and int(d.token[0]) == 0
+    assert float(d.confidence[0]) == pytest.approx(1 - agree / 0.15, abs=1e-6)
+
+
+def test_disagreeing_views_vote_and_the_vote_confidence():
+    views = [dist(1, 8, 1), dist(1, 7, 2), dist(9, 1, 0.1), dist(1, 6, 3)]   # argmax 1,1,0,1
+    d = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05))
+    assert int(d.kind[0]) == EMIT_VOTE and int(d.token[0]) == 1 and int(d.votes[0]) == 3
+    mean_p = np.mean([views[i][1] for i in (0, 1, 3)])
+    assert float(d.confidence[0]) == pytest.approx(3 / 4 * mean_p, abs=1e-6)
+
+
+def test_no_majority_is_p0_flagged_uncertain():
+    views = [dist(1, 8, 1, 1), dist(8, 1, 1, 1), dist(1, 1, 8, 1), dist(1, 1, 1, 8)]
+    d = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05))
+    assert int(d.kind[0]) == UNCERTAIN and int(d.token[0]) == 1
+    assert float(d.confidence[0]) == 0.0
+    two_two = [dist(1, 8, 1), dist(1, 8, 1.5), dist(8, 1, 1), dist(8, 1.5, 1)]
+    d = decide(jnp.asarray(np.stack(two_two)[:, None]), MPDConfig(tau=0.05))
+    assert int(d.kind[0]) == UNCERTAIN                           # 2-2 is not 3 of 4
+    d = decide(jnp.asarray(np.stack(two_two)[:, None]), MPDConfig(tau=0.05, min_votes=2))
+    assert int(d.kind[0]) == EMIT_VOTE and int(d.token[0]) == 1  # first most-voted
+
+
+def test_trigger_by_position_probability_and_entropy():
+    cfg = MPDConfig(every_k=8, p_min=0.6, h_max=1.0)
+    sharp, flat = dist(9, 0.5, 0.5), dist(1, 1, 1)
+    probs = jnp.asarray(np.stack([sharp, sharp, flat]))
+    got = np.asarray(should_trigger(jnp.asarray([8, 3, 3]), probs, cfg))
+    assert got.tolist() == [True, False, True]
+    assert float(entropy(jnp.asarray(flat))) == pytest.approx(math.log(3), abs=1e-6)
+    never = MPDConfig(every_k=0, p_min=0.0, h_max=10.0)
+    assert not np.asarray(should_trigger(jnp.asarray([0, 8]), probs[:2], never)).any()
+
+
+@pytest.mark.parametrize("kwargs", [dict(tau=0.0), dict(tau=1.0), dict(min_votes=1),
+                                    dict(min_votes=5), dict(every_k=-1), dict(p_min=1.5),
+                                    dict(h_max=-1.0)])
+def test_bad_config_is_one_clear_error(kwargs):
+    with pytest.raises(UserError, match="mpd"):
+        MPDConfig(**kwargs)
+
+
+def test_the_four_perspectives_are_the_specs():
+    assert [(p.mode, p.k) for p in PERSPECTIVES] == [("nearest", 0), ("kth", 1),
+                                                     ("antipode", 0), ("random", 0)]
