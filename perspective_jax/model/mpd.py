@@ -22,14 +22,17 @@ below 4×. Everything here is jnp and batched over B, usable inside a jitted ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.errors import UserError
-from perspective_jax.model.extensions import RoutePolicy
+from perspective_jax.model.extensions import Extensions, RoutePolicy
+from perspective_jax.model.transformer import PerspectiveLM
 
 PERSPECTIVES = (RoutePolicy("nearest"), RoutePolicy("kth", k=1), RoutePolicy("antipode"),
                 RoutePolicy("random", seed=0))
@@ -131,3 +134,23 @@ def should_trigger(position: jax.Array, p0: jax.Array, cfg: MPDConfig = MPDConfi
     unsure = jnp.max(p0, axis=-1) < cfg.p_min
     spread = entropy(p0) > cfg.h_max
     return by_position | unsure | spread
+
+
+@functools.lru_cache(maxsize=8)
+def _views_step(cfg: ModelConfig, moe: MoEConfig, activation_bits: int = 0):
+    model = PerspectiveLM(cfg, moe, activation_bits=activation_bits)
+
+    @jax.jit
+    def step(params, token, cache):
+        outs = [model.apply({"params": params}, token[:, None], cache=cache,
+                            ext=Extensions(route=policy)) for policy in PERSPECTIVES]
+        return jnp.stack([logits[:, -1] for logits, _ in outs]), outs[0][1]
+    return step
+
+
+def forked_views(cfg: ModelConfig, moe: MoEConfig, params, token: jax.Array, cache: dict,
+                 activation_bits: int = 0):
+    """The four perspectives' next-token logits [4, B, V] for `token` [B], each forked
+    from the same decode `cache` (P0's state: the views differ only in this token's
+    routing), and P0's new cache — what decoding continues from."""
+    return _views_step(cfg, moe, activation_bits)(params, token, cache)

@@ -103,3 +103,39 @@ def test_bad_config_is_one_clear_error(kwargs):
 def test_the_four_perspectives_are_the_specs():
     assert [(p.mode, p.k) for p in PERSPECTIVES] == [("nearest", 0), ("kth", 1),
                                                      ("antipode", 0), ("random", 0)]
+
+
+@pytest.mark.slow
+def test_forked_views_route_four_ways_from_p0s_state():
+    """Through a routed model: P0's logits and cache are the plain decode step's; each
+    view equals a step with its routing policy; the antipode really differs."""
+    import jax
+
+    from perspective_jax.config import ModelConfig, MoEConfig
+    from perspective_jax.model.extensions import Extensions
+    from perspective_jax.model.mpd import forked_views
+    from perspective_jax.model.transformer import PerspectiveLM, init_cache, init_params
+    moe = MoEConfig(num_experts=8, lattice=(2, 2, 2))
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, layer_pattern=("pdr",),
+                      d_ff=48, pdr_rank=8, pdr_chunk=4, n_heads=4, n_kv_heads=2,
+                      head_dim=8, window=8, routed=True)
+    params = init_params(cfg, jax.random.key(0), moe=moe)
+    model = PerspectiveLM(cfg, moe)
+    prompt = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
+    _, cache = jax.jit(lambda p, t: model.apply({"params": p}, t, cache=init_cache(cfg, 2)))(
+        params, prompt)
+    token = jnp.asarray([3, 7])
+    views, new_cache = forked_views(cfg, moe, params, token, cache)
+    assert views.shape == (4, 2, cfg.vocab_size)
+    for i in (0, 2):                                       # nearest and the antipode
+        ref, ref_cache = jax.jit(lambda p, t, c: model.apply(
+            {"params": p}, t[:, None], cache=c, ext=Extensions(route=PERSPECTIVES[i])))(
+            params, token, cache)
+        np.testing.assert_allclose(np.asarray(views[i]), np.asarray(ref[:, -1]),
+                                   atol=1e-5, rtol=1e-5)
+        if i == 0:
+            for a, b in zip(jax.tree.leaves(new_cache), jax.tree.leaves(ref_cache)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(views[2] - views[0])).max() > 1e-4      # antipode ≠ nearest
+    again, _ = forked_views(cfg, moe, params, token, cache)           # P3 is seeded
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(views))
