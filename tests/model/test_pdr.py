@@ -60,7 +60,7 @@ DECAY_RANGES = [(-4.0, 4.0), (-10.5, -9.5), (9.5, 14.0), (-10.0, 14.0), (-30.0, 
 
 
 @pytest.mark.parametrize("lo,hi", DECAY_RANGES)
-@pytest.mark.parametrize("chunk,sub", [(16, 4), (32, 8), (64, 8)])
+@pytest.mark.parametrize("chunk,sub", [(16, 4), (64, 8)])          # (32, 8): the gradient test
 def test_matmul_form_matches_float64_reference_on_every_decay_range(lo, hi, chunk, sub):
     """The matmul-shaped chunk (factors ≤ 1 off the diagonal blocks) is as exact as
     the pairwise form wherever the factored form would overflow (c·|λ| > 88)."""
