@@ -215,6 +215,30 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MPDConfig:
+    """Multi-Perspective Decoding (SPEC §3.6; `model.mpd`): τ (agreement threshold,
+    nats), min_votes (of the 4 views) for a majority, and the trigger — every
+    `every_k`-th position (0: never by position), P0's top probability below `p_min`,
+    or P0's entropy (nats) above `h_max`."""
+
+    tau: float = 0.15
+    min_votes: int = 3
+    every_k: int = 8
+    p_min: float = 0.6
+    h_max: float = 3.0
+
+    def __post_init__(self):
+        s = "mpd"
+        _require(0.0 < self.tau <= math.log(2), f"{s}.tau",
+                 f"must lie in (0, ln 2 = 0.693], got {self.tau}")
+        _require(2 <= self.min_votes <= 4, f"{s}.min_votes",
+                 f"must lie in 2..4 (of four perspectives), got {self.min_votes}")
+        _require(self.every_k >= 0, f"{s}.every_k", f"must be >= 0, got {self.every_k}")
+        _require(0.0 <= self.p_min <= 1.0, f"{s}.p_min", f"must lie in [0, 1], got {self.p_min}")
+        _require(self.h_max >= 0, f"{s}.h_max", f"must be >= 0, got {self.h_max}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: AdamW with linear warmup and cosine decay."""
 

@@ -21,48 +21,20 @@ below 4×. Everything here is jnp and batched over B, usable inside a jitted ste
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig, MoEConfig
-from perspective_jax.errors import UserError
+from perspective_jax.config.schema import MPDConfig
 from perspective_jax.model.extensions import Extensions, RoutePolicy
 from perspective_jax.model.transformer import PerspectiveLM
 
 PERSPECTIVES = (RoutePolicy("nearest"), RoutePolicy("kth", k=1), RoutePolicy("antipode"),
                 RoutePolicy("random", seed=0))
 EMIT_P0, EMIT_VOTE, UNCERTAIN = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MPDConfig:
-    """τ (agreement threshold, nats), min_votes (of 4) for a majority, and the
-    trigger: every `every_k`-th position (0: never by position), P0 top probability
-    below `p_min`, or P0 entropy (nats) above `h_max`."""
-
-    tau: float = 0.15
-    min_votes: int = 3
-    every_k: int = 8
-    p_min: float = 0.6
-    h_max: float = 3.0
-
-    def __post_init__(self):
-        if not 0.0 < self.tau <= math.log(2):
-            raise UserError(f"mpd tau must lie in (0, ln 2 = 0.693], got {self.tau}")
-        if not 2 <= self.min_votes <= len(PERSPECTIVES):
-            raise UserError(f"mpd min_votes must lie in 2..{len(PERSPECTIVES)}, "
-                            f"got {self.min_votes}")
-        if self.every_k < 0:
-            raise UserError(f"mpd every_k must be >= 0, got {self.every_k}")
-        if not 0.0 <= self.p_min <= 1.0:
-            raise UserError(f"mpd p_min must lie in [0, 1], got {self.p_min}")
-        if self.h_max < 0:
-            raise UserError(f"mpd h_max must be >= 0, got {self.h_max}")
 
 
 class MPDDecision(NamedTuple):
