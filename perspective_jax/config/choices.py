@@ -14,6 +14,8 @@ DISPATCH_IMPLS = ("auto", "ragged", "blocked", "dense")
 GATES = ("straight_through", "softmax")
 # routing perspectives (SPEC §3.6): perspective_jax.model.routed_ffn.select_expert
 ROUTE_MODES = ("nearest", "kth", "antipode", "random")
+# mpd.state: how the perspectives keep state (model/mpd.py)
+MPD_STATES = ("forked", "persistent")
 # model.remat
 REMAT_POLICIES = ("none", "full", "dots")
 # ternary.scale_granularity

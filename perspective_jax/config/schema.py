@@ -12,7 +12,7 @@ import math
 from typing import Optional
 
 from perspective_jax.config.choices import (BINARY_FILES, DISPATCH_IMPLS, DTYPES, GATES,
-                                            LAYER_KINDS, PDR_IMPLS, REMAT_POLICIES,
+                                            LAYER_KINDS, MPD_STATES, PDR_IMPLS, REMAT_POLICIES,
                                             SCALE_GRANULARITIES, SEED_RANGE, TOKENIZERS)
 from perspective_jax.errors import ConfigError
 
@@ -219,16 +219,20 @@ class MPDConfig:
     """Multi-Perspective Decoding (SPEC §3.6; `model.mpd`): τ (agreement threshold,
     nats), min_votes (of the 4 views) for a majority, and the trigger — every
     `every_k`-th position (0: never by position), P0's top probability below `p_min`,
-    or P0's entropy (nats) above `h_max`."""
+    or P0's entropy (nats) above `h_max`; `state`: how the views keep state
+    (MPD_STATES: "forked" from P0's state per triggered token, or "persistent")."""
 
     tau: float = 0.15
     min_votes: int = 3
     every_k: int = 8
     p_min: float = 0.6
     h_max: float = 3.0
+    state: str = "forked"
 
     def __post_init__(self):
         s = "mpd"
+        _require(self.state in MPD_STATES, f"{s}.state",
+                 f"use one of {MPD_STATES}, got {self.state!r}")
         _require(0.0 < self.tau <= math.log(2), f"{s}.tau",
                  f"must lie in (0, ln 2 = 0.693], got {self.tau}")
         _require(2 <= self.min_votes <= 4, f"{s}.min_votes",

@@ -29,7 +29,7 @@ from kernels_pallas.ternary_matmul import ternary_matmul
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.quant import embedding_int8 as int8_embedding
 from perspective_jax.modeldir.format import RegionLayout
-from perspective_jax.model.extensions import RoutePolicy
+from perspective_jax.model.extensions import Route
 from perspective_jax.model.layers import RMSNorm, dtype_of
 from perspective_jax.model.routed_ffn import gated_residual
 from perspective_jax.model.transformer import ResidualBlock
@@ -54,14 +54,14 @@ def mixer(cfg: ModelConfig, kind: str, adapter_scale: float, lp, x, segment_pos,
         {"params": lp}, x, segment_pos, cache, 0, adapters, part="mix")
 
 
-def _route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp, h,
+def _route(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int, lp, h,
            segment_pos, period):
     return ResidualBlock(cfg, "pdr", moe, policy=policy, layer=layer).apply(
         {"params": lp}, h, segment_pos, None, period, part="route")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp, h,
+def route(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int, lp, h,
           segment_pos, period):
     """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]): the block's part
     "route" of layer `layer` of period `period` (both seed the random policy)."""
@@ -69,7 +69,7 @@ def route(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int, lp,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def route_and_guess(cfg: ModelConfig, moe: MoEConfig, policy: RoutePolicy, layer: int,
+def route_and_guess(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int,
                     layer_next: int, lp, lp_next, h, segment_pos, period, period_next):
     """Decode: `route(lp, h)` and the expert layer `lp_next`'s router applied to the
     same h (the prefetch guess for the next expert layer, SPEC §3.5), in one call:

@@ -10,7 +10,8 @@ the streaming engine (SPEC §3.6–3.9 attach here):
 * `route`: which expert each routed layer uses — nearest (the trained model), the
   k-th nearest, the expert nearest the antipode of z, or a seeded random expert,
   drawn per (seed, period, layer, position) so a token-by-token decode and a
-  parallel pass draw the same experts.
+  parallel pass draw the same experts. `RowRoutes((p0, p1, …))` routes row b of
+  the batch by policy b mod n: several perspectives as one batch (MPD, SPEC §3.6).
 * `final_transform(xn) → xn`, xn = RMSNorm(x) [B, T, d] float32: the head computes
   logits = xn · Eᵀ after it.
 * `inject_layer` l (global index p·len(layer_pattern) + i) and `inject` ([d], [B, d]
@@ -27,7 +28,7 @@ pytree's structure, so a jitted caller recompiles when they change; the arrays
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import flax.struct
 import jax
@@ -58,11 +59,27 @@ class RoutePolicy:
 NEAREST = RoutePolicy()
 
 
+@dataclasses.dataclass(frozen=True)
+class RowRoutes:
+    """Row b of the batch is routed by `policies[b % len(policies)]`, so n routing
+    views of the same model (MPD's perspectives) run as one batch."""
+
+    policies: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "policies", tuple(self.policies))
+        if not self.policies or not all(isinstance(p, RoutePolicy) for p in self.policies):
+            raise UserError("RowRoutes needs one or more RoutePolicy entries")
+
+
+Route = Union[RoutePolicy, RowRoutes]
+
+
 @flax.struct.dataclass
 class Extensions:
     """What a call adds to the plain forward pass (module docstring)."""
 
-    route: RoutePolicy = flax.struct.field(pytree_node=False, default=NEAREST)
+    route: Route = flax.struct.field(pytree_node=False, default=NEAREST)
     final_transform: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
     inject_layer: Optional[int] = flax.struct.field(pytree_node=False, default=None)
     adapter_scale: float = flax.struct.field(pytree_node=False, default=1.0)

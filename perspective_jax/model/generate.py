@@ -6,6 +6,11 @@
 
 Sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus), never an id
 >= n_valid (one the tokenizer does not have; `model.sampling`).
+
+    tokens, steps = generate_mpd(cfg, params, prompt_ids, 64, MPDConfig(), moe=moe)
+
+decodes with Multi-Perspective Decoding (`model.mpd`): each step's `MPDStep` holds
+the emitted token's confidence and whether MPD triggered.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
+from perspective_jax.model.mpd import PERSPECTIVES, MPDStep, mpd_step, tiled_step, views_step
 from perspective_jax.model.sampling import Sampling, sample_next
 from perspective_jax.model.transformer import PerspectiveLM, init_cache
 
@@ -48,13 +55,7 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
     """prompt [B, T0] int → generated continuation [B, ≤ max_new_tokens], every id
     < n_valid (the tokenizer's piece count; None = the whole vocabulary).
     `activation_bits=8`: int8 expert activations, as the ternary stage trains."""
-    prompt = np.asarray(prompt, dtype=np.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise UserError("prompt must be a non-empty [batch, tokens] array of ids")
-    if max_new_tokens <= 0:
-        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
-        raise UserError(f"prompt ids must lie in [0, {cfg.vocab_size})")
+    prompt = _checked_prompt(cfg, prompt, max_new_tokens)
     prefill, step = _compiled(cfg, moe, activation_bits)
     rng = jax.random.key(seed)
     logits, cache = prefill(params, jnp.asarray(prompt), init_cache(cfg, prompt.shape[0]))
@@ -70,3 +71,56 @@ def generate(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
                 break
         logits, cache = step(params, token, cache)
     return np.stack(out, axis=1)
+
+
+def _checked_prompt(cfg: ModelConfig, prompt, max_new_tokens: int) -> np.ndarray:
+    prompt = np.asarray(prompt, dtype=np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise UserError("prompt must be a non-empty [batch, tokens] array of ids")
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+        raise UserError(f"prompt ids must lie in [0, {cfg.vocab_size})")
+    return prompt
+
+
+def generate_mpd(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: int,
+                 mpd: MPDConfig = MPDConfig(), sampling: Sampling = Sampling(),
+                 seed: int = 0, moe: MoEConfig = MoEConfig(), activation_bits: int = 0,
+                 n_valid: Optional[int] = None) -> tuple[np.ndarray, list[MPDStep]]:
+    """As `generate`, with MPD on every step: returns the tokens [B, max_new_tokens]
+    and each step's `MPDStep` (token, confidence, triggered, kind, agreement).
+    mpd.state "forked": P0 decodes; a triggered step runs P1..P3 on the token just
+    fed from P0's state before it. "persistent": the four perspectives decode as
+    one batch of 4·B rows, each with its own state, every step."""
+    prompt = _checked_prompt(cfg, prompt, max_new_tokens)
+    b, n = prompt.shape[0], len(PERSPECTIVES)
+    rng = jax.random.key(seed)
+    steps: list[MPDStep] = []
+    if mpd.state == "persistent":
+        step4 = tiled_step(cfg, moe, PERSPECTIVES, activation_bits)
+        logits4, cache = step4(params, jnp.asarray(np.repeat(prompt, n, axis=0)),
+                               init_cache(cfg, b * n))
+        for i in range(max_new_tokens):
+            rng, sub = jax.random.split(rng)
+            s = mpd_step(logits4[0], sample_next(logits4[0], sub, sampling, n_valid),
+                         np.full(b, i), mpd, lambda: logits4[1:])
+            steps.append(s)
+            if i + 1 < max_new_tokens:
+                logits4, cache = step4(params, jnp.asarray(np.repeat(s.token, n))[:, None],
+                                       cache)
+        return np.stack([s.token for s in steps], axis=1), steps
+    prefill, step = _compiled(cfg, moe, activation_bits)
+    views = views_step(cfg, moe, PERSPECTIVES[1:], activation_bits)
+    cache = init_cache(cfg, b)
+    if prompt.shape[1] > 1:
+        _, cache = prefill(params, jnp.asarray(prompt[:, :-1]), cache)
+    fed = jnp.asarray(prompt[:, -1])
+    for i in range(max_new_tokens):
+        logits, new_cache = step(params, fed, cache)
+        rng, sub = jax.random.split(rng)
+        s = mpd_step(logits, sample_next(logits, sub, sampling, n_valid), np.full(b, i), mpd,
+                     lambda: views(params, fed, cache)[0])
+        steps.append(s)
+        fed, cache = jnp.asarray(s.token), new_cache
+    return np.stack([s.token for s in steps], axis=1), steps

@@ -16,20 +16,29 @@ distributions p_0..p_3 [4, B, V]:
 
 MPD runs only when `should_trigger` says so (every k-th position, P0's top
 probability < p_min, or P0's entropy > h_max), so the average cost stays well
-below 4×. Everything here is jnp and batched over B, usable inside a jitted step.
+below 4×. The rule and the metrics are jnp, batched over B; `mpd_step` applies them
+to one decode step of any engine (in-memory `generate`, the streaming
+`Conversation`), which supplies P1..P3's logits only when a row triggers.
+
+How the views keep state (`MPDConfig.state`): "forked" (the default) runs P1..P3
+for the current token from P0's decode state — `views_step`, the four
+perspectives as one batch through `RowRoutes`; "persistent" keeps one recurrent
+state per perspective, every token paying for all four (SPEC's wording). The
+measured comparison is in docs/benchmarks.md (issue 20).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.config.schema import MPDConfig
-from perspective_jax.model.extensions import Extensions, RoutePolicy
+from perspective_jax.model.extensions import Extensions, RoutePolicy, RowRoutes
 from perspective_jax.model.transformer import PerspectiveLM
 
 PERSPECTIVES = (RoutePolicy("nearest"), RoutePolicy("kth", k=1), RoutePolicy("antipode"),
@@ -108,16 +117,50 @@ def should_trigger(position: jax.Array, p0: jax.Array, cfg: MPDConfig = MPDConfi
     return by_position | unsure | spread
 
 
-@functools.lru_cache(maxsize=8)
-def _views_step(cfg: ModelConfig, moe: MoEConfig, activation_bits: int = 0):
+def tile_cache(cache: dict, n: int) -> dict:
+    """A decode cache of B sequences → B·n rows, row b·n + k a copy of sequence b (so
+    `RowRoutes` routes it by policy k)."""
+    return {"periods": jax.tree.map(lambda a: jnp.repeat(a, n, axis=1), cache["periods"]),
+            "next_pos": jnp.repeat(cache["next_pos"], n, axis=0)}
+
+
+def cache_rows(cache: dict, k: int, n: int) -> dict:
+    """Rows k, k + n, k + 2n, … of a tiled cache: perspective k's B sequences."""
+    return {"periods": jax.tree.map(lambda a: a[:, k::n], cache["periods"]),
+            "next_pos": cache["next_pos"][k::n]}
+
+
+def by_view(rows: jax.Array, n: int) -> jax.Array:
+    """[B·n, ...] rows of a tiled batch → [n, B, ...] (view first)."""
+    return jnp.swapaxes(rows.reshape(-1, n, *rows.shape[1:]), 0, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def tiled_step(cfg: ModelConfig, moe: MoEConfig, policies: tuple = PERSPECTIVES,
+               activation_bits: int = 0):
+    """Jitted (params, tokens [B·n, T], tiled cache [B·n rows]) → (last logits [n, B, V],
+    new tiled cache): row b·n + k is sequence b routed by policies[k] (`RowRoutes`),
+    so the n perspectives run as one batch. A persistent-state MPD decode step (and
+    its prefill) is this with each perspective's own cache rows."""
     model = PerspectiveLM(cfg, moe, activation_bits=activation_bits)
+    n, ext = len(policies), Extensions(route=RowRoutes(policies))
 
     @jax.jit
-    def step(params, token, cache):
-        outs = [model.apply({"params": params}, token[:, None], cache=cache,
-                            ext=Extensions(route=policy)) for policy in PERSPECTIVES]
-        return jnp.stack([logits[:, -1] for logits, _ in outs]), outs[0][1]
+    def step(params, tokens, cache):
+        logits, new = model.apply({"params": params}, tokens, cache=cache, ext=ext)
+        return by_view(logits[:, -1], n), new
     return step
+
+
+@functools.lru_cache(maxsize=16)
+def views_step(cfg: ModelConfig, moe: MoEConfig, policies: tuple = PERSPECTIVES,
+               activation_bits: int = 0):
+    """Jitted (params, token [B], cache of B rows) → (logits [n, B, V], tiled new
+    cache [B·n rows]): one decode step of every sequence under each of the n
+    `policies`, forked from the same cache, as one batch."""
+    step, n = tiled_step(cfg, moe, policies, activation_bits), len(policies)
+    return jax.jit(lambda params, token, cache: step(
+        params, jnp.repeat(token, n)[:, None], tile_cache(cache, n)))
 
 
 def forked_views(cfg: ModelConfig, moe: MoEConfig, params, token: jax.Array, cache: dict,
@@ -125,4 +168,42 @@ def forked_views(cfg: ModelConfig, moe: MoEConfig, params, token: jax.Array, cac
     """The four perspectives' next-token logits [4, B, V] for `token` [B], each forked
     from the same decode `cache` (P0's state: the views differ only in this token's
     routing), and P0's new cache — what decoding continues from."""
-    return _views_step(cfg, moe, activation_bits)(params, token, cache)
+    logits, tiled = views_step(cfg, moe, PERSPECTIVES, activation_bits)(params, token, cache)
+    return logits, cache_rows(tiled, 0, len(PERSPECTIVES))
+
+
+class MPDStep(NamedTuple):
+    """What MPD made of one decode step, per sequence [B] (numpy): the emitted
+    `token`, its `confidence`, whether MPD `triggered`, the decision `kind` (EMIT_P0
+    where it did not trigger) and the views' `agreement` (NaN where it did not)."""
+
+    token: np.ndarray
+    confidence: np.ndarray
+    triggered: np.ndarray
+    kind: np.ndarray
+    agreement: np.ndarray
+
+
+def mpd_step(p0_logits, sampled, position, cfg: MPDConfig, other_views: Callable) -> MPDStep:
+    """The MPD decode rule, shared by in-memory generation and the streaming engine.
+
+    p0_logits [B, V] (P0's next-token logits), sampled [B] (the token the sampling
+    rule drew from them), position [B] (for every-k triggering); `other_views()` →
+    logits [3, B, V] of P1..P3, called only when some row triggers. A triggered row
+    emits the voted token on EMIT_VOTE and P0's sample otherwise (EMIT_P0, or
+    UNCERTAIN: flagged); every other row emits P0's sample with confidence P0's top
+    probability (≥ p_min, or it would have triggered)."""
+    p0 = jax.nn.softmax(jnp.asarray(p0_logits, jnp.float32), axis=-1)
+    sampled = np.asarray(sampled, np.int32)
+    triggered = np.asarray(should_trigger(jnp.asarray(position), p0, cfg))
+    top = np.asarray(jnp.max(p0, axis=-1))
+    if not triggered.any():
+        nan = np.full(sampled.shape, np.nan, np.float32)
+        return MPDStep(sampled, top, triggered, np.zeros_like(sampled), nan)
+    probs = jnp.concatenate([p0[None], jax.nn.softmax(
+        jnp.asarray(other_views(), jnp.float32), axis=-1)])
+    d = jax.tree.map(np.asarray, decide(probs, cfg))
+    token = np.where(triggered & (d.kind == EMIT_VOTE), d.token, sampled).astype(np.int32)
+    return MPDStep(token, np.where(triggered, d.confidence, top).astype(np.float32),
+                   triggered, np.where(triggered, d.kind, EMIT_P0).astype(np.int32),
+                   np.where(triggered, d.agreement, np.nan).astype(np.float32))

@@ -9,9 +9,9 @@ The straight-through gate has value exactly 1 (exp(0), no division: a chosen
 expert whose softmax weight underflows — the antipode, say — still gets 1, not
 0/0), so an upcycled model (all experts equal) computes what the dense model
 did, while the task loss still trains W_route, the offsets and τ through
-∂ℓ = ∂g/g. `policy` is an `extensions.RoutePolicy` (the routing perspectives of
-SPEC §3.6); `gated_residual` is the routed block's residual, shared with the
-streaming engine. Routing statistics and the
+∂ℓ = ∂g/g. `policy` is an `extensions.RoutePolicy` or `RowRoutes` (the routing
+perspectives of SPEC §3.6); `gated_residual` is the routed block's residual,
+shared with the streaming engine. Routing statistics and the
 balance/smoothness losses are sown into the "aux" collection.
 
 activation_bits=8 (ternary stage, SPEC §3.4): the expert input h and the
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.config.choices import ROUTE_MODES
 from perspective_jax.config.param_layout import routed_ffns
-from perspective_jax.model.extensions import NEAREST, RoutePolicy
+from perspective_jax.model.extensions import NEAREST, Route, RowRoutes
 from perspective_jax.model.layers import dtype_of, flat_dot, logical
 from perspective_jax.moe import torus
 from perspective_jax.moe.dispatch import expert_swiglu
@@ -59,6 +59,23 @@ def select_expert(dist_sq, mode: str = "nearest", k: int = 0, key=None, z=None, 
                 key.reshape(-1)).reshape(key.shape)
         return jax.random.randint(key, dist_sq.shape[:-1], 0, n)
     raise ValueError(f"unknown route mode {mode!r}; use one of {ROUTE_MODES}")
+
+
+def route_experts(policy: Route, dist_sq, z, pos, segment_pos, period, layer: int):
+    """Expert index [B, T] by `policy` from squared distances dist_sq [B, T, E], the
+    query z [B, T, 3] and the expert positions pos [E, 3]; a `RowRoutes` policy routes
+    row b by its policy b mod n. `segment_pos` [B, T], `period`, `layer` seed "random"."""
+    if isinstance(policy, RowRoutes):
+        picks = jnp.stack([route_experts(p, dist_sq, z, pos, segment_pos, period, layer)
+                           for p in policy.policies])                   # [n, B, T]
+        rows = jnp.arange(dist_sq.shape[0])
+        return picks[rows % len(policy.policies), rows]
+    key = None
+    if policy.mode == "random":
+        if segment_pos is None:
+            segment_pos = jnp.broadcast_to(jnp.arange(dist_sq.shape[1]), dist_sq.shape[:2])
+        key = random_keys(policy.seed, period, layer, segment_pos)
+    return select_expert(dist_sq, policy.mode, policy.k, key, z, pos)
 
 
 def random_keys(seed: int, period, layer: int, segment_pos):
@@ -100,7 +117,7 @@ class TorusRouter(nn.Module):
 
     cfg: ModelConfig
     moe: MoEConfig
-    policy: RoutePolicy = NEAREST
+    policy: Route = NEAREST
 
     @nn.compact
     def __call__(self, h, segment_pos=None, period=0, layer: int = 0):
@@ -120,13 +137,7 @@ class TorusRouter(nn.Module):
         tau = jnp.exp(log_tau) if moe.learn_temperature else moe.router_temperature
         probs = jax.nn.softmax(-dist_sq / tau, axis=-1)
         log_probs = jax.nn.log_softmax(-dist_sq / tau, axis=-1)
-        policy = self.policy
-        key = None
-        if policy.mode == "random":
-            if segment_pos is None:
-                segment_pos = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
-            key = random_keys(policy.seed, period, layer, segment_pos)
-        idx = select_expert(dist_sq, policy.mode, policy.k, key, z, pos)
+        idx = route_experts(self.policy, dist_sq, z, pos, segment_pos, period, layer)
         log_p = jnp.take_along_axis(log_probs, idx[..., None], axis=-1)[..., 0]
         return idx, routed_gate(moe, log_p), z, probs
 
@@ -138,7 +149,7 @@ class RoutedFFN(nn.Module):
 
     cfg: ModelConfig
     moe: MoEConfig
-    policy: RoutePolicy = NEAREST
+    policy: Route = NEAREST
     activation_bits: int = 0
 
     @nn.compact

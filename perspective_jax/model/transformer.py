@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.model.attention import WindowedGQA, init_kv_cache
-from perspective_jax.model.extensions import (NEAREST, Extensions, RoutePolicy, final_hidden,
+from perspective_jax.model.extensions import (NEAREST, Extensions, Route, final_hidden,
                                               inject_vector)
 from perspective_jax.model.extensions import NONE as NO_EXTENSIONS
 from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of, flat_dot
@@ -60,7 +60,7 @@ class ResidualBlock(nn.Module):
     kind: str
     moe: MoEConfig = MoEConfig()
     activation_bits: int = 0
-    policy: RoutePolicy = NEAREST
+    policy: Route = NEAREST
     layer: int = 0
     adapter_scale: float = 1.0
 

@@ -131,6 +131,24 @@ def test_policies_change_routing_and_random_is_seeded_per_position(routed):
         RoutePolicy("farthest")
 
 
+def test_row_routes_route_each_row_by_its_own_policy(routed):
+    """RowRoutes (MPD's perspectives as one batch): row b·n + k of a tiled batch
+    equals the whole batch run under policies[k] alone — in a parallel pass."""
+    from perspective_jax.model.extensions import RowRoutes
+    cfg, params, tokens = routed
+    policies = (RoutePolicy(), RoutePolicy("kth", k=1), RoutePolicy("antipode"),
+                RoutePolicy("random", seed=3))
+    n = len(policies)
+    rows, _ = _logits(cfg, params, jnp.repeat(tokens, n, axis=0),
+                      Extensions(route=RowRoutes(policies)))
+    for k, policy in enumerate(policies):
+        alone, _ = _logits(cfg, params, tokens, Extensions(route=policy))
+        np.testing.assert_allclose(np.asarray(rows[k::n]), np.asarray(alone),
+                                   atol=2e-5, rtol=2e-5)
+    with pytest.raises(UserError, match="RowRoutes"):
+        RowRoutes(())
+
+
 def test_neutral_extensions_are_bit_identical(routed):
     cfg, params, tokens = routed
     base, _ = _logits(cfg, params, tokens)
