@@ -7,7 +7,13 @@ from which it continues exactly as if it had never stopped.
     conv.save("chat.state");  conv = Conversation.load(engine, tokenizer, "chat.state", sampling)
 
 The last sampled token is not fed until the conversation continues, so a
-continuation (with or without new prompt text) feeds it first. A state file
+continuation (with or without new prompt text) feeds it first.
+
+With `mpd=MPDConfig(...)` each token is decided by Multi-Perspective Decoding
+(`model.mpd.mpd_step`): when a step triggers, P1..P3 run as one batched engine step
+(`RowRoutes`, experts grouped per layer across the views) on the token just fed,
+forked from the state before it; `on_token(TokenInfo)` receives every token with
+its confidence. The views' cost is counted in the engine's stats (`mpd_*`). A state file
 carries a format version and a sha256 over all its content (`cache_io.
 write_checked`): an edited position or step count, or any flipped byte, is a
 one-line error naming the file.
@@ -17,14 +23,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
 from perspective_jax.infer.state import EngineState
+from perspective_jax.infer.stats import moved_bytes
+from perspective_jax.model.extensions import Extensions, RowRoutes
+from perspective_jax.model.mpd import PERSPECTIVES, MPDStep, mpd_step
 from perspective_jax.model.sampling import Sampling, sample_next
 from perspective_jax.model.cache_io import (cache_from_tensors, flatten_cache, read_checked,
                                             write_checked)
@@ -38,6 +48,18 @@ def sample_token(logits: np.ndarray, sampling: Sampling, key,
     """One token from logits [V] by the one sampling rule (`model.sampling`), below
     n_valid (the tokenizer's piece count)."""
     return int(sample_next(jnp.asarray(logits)[None], key, sampling, n_valid)[0])
+
+
+class TokenInfo(NamedTuple):
+    """One generated token for `on_token`: its id, its text (the decoded text it
+    added), MPD's confidence, whether MPD triggered, and the decision kind
+    (model.mpd EMIT_P0 / EMIT_VOTE / UNCERTAIN)."""
+
+    id: int
+    text: str
+    confidence: float
+    triggered: bool
+    kind: int
 
 
 def _streamable(text: str, stop: Sequence[str]) -> str:
@@ -54,32 +76,54 @@ def _streamable(text: str, stop: Sequence[str]) -> str:
 
 
 class Conversation:
-    def __init__(self, engine, tokenizer, sampling: Sampling = Sampling(), seed: int = 0):
+    def __init__(self, engine, tokenizer, sampling: Sampling = Sampling(), seed: int = 0,
+                 mpd: Optional[MPDConfig] = None):
         self.engine, self.tokenizer, self.sampling, self.seed = engine, tokenizer, sampling, seed
+        if mpd is not None and mpd.state != "forked":
+            raise UserError(f"mpd.state={mpd.state!r}: the streaming engine runs MPD with "
+                            "views forked from P0's state (mpd.state=forked); persistent "
+                            "states are in-memory only (model.generate.generate_mpd)")
+        self.mpd = mpd
         self.state = engine.new_state()
         self.pending: list[int] = []
         self.steps = 0                       # tokens sampled so far (the sampler's position)
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str] = (),
                  eos_id: Optional[int] = None,
-                 on_text: Optional[Callable[[str], None]] = None) -> str:
+                 on_text: Optional[Callable[[str], None]] = None,
+                 on_token: Optional[Callable[[TokenInfo], None]] = None) -> str:
         """Feed pending token + prompt, sample up to `max_tokens`; returns the new text
-        (cut before the first stop string). `on_text` receives text as it is produced."""
+        (cut before the first stop string). `on_text` receives text as it is produced;
+        `on_token` every token with its confidence (`TokenInfo`)."""
         if max_tokens < 1:
             raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
         feed = self.pending + (self.tokenizer.encode(prompt).tolist() if prompt else [])
         if not feed:
             raise UserError("the prompt is empty; give some text to continue from")
-        logits, self.state = self.engine.forward(np.asarray(feed, np.int32), self.state)
+        before = self.state                   # the state before the last token fed (MPD)
+        if self.mpd is not None and len(feed) > 1:
+            _, before = self.engine.forward(np.asarray(feed[:-1], np.int32), self.state)
+            feed = feed[-1:]
+        logits, self.state = self.engine.forward(np.asarray(feed, np.int32), before)
+        fed = feed[-1]
         out: list[int] = []
-        shown = ""
+        shown, said = "", ""
         base = jax.random.key(self.seed)
         while True:
             tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps),
                                self.tokenizer.vocab_size)
+            info = self._decide(logits, tok, before, fed) if self.mpd is not None else None
+            tok = tok if info is None else int(info.token[0])
             self.pending, self.steps = [tok], self.steps + 1   # sampled, not yet fed
             out.append(tok)
             text = self.tokenizer.decode(np.asarray(out))
+            if on_token is not None:
+                piece = text[len(said):] if text.startswith(said) else text
+                said = text
+                top = float(np.max(_softmax(logits)))
+                on_token(TokenInfo(tok, piece, top if info is None else float(info.confidence[0]),
+                                   info is not None and bool(info.triggered[0]),
+                                   0 if info is None else int(info.kind[0])))
             cut = min((text.find(s) for s in stop if s and s in text), default=-1)
             done = cut >= 0 or tok == eos_id or len(out) >= max_tokens
             if cut >= 0:
@@ -90,7 +134,33 @@ class Conversation:
                 shown = stable
             if done:
                 return text
+            before, fed = self.state, tok
             logits, self.state = self.engine.forward(np.asarray([tok], np.int32), self.state)
+
+    def _decide(self, logits: np.ndarray, sampled: int, before: EngineState,
+                fed: int) -> MPDStep:
+        """MPD on one step: P0's logits [V]; P1..P3 (when it triggers) as one batched
+        engine step on `fed` from `before`. Counts trigger, decision, agreement and
+        the views' extra expert bytes and rows in the engine's stats."""
+        engine, stats = self.engine, self.engine.stats
+        views_ext = Extensions(route=RowRoutes(PERSPECTIVES[1:]))
+        n_views = len(PERSPECTIVES) - 1
+
+        def other_views():
+            moved = moved_bytes(stats)
+            rows, _ = engine.step([before] * n_views, [fed] * n_views, views_ext)
+            stats.mpd_view_rows += n_views
+            stats.mpd_view_steps += 1
+            stats.mpd_extra_bytes += moved_bytes(stats) - moved
+            return rows[:, None, :]
+        info = mpd_step(logits[None], np.asarray([sampled]), np.asarray([self.steps]),
+                        self.mpd, other_views)
+        stats.mpd_tokens += 1
+        if info.triggered[0]:
+            stats.mpd_triggered += 1
+            stats.mpd_kinds[int(info.kind[0])] += 1
+            stats.mpd_agreements.append(float(info.agreement[0]))
+        return info
 
     # ---------------------------------------------------------------- save/resume
     def save(self, path: str) -> None:
@@ -103,7 +173,7 @@ class Conversation:
 
     @classmethod
     def load(cls, engine, tokenizer, path: str, sampling: Sampling = Sampling(),
-             seed: Optional[int] = None) -> "Conversation":
+             seed: Optional[int] = None, mpd: Optional[MPDConfig] = None) -> "Conversation":
         if os.path.isdir(path):
             raise UserError(f"--resume-state {path} is a directory; give a state file")
         if not os.path.isfile(path):
@@ -122,7 +192,7 @@ class Conversation:
                 pending.size and not 0 <= int(pending[0]) < engine.model.vocab_size):
             raise UserError(f"{path}: its pending token is missing or invalid; the state "
                             "file is damaged")
-        conv = cls(engine, tokenizer, sampling, saved_seed if seed is None else seed)
+        conv = cls(engine, tokenizer, sampling, saved_seed if seed is None else seed, mpd)
         stacked = cache_from_tensors(tensors, engine.model, path, allowed_extra=("pending",))
         if stacked["next_pos"].shape != (1,):
             raise UserError(f"{path}: holds a batch of {stacked['next_pos'].shape[0]} "
@@ -131,6 +201,12 @@ class Conversation:
         conv.pending = pending.astype(int).tolist()
         conv.steps = steps
         return conv
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
 
 
 def _counter(meta: dict, key: str, path: str) -> int:

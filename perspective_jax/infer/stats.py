@@ -32,25 +32,61 @@ class Stats:
     failed_guesses: int = 0     # wrong prefetches whose read failed (not needed: no error)
     damaged_deltas: list = dataclasses.field(default_factory=list)   # messages; each
     #                             delta failed its checksum and its target loaded in full
+    # Multi-Perspective Decoding (infer.session.Conversation with mpd)
+    mpd_tokens: int = 0         # tokens decided with MPD on
+    mpd_triggered: int = 0      # of which MPD ran the other views
+    mpd_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    mpd_agreements: list = dataclasses.field(default_factory=list)   # JSD (nats) per trigger
+    mpd_view_rows: int = 0      # rows the views added to batched steps (not emitted tokens)
+    mpd_view_steps: int = 0
+    mpd_extra_bytes: int = 0    # expert bytes moved for the views
 
     def brings(self) -> int:
         """Expert regions asked of the tiers so far (each "same", "delta" or "full")."""
         return sum(self.transfers[k] for k in KINDS)
 
 
+# agreement histogram edges (mean pairwise JSD, nats; ln 2 is the largest possible)
+AGREEMENT_EDGES = (0.0, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6932)
+MPD_KIND_NAMES = ("emit_p0", "emit_vote", "uncertain")   # model.mpd EMIT_P0, EMIT_VOTE, …
+
+
+def moved_bytes(stats: Stats) -> int:
+    """Expert bytes moved so far, wasted prefetches included."""
+    return sum(stats.bytes_moved.values())
+
+
+def mpd_report(s: Stats) -> dict:
+    """MPD's part of the --stats report: trigger rate, decisions, the agreement
+    histogram (counts per [edge_i, edge_i+1) bin, nats) and the views' extra cost."""
+    counts = [0] * (len(AGREEMENT_EDGES) - 1)
+    for a in s.mpd_agreements:
+        i = sum(a >= e for e in AGREEMENT_EDGES[1:-1])
+        counts[i] += 1
+    labels = [f"[{lo:g},{hi:.3g})" for lo, hi in zip(AGREEMENT_EDGES, AGREEMENT_EDGES[1:])]
+    return {"tokens": s.mpd_tokens, "triggered": s.mpd_triggered,
+            "trigger_rate": s.mpd_triggered / s.mpd_tokens if s.mpd_tokens else 0.0,
+            "decisions": {name: s.mpd_kinds[k] for k, name in enumerate(MPD_KIND_NAMES)},
+            "agreement_histogram": dict(zip(labels, counts)),
+            "extra_expert_bytes": s.mpd_extra_bytes, "view_steps": s.mpd_view_steps}
+
+
 def report(engine) -> dict:
     """The --stats statistics of `engine` (a StreamingEngine)."""
     s = engine.stats
+    decoded = s.decode_tokens - s.mpd_view_rows       # MPD's view rows are not tokens
     out = {
         "prefill_tokens": s.prefill_tokens,
         "prefill_tok_per_s": s.prefill_tokens / s.prefill_s if s.prefill_s else 0.0,
-        "decode_tokens": s.decode_tokens,
-        "decode_tok_per_s": s.decode_tokens / s.decode_s if s.decode_s else 0.0,
+        "decode_tokens": decoded,
+        "decode_tok_per_s": decoded / s.decode_s if s.decode_s else 0.0,
         "compile_s": s.compile_s,
         "device_bytes_held": engine.device_bytes_needed,
     }
-    if s.batch_steps:
-        out["batch_steps"] = s.batch_steps
+    if s.batch_steps - s.mpd_view_steps:
+        out["batch_steps"] = s.batch_steps - s.mpd_view_steps
+    if s.mpd_tokens:
+        out["mpd"] = mpd_report(s)
     if engine.routed:
         host, tiers = engine.host, engine.tiers
         lookups = host.hits + host.misses
