@@ -16,6 +16,8 @@ GATES = ("straight_through", "softmax")
 ROUTE_MODES = ("nearest", "kth", "antipode", "random")
 # mpd.state: how the perspectives keep state (model/mpd.py)
 MPD_STATES = ("forked", "persistent")
+# mpd.confidence: what MPD reports as a token's confidence (model/mpd.py)
+MPD_CONFIDENCES = ("ensemble", "agreement")
 # model.remat
 REMAT_POLICIES = ("none", "full", "dots")
 # ternary.scale_granularity

@@ -12,7 +12,7 @@ import math
 from typing import Optional
 
 from perspective_jax.config.choices import (BINARY_FILES, DISPATCH_IMPLS, DTYPES, GATES,
-                                            LAYER_KINDS, MPD_STATES, PDR_IMPLS, REMAT_POLICIES,
+                                            LAYER_KINDS, MPD_CONFIDENCES, MPD_STATES, PDR_IMPLS, REMAT_POLICIES,
                                             SCALE_GRANULARITIES, SEED_RANGE, TOKENIZERS)
 from perspective_jax.errors import ConfigError
 
@@ -220,7 +220,11 @@ class MPDConfig:
     nats), min_votes (of the 4 views) for a majority, and the trigger — every
     `every_k`-th position (0: never by position), P0's top probability below `p_min`,
     or P0's entropy (nats) above `h_max`; `state`: how the views keep state
-    (MPD_STATES: "forked" from P0's state per triggered token, or "persistent")."""
+    (MPD_STATES: "forked" from P0's state per triggered token, or "persistent");
+    `confidence` (MPD_CONFIDENCES): "ensemble" — the views' mean probability of the
+    emitted token (the default: calibrated, docs/benchmarks.md issue 20) — or
+    "agreement", SPEC's 1 − agree/τ, votes/4 · mean voted probability, 0 when
+    uncertain (a measure of the views' agreement, not of correctness)."""
 
     tau: float = 0.15
     min_votes: int = 3
@@ -228,9 +232,12 @@ class MPDConfig:
     p_min: float = 0.6
     h_max: float = 3.0
     state: str = "forked"
+    confidence: str = "ensemble"
 
     def __post_init__(self):
         s = "mpd"
+        _require(self.confidence in MPD_CONFIDENCES, f"{s}.confidence",
+                 f"use one of {MPD_CONFIDENCES}, got {self.confidence!r}")
         _require(self.state in MPD_STATES, f"{s}.state",
                  f"use one of {MPD_STATES}, got {self.state!r}")
         _require(0.0 < self.tau <= math.log(2), f"{s}.tau",

@@ -10,7 +10,9 @@ conf [N] in [0, 1], correct [N] bool (e.g. "the argmax was the next token"):
                    (the Mann–Whitney statistic; nan when one class is empty);
 * `risk_coverage`  for every threshold, (coverage, error rate among kept), keeping
                    the most confident first; and its area (lower is better);
-* `fit_temperature` the T minimising the NLL of softmax(logits / T) on a split.
+* `fit_temperature` the T minimising the NLL of softmax(logits / T) on a split;
+* `fit_logistic`   a logistic calibrator P(correct | features) = σ(w·f + b) fitted
+                   by Newton's method (IRLS, tiny L2), `predict_logistic` applies it.
 """
 
 from __future__ import annotations
@@ -112,3 +114,31 @@ def fit_temperature(logits, targets, lo: float = 0.05, hi: float = 20.0,
             d = a + g * (b - a)
             fd = _nll(logits, targets, np.exp(d))
     return float(np.exp((a + b) / 2))
+
+
+def fit_logistic(features, correct, l2: float = 1e-4, iters: int = 50) -> np.ndarray:
+    """Weights [F + 1] (bias last) of σ(f·w + b) maximising the L2-regularised
+    log-likelihood of `correct` [N] from features [N, F] (Newton / IRLS)."""
+    x = np.asarray(features, np.float64)
+    y = np.asarray(correct, bool).reshape(-1).astype(np.float64)
+    if x.ndim != 2 or x.shape[0] != y.size or y.size == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"need finite features [N, F] and N outcomes, got {x.shape}, {y.size}")
+    x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    w = np.zeros(x.shape[1])
+    reg = l2 * np.eye(x.shape[1])
+    reg[-1, -1] = 0.0                                  # the bias is not shrunk
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) / y.size + reg @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / y.size + reg
+        step = np.linalg.solve(hess + 1e-12 * np.eye(x.shape[1]), grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
+def predict_logistic(weights, features) -> np.ndarray:
+    """σ(f·w + b) [N] for features [N, F] and `fit_logistic`'s weights."""
+    x = np.asarray(features, np.float64)
+    return 1.0 / (1.0 + np.exp(-(x @ weights[:-1] + weights[-1])))

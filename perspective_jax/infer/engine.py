@@ -205,22 +205,26 @@ class StreamingEngine:
         return tokens
 
     def forward(self, tokens: np.ndarray, state: EngineState,
-                ext: Optional[Extensions] = None):
+                ext: Optional[Extensions] = None, all_logits: bool = False):
         """Feed tokens [T] (prefill when T > 1, in chunks); returns (last logits [V], the
-        new state). `state` itself is left as it was, so a feed that fails part-way (an
-        unreadable expert, Ctrl-C) can be retried or saved from the state before it.
+        new state) — or every position's logits [T, V] with `all_logits` (scoring text).
+        `state` itself is left as it was, so a feed that fails part-way (an unreadable
+        expert, Ctrl-C) can be retried or saved from the state before it.
         `ext` (model.extensions.Extensions) is honoured as `PerspectiveLM` honours it."""
         tokens = self._check_tokens(tokens)
         self._check_ext(ext)
         layers = [list(row) for row in state.layers]   # new lists; the caches are immutable
         pos = state.next_pos
         t0, c0 = time.perf_counter(), compile_clock.seconds()
+        parts = []
         for s in range(0, tokens.size, self.prefill_chunk):
             chunk = tokens[s: s + self.prefill_chunk]
             segment_pos = jnp.arange(pos, pos + chunk.size, dtype=jnp.int32)[None]
-            logits = self._forward_chunk(chunk[None], segment_pos, layers, ext)
+            logits = self._forward_chunk(chunk[None], segment_pos, layers, ext, all_logits)
+            parts.append(logits)
             pos += chunk.size
-        logits = np.asarray(logits)[0]
+        logits = (np.concatenate([np.asarray(p) for p in parts]) if all_logits
+                  else np.asarray(logits)[0])
         self._account(t0, c0, prefill=tokens.size if tokens.size > 1 else 0,
                       decode=1 if tokens.size == 1 else 0)
         return logits, EngineState(tuple(tuple(row) for row in layers), pos)
@@ -264,9 +268,10 @@ class StreamingEngine:
             check_extensions(ext, self.model)
 
     def _forward_chunk(self, tokens: np.ndarray, segment_pos, layers: list,
-                       ext: Optional[Extensions] = None):
+                       ext: Optional[Extensions] = None, all_positions: bool = False):
         """tokens [B, T] at positions segment_pos [B, T] through every layer, updating
-        `layers[p][i]` in place; returns the last position's logits [B, V]."""
+        `layers[p][i]` in place; returns the last position's logits [B, V] (every
+        position's, [B·T, V], with `all_positions`)."""
         cfg, n = self.model, len(self.model.layer_pattern)
         scale = 1.0 if ext is None else ext.adapter_scale
         policy = NEAREST if ext is None else ext.route
@@ -281,7 +286,8 @@ class StreamingEngine:
                 else:
                     x = L.dense_ffn(cfg, kind, lp, h)
                 x = inject_after(x, ext, p * n + i)
-        return L.head(cfg, self.final_norm, self.embed_table, x[:, -1],
+        last = x.reshape(-1, cfg.d_model) if all_positions else x[:, -1]
+        return L.head(cfg, self.final_norm, self.embed_table, last,
                       None if ext is None else ext.final_transform)
 
     def _routed(self, j: int, lp, h, segment_pos, policy=NEAREST):

@@ -14,6 +14,11 @@ distributions p_0..p_3 [4, B, V]:
     else             → emit from P0, flagged uncertain, confidence 0       (UNCERTAIN;
                        the hook for the memory fallback of SPEC §3.7)
 
+Those are SPEC's confidences (MPDConfig.confidence="agreement"); they measure how
+much the views agree, not how often the token is right (ECE 0.67 on the Quickstart
+model, issue 20). The default confidence ("ensemble") is `mean_prob`, the views'
+mean probability of the emitted token (ECE 0.065 there).
+
 MPD runs only when `should_trigger` says so (every k-th position, P0's top
 probability < p_min, or P0's entropy > h_max), so the average cost stays well
 below 4×. The rule and the metrics are jnp, batched over B; `mpd_step` applies them
@@ -49,13 +54,15 @@ EMIT_P0, EMIT_VOTE, UNCERTAIN = 0, 1, 2
 class MPDDecision(NamedTuple):
     """Per sequence [B]: `kind` (EMIT_P0 / EMIT_VOTE / UNCERTAIN), `token` (the voted
     token for EMIT_VOTE, else P0's argmax), `confidence` in [0, 1], `agreement`
-    (mean pairwise JSD, nats) and `votes` (of the most-voted argmax)."""
+    (mean pairwise JSD, nats), `votes` (of the most-voted argmax) and `mean_prob`
+    (the views' mean probability of the emitted token)."""
 
     kind: jax.Array
     token: jax.Array
     confidence: jax.Array
     agreement: jax.Array
     votes: jax.Array
+    mean_prob: jax.Array
 
 
 def _xlogy_ratio(p, q):
@@ -98,8 +105,12 @@ def decide(probs: jax.Array, cfg: MPDConfig = MPDConfig()) -> MPDDecision:
     token = jnp.where(kind == EMIT_VOTE, voted, top[0])
     confidence = jnp.where(calm, 1.0 - agree / cfg.tau,
                            jnp.where(majority, vote_conf, 0.0))
+    mean_prob = jnp.mean(jnp.take_along_axis(probs, token[None, :, None], axis=-1)[..., 0], 0)
+    if cfg.confidence == "ensemble":
+        confidence = mean_prob
     return MPDDecision(kind.astype(jnp.int32), token.astype(jnp.int32),
-                       jnp.clip(confidence, 0.0, 1.0), agree, votes.astype(jnp.int32))
+                       jnp.clip(confidence, 0.0, 1.0), agree, votes.astype(jnp.int32),
+                       mean_prob)
 
 
 def entropy(probs: jax.Array) -> jax.Array:

@@ -53,3 +53,22 @@ def test_fit_temperature_recovers_the_generating_temperature():
 def test_bad_inputs_are_clear_errors(conf, correct, match):
     with pytest.raises(ValueError, match=match):
         ece(conf, correct)
+
+
+def test_fit_logistic_matches_a_gradient_descent_reference_and_recovers_the_model():
+    """Newton's fit = plain gradient descent on the same objective (float64); on data
+    drawn from σ(2a − b + 0.5) it recovers the weights."""
+    from perspective_jax.evaluate.calibration import fit_logistic, predict_logistic
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20000, 2))
+    y = rng.random(20000) < 1 / (1 + np.exp(-(2 * x[:, 0] - x[:, 1] + 0.5)))
+    w = fit_logistic(x, y, l2=0.0)
+    np.testing.assert_allclose(w, [2.0, -1.0, 0.5], atol=0.1)
+    xb = np.c_[x[:2000], np.ones(2000)]
+    v = np.zeros(3)
+    for _ in range(20000):                       # reference: gradient descent
+        p = 1 / (1 + np.exp(-xb @ v))
+        v -= 0.5 * xb.T @ (p - y[:2000]) / 2000
+    np.testing.assert_allclose(fit_logistic(x[:2000], y[:2000], l2=0.0), v, atol=1e-3)
+    p = predict_logistic(w, x)
+    assert p.shape == (20000,) and np.all((p > 0) & (p < 1))

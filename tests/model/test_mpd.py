@@ -55,7 +55,7 @@ def test_agreement_is_the_mean_of_the_six_pairs_batched():
 def test_calm_views_emit_p0_with_confidence_one_minus_agreement_over_tau():
     p = dist(6, 3, 1)
     probs = jnp.asarray(np.stack([p, dist(6.2, 2.8, 1), dist(5.9, 3.1, 1), p])[:, None])
-    d = decide(probs, MPDConfig(tau=0.15))
+    d = decide(probs, MPDConfig(tau=0.15, confidence="agreement"))
     agree = float(d.agreement[0])
     assert agree < 0.15 and int(d.kind[0]) == EMIT_P0 and int(d.token[0]) == 0
     assert float(d.confidence[0]) == pytest.approx(1 - agree / 0.15, abs=1e-6)
@@ -63,15 +63,20 @@ def test_calm_views_emit_p0_with_confidence_one_minus_agreement_over_tau():
 
 def test_disagreeing_views_vote_and_the_vote_confidence():
     views = [dist(1, 8, 1), dist(1, 7, 2), dist(9, 1, 0.1), dist(1, 6, 3)]   # argmax 1,1,0,1
-    d = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05))
+    d = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05, confidence="agreement"))
     assert int(d.kind[0]) == EMIT_VOTE and int(d.token[0]) == 1 and int(d.votes[0]) == 3
     mean_p = np.mean([views[i][1] for i in (0, 1, 3)])
     assert float(d.confidence[0]) == pytest.approx(3 / 4 * mean_p, abs=1e-6)
+    ensemble = np.mean([v[1] for v in views])                    # all four views' p(token)
+    assert float(d.mean_prob[0]) == pytest.approx(ensemble, abs=1e-6)
+    e = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05, confidence="ensemble"))
+    assert float(e.confidence[0]) == pytest.approx(ensemble, abs=1e-6)
+    assert int(e.token[0]) == 1
 
 
 def test_no_majority_is_p0_flagged_uncertain():
     views = [dist(1, 8, 1, 1), dist(8, 1, 1, 1), dist(1, 1, 8, 1), dist(1, 1, 1, 8)]
-    d = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05))
+    d = decide(jnp.asarray(np.stack(views)[:, None]), MPDConfig(tau=0.05, confidence="agreement"))
     assert int(d.kind[0]) == UNCERTAIN and int(d.token[0]) == 1
     assert float(d.confidence[0]) == 0.0
     two_two = [dist(1, 8, 1), dist(1, 8, 1.5), dist(8, 1, 1), dist(8, 1.5, 1)]
