@@ -215,6 +215,10 @@ def cli_entry(fn=None, *, on_signal: Optional[str] = None):
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except BrokenPipeError:               # `… | head`: the reader has gone; stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
         except OSError as exc:
             if exc.errno not in DISK_ERRNOS:
                 raise                     # a bug, not the machine: keep its traceback
@@ -232,3 +236,31 @@ def exit_with(fn):
     def run():
         sys.exit(fn(sys.argv[1:]))
     return run
+
+
+def add_mpd_flags(parser: argparse.ArgumentParser, switch: bool) -> None:
+    """Multi-Perspective Decoding's flags (`MPDConfig`); `switch` adds --mpd itself."""
+    from perspective_jax.config.choices import MPD_CONFIDENCES
+    from perspective_jax.config.schema import MPDConfig
+    d = MPDConfig()
+    g = parser.add_argument_group("multi-perspective decoding (MPD)")
+    if switch:
+        g.add_argument("--mpd", action="store_true",
+                       help="decide tokens with the four routing perspectives when triggered")
+    g.add_argument("--mpd-every-k", type=int_in(0), default=d.every_k,
+                   help="trigger every k-th token (0 = never by position)")
+    g.add_argument("--mpd-p-min", type=float_in(0.0, 1.0), default=d.p_min,
+                   help="trigger when P0's top probability is below this")
+    g.add_argument("--mpd-h-max", type=float_in(0.0, 1e6), default=d.h_max,
+                   help="trigger when P0's entropy (nats) is above this")
+    g.add_argument("--mpd-tau", type=float_in(0.0, 0.6931, open_low=True), default=d.tau,
+                   help="agreement threshold (mean pairwise JSD, nats)")
+    g.add_argument("--mpd-confidence", choices=MPD_CONFIDENCES, default=d.confidence,
+                   help="ensemble: the views' mean probability of the token; agreement: "
+                        "SPEC's 1 - agree/tau and vote share")
+
+
+def mpd_from_args(a: argparse.Namespace):
+    from perspective_jax.config.schema import MPDConfig
+    return MPDConfig(tau=a.mpd_tau, every_k=a.mpd_every_k, p_min=a.mpd_p_min,
+                     h_max=a.mpd_h_max, confidence=a.mpd_confidence)

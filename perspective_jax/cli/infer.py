@@ -1,6 +1,11 @@
 """perspective-infer: generate from an exported model with layer-streamed experts.
 
     perspective-infer --model-dir models/tiny "def main(" --max-tokens 64 --stats
+    perspective-infer --model-dir models/tiny "def main(" --mpd --show-confidence
+
+--show-confidence (with --mpd): on a terminal, tokens below --low-confidence are
+underlined in red; otherwise stdout is a JSON Lines stream, one object per token
+({"token", "id", "confidence", "mpd", "decision"}).
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import sys
 
 from perspective_jax.cli import compile_cache
 from perspective_jax.config.choices import IO_MODES, PREDICTORS, TEMPERATURE_RANGE
-from perspective_jax.cli.common import (OneLineParser, check_output_file, cli_entry, exit_with,
-                                        float_in, int_in, megabytes)
+from perspective_jax.cli.common import (OneLineParser, add_mpd_flags, check_output_file,
+                                        cli_entry, exit_with, float_in, int_in, megabytes,
+                                        mpd_from_args)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 
@@ -51,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--transfer-thread", action="store_true",
                    help="copy regions to the device on a thread of their own while the "
                         "disk reads on (for accelerators; not yet measured on one)")
+    add_mpd_flags(p, switch=True)
+    c = p.add_argument_group("confidence")
+    c.add_argument("--show-confidence", action="store_true",
+                   help="per-token confidence (needs --mpd): marked on a terminal, JSON "
+                        "Lines otherwise")
+    c.add_argument("--low-confidence", type=float_in(0.0, 1.0), default=0.5,
+                   help="tokens below this confidence are marked on a terminal")
     s = p.add_argument_group("state and statistics")
     s.add_argument("--save-state", metavar="FILE", help="save the conversation afterwards")
     s.add_argument("--resume-state", metavar="FILE", help="continue a saved conversation")
@@ -68,6 +81,10 @@ def run(argv=None) -> int:
     if not prompt and not a.resume_state:
         raise UserError("the prompt is empty; pass the text to continue, e.g. "
                         "perspective-infer --model-dir M \"Once upon a time\"")
+    if a.show_confidence and not a.mpd:
+        raise UserError("--show-confidence needs --mpd (the confidence comes from the "
+                        "routing perspectives)")
+    mpd = mpd_from_args(a) if a.mpd else None
     for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json)):
         if path:
             check_output_file(path, flag)
@@ -93,14 +110,17 @@ def run(argv=None) -> int:
                             prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
     engine = StreamingEngine(a.model_dir, options, manifest=manifest)
     if a.resume_state:
-        conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed)
+        conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed,
+                                 mpd=mpd)
     else:
-        conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0)
-    if not a.resume_state:
+        conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0, mpd=mpd)
+    shower = _confidence_printer(a.low_confidence) if a.show_confidence else None
+    if not a.resume_state and (shower is None or shower.terminal):
         sys.stdout.write(prompt)
+    on_text = None if shower else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     try:
         conv.generate(prompt, a.max_tokens, stop=a.stop, eos_id=getattr(tokenizer, "eos_id", None),
-                      on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                      on_text=on_text, on_token=shower)
     except BaseException:                     # Ctrl-C, an unreadable expert: the state is
         if a.save_state:                      # that before the feed that failed — keep it
             conv.save(a.save_state)
@@ -109,7 +129,8 @@ def run(argv=None) -> int:
         raise
     finally:
         engine.close()
-    sys.stdout.write("\n")
+    if shower is None or shower.terminal:
+        sys.stdout.write("\n")
     sys.stdout.flush()
     _warn_damaged_deltas(engine.stats.damaged_deltas)
     if a.save_state:
@@ -121,6 +142,27 @@ def run(argv=None) -> int:
         with open(a.stats_json, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0
+
+
+class _confidence_printer:
+    """on_token for --show-confidence: on a terminal the text, low-confidence tokens
+    underlined in red; otherwise one JSON object per token."""
+
+    DECISIONS = ("p0", "vote", "uncertain")      # model.mpd EMIT_P0, EMIT_VOTE, UNCERTAIN
+
+    def __init__(self, low: float):
+        self.low, self.terminal = low, sys.stdout.isatty()
+
+    def __call__(self, info) -> None:
+        if self.terminal:
+            mark = info.confidence < self.low
+            sys.stdout.write(f"\x1b[4;31m{info.text}\x1b[0m" if mark and info.text
+                             else info.text)
+        else:
+            sys.stdout.write(json.dumps({
+                "token": info.text, "id": info.id, "confidence": round(info.confidence, 6),
+                "mpd": info.triggered, "decision": self.DECISIONS[info.kind]}) + "\n")
+        sys.stdout.flush()
 
 
 def _warn_damaged_deltas(messages: list) -> None:

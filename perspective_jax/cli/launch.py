@@ -1,7 +1,7 @@
 """Console-script entry points: pick the host allocator (`cli.allocator`), which
 needs a re-execution before anything heavy is imported, then run the command.
 `perspective-train` and `perspective-export` get the faster allocator on CPU;
-`perspective-infer`, `-info` and `-budget` run as they are.
+`perspective-infer`, `-eval`, `-info` and `-budget` run as they are.
 
 pyproject.toml maps `perspective-train` to `launch:train` and so on; the command
 modules themselves (`python -m perspective_jax.cli.train`) run without it. Each
@@ -30,6 +30,11 @@ def infer() -> None:
     # jemalloc with decay disabled keeps freed pages mapped, so infer stays on the
     # system allocator (its decode speed with jemalloc is not measured yet).
     from perspective_jax.cli.infer import main
+    main()
+
+
+def evaluate() -> None:
+    from perspective_jax.cli.eval import main
     main()
 
 

@@ -4,12 +4,16 @@ Fitted on a validation split, reported on a separate test split (`Scored`):
 
     softmax          max softmax probability of P0; correct = P0's argmax is the target
     temperature      the same after softmax(logits / T), T fitted on validation NLL
-    mpd_forked       MPD's confidence (views forked from P0's state); correct = the
-                     token MPD emits (the vote, or P0's argmax) is the target
-    mpd_persistent   the same with per-perspective persistent states
-    mpd_ensemble     (forked) the views' mean probability of the emitted token
-    mpd_triggered    as decoding runs it: MPD's (forked) confidence where the trigger
-                     fires (`model.mpd.should_trigger`), the softmax's elsewhere
+    mpd_agreement_forked      SPEC's MPD confidence (1 − agree/τ, vote share · mean
+                              voted probability, 0 when uncertain), views forked from
+                              P0's state; correct = the token MPD emits (the vote,
+                              or P0's argmax) is the target
+    mpd_agreement_persistent  the same with persistent per-perspective states
+    mpd_ensemble_forked       the views' mean probability of MPD's token (forked)
+    mpd_ensemble_persistent   the same, persistent states
+    mpd_triggered    as decoding runs it: MPD's forked confidence (MPDConfig.confidence)
+                     where the trigger fires (`model.mpd.should_trigger`), the
+                     softmax's elsewhere
     logistic         σ(w·[log max-prob, log ensemble prob, agreement] + b) fitted on
                      validation: a calibrator of MPD's (forked) token over softmax
                      and the views' features
@@ -32,8 +36,8 @@ from perspective_jax.evaluate.calibration import (auroc, ece, fit_logistic, fit_
 from perspective_jax.evaluate.teacher_forced import Scored
 from perspective_jax.model.mpd import should_trigger
 
-METHODS = ("softmax", "temperature", "mpd_forked", "mpd_persistent", "mpd_ensemble",
-           "mpd_triggered", "logistic")
+METHODS = ("softmax", "temperature", "mpd_agreement_forked", "mpd_agreement_persistent",
+           "mpd_ensemble_forked", "mpd_ensemble_persistent", "mpd_triggered", "logistic")
 
 
 class Row(NamedTuple):
@@ -70,14 +74,16 @@ def methods(val: Scored, test: Scored, cfg: MPDConfig = MPDConfig()) -> dict:
     for state in ("forked", "persistent"):
         if state in test.mpd:
             d = test.mpd[state]
-            out[f"mpd_{state}"] = (d.confidence.astype(np.float64), d.token == test.targets)
+            right = d.token == test.targets
+            out[f"mpd_agreement_{state}"] = (d.confidence.astype(np.float64), right)
+            out[f"mpd_ensemble_{state}"] = (d.mean_prob.astype(np.float64), right)
     fitted = {"temperature": temperature}
     if "forked" in test.mpd:
         d = test.mpd["forked"]
-        out["mpd_ensemble"] = (d.mean_prob.astype(np.float64), d.token == test.targets)
+        mpd_conf = d.mean_prob if cfg.confidence == "ensemble" else d.confidence
         fires = np.asarray(should_trigger(jnp.asarray(test.position),
                                           jnp.asarray(probs, jnp.float32), cfg))
-        out["mpd_triggered"] = (np.where(fires, d.confidence, probs.max(axis=-1)),
+        out["mpd_triggered"] = (np.where(fires, mpd_conf, probs.max(axis=-1)),
                                 np.where(fires, d.token, probs.argmax(-1)) == test.targets)
         fitted["trigger_rate"] = float(fires.mean())
         weights = fit_logistic(_features(val), val.mpd["forked"].token == val.targets)

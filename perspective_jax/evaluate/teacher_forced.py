@@ -19,6 +19,7 @@ Each MPD variant keeps `model.mpd.decide`'s outcome per position (`Decisions`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -34,8 +35,9 @@ MPD_STATES_SCORED = ("forked", "persistent")
 
 
 class Decisions(NamedTuple):
-    """MPD's decision per position [N]: emitted token, confidence, agreement (nats),
-    kind, and the views' mean probability of the emitted token."""
+    """MPD's decision per position [N]: emitted token, SPEC's confidence
+    (MPDConfig.confidence="agreement"), agreement (nats), kind, and the views' mean
+    probability of the emitted token (the "ensemble" confidence)."""
 
     token: np.ndarray
     confidence: np.ndarray
@@ -77,7 +79,7 @@ def segments(ids: np.ndarray, seg_len: int, max_segments: int) -> np.ndarray:
 
 
 def _decisions(probs: jax.Array, cfg: MPDConfig) -> Decisions:
-    d = decide(probs, cfg)
+    d = decide(probs, dataclasses.replace(cfg, confidence="agreement"))
     return Decisions(np.asarray(d.token), np.asarray(d.confidence),
                      np.asarray(d.agreement), np.asarray(d.kind), np.asarray(d.mean_prob))
 

@@ -195,6 +195,18 @@ class MPDStep(NamedTuple):
     agreement: np.ndarray
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def _triggers(p0_logits, position, cfg: MPDConfig):
+    p0 = jax.nn.softmax(p0_logits.astype(jnp.float32), axis=-1)
+    return should_trigger(position, p0, cfg), jnp.max(p0, axis=-1), p0
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _decide_views(p0, view_logits, cfg: MPDConfig) -> MPDDecision:
+    probs = jnp.concatenate([p0[None], jax.nn.softmax(view_logits.astype(jnp.float32), -1)])
+    return decide(probs, cfg)
+
+
 def mpd_step(p0_logits, sampled, position, cfg: MPDConfig, other_views: Callable) -> MPDStep:
     """The MPD decode rule, shared by in-memory generation and the streaming engine.
 
@@ -203,17 +215,14 @@ def mpd_step(p0_logits, sampled, position, cfg: MPDConfig, other_views: Callable
     logits [3, B, V] of P1..P3, called only when some row triggers. A triggered row
     emits the voted token on EMIT_VOTE and P0's sample otherwise (EMIT_P0, or
     UNCERTAIN: flagged); every other row emits P0's sample with confidence P0's top
-    probability (≥ p_min, or it would have triggered)."""
-    p0 = jax.nn.softmax(jnp.asarray(p0_logits, jnp.float32), axis=-1)
+    probability (≥ p_min, or it would have triggered). Two jitted calls at most."""
     sampled = np.asarray(sampled, np.int32)
-    triggered = np.asarray(should_trigger(jnp.asarray(position), p0, cfg))
-    top = np.asarray(jnp.max(p0, axis=-1))
+    fires, top, p0 = _triggers(jnp.asarray(p0_logits), jnp.asarray(position, jnp.int32), cfg)
+    triggered, top = np.asarray(fires), np.asarray(top)
     if not triggered.any():
         nan = np.full(sampled.shape, np.nan, np.float32)
         return MPDStep(sampled, top, triggered, np.zeros_like(sampled), nan)
-    probs = jnp.concatenate([p0[None], jax.nn.softmax(
-        jnp.asarray(other_views(), jnp.float32), axis=-1)])
-    d = jax.tree.map(np.asarray, decide(probs, cfg))
+    d = jax.tree.map(np.asarray, _decide_views(p0, jnp.asarray(other_views()), cfg))
     token = np.where(triggered & (d.kind == EMIT_VOTE), d.token, sampled).astype(np.int32)
     return MPDStep(token, np.where(triggered, d.confidence, top).astype(np.float32),
                    triggered, np.where(triggered, d.kind, EMIT_P0).astype(np.int32),

@@ -1,0 +1,96 @@
+"""perspective-eval: loss, calibration, decode speed and memory of a streamed model,
+checked against the gates you declare.
+
+    perspective-eval --model-dir models/tiny --data held_out/ --gates gates.yaml --out report/
+
+Prints every metric with PASS/FAIL for the gated ones, writes report.json,
+report.md, reliability.png and risk_coverage.png to --out, and exits 1 when a gate
+fails (2 on bad input).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from perspective_jax.cli import compile_cache
+from perspective_jax.cli.common import (OneLineParser, add_mpd_flags, cli_entry, exit_with,
+                                        int_in, megabytes, mpd_from_args)
+from perspective_jax.errors import UserError
+
+
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="perspective-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", help="directory written by perspective-export")
+    p.add_argument("--data", action="append", default=[], metavar="FILE_OR_DIR",
+                   help="held-out text: files, directories or globs (repeatable)")
+    p.add_argument("--gates", metavar="YAML", help="gates to check (see docs/evaluation.md)")
+    p.add_argument("--out", metavar="REPORT_DIR", help="write JSON, Markdown and PNGs here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--list-metrics", action="store_true", help="list the metrics and exit")
+    e = p.add_argument_group("evaluation size")
+    e.add_argument("--segment-len", type=int_in(2), default=128)
+    e.add_argument("--max-segments", type=int_in(2), default=32,
+                   help="segments scored (half validation, half test)")
+    e.add_argument("--decode-tokens", type=int_in(2), default=64,
+                   help="tokens per timed generation")
+    e.add_argument("--no-persistent", action="store_true",
+                   help="skip scoring MPD with persistent per-perspective states")
+    add_mpd_flags(p, switch=False)
+    m = p.add_argument_group("engine")
+    m.add_argument("--host-budget-mb", type=megabytes, default=1024)
+    m.add_argument("--device-slots", type=int_in(2), default=2)
+    compile_cache.add_flag(m)
+    return p
+
+
+@cli_entry
+def run(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    from perspective_jax.evaluate.metrics import METRICS
+    if a.list_metrics:
+        for m in METRICS.values():
+            print(f"{m.name:36s} {m.unit or '-':11s} {m.better:7s} {m.description}")
+        return 0
+    if not a.model_dir or not a.data:
+        raise UserError("--model-dir and --data are required (perspective-eval --model-dir M "
+                        "--data FILE_OR_DIR)")
+    from perspective_jax.evaluate.gates import check, load_gates
+    gates = load_gates(a.gates) if a.gates else []       # bad gates fail before any work
+    mpd = mpd_from_args(a)
+    from perspective_jax.evaluate.report import metric_rows, text_table, write_report
+    from perspective_jax.evaluate.run import EvalOptions, evaluate_model
+    opts = EvalOptions(segment_len=a.segment_len, max_segments=a.max_segments,
+                       decode_tokens=a.decode_tokens, mpd=mpd, persistent=not a.no_persistent,
+                       host_budget_mb=a.host_budget_mb, device_slots=a.device_slots)
+    compile_cache.enable(a.compilation_cache)
+    log = (lambda msg: print(msg, file=sys.stderr))
+    result = evaluate_model(a.model_dir, a.data, opts, log)
+    verdicts = check(gates, result.values)
+    header = {"model_dir": a.model_dir, "data": a.data, "title": a.model_dir}
+    if a.out:
+        for path in write_report(a.out, header, result.values, verdicts, result.confidences,
+                                 result.fitted):
+            print(f"wrote {path}", file=sys.stderr)
+    if a.json:
+        print(json.dumps({"metrics": result.values, "gates": [
+            {"metric": v.gate.metric, "op": v.gate.op, "threshold": v.gate.threshold,
+             "value": v.value, "passed": v.passed} for v in verdicts],
+            "passed": all(v.passed for v in verdicts)}, indent=1))
+    else:
+        print(text_table(metric_rows(result.values, verdicts)))
+    failed = [v for v in verdicts if not v.passed]
+    if failed:
+        print(f"{len(failed)} of {len(verdicts)} gates failed: "
+              + "; ".join(f"{v.gate} (measured {v.value if v.value is not None else 'nothing'})"
+                          for v in failed), file=sys.stderr)
+        return 1
+    if verdicts:
+        print(f"all {len(verdicts)} gates passed", file=sys.stderr)
+    return 0
+
+
+main = exit_with(run)
+
+if __name__ == "__main__":
+    main()
