@@ -67,6 +67,14 @@ def exported(tmp_path_factory):
     return cfg, params, path
 
 
+@pytest.fixture(scope="session")
+def exported_distinct(tmp_path_factory):
+    """(config, params, model dir) of a small exported routed model whose experts
+    differ, so MPD's views disagree (MPD and perspective-eval tests)."""
+    from streaming_helpers import distinct_model
+    return distinct_model(tmp_path_factory.mktemp("distinct"), _small_cfg())
+
+
 @pytest.fixture
 def exported_writable(exported, tmp_path):
     """`exported` with the model directory copied to a writable place of its own."""

@@ -53,6 +53,16 @@ def exported_model(tmp_path, small_cfg):
     return cfg, params, export_model(tmp_path, cfg, params)
 
 
+def distinct_model(tmp_path, small_cfg):
+    """(config, float params, model dir) of a small routed model whose experts really
+    differ (scaled-up down projections), so MPD's perspectives disagree."""
+    cfg = routed_cfg(small_cfg)
+    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a * 12.0 if "w_down" in jax.tree_util.keystr(p) else a, params)
+    return cfg, params, export_model(tmp_path, cfg, params)
+
+
 def reference_logits(cfg, params, prompt, steps, ext=None):
     """In-memory model with the exported (ternary) expert values (and int8 expert
     activations when the export's config has ternary.activation_bits=8), under the

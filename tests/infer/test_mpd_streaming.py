@@ -29,24 +29,9 @@ def _streamed(path, prompt, n, mpd):
     return infos, report
 
 
-@pytest.fixture(scope="module")
-def distinct(tmp_path_factory):
-    """An exported routed model whose experts really differ (scaled-up down
-    projections), so the perspectives disagree."""
-    from conftest import _small_cfg
-    from streaming_helpers import export_model, routed_cfg
-
-    from perspective_jax.model.transformer import init_params
-    cfg = routed_cfg(_small_cfg())
-    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, a: a * 12.0 if "w_down" in jax.tree_util.keystr(p) else a, params)
-    return cfg, params, export_model(tmp_path_factory.mktemp("distinct"), cfg, params)
-
-
 @pytest.mark.slow
-def test_streaming_mpd_equals_in_memory_mpd(distinct):
-    cfg, params, path = distinct
+def test_streaming_mpd_equals_in_memory_mpd(exported_distinct):
+    cfg, params, path = exported_distinct
     prompt, n = "MPD: ", 10
     mpd = MPDConfig(every_k=2, p_min=0.0, h_max=100.0, tau=0.003)
     infos, report = _streamed(path, prompt, n, mpd)
