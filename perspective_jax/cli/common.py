@@ -255,6 +255,8 @@ def add_mpd_flags(parser: argparse.ArgumentParser, switch: bool) -> None:
                    help="trigger when P0's entropy (nats) is above this")
     g.add_argument("--mpd-tau", type=float_in(0.0, 0.6931, open_low=True), default=d.tau,
                    help="agreement threshold (mean pairwise JSD, nats)")
+    g.add_argument("--mpd-max-rate", type=float_in(0.0, 1.0, open_low=True), default=d.max_rate,
+                   help="MPD runs on at most this share of tokens (1 = no cap)")
     g.add_argument("--mpd-confidence", choices=MPD_CONFIDENCES, default=d.confidence,
                    help="ensemble: the views' mean probability of the token; agreement: "
                         "SPEC's 1 - agree/tau and vote share")
@@ -263,4 +265,4 @@ def add_mpd_flags(parser: argparse.ArgumentParser, switch: bool) -> None:
 def mpd_from_args(a: argparse.Namespace):
     from perspective_jax.config.schema import MPDConfig
     return MPDConfig(tau=a.mpd_tau, every_k=a.mpd_every_k, p_min=a.mpd_p_min,
-                     h_max=a.mpd_h_max, confidence=a.mpd_confidence)
+                     h_max=a.mpd_h_max, confidence=a.mpd_confidence, max_rate=a.mpd_max_rate)

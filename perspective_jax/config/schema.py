@@ -233,9 +233,17 @@ class MPDConfig:
     h_max: float = 3.0
     state: str = "forked"
     confidence: str = "ensemble"
+    max_rate: float = 0.15
+
+    # `max_rate`: MPD runs on at most this share of tokens — a trigger is honoured
+    # only while triggers so far < max_rate · (tokens so far + 1) — so decoding keeps
+    # ≥ 1 / (1 + max_rate · views cost) of its rate (≈ 0.69 at 0.15, views ≈ 3 P0
+    # steps; SPEC's 8-vs-12 tok/s gate). 1 = no cap.
 
     def __post_init__(self):
         s = "mpd"
+        _require(0.0 < self.max_rate <= 1.0, f"{s}.max_rate",
+                 f"must lie in (0, 1], got {self.max_rate}")
         _require(self.confidence in MPD_CONFIDENCES, f"{s}.confidence",
                  f"use one of {MPD_CONFIDENCES}, got {self.confidence!r}")
         _require(self.state in MPD_STATES, f"{s}.state",

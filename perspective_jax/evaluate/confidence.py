@@ -12,8 +12,8 @@ Fitted on a validation split, reported on a separate test split (`Scored`):
     mpd_ensemble_forked       the views' mean probability of MPD's token (forked)
     mpd_ensemble_persistent   the same, persistent states
     mpd_triggered    as decoding runs it: MPD's forked confidence (MPDConfig.confidence)
-                     where the trigger fires (`model.mpd.should_trigger`), the
-                     softmax's elsewhere
+                     where the trigger fires within the budget (`should_trigger`,
+                     `within_budget`), the softmax's elsewhere
     logistic         σ(w·[log max-prob, log ensemble prob, agreement] + b) fitted on
                      validation: a calibrator of MPD's (forked) token over softmax
                      and the views' features
@@ -34,7 +34,7 @@ from perspective_jax.config.schema import MPDConfig
 from perspective_jax.evaluate.calibration import (auroc, ece, fit_logistic, fit_temperature,
                                                   predict_logistic, risk_coverage)
 from perspective_jax.evaluate.teacher_forced import Scored
-from perspective_jax.model.mpd import should_trigger
+from perspective_jax.model.mpd import should_trigger, within_budget
 
 METHODS = ("softmax", "temperature", "mpd_agreement_forked", "mpd_agreement_persistent",
            "mpd_ensemble_forked", "mpd_ensemble_persistent", "mpd_triggered", "logistic")
@@ -81,8 +81,9 @@ def methods(val: Scored, test: Scored, cfg: MPDConfig = MPDConfig()) -> dict:
     if "forked" in test.mpd:
         d = test.mpd["forked"]
         mpd_conf = d.mean_prob if cfg.confidence == "ensemble" else d.confidence
-        fires = np.asarray(should_trigger(jnp.asarray(test.position),
-                                          jnp.asarray(probs, jnp.float32), cfg))
+        fires = budgeted(np.asarray(should_trigger(jnp.asarray(test.position),
+                                                   jnp.asarray(probs, jnp.float32), cfg)),
+                         test.position, test.segment, cfg.max_rate)
         out["mpd_triggered"] = (np.where(fires, mpd_conf, probs.max(axis=-1)),
                                 np.where(fires, d.token, probs.argmax(-1)) == test.targets)
         fitted["trigger_rate"] = float(fires.mean())
@@ -90,6 +91,22 @@ def methods(val: Scored, test: Scored, cfg: MPDConfig = MPDConfig()) -> dict:
         out["logistic"] = (predict_logistic(weights, _features(test)), d.token == test.targets)
         fitted["logistic"] = weights.tolist()
     out["fitted"] = fitted
+    return out
+
+
+def budgeted(fires: np.ndarray, position: np.ndarray, segment: np.ndarray,
+             max_rate: float) -> np.ndarray:
+    """The triggers decoding would honour: per segment, in position order, a trigger
+    counts only while within `model.mpd.within_budget`."""
+    out = np.zeros_like(fires)
+    for seg in np.unique(segment):
+        idx = np.flatnonzero(segment == seg)
+        idx = idx[np.argsort(position[idx], kind="stable")]
+        spent = 0
+        for i in idx:
+            if fires[i] and within_budget(spent, position[i], max_rate):
+                out[i] = True
+                spent += 1
     return out
 
 

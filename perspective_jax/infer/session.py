@@ -84,6 +84,7 @@ class Conversation:
                             "views forked from P0's state (mpd.state=forked); persistent "
                             "states are in-memory only (model.generate.generate_mpd)")
         self.mpd = mpd
+        self.mpd_spent = 0                   # MPD triggers honoured (the budget, max_rate)
         self.state = engine.new_state()
         self.pending: list[int] = []
         self.steps = 0                       # tokens sampled so far (the sampler's position)
@@ -154,9 +155,10 @@ class Conversation:
             stats.mpd_extra_bytes += moved_bytes(stats) - moved
             return rows[:, None, :]
         info = mpd_step(logits[None], np.asarray([sampled]), np.asarray([self.steps]),
-                        self.mpd, other_views)
+                        self.mpd, other_views, np.asarray([self.mpd_spent]))
         stats.mpd_tokens += 1
         if info.triggered[0]:
+            self.mpd_spent += 1
             stats.mpd_triggered += 1
             stats.mpd_kinds[int(info.kind[0])] += 1
             stats.mpd_agreements.append(float(info.agreement[0]))

@@ -97,6 +97,7 @@ def generate_mpd(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: i
     b, n = prompt.shape[0], len(PERSPECTIVES)
     rng = jax.random.key(seed)
     steps: list[MPDStep] = []
+    spent = np.zeros(b, np.int32)                  # triggers honoured so far (the budget)
     if mpd.state == "persistent":
         step4 = tiled_step(cfg, moe, PERSPECTIVES, activation_bits)
         logits4, cache = step4(params, jnp.asarray(np.repeat(prompt, n, axis=0)),
@@ -104,7 +105,8 @@ def generate_mpd(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: i
         for i in range(max_new_tokens):
             rng, sub = jax.random.split(rng)
             s = mpd_step(logits4[0], sample_next(logits4[0], sub, sampling, n_valid),
-                         np.full(b, i), mpd, lambda: logits4[1:])
+                         np.full(b, i), mpd, lambda: logits4[1:], spent)
+            spent += s.triggered
             steps.append(s)
             if i + 1 < max_new_tokens:
                 logits4, cache = step4(params, jnp.asarray(np.repeat(s.token, n))[:, None],
@@ -120,7 +122,8 @@ def generate_mpd(cfg: ModelConfig, params, prompt: np.ndarray, max_new_tokens: i
         logits, new_cache = step(params, fed, cache)
         rng, sub = jax.random.split(rng)
         s = mpd_step(logits, sample_next(logits, sub, sampling, n_valid), np.full(b, i), mpd,
-                     lambda: views(params, fed, cache)[0])
+                     lambda: views(params, fed, cache)[0], spent)
+        spent += s.triggered
         steps.append(s)
         fed, cache = jnp.asarray(s.token), new_cache
     return np.stack([s.token for s in steps], axis=1), steps

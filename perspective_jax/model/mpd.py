@@ -20,8 +20,9 @@ model, issue 20). The default confidence ("ensemble") is `mean_prob`, the views'
 mean probability of the emitted token (ECE 0.065 there).
 
 MPD runs only when `should_trigger` says so (every k-th position, P0's top
-probability < p_min, or P0's entropy > h_max), so the average cost stays well
-below 4×. The rule and the metrics are jnp, batched over B; `mpd_step` applies them
+probability < p_min, or P0's entropy > h_max) and the budget allows it
+(`within_budget`: at most `max_rate` of the tokens), so the average cost stays
+well below 4×. The rule and the metrics are jnp, batched over B; `mpd_step` applies them
 to one decode step of any engine (in-memory `generate`, the streaming
 `Conversation`), which supplies P1..P3's logits only when a row triggers.
 
@@ -195,10 +196,17 @@ class MPDStep(NamedTuple):
     agreement: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _triggers(p0_logits, position, cfg: MPDConfig):
+def within_budget(spent, position, max_rate: float):
+    """Whether a trigger at `position` (tokens decided so far) is honoured after
+    `spent` honoured triggers: spent < max_rate · (position + 1)."""
+    return spent < max_rate * (position + 1)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _triggers(p0_logits, position, spent, cfg: MPDConfig):
     p0 = jax.nn.softmax(p0_logits.astype(jnp.float32), axis=-1)
-    return should_trigger(position, p0, cfg), jnp.max(p0, axis=-1), p0
+    fires = should_trigger(position, p0, cfg) & within_budget(spent, position, cfg.max_rate)
+    return fires, jnp.max(p0, axis=-1), p0
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -207,17 +215,22 @@ def _decide_views(p0, view_logits, cfg: MPDConfig) -> MPDDecision:
     return decide(probs, cfg)
 
 
-def mpd_step(p0_logits, sampled, position, cfg: MPDConfig, other_views: Callable) -> MPDStep:
+def mpd_step(p0_logits, sampled, position, cfg: MPDConfig, other_views: Callable,
+             spent=None) -> MPDStep:
     """The MPD decode rule, shared by in-memory generation and the streaming engine.
 
     p0_logits [B, V] (P0's next-token logits), sampled [B] (the token the sampling
-    rule drew from them), position [B] (for every-k triggering); `other_views()` →
+    rule drew from them), position [B] (tokens decided so far: every-k triggering
+    and the budget), spent [B] (triggers honoured so far; None = 0); `other_views()` →
     logits [3, B, V] of P1..P3, called only when some row triggers. A triggered row
     emits the voted token on EMIT_VOTE and P0's sample otherwise (EMIT_P0, or
     UNCERTAIN: flagged); every other row emits P0's sample with confidence P0's top
     probability (≥ p_min, or it would have triggered). Two jitted calls at most."""
     sampled = np.asarray(sampled, np.int32)
-    fires, top, p0 = _triggers(jnp.asarray(p0_logits), jnp.asarray(position, jnp.int32), cfg)
+    position = np.asarray(position, np.int32)
+    spent = np.zeros_like(position) if spent is None else np.asarray(spent, np.int32)
+    fires, top, p0 = _triggers(jnp.asarray(p0_logits), jnp.asarray(position),
+                               jnp.asarray(spent), cfg)
     triggered, top = np.asarray(fires), np.asarray(top)
     if not triggered.any():
         nan = np.full(sampled.shape, np.nan, np.float32)

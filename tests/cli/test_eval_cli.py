@@ -95,7 +95,7 @@ def test_list_metrics(capsys):
 def test_infer_show_confidence_streams_json_lines(exported_distinct, capsys):
     _, _, model = exported_distinct
     assert infer.run(["--model-dir", model, "To be", "--max-tokens", "5", "--temperature",
-                      "0", "--mpd", "--mpd-every-k", "2", "--show-confidence",
+                      "0", "--mpd", "--mpd-every-k", "2", "--mpd-max-rate", "1", "--show-confidence",
                       "--host-budget-mb", "1", "--compilation-cache", "off"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in lines]

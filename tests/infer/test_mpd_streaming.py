@@ -33,7 +33,7 @@ def _streamed(path, prompt, n, mpd):
 def test_streaming_mpd_equals_in_memory_mpd(exported_distinct):
     cfg, params, path = exported_distinct
     prompt, n = "MPD: ", 10
-    mpd = MPDConfig(every_k=2, p_min=0.0, h_max=100.0, tau=0.003)
+    mpd = MPDConfig(every_k=2, p_min=0.0, h_max=100.0, tau=0.003, max_rate=1.0)
     infos, report = _streamed(path, prompt, n, mpd)
     used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
     ids = ByteTokenizer().encode(prompt)[None]

@@ -210,7 +210,7 @@ def test_mpd_generation_matches_a_per_perspective_reference(state):
     from perspective_jax.model.sampling import Sampling
     cfg, moe, params = _trained_like_routed_model()
     prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 5))
-    mpd = MPDConfig(every_k=1, state=state, tau=0.01)
+    mpd = MPDConfig(every_k=1, state=state, tau=0.01, max_rate=1.0)
     tokens, steps = generate_mpd(cfg, params, prompt, 8, mpd, Sampling(temperature=0), moe=moe)
     ref_tokens, ref_conf, ref_kind = _manual_mpd(cfg, moe, params, jnp.asarray(prompt), 8, mpd,
                                                  state == "persistent")
@@ -225,3 +225,19 @@ def test_mpd_generation_matches_a_per_perspective_reference(state):
     np.testing.assert_array_equal(plain, generate(cfg, params, prompt, 8, Sampling(temperature=0),
                                                   moe=moe))
     assert not any(s.triggered.any() for s in steps)
+    capped = MPDConfig(every_k=1, state=state, max_rate=0.25)
+    _, steps = generate_mpd(cfg, params, prompt, 12, capped, Sampling(temperature=0), moe=moe)
+    fired = np.stack([s.triggered for s in steps], 1)            # [B, 12]
+    assert fired[:, [0, 4, 8]].all() and fired.sum() == 3 * 3    # 1 per 4 tokens
+
+
+def test_the_budget_rule():
+    from perspective_jax.evaluate.confidence import budgeted
+    from perspective_jax.model.mpd import within_budget
+    assert within_budget(0, 0, 0.15) and not within_budget(1, 1, 0.15)
+    assert within_budget(1, 6, 0.15) and not within_budget(1, 5, 0.15)
+    fires = np.array([1, 1, 1, 1, 1, 1, 0, 1, 1, 1], bool)
+    pos = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    seg = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    got = budgeted(fires, pos, seg, 0.5)
+    assert got.tolist() == [1, 0, 1, 0, 1, 1, 0, 1, 0, 1]       # per segment, in order
