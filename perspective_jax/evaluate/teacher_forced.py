@@ -106,7 +106,8 @@ def _forked(engine, segs: np.ndarray, cfg: MPDConfig) -> Decisions:
         tokens = segs[:, t]
         p0, after = engine.step(states, tokens)
         views, _ = engine.step([s for s in states for _ in range(n_views)],
-                               np.repeat(tokens, n_views), ext)          # row b·3 + k
+                               np.repeat(tokens, n_views), ext,
+                               keep_states=False)                       # row b·3 + k
         views = np.swapaxes(views.reshape(n_seg, n_views, -1), 0, 1)     # [3, S, V]
         out.append(_decisions(_softmax(np.concatenate([p0[None], views])), cfg))
         states = after

@@ -229,13 +229,15 @@ class StreamingEngine:
                       decode=1 if tokens.size == 1 else 0)
         return logits, EngineState(tuple(tuple(row) for row in layers), pos)
 
-    def step(self, states: list, tokens,
-             ext: Optional[Extensions] = None) -> tuple[np.ndarray, list]:
+    def step(self, states: list, tokens, ext: Optional[Extensions] = None,
+             keep_states: bool = True) -> tuple[np.ndarray, Optional[list]]:
         """One decode step of B independent sequences: `states[b]` (an EngineState, from
         `new_state` + `forward` or an earlier step) is fed `tokens[b]`. Returns (logits
         [B, V], the B new states); the given states are left as they were. Each routed
         layer groups the B tokens by expert: an expert is brought in once per step.
-        `ext` applies to every sequence (an `inject` of shape [B, d]: one row each)."""
+        `ext` applies to every sequence (an `inject` of shape [B, d]: one row each).
+        `keep_states=False` returns None for the states (a step whose rows end there,
+        as MPD's views: the per-row slicing is skipped)."""
         if not states or len(states) != len(tokens):
             raise UserError(f"a batched step needs one token per sequence; got "
                             f"{len(tokens)} tokens for {len(states)} sequences")
@@ -248,7 +250,7 @@ class StreamingEngine:
         logits = np.asarray(logits)
         self._account(t0, c0, prefill=0, decode=len(states))
         self.stats.batch_steps += 1
-        return logits, S.split(layers, pos + 1)
+        return logits, (S.split(layers, pos + 1) if keep_states else None)
 
     def _account(self, t0: float, c0: float, prefill: int, decode: int) -> None:
         compiling = min(compile_clock.seconds() - c0, time.perf_counter() - t0)

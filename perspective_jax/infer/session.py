@@ -149,7 +149,8 @@ class Conversation:
 
         def other_views():
             moved = moved_bytes(stats)
-            rows, _ = engine.step([before] * n_views, [fed] * n_views, views_ext)
+            rows, _ = engine.step([before] * n_views, [fed] * n_views, views_ext,
+                                  keep_states=False)
             stats.mpd_view_rows += n_views
             stats.mpd_view_steps += 1
             stats.mpd_extra_bytes += moved_bytes(stats) - moved
