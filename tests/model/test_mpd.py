@@ -241,3 +241,36 @@ def test_the_budget_rule():
     seg = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     got = budgeted(fires, pos, seg, 0.5)
     assert got.tolist() == [1, 0, 1, 0, 1, 1, 0, 1, 0, 1]       # per segment, in order
+
+
+def test_p2_routes_to_the_antipode_and_p3_is_seeded_float64_reference():
+    """The perspectives' routers against numpy: P2 picks the expert nearest to
+    (z + ½) mod 1 on the torus; P3's draws repeat for its seed and change with it."""
+    import jax
+
+    from perspective_jax.config import ModelConfig, MoEConfig
+    from perspective_jax.model.extensions import RoutePolicy
+    from perspective_jax.model.routed_ffn import TorusRouter
+    from perspective_jax.moe import torus
+    moe = MoEConfig(num_experts=8, lattice=(2, 2, 2))
+    cfg = ModelConfig(vocab_size=48, d_model=16, n_layers=1, layer_pattern=("pdr",), d_ff=24,
+                      pdr_rank=4, n_heads=2, n_kv_heads=1, head_dim=8, window=8, routed=True)
+    h = jax.random.normal(jax.random.key(2), (2, 9, 16)) * 3
+    router = TorusRouter(cfg, moe, PERSPECTIVES[2])
+    import flax.linen as nn
+    params = nn.meta.unbox(router.init(jax.random.key(3), h))
+    params["params"]["offsets"] = jax.random.normal(jax.random.key(4), (8, 3)) * 0.05
+    idx = np.asarray(router.apply(params, h)[0])
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    z = np.mod(np.asarray(h, np.float64) @ p["w_route"], 1.0)
+    anti = np.mod(z + 0.5, 1.0)
+    pos = np.mod(np.asarray(torus.lattice_positions(moe.lattice), np.float64) + p["offsets"], 1.0)
+    diff = np.abs(anti[..., None, :] - pos)
+    d2 = np.sum(np.minimum(diff, 1 - diff) ** 2, axis=-1)
+    np.testing.assert_array_equal(idx, d2.argmin(-1))
+    near = np.asarray(TorusRouter(cfg, moe, PERSPECTIVES[0]).apply(params, h)[0])
+    assert (idx != near).any()
+    draw = lambda seed: np.asarray(TorusRouter(cfg, moe, RoutePolicy("random", seed=seed))
+                                   .apply(params, h, None, 1, 2)[0])
+    np.testing.assert_array_equal(draw(0), draw(0))
+    assert (draw(0) != draw(1)).any() and len(np.unique(draw(0))) > 3
