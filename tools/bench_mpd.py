@@ -3,7 +3,7 @@
 Decodes greedily from an exported model directory and prints tokens per second:
 
 * streaming engine — plain; MPD with views forked from P0's state (as
-  perspective-infer --mpd runs it) at the default budget and uncapped; MPD with
+  perspective-infer --mpd runs it) at the default budget, at 0.15 and uncapped; MPD with
   persistent per-perspective states (all four perspectives as one batched engine
   step of 4 rows every token: what keeping SPEC's per-perspective states costs);
 * with --run-dir (the run the model directory was exported from): the same in
@@ -101,19 +101,22 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--prompt", default="def load_config(path):")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device-slots", type=int, default=2)
     p.add_argument("--run-dir", help="the run the model was exported from (in-memory arms)")
     a = p.parse_args(argv)
     default = MPDConfig()
     uncapped = dataclasses.replace(default, max_rate=1.0)
+    rate15 = dataclasses.replace(default, max_rate=0.15)
     engine = StreamingEngine(a.model_dir, EngineOptions(host_budget_mb=256,
                                                         device_slots=a.device_slots))
     tokenizer = load_model_tokenizer(a.model_dir, engine.manifest)
     ids = np.asarray(tokenizer.encode(a.prompt), np.int32)
     arms = {"plain": lambda: streamed(engine, tokenizer, a.prompt, a.tokens, None),
-            "forked, max_rate 0.15 (default)":
+            f"forked, max_rate {default.max_rate:g} (default)":
                 lambda: streamed(engine, tokenizer, a.prompt, a.tokens, default),
+            "forked, max_rate 0.15": lambda: streamed(engine, tokenizer, a.prompt, a.tokens,
+                                                      rate15),
             "forked, uncapped": lambda: streamed(engine, tokenizer, a.prompt, a.tokens,
                                                  uncapped),
             "persistent (4 rows every token)":
@@ -133,7 +136,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {rate:.1f} | {rate / base:.2f} | {trig:.2f} |")
     if a.run_dir:
         mem = in_memory(a.run_dir, ids, a.tokens,
-                        {"forked, max_rate 0.15 (default)": default,
+                        {f"forked, max_rate {default.max_rate:g} (default)": default,
                          "forked, uncapped": uncapped,
                          "persistent": dataclasses.replace(default, state="persistent")},
                         a.rounds)

@@ -233,12 +233,13 @@ class MPDConfig:
     h_max: float = 3.0
     state: str = "forked"
     confidence: str = "ensemble"
-    max_rate: float = 0.15
+    max_rate: float = 0.1
 
     # `max_rate`: MPD runs on at most this share of tokens — a trigger is honoured
     # only while triggers so far < max_rate · (tokens so far + 1) — so decoding keeps
-    # ≥ 1 / (1 + max_rate · views cost) of its rate (≈ 0.69 at 0.15, views ≈ 3 P0
-    # steps; SPEC's 8-vs-12 tok/s gate). 1 = no cap.
+    # ≥ 1 / (1 + max_rate · c) of its rate, c = one trigger's cost in P0 steps
+    # (measured 3.4–4.3 on the streaming engine: ≥ 0.70 at 0.1, SPEC's 8-vs-12
+    # tok/s gate; docs/benchmarks.md issue 20). 1 = no cap.
 
     def __post_init__(self):
         s = "mpd"

@@ -32,6 +32,9 @@ from perspective_jax.model.sampling import Sampling
 from perspective_jax.modeldir.manifest import read_manifest
 
 
+DECODE_ROUNDS = 5
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
     """segment_len tokens per scored segment, at most max_segments of them (half
@@ -71,7 +74,7 @@ def read_text(specs: list) -> str:
 
 def _decode_rate(engine, tokenizer, prompt: str, n: int, mpd) -> tuple[float, dict]:
     """Greedy tokens per second over n tokens (first to last token, so neither the
-    prompt's prefill nor compilation counts), and the engine's MPD counters."""
+    prompt's prefill nor compilation counts), and the engine's MPD counters of the run."""
     conv = Conversation(engine, tokenizer, Sampling(temperature=0), mpd=mpd)
     stamps = []
     before = engine.stats.mpd_triggered, engine.stats.mpd_tokens, engine.stats.mpd_extra_bytes
@@ -119,11 +122,15 @@ def evaluate_model(model_dir: str, data: list, opts: EvalOptions = EvalOptions()
                 row.ece, row.auroc, row.aurc)
         log(f"decoding {opts.decode_tokens} tokens with and without MPD")
         prompt = tokenizer.decode(ids[: min(16, ids.size)])
-        # a first round compiles both paths (expert groups of every size); the second counts
-        for _ in range(2):
-            plain, _ = _decode_rate(engine, tokenizer, prompt, opts.decode_tokens, None)
-            with_mpd, counts = _decode_rate(engine, tokenizer, prompt, opts.decode_tokens,
+        # round 0 compiles both paths (expert groups of every size); then DECODE_ROUNDS
+        # interleaved rounds, the best of each (the machine's noise only slows runs)
+        plain = with_mpd = 0.0
+        for rnd in range(DECODE_ROUNDS + 1):
+            rate, _ = _decode_rate(engine, tokenizer, prompt, opts.decode_tokens, None)
+            rate_mpd, counts = _decode_rate(engine, tokenizer, prompt, opts.decode_tokens,
                                             opts.mpd)
+            if rnd:
+                plain, with_mpd = max(plain, rate), max(with_mpd, rate_mpd)
         values.update({
             "decode_tok_per_s": plain, "decode_tok_per_s_mpd": with_mpd,
             "mpd.decode_ratio": with_mpd / plain if plain else float("nan"),
