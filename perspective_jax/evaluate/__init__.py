@@ -1,2 +1,3 @@
-"""Evaluation: calibration metrics of confidences (and, with issue 20, the
-`perspective-eval` metric registry and gates)."""
+"""Evaluation of a streamed model (`perspective-eval`): teacher-forced scoring with
+MPD's views, calibration metrics and confidence methods, the metric registry, gates
+and the report."""
