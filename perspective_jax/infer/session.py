@@ -171,7 +171,7 @@ class Conversation:
         tensors = flatten_cache(self.state.to_cache())
         tensors["pending"] = np.asarray(self.pending, np.int32)
         meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
-                "model": self.engine.identity}
+                "mpd_spent": str(self.mpd_spent), "model": self.engine.identity}
         write_checked(tensors, meta, path)
 
     @classmethod
@@ -203,6 +203,8 @@ class Conversation:
         conv.state = EngineState.from_cache(stacked)
         conv.pending = pending.astype(int).tolist()
         conv.steps = steps
+        # MPD's budget so far (files written before it was saved: 0)
+        conv.mpd_spent = _counter(meta, "mpd_spent", path) if "mpd_spent" in meta else 0
         return conv
 
 

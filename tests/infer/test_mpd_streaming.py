@@ -57,6 +57,31 @@ def test_streaming_mpd_equals_in_memory_mpd(exported_distinct):
     assert "".join(i.text for i in infos) == ByteTokenizer().decode(tokens[0])
 
 
+@pytest.mark.slow
+def test_a_saved_mpd_conversation_resumes_identically(exported_distinct, tmp_path):
+    """The budget counter travels with the saved state: a resumed conversation makes
+    the same MPD decisions as one that never stopped."""
+    _, _, path = exported_distinct
+    mpd = MPDConfig(every_k=1, max_rate=0.3, tau=0.003)
+    opts = EngineOptions(host_budget_mb=1, device_slots=3)
+    whole, cut = [], []
+    one = Conversation(StreamingEngine(path, opts), ByteTokenizer(), GREEDY, mpd=mpd)
+    one.generate("MPD: ", 7, on_token=whole.append)
+    one.generate("", 7, on_token=whole.append)
+    two = Conversation(StreamingEngine(path, opts), ByteTokenizer(), GREEDY, mpd=mpd)
+    two.generate("MPD: ", 7, on_token=cut.append)
+    two.save(str(tmp_path / "chat.state"))
+    three = Conversation.load(StreamingEngine(path, opts), ByteTokenizer(),
+                              str(tmp_path / "chat.state"), GREEDY, mpd=mpd)
+    assert three.mpd_spent == two.mpd_spent > 0
+    three.generate("", 7, on_token=cut.append)
+    assert [(i.id, i.triggered, i.kind) for i in cut] == [(i.id, i.triggered, i.kind)
+                                                          for i in whole]
+    assert [i.triggered for i in whole] != [True] * 14          # the budget acted
+    for c in (one, two, three):
+        c.engine.close()
+
+
 def test_streaming_mpd_refuses_persistent_states_in_one_line(exported):
     _, _, path = exported
     engine = StreamingEngine(path, EngineOptions(host_budget_mb=1))
