@@ -58,7 +58,8 @@ def run(argv=None) -> int:
     from perspective_jax.evaluate.gates import check, load_gates
     gates = load_gates(a.gates) if a.gates else []       # bad gates fail before any work
     mpd = mpd_from_args(a)
-    from perspective_jax.evaluate.report import metric_rows, text_table, write_report
+    from perspective_jax.evaluate.report import (metric_rows, text_table, verdicts_json,
+                                                 write_report)
     from perspective_jax.evaluate.run import EvalOptions, evaluate_model
     opts = EvalOptions(segment_len=a.segment_len, max_segments=a.max_segments,
                        decode_tokens=a.decode_tokens, mpd=mpd, persistent=not a.no_persistent,
@@ -73,10 +74,8 @@ def run(argv=None) -> int:
                                  result.fitted):
             print(f"wrote {path}", file=sys.stderr)
     if a.json:
-        print(json.dumps({"metrics": result.values, "gates": [
-            {"metric": v.gate.metric, "op": v.gate.op, "threshold": v.gate.threshold,
-             "value": v.value, "passed": v.passed} for v in verdicts],
-            "passed": all(v.passed for v in verdicts)}, indent=1))
+        print(json.dumps({"metrics": result.values, "gates": verdicts_json(verdicts),
+                          "passed": all(v.passed for v in verdicts)}, indent=1))
     else:
         print(text_table(metric_rows(result.values, verdicts)))
     failed = [v for v in verdicts if not v.passed]

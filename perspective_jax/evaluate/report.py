@@ -64,6 +64,12 @@ def _finite(x):
     return x if x is None or math.isfinite(x) else None
 
 
+def verdicts_json(verdicts: list) -> list[dict]:
+    """The gate verdicts as JSON records (report.json and `perspective-eval --json`)."""
+    return [{"metric": v.gate.metric, "op": v.gate.op, "threshold": v.gate.threshold,
+             "value": _finite(v.value), "passed": v.passed} for v in verdicts]
+
+
 def write_report(out: str, header: dict, values: dict, verdicts: list, confidences: dict,
                  fitted: dict) -> list[str]:
     """Write report.json, report.md and the PNGs into `out` (created); returns paths."""
@@ -73,8 +79,7 @@ def write_report(out: str, header: dict, values: dict, verdicts: list, confidenc
                       "accuracy": _finite(a)} for lo, n, c, a in reliability(*confidences[name])]
               for name in METHODS if name in confidences}
     doc = {**header, "metrics": {k: _finite(v) for k, v in values.items()},
-           "gates": [{"metric": v.gate.metric, "op": v.gate.op, "threshold": v.gate.threshold,
-                      "value": _finite(v.value), "passed": v.passed} for v in verdicts],
+           "gates": verdicts_json(verdicts),
            "passed": all(v.passed for v in verdicts), "fitted": fitted,
            "reliability": curves}
     path = os.path.join(out, "report.json")

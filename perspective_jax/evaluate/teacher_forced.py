@@ -14,7 +14,7 @@ predicts token t+1):
   on the token just read from P0's state before it (one batched step of 3·S
   rows, `RowRoutes`) — what decoding with `mpd.state=forked` computes.
 
-Each MPD variant keeps `model.mpd.decide`'s outcome per position (`Decisions`).
+Each MPD variant keeps `model.mpd.decide`'s outcome per position (`MPDDecision`).
 """
 
 from __future__ import annotations
@@ -28,28 +28,18 @@ import numpy as np
 
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
-from perspective_jax.model.extensions import Extensions, RowRoutes
-from perspective_jax.model.mpd import PERSPECTIVES, decide
+from perspective_jax.model.extensions import Extensions
+from perspective_jax.model.mpd import OTHER_VIEWS, PERSPECTIVES, MPDDecision, decide
 
 MPD_STATES_SCORED = ("forked", "persistent")
-
-
-class Decisions(NamedTuple):
-    """MPD's decision per position [N]: emitted token, SPEC's confidence
-    (MPDConfig.confidence="agreement"), agreement (nats), kind, and the views' mean
-    probability of the emitted token (the "ensemble" confidence)."""
-
-    token: np.ndarray
-    confidence: np.ndarray
-    agreement: np.ndarray
-    kind: np.ndarray
-    mean_prob: np.ndarray
 
 
 class Scored(NamedTuple):
     """Teacher-forced predictions of N positions: targets [N], P0's logits [N, V], the
     position within its segment [N], the segment [N], and MPD's decisions per state
-    mode ({"forked": Decisions, "persistent": Decisions})."""
+    mode ({"forked": MPDDecision, "persistent": MPDDecision}, numpy arrays [N], their
+    `confidence` SPEC's — MPDConfig.confidence="agreement" — and `mean_prob` the
+    ensemble's)."""
 
     targets: np.ndarray
     logits: np.ndarray
@@ -60,7 +50,7 @@ class Scored(NamedTuple):
     def select(self, mask: np.ndarray) -> "Scored":
         """The positions where `mask` [N] holds."""
         return Scored(self.targets[mask], self.logits[mask], self.position[mask],
-                      self.segment[mask], {k: Decisions(*(a[mask] for a in v))
+                      self.segment[mask], {k: MPDDecision(*(a[mask] for a in v))
                                            for k, v in self.mpd.items()})
 
 
@@ -78,17 +68,16 @@ def segments(ids: np.ndarray, seg_len: int, max_segments: int) -> np.ndarray:
     return np.stack([ids[k * seg_len: k * seg_len + seg_len + 1] for k in pick])
 
 
-def _decisions(probs: jax.Array, cfg: MPDConfig) -> Decisions:
-    d = decide(probs, dataclasses.replace(cfg, confidence="agreement"))
-    return Decisions(np.asarray(d.token), np.asarray(d.confidence),
-                     np.asarray(d.agreement), np.asarray(d.kind), np.asarray(d.mean_prob))
+def _decisions(probs: jax.Array, cfg: MPDConfig) -> MPDDecision:
+    return jax.tree.map(np.asarray, decide(probs, dataclasses.replace(cfg,
+                                                                      confidence="agreement")))
 
 
 def _softmax(logits) -> jax.Array:
     return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
 
-def _persistent(engine, segs: np.ndarray, cfg: MPDConfig, p0: np.ndarray) -> Decisions:
+def _persistent(engine, segs: np.ndarray, cfg: MPDConfig, p0: np.ndarray) -> MPDDecision:
     views = [p0] + [np.concatenate([engine.forward(seg[:-1], engine.new_state(),
                                                    Extensions(route=policy), all_logits=True)[0]
                                     for seg in segs])
@@ -96,23 +85,22 @@ def _persistent(engine, segs: np.ndarray, cfg: MPDConfig, p0: np.ndarray) -> Dec
     return _decisions(_softmax(np.stack(views)), cfg)
 
 
-def _forked(engine, segs: np.ndarray, cfg: MPDConfig) -> Decisions:
+def _forked(engine, segs: np.ndarray, cfg: MPDConfig) -> MPDDecision:
     n_seg, length = segs.shape[0], segs.shape[1] - 1
     n_views = len(PERSPECTIVES) - 1
-    ext = Extensions(route=RowRoutes(PERSPECTIVES[1:]))
     states = [engine.new_state() for _ in range(n_seg)]
     out = []
     for t in range(length):
         tokens = segs[:, t]
         p0, after = engine.step(states, tokens)
         views, _ = engine.step([s for s in states for _ in range(n_views)],
-                               np.repeat(tokens, n_views), ext,
+                               np.repeat(tokens, n_views), OTHER_VIEWS,
                                keep_states=False)                       # row b·3 + k
         views = np.swapaxes(views.reshape(n_seg, n_views, -1), 0, 1)     # [3, S, V]
         out.append(_decisions(_softmax(np.concatenate([p0[None], views])), cfg))
         states = after
     # [T][S] → segment-major [S·T], as the prefill logits are laid out
-    return Decisions(*(np.stack(field, axis=1).reshape(-1) for field in zip(*out)))
+    return MPDDecision(*(np.stack(field, axis=1).reshape(-1) for field in zip(*out)))
 
 
 def score(engine, segs: np.ndarray, cfg: MPDConfig = MPDConfig(),

@@ -33,8 +33,7 @@ from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
 from perspective_jax.infer.state import EngineState
 from perspective_jax.infer.stats import moved_bytes
-from perspective_jax.model.extensions import Extensions, RowRoutes
-from perspective_jax.model.mpd import PERSPECTIVES, MPDStep, mpd_step
+from perspective_jax.model.mpd import OTHER_VIEWS, PERSPECTIVES, MPDStep, mpd_step
 from perspective_jax.model.sampling import Sampling, sample_next
 from perspective_jax.model.cache_io import (cache_from_tensors, flatten_cache, read_checked,
                                             write_checked)
@@ -121,8 +120,9 @@ class Conversation:
             if on_token is not None:
                 piece = text[len(said):] if text.startswith(said) else text
                 said = text
-                top = float(np.max(_softmax(logits)))
-                on_token(TokenInfo(tok, piece, top if info is None else float(info.confidence[0]),
+                conf = (_top_probability(logits) if info is None
+                        else float(info.confidence[0]))
+                on_token(TokenInfo(tok, piece, conf,
                                    info is not None and bool(info.triggered[0]),
                                    0 if info is None else int(info.kind[0])))
             cut = min((text.find(s) for s in stop if s and s in text), default=-1)
@@ -144,12 +144,11 @@ class Conversation:
         engine step on `fed` from `before`. Counts trigger, decision, agreement and
         the views' extra expert bytes and rows in the engine's stats."""
         engine, stats = self.engine, self.engine.stats
-        views_ext = Extensions(route=RowRoutes(PERSPECTIVES[1:]))
         n_views = len(PERSPECTIVES) - 1
 
         def other_views():
             moved = moved_bytes(stats)
-            rows, _ = engine.step([before] * n_views, [fed] * n_views, views_ext,
+            rows, _ = engine.step([before] * n_views, [fed] * n_views, OTHER_VIEWS,
                                   keep_states=False)
             stats.mpd_view_rows += n_views
             stats.mpd_view_steps += 1
@@ -208,10 +207,10 @@ class Conversation:
         return conv
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def _top_probability(logits: np.ndarray) -> float:
+    """max softmax(logits) = 1 / Σ exp(z − max z)."""
     z = np.asarray(logits, np.float64)
-    e = np.exp(z - z.max())
-    return e / e.sum()
+    return float(1.0 / np.exp(z - z.max()).sum())
 
 
 def _counter(meta: dict, key: str, path: str) -> int:

@@ -50,6 +50,8 @@ from perspective_jax.model.transformer import PerspectiveLM
 PERSPECTIVES = (RoutePolicy("nearest"), RoutePolicy("kth", k=1), RoutePolicy("antipode"),
                 RoutePolicy("random", seed=0))
 EMIT_P0, EMIT_VOTE, UNCERTAIN = 0, 1, 2
+# P1..P3 as one batch (row b routed by view b mod 3): what a triggered step runs
+OTHER_VIEWS = Extensions(route=RowRoutes(PERSPECTIVES[1:]))
 
 
 class MPDDecision(NamedTuple):
