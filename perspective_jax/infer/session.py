@@ -10,10 +10,10 @@ The last sampled token is not fed until the conversation continues, so a
 continuation (with or without new prompt text) feeds it first.
 
 With `mpd=MPDConfig(...)` each token is decided by Multi-Perspective Decoding
-(`model.mpd.mpd_step`): when a step triggers, P1..P3 run as one batched engine step
-(`RowRoutes`, experts grouped per layer across the views) on the token just fed,
-forked from the state before it; `on_token(TokenInfo)` receives every token with
-its confidence. The views' cost is counted in the engine's stats (`mpd_*`). A state file
+(`infer.mpd_engine.mpd_on_engine`: when a step triggers, P1..P3 run as one batched
+engine step on the token just fed, forked from the state before it);
+`on_token(TokenInfo)` receives every token with its confidence. Text is cut and
+streamed by `infer.text_stream.TextStream`. A state file
 carries a format version and a sha256 over all its content (`cache_io.
 write_checked`): an edited position or step count, or any flipped byte, is a
 one-line error naming the file.
@@ -31,9 +31,9 @@ import numpy as np
 
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
+from perspective_jax.infer.mpd_engine import mpd_on_engine
 from perspective_jax.infer.state import EngineState
-from perspective_jax.infer.stats import moved_bytes
-from perspective_jax.model.mpd import OTHER_VIEWS, PERSPECTIVES, MPDStep, mpd_step
+from perspective_jax.infer.text_stream import TextStream
 from perspective_jax.model.sampling import Sampling, sample_next
 from perspective_jax.model.cache_io import (cache_from_tensors, flatten_cache, read_checked,
                                             write_checked)
@@ -59,19 +59,6 @@ class TokenInfo(NamedTuple):
     confidence: float
     triggered: bool
     kind: int
-
-
-def _streamable(text: str, stop: Sequence[str]) -> str:
-    """The part of `text` that can be shown while generation goes on: without a split
-    UTF-8 character at its end, nor an end that may be the start of a stop string."""
-    text = text.rstrip("\ufffd")
-    held = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
-                break
-    return text[: len(text) - held]
 
 
 class Conversation:
@@ -106,63 +93,36 @@ class Conversation:
             feed = feed[-1:]
         logits, self.state = self.engine.forward(np.asarray(feed, np.int32), before)
         fed = feed[-1]
-        out: list[int] = []
-        shown, said = "", ""
+        stream = TextStream(self.tokenizer, stop)
+        said = ""
         base = jax.random.key(self.seed)
         while True:
             tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps),
                                self.tokenizer.vocab_size)
-            info = self._decide(logits, tok, before, fed) if self.mpd is not None else None
-            tok = tok if info is None else int(info.token[0])
+            info = None
+            if self.mpd is not None:
+                info = mpd_on_engine(self.engine, logits, tok, self.steps, self.mpd,
+                                     self.mpd_spent, before, fed)
+                tok = int(info.token[0])
+                self.mpd_spent += int(info.triggered[0])
             self.pending, self.steps = [tok], self.steps + 1   # sampled, not yet fed
-            out.append(tok)
-            text = self.tokenizer.decode(np.asarray(out))
+            last = tok == eos_id or len(stream.ids) + 1 >= max_tokens
+            delta, stopped = stream.push(tok, last)
             if on_token is not None:
+                text = stream.decoded
                 piece = text[len(said):] if text.startswith(said) else text
                 said = text
-                conf = (_top_probability(logits) if info is None
+                conf = (top_probability(logits) if info is None
                         else float(info.confidence[0]))
                 on_token(TokenInfo(tok, piece, conf,
                                    info is not None and bool(info.triggered[0]),
                                    0 if info is None else int(info.kind[0])))
-            cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-            done = cut >= 0 or tok == eos_id or len(out) >= max_tokens
-            if cut >= 0:
-                text = text[:cut]
-            stable = text if done else _streamable(text, stop)
-            if on_text and len(stable) > len(shown) and stable.startswith(shown):
-                on_text(stable[len(shown):])
-                shown = stable
-            if done:
-                return text
+            if on_text and delta:
+                on_text(delta)
+            if stopped or last:
+                return stream.text
             before, fed = self.state, tok
             logits, self.state = self.engine.forward(np.asarray([tok], np.int32), self.state)
-
-    def _decide(self, logits: np.ndarray, sampled: int, before: EngineState,
-                fed: int) -> MPDStep:
-        """MPD on one step: P0's logits [V]; P1..P3 (when it triggers) as one batched
-        engine step on `fed` from `before`. Counts trigger, decision, agreement and
-        the views' extra expert bytes and rows in the engine's stats."""
-        engine, stats = self.engine, self.engine.stats
-        n_views = len(PERSPECTIVES) - 1
-
-        def other_views():
-            moved = moved_bytes(stats)
-            rows, _ = engine.step([before] * n_views, [fed] * n_views, OTHER_VIEWS,
-                                  keep_states=False)
-            stats.mpd_view_rows += n_views
-            stats.mpd_view_steps += 1
-            stats.mpd_extra_bytes += moved_bytes(stats) - moved
-            return rows[:, None, :]
-        info = mpd_step(logits[None], np.asarray([sampled]), np.asarray([self.steps]),
-                        self.mpd, other_views, np.asarray([self.mpd_spent]))
-        stats.mpd_tokens += 1
-        if info.triggered[0]:
-            self.mpd_spent += 1
-            stats.mpd_triggered += 1
-            stats.mpd_kinds[int(info.kind[0])] += 1
-            stats.mpd_agreements.append(float(info.agreement[0]))
-        return info
 
     # ---------------------------------------------------------------- save/resume
     def save(self, path: str) -> None:
@@ -207,7 +167,7 @@ class Conversation:
         return conv
 
 
-def _top_probability(logits: np.ndarray) -> float:
+def top_probability(logits: np.ndarray) -> float:
     """max softmax(logits) = 1 / Σ exp(z − max z)."""
     z = np.asarray(logits, np.float64)
     return float(1.0 / np.exp(z - z.max()).sum())

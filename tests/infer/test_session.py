@@ -12,7 +12,8 @@ from perspective_jax.errors import UserError
 from perspective_jax.model.sampling import Sampling
 from perspective_jax.infer.engine import StreamingEngine
 from perspective_jax.infer.options import EngineOptions
-from perspective_jax.infer.session import Conversation, _streamable
+from perspective_jax.infer.session import Conversation
+from perspective_jax.infer.text_stream import streamable as _streamable
 from streaming_helpers import reference_logits
 
 ONE_MB = EngineOptions(host_budget_mb=1)      # host tier of the tests' engines

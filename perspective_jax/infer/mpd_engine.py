@@ -1,0 +1,45 @@
+"""Multi-Perspective Decoding of one sequence on the streaming engine.
+
+    info = mpd_on_engine(engine, logits, sampled, step, mpd_cfg, spent, before, fed)
+
+P0's logits [V] come from the sequence's own step; when MPD triggers
+(`model.mpd.mpd_step`: every k-th token, low top probability or high entropy,
+within the budget `max_rate` given the triggers `spent` so far), P1..P3 run as one
+batched engine step (`RowRoutes` through `OTHER_VIEWS`, experts grouped per layer
+across the views) on the token `fed` from the state `before` it. The trigger, the
+decision, the agreement and the views' extra expert bytes and rows are counted in
+the engine's stats (`mpd_*`). Used by `infer.session.Conversation` and the server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from perspective_jax.config.schema import MPDConfig
+from perspective_jax.infer.state import EngineState
+from perspective_jax.infer.stats import moved_bytes
+from perspective_jax.model.mpd import OTHER_VIEWS, PERSPECTIVES, MPDStep, mpd_step
+
+
+def mpd_on_engine(engine, logits: np.ndarray, sampled: int, step: int, cfg: MPDConfig,
+                  spent: int, before: EngineState, fed: int) -> MPDStep:
+    """MPD's decision on one decode step (module docstring); an MPDStep of batch 1."""
+    stats = engine.stats
+    n_views = len(PERSPECTIVES) - 1
+
+    def other_views():
+        moved = moved_bytes(stats)
+        rows, _ = engine.step([before] * n_views, [fed] * n_views, OTHER_VIEWS,
+                              keep_states=False)
+        stats.mpd_view_rows += n_views
+        stats.mpd_view_steps += 1
+        stats.mpd_extra_bytes += moved_bytes(stats) - moved
+        return rows[:, None, :]
+    info = mpd_step(np.asarray(logits)[None], np.asarray([sampled]), np.asarray([step]),
+                    cfg, other_views, np.asarray([spent]))
+    stats.mpd_tokens += 1
+    if info.triggered[0]:
+        stats.mpd_triggered += 1
+        stats.mpd_kinds[int(info.kind[0])] += 1
+        stats.mpd_agreements.append(float(info.agreement[0]))
+    return info
