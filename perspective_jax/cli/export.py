@@ -3,6 +3,7 @@
     perspective-export --run-dir runs/quickstart --out models/tiny [--force]
                        [--shared-bits 2 --group-size 64] [--calibration-text FILE]
                        [--embedding int8|float32] [--skip-space-check]
+                       [--chat-template chatml-tools|plain|FILE.jinja]
 """
 
 from __future__ import annotations
@@ -40,10 +41,16 @@ def run(argv=None) -> int:
     p.add_argument("--skip-space-check", action="store_true",
                    help="export even when the free space of --out's filesystem is below "
                         "the export's expected size (a full disk is still a clean error)")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="chat template written into the model directory for "
+                        "perspective-serve: a built-in (chatml-tools, the default; plain) "
+                        "or a Jinja file (docs/inference.md, 'Chat templates and tool calls')")
     compile_cache.add_flag(p)
     a = p.parse_args(argv)
     compile_cache.enable(a.compilation_cache)
     from perspective_jax.export.exporter import export_model, resolve_run
+    from perspective_jax.modeldir.chat_template import resolve_chat_template
+    resolve_chat_template(a.chat_template)    # a bad template: one line before any work
     from perspective_jax.rundir.layout import load_run_config
     from perspective_jax.rundir.lock import hold_output_dir, hold_run_dir
     # a trainer writing --run-dir, or another export into --out, is refused in one line
@@ -58,7 +65,8 @@ def run(argv=None) -> int:
                          group_size=a.group_size, calibration_text=a.calibration_text,
                          calibration_tokens_n=a.calibration_tokens,
                          delta_max_share=a.delta_max_share, embedding=a.embedding,
-                         space_check=not a.skip_space_check)
+                         space_check=not a.skip_space_check,
+                         chat_template=a.chat_template)
     return 0
 
 

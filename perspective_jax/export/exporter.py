@@ -12,7 +12,9 @@ leaves nothing behind. Experts are the exact ternary values
 the trained model computes with: trits = clip(round(W / (mean|W| + ε)), −1, 1),
 scale = mean|W| per matrix (`ternary.quant.ternarize`). With `--shared-bits` the
 shared kernels are GPTQ-quantised and the tied embedding is written int8 with a row
-scale (`infer.embedding_int8`; `--embedding float32` keeps it exact).
+scale (`infer.embedding_int8`; `--embedding float32` keeps it exact). The chat
+template a server formats conversations with (`--chat-template`, a built-in name or
+a .jinja file, checked first) is written beside the tokenizer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from perspective_jax.errors import UserError
 from perspective_jax.export.space import check_free_space, expected_bytes
 from perspective_jax.fileio import DiskError, disk_error, naming
 from perspective_jax.modeldir import format as md
+from perspective_jax.modeldir.chat_template import resolve_chat_template, write_chat_template
 from perspective_jax.quant import embedding_int8
 from perspective_jax.modeldir import publish
 from perspective_jax.model.cache_io import flatten_cache
@@ -205,10 +208,12 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
                  group_size: int = 64, calibration_text: Optional[str] = None,
                  calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
                  embedding: Optional[str] = None, space_check: bool = True,
-                 log=print) -> dict:
+                 chat_template: Optional[str] = None, log=print) -> dict:
     """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest.
     `embedding` None means int8 when `shared_bits` is set (SPEC §3.4), else float32;
-    `space_check` False skips the free-space check (--skip-space-check)."""
+    `space_check` False skips the free-space check (--skip-space-check);
+    `chat_template` is a built-in template name or a .jinja file (None: the default)."""
+    resolve_chat_template(chat_template)      # a bad template: say so before any work
     embedding = default_embedding(embedding, shared_bits)
     _check_args(shared_bits, delta_max_share, group_size, embedding)
     if calibration_tokens_n < 2:
@@ -228,7 +233,8 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     params = restore_params(run, like, source="--run-dir")
     calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
     return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
-                           delta_max_share, embedding, log, space_check=False)
+                           delta_max_share, embedding, log, space_check=False,
+                           chat_template=chat_template)
 
 
 def default_embedding(embedding: Optional[str], shared_bits: int) -> str:
@@ -251,13 +257,16 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
                     calib=None, force: bool = False, shared_bits: int = 0,
                     group_size: int = 64, delta_max_share: float = 0.5,
                     embedding: Optional[str] = None, log=print,
-                    space_check: bool = True) -> dict:
+                    space_check: bool = True, chat_template: Optional[str] = None) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
     staging directory that is renamed into place after the manifest is written. A
     failed write (OSError) is one line naming the file and the bytes the export needs
-    (`fileio.disk_error`); the staging directory is removed."""
+    (`fileio.disk_error`); the staging directory is removed. `chat_template`: a
+    built-in template name or a .jinja file (`modeldir.chat_template`; None: the
+    default)."""
     embedding = default_embedding(embedding, shared_bits)
     _check_args(shared_bits, delta_max_share, group_size, embedding)
+    template = resolve_chat_template(chat_template)
     publish.check_destination(out_dir, force, protected=(tokenizer_dir,))
     out_dir = os.path.abspath(out_dir)
     needed = expected_bytes(cfg, params, shared_bits, embedding)
@@ -267,7 +276,7 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
     tmp = publish.staging_dir(out_dir)
     try:
         manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
-                                group_size, delta_max_share, embedding, log)
+                                group_size, delta_max_share, embedding, template, log)
         publish.publish(tmp, out_dir, force)
     except (OSError, DiskError) as exc:       # named by the writer (`fileio.naming`)
         if isinstance(exc, DiskError):        # said by a helper: say it for the export
@@ -283,7 +292,7 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
 
 
 def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_max_share,
-                 embedding, log):
+                 embedding, template, log):
     routed = cfg.model.routed
     shared = jax.tree.map(lambda a: a, params)
     experts_index, scales = [], None
@@ -316,13 +325,14 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     save_tensors(tensors, os.path.join(out, md.SHARED_FILE))
     with naming(out):
         copy_tokenizer(run, out)
+    template_entry = write_chat_template(out, *template)
     freqs = routing_frequencies(cfg, used, calib) if routed else None
     shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
                    "quantized": quantized, "embedding": embedding,
                    "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                                for k, v in tensors.items()}}
     return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
-                             shared_meta, experts_index, freqs)
+                             shared_meta, experts_index, freqs, template_entry)
 
 
 def save_tensors(tensors: dict, path: str) -> None:

@@ -11,6 +11,10 @@
                               [L, E, S]: one scale per matrix (S = 1) or per output
                               feature (S = N, ternary.scale_granularity=row)
       tokenizer.model | tokenizer.byte
+      chat_template.jinja     the Jinja chat template a server formats conversations
+                              with (`modeldir.chat_template`); the manifest's
+                              "chat_template" entry names it and where it came from
+                              (absent in directories exported before it existed)
       experts/layer_LLL.bin   E regions, one per expert of expert layer LLL
       deltas/layer_LLL.bin    byte deltas between lattice-neighbour experts
 
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import xxhash
@@ -50,6 +55,8 @@ SHARED_FILE = "shared.safetensors"
 EXPERT_SCALES = "expert_scales"      # expert_scales/<matrix>: [L, E, S], S = 1 or N
 REGION_ALIGN = 4096
 EXPERT_MATRICES = ("w_gate", "w_up", "w_down")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_KEY = "chat_template"   # manifest entry: {"file": ..., "source": ...}
 
 
 class ModelDirError(UserError):
@@ -166,9 +173,10 @@ def seal_manifest(manifest: dict) -> dict:
 
 
 def write_manifest(out: str, config: dict, source: str, shared: dict, experts_index: list,
-                   routing_frequencies=None) -> dict:
+                   routing_frequencies=None, chat_template: Optional[dict] = None) -> dict:
     """Hash every file under `out` and write the sealed manifest (the last file
-    written). An OSError (a full disk) propagates with its file name."""
+    written); `chat_template` ({"file", "source"}) becomes its CHAT_TEMPLATE_KEY entry.
+    An OSError (a full disk) propagates with its file name."""
     files = {}
     for root, _, names in os.walk(out):
         for name in sorted(names):
@@ -189,6 +197,8 @@ def write_manifest(out: str, config: dict, source: str, shared: dict, experts_in
                                 else np.round(routing_frequencies, 6).tolist()),
         "files": files,
     }
+    if chat_template is not None:
+        manifest[CHAT_TEMPLATE_KEY] = chat_template
     manifest = seal_manifest(manifest)
     path = os.path.join(out, MANIFEST)
     with naming(path), open(path, "w", encoding="utf-8") as fh:

@@ -7,7 +7,8 @@ own content (format 5; older versions are refused: their config cannot be
 verified) and that every listed file has its byte size; `verified_path` checks
 a file against its sha256 before it is loaded (tokenizer, shared weights).
 `check_manifest` (called by it) checks what a buggy exporter could still get
-wrong: every file the engine reads is listed (so it is size- and hash-checked),
+wrong: every file the engine reads is listed (so it is size- and hash-checked;
+the chat template too, when the manifest names one),
 the config parses, the embedding format and its tensors, the expert index has
 one layer per routed layer and one region per expert, region sizes match the
 config's layout, every region and delta lies inside its file, and deltas join
@@ -182,6 +183,13 @@ def _check(manifest: dict, bad):
     if tokenizer not in TOKENIZER_FILES:
         raise bad(f"tokenizer {tokenizer!r} is not one of {sorted(TOKENIZER_FILES)}")
     listed(TOKENIZER_FILES[tokenizer], "the tokenizer file")
+    template = manifest.get(md.CHAT_TEMPLATE_KEY)    # absent in older exports: fine
+    if template is not None:
+        if (not isinstance(template, dict) or template.get("file") != md.CHAT_TEMPLATE_FILE
+                or not isinstance(template.get("source"), str)):
+            raise bad(f"its {md.CHAT_TEMPLATE_KEY} entry must be {{\"file\": "
+                      f"\"{md.CHAT_TEMPLATE_FILE}\", \"source\": NAME}}, not {template!r}")
+        listed(md.CHAT_TEMPLATE_FILE, "the chat template file")
     cfg = from_dict(PerspectiveConfig, manifest["config"])
     _check_embedding(manifest, cfg.model, bad)
     experts = manifest["experts"]
