@@ -266,3 +266,36 @@ def mpd_from_args(a: argparse.Namespace):
     from perspective_jax.config.schema import MPDConfig
     return MPDConfig(tau=a.mpd_tau, every_k=a.mpd_every_k, p_min=a.mpd_p_min,
                      h_max=a.mpd_h_max, confidence=a.mpd_confidence, max_rate=a.mpd_max_rate)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The streaming engine's flags (`infer.options.EngineOptions`), one definition for
+    perspective-infer and perspective-serve."""
+    from perspective_jax.config.choices import IO_MODES, PREDICTORS
+    m = parser.add_argument_group("memory and streaming")
+    m.add_argument("--host-budget-mb", type=megabytes, default=1024,
+                   help="hard limit for the host expert cache")
+    m.add_argument("--device-budget-mb", type=megabytes, default=None,
+                   help="hard limit for weights, expert slots and state on the device")
+    m.add_argument("--device-slots", type=int_in(2), default=2,
+                   help="expert-layer slots on the device (2 = double buffer, the least)")
+    m.add_argument("--no-prefetch", action="store_true", help="load experts only when needed")
+    m.add_argument("--no-deltas", action="store_true", help="never stream neighbour deltas")
+    m.add_argument("--no-warm-start", action="store_true",
+                   help="start with an empty host cache")
+    m.add_argument("--predictor", default="auto", choices=PREDICTORS)
+    m.add_argument("--io", default="mmap", choices=IO_MODES,
+                   help="direct: bypass the page cache when reading experts")
+    m.add_argument("--prefill-chunk", type=int_in(1), default=256)
+    m.add_argument("--transfer-thread", action="store_true",
+                   help="copy regions to the device on a thread of their own while the "
+                        "disk reads on (for accelerators; not yet measured on one)")
+
+
+def engine_options_from_args(a: argparse.Namespace):
+    from perspective_jax.infer.options import EngineOptions
+    return EngineOptions(host_budget_mb=a.host_budget_mb, device_budget_mb=a.device_budget_mb,
+                         device_slots=a.device_slots, prefetch=not a.no_prefetch,
+                         use_deltas=not a.no_deltas, warm_start=not a.no_warm_start, io=a.io,
+                         predictor=a.predictor, prefill_chunk=a.prefill_chunk,
+                         transfer_thread=a.transfer_thread)

@@ -15,10 +15,10 @@ import json
 import sys
 
 from perspective_jax.cli import compile_cache
-from perspective_jax.config.choices import IO_MODES, PREDICTORS, TEMPERATURE_RANGE
-from perspective_jax.cli.common import (OneLineParser, add_mpd_flags, check_output_file,
-                                        cli_entry, exit_with, float_in, int_in, megabytes,
-                                        mpd_from_args)
+from perspective_jax.config.choices import TEMPERATURE_RANGE
+from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_mpd_flags,
+                                        check_output_file, cli_entry, engine_options_from_args,
+                                        exit_with, float_in, int_in, mpd_from_args)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 
@@ -39,24 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="sampling seed (default 0; a resumed conversation keeps its own)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable)")
-    m = p.add_argument_group("memory and streaming")
-    m.add_argument("--host-budget-mb", type=megabytes, default=1024,
-                   help="hard limit for the host expert cache")
-    m.add_argument("--device-budget-mb", type=megabytes, default=None,
-                   help="hard limit for weights, expert slots and state on the device")
-    m.add_argument("--device-slots", type=int_in(2), default=2,
-                   help="expert-layer slots on the device (2 = double buffer, the least)")
-    m.add_argument("--no-prefetch", action="store_true", help="load experts only when needed")
-    m.add_argument("--no-deltas", action="store_true", help="never stream neighbour deltas")
-    m.add_argument("--no-warm-start", action="store_true",
-                   help="start with an empty host cache")
-    m.add_argument("--predictor", default="auto", choices=PREDICTORS)
-    m.add_argument("--io", default="mmap", choices=IO_MODES,
-                   help="direct: bypass the page cache when reading experts")
-    m.add_argument("--prefill-chunk", type=int_in(1), default=256)
-    m.add_argument("--transfer-thread", action="store_true",
-                   help="copy regions to the device on a thread of their own while the "
-                        "disk reads on (for accelerators; not yet measured on one)")
+    add_engine_flags(p)
     add_mpd_flags(p, switch=True)
     c = p.add_argument_group("confidence")
     c.add_argument("--show-confidence", action="store_true",
@@ -91,7 +74,6 @@ def run(argv=None) -> int:
     from perspective_jax.model.sampling import Sampling
     from perspective_jax.modeldir.manifest import read_manifest
     from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
-    from perspective_jax.infer.options import EngineOptions
     from perspective_jax.infer.session import Conversation, describe
 
     manifest = read_manifest(a.model_dir)      # clear errors before any heavy work; read once
@@ -103,11 +85,7 @@ def run(argv=None) -> int:
     tokenizer = load_model_tokenizer(a.model_dir, manifest)    # checked against its sha256
     compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    options = EngineOptions(host_budget_mb=a.host_budget_mb,
-                            device_budget_mb=a.device_budget_mb, device_slots=a.device_slots,
-                            prefetch=not a.no_prefetch, use_deltas=not a.no_deltas,
-                            warm_start=not a.no_warm_start, io=a.io, predictor=a.predictor,
-                            prefill_chunk=a.prefill_chunk, transfer_thread=a.transfer_thread)
+    options = engine_options_from_args(a)
     engine = StreamingEngine(a.model_dir, options, manifest=manifest)
     if a.resume_state:
         conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed,

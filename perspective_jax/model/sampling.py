@@ -23,6 +23,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from perspective_jax.config.choices import TEMPERATURE_RANGE
 from perspective_jax.errors import UserError
@@ -82,3 +83,15 @@ def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling,
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, filter_logits(logits, sampling)).astype(jnp.int32)
+
+
+def log_probs(logits, n_valid: Optional[int] = None) -> np.ndarray:
+    """Log-probabilities of the model's distribution over the ids the tokenizer has:
+    logits [..., V] → float64 [..., V], log softmax over ids < n_valid, −inf above
+    (the raw distribution: no temperature, top-k or top-p). What echo / logprobs
+    report and what scoring sums."""
+    z = np.asarray(logits, np.float64)
+    if n_valid is not None and n_valid < z.shape[-1]:
+        z = np.where(np.arange(z.shape[-1]) < n_valid, z, -np.inf)
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))

@@ -1,0 +1,348 @@
+"""Continuous batching: one thread owns the streaming engine and decodes every
+running sequence together, one batched step at a time.
+
+    sched = Scheduler(load, max_batch=16, max_queue=64)   # load() → (engine, tokenizer)
+    sched.start()                                         # loads on its own thread
+    job = Job(prompts=[[ids…]], decoding=Decoding(...), emit=callback)
+    sched.submit(job)            # APIError 429 when the queue is full, 503 if not ready
+    job.cancel()                 # a client went away: its rows leave before the next step
+
+Between two steps the scheduler drops cancelled sequences, admits queued jobs while
+there is room (a job's `n` choices join together), prefills each new prompt on its
+own (`engine.forward`) and samples its first token, then runs one `engine.step` over
+all running sequences: each expert a step needs is brought to the device once for
+the batch. Sampling is the one rule (`session.sample_token`) with the key
+`fold_in(key(seed), step)` per sequence, so a request with a seed reproduces — and
+equals `perspective-infer --seed` for the same prompt — whatever else is running.
+Choice j of a request uses seed + j. Text is cut and released by
+`infer.text_stream.TextStream`; MPD (the request's `perspective.mpd`) by
+`infer.mpd_engine.mpd_on_engine`, the same steps `perspective-infer --mpd` takes.
+
+Events go to `job.emit` from the scheduler thread: `Prompt` (echo log-probabilities),
+`Token` (one per generated token: id, the text it released, log-probabilities,
+confidence), `Finished` (per choice), `Failed` (the whole job) and `Done`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import secrets
+import threading
+import time
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from perspective_jax.config.schema import MPDConfig
+from perspective_jax.errors import UserError
+from perspective_jax.infer.mpd_engine import mpd_on_engine
+from perspective_jax.infer.session import sample_token, top_probability
+from perspective_jax.infer.text_stream import TextStream
+from perspective_jax.model.sampling import log_probs
+from perspective_jax.serve.api_errors import APIError
+from perspective_jax.serve.protocol import SEED_MODULUS, Decoding
+
+
+class TopLogprob(NamedTuple):
+    id: int
+    logprob: float
+
+
+class Prompt(NamedTuple):
+    """Echo: log-probability of each prompt token given the ones before (None for the
+    first) and the top alternatives at each position."""
+    prompt: int                        # which prompt of the request
+    ids: list
+    logprobs: list                     # [float | None]
+    top: list                          # [[TopLogprob] | None]
+
+
+class Token(NamedTuple):
+    choice: int
+    id: int
+    text: str                          # text this token made final ("" while held back)
+    logprob: Optional[float]
+    top: Optional[list]                # [TopLogprob], with logprobs requested
+    confidence: Optional[float]        # with perspective.confidence
+    mpd: bool                          # MPD ran its views on this token
+
+
+class Finished(NamedTuple):
+    choice: int
+    reason: str                        # "stop" (stop string / EOS) or "length"
+    text: str                          # the choice's whole text
+    tokens: int
+
+
+class Failed(NamedTuple):
+    error: APIError
+
+
+class Done(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Job:
+    """One request: its prompts (token ids), how to decode them, where events go."""
+
+    def __init__(self, prompts: list, decoding: Decoding, emit: Callable):
+        self.prompts, self.decoding, self.emit = [list(p) for p in prompts], decoding, emit
+        self.seed = (decoding.seed if decoding.seed is not None
+                     else secrets.randbits(32))
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.first_token: Optional[float] = None
+        self.open = len(prompts) * decoding.n          # choices not finished yet
+        self.completion_tokens = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.decoding.n
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclasses.dataclass
+class _Seq:
+    """One choice being decoded."""
+    job: Job
+    index: int
+    state: object
+    logits: np.ndarray                 # the logits its next token is sampled from
+    before: object                     # state before the token last fed (MPD)
+    fed: int
+    stream: TextStream
+    seed: int
+    steps: int = 0
+    pending: int = -1
+    mpd_spent: int = 0
+
+
+class Scheduler:
+    def __init__(self, load: Callable, max_batch: int = 16, max_queue: int = 64,
+                 mpd: MPDConfig = MPDConfig(), metrics=None):
+        if max_batch < 1 or max_queue < 1:
+            raise UserError("the batch and the queue must each hold at least 1")
+        self.load, self.max_batch, self.max_queue = load, max_batch, max_queue
+        self.mpd_config, self.metrics = mpd, metrics
+        self.engine = self.tokenizer = None
+        self.ready = threading.Event()
+        self.load_error: Optional[str] = None
+        self.waiting: collections.deque = collections.deque()
+        self.running: list[_Seq] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="perspective-scheduler",
+                                       daemon=True)
+
+    # ---------------------------------------------------------------- control
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail what is queued or running with 503 and end the thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}")
+        if not self.ready.is_set():
+            raise APIError(503, "the model is still loading; retry shortly (GET /health)",
+                           code="loading")
+        if job.rows > self.max_batch:
+            raise APIError(400, f"n × prompts = {job.rows} sequences is more than the "
+                                f"server runs at once ({self.max_batch}, --max-batch)",
+                           param="n")
+        with self.cond:
+            if self.stopping:
+                raise APIError(503, "the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(429, f"the queue is full ({self.max_queue} requests waiting, "
+                                    "--max-queue); retry later", code="queue_full")
+            self.waiting.append(job)
+            self.cond.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running_sequences(self) -> int:
+        return len(self.running)
+
+    # ---------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        try:
+            self.engine, self.tokenizer = self.load()
+        except BaseException as exc:                       # noqa: BLE001 — reported
+            self.load_error = str(exc) or type(exc).__name__
+            return
+        self.ready.set()
+        try:
+            while True:
+                with self.cond:
+                    while not (self.stopping or self.waiting or self.running):
+                        self.cond.wait(0.5)
+                    if self.stopping:
+                        break
+                self._drop_cancelled()
+                self._admit()
+                if self.running:
+                    self._step()
+        finally:
+            self._fail_all(APIError(503, "the server is shutting down"))
+            self.engine.close()
+
+    def _drop_cancelled(self) -> None:
+        gone = [s for s in self.running if s.job.cancelled.is_set()]
+        if gone:
+            self.running = [s for s in self.running if not s.job.cancelled.is_set()]
+
+    def _admit(self) -> None:
+        while True:
+            with self.cond:
+                if not self.waiting:
+                    return
+                job = self.waiting[0]
+                if job.cancelled.is_set():
+                    self.waiting.popleft()
+                    continue
+                if self.running and len(self.running) + job.rows > self.max_batch:
+                    return
+                self.waiting.popleft()
+            try:
+                self._start(job)
+            except (APIError, UserError) as exc:
+                self._fail(job, exc)
+            except Exception as exc:                        # noqa: BLE001 — the engine
+                self._fail(job, exc)
+
+    def _start(self, job: Job) -> None:
+        """Prefill each prompt, then sample each choice's first token."""
+        engine, d = self.engine, job.decoding
+        for p, ids in enumerate(job.prompts):
+            tokens = np.asarray(ids, np.int32)
+            state0 = engine.new_state()
+            if d.echo:
+                every, state = engine.forward(tokens, state0, all_logits=True)
+                job.emit(self._prompt_event(p, ids, every, d.logprobs))
+                last = every[-1]
+            before, fed = state0, int(tokens[-1])
+            if d.mpd and tokens.size > 1:
+                _, before = engine.forward(tokens[:-1], state0)
+                if not d.echo:
+                    last, state = engine.forward(tokens[-1:], before)
+            elif not d.echo:
+                last, state = engine.forward(tokens, state0)
+            for c in range(d.n):
+                seq = _Seq(job, p * d.n + c, state, last, before, fed,
+                           TextStream(self.tokenizer, d.stop), (job.seed + c) % SEED_MODULUS)
+                if d.max_tokens == 0:                       # echo only: nothing to generate
+                    self._finish(seq, "length")
+                    continue
+                if self._advance(seq):
+                    self.running.append(seq)
+
+    def _step(self) -> None:
+        rows = self.running
+        t0 = time.perf_counter()
+        try:
+            logits, states = self.engine.step([s.state for s in rows], [s.pending for s in rows])
+        except Exception as exc:                            # noqa: BLE001 — reported
+            for job in {id(s.job): s.job for s in rows}.values():
+                self._fail(job, exc)
+            self.running = []
+            return
+        if self.metrics is not None:
+            self.metrics.step(len(rows), time.perf_counter() - t0)
+        keep = []
+        for row, seq in enumerate(rows):
+            seq.before, seq.fed, seq.state = seq.state, seq.pending, states[row]
+            seq.logits = logits[row]
+            if self._advance(seq):
+                keep.append(seq)
+        self.running = keep
+
+    def _advance(self, seq: _Seq) -> bool:
+        """Sample seq's next token from seq.logits, emit it; True while it goes on."""
+        job, d = seq.job, seq.job.decoding
+        if job.cancelled.is_set():
+            return False
+        key = jax.random.fold_in(jax.random.key(seq.seed), seq.steps)
+        tok = sample_token(seq.logits, d.sampling, key, self.tokenizer.vocab_size)
+        info = None
+        if d.mpd:
+            info = mpd_on_engine(self.engine, seq.logits, tok, seq.steps, self.mpd_config,
+                                 seq.mpd_spent, seq.before, seq.fed)
+            tok = int(info.token[0])
+            seq.mpd_spent += int(info.triggered[0])
+        seq.steps += 1
+        job.completion_tokens += 1
+        eos = getattr(self.tokenizer, "eos_id", None)
+        last = tok == eos or seq.steps >= d.max_tokens
+        text, stopped = seq.stream.push(tok, last)
+        logprob = top = conf = None
+        if d.logprobs is not None:
+            lp = log_probs(seq.logits, self.tokenizer.vocab_size)
+            logprob, top = float(lp[tok]), _top(lp, d.logprobs)
+        if d.confidence:
+            conf = top_probability(seq.logits) if info is None else float(info.confidence[0])
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.first_token(job.first_token - job.submitted)
+        job.emit(Token(seq.index, tok, text, logprob, top, conf,
+                       info is not None and bool(info.triggered[0])))
+        if stopped or last:
+            self._finish(seq, "stop" if stopped or tok == eos else "length")
+            return False
+        seq.pending = tok
+        return True
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        job = seq.job
+        job.emit(Finished(seq.index, reason, seq.stream.text, seq.steps))
+        job.open -= 1
+        if job.open == 0:
+            job.emit(Done(sum(len(p) for p in job.prompts), job.completion_tokens))
+
+    def _prompt_event(self, p: int, ids: list, every: np.ndarray,
+                      k: Optional[int]) -> Prompt:
+        lp = log_probs(every[:-1], self.tokenizer.vocab_size)        # [T-1, V]
+        logprobs = [None] + [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)]
+        top = [None] + [_top(lp[t], k or 0) for t in range(len(ids) - 1)]
+        return Prompt(p, list(ids), logprobs, top)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if isinstance(exc, APIError):
+            err = exc
+        elif isinstance(exc, UserError):
+            err = APIError(400, str(exc))
+        else:
+            err = APIError(500, f"the engine failed: {type(exc).__name__}: {exc}")
+        job.emit(Failed(err))
+        job.cancel()
+
+    def _fail_all(self, err: APIError) -> None:
+        with self.cond:
+            jobs = list(self.waiting) + [s.job for s in self.running]
+            self.waiting.clear()
+        self.running = []
+        for job in {id(j): j for j in jobs}.values():
+            self._fail(job, err)
+
+
+def _top(lp: np.ndarray, k: int) -> list:
+    """The k most likely ids of log-probabilities lp [V], most likely first."""
+    if k <= 0:
+        return []
+    ids = np.argsort(-lp, kind="stable")[:k]
+    return [TopLogprob(int(i), float(lp[i])) for i in ids]
