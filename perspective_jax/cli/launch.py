@@ -1,7 +1,7 @@
 """Console-script entry points: pick the host allocator (`cli.allocator`), which
 needs a re-execution before anything heavy is imported, then run the command.
 `perspective-train` and `perspective-export` get the faster allocator on CPU;
-`perspective-infer`, `-eval`, `-info` and `-budget` run as they are.
+`perspective-infer`, `-eval`, `-info`, `-budget` and `-agent` run as they are.
 
 pyproject.toml maps `perspective-train` to `launch:train` and so on; the command
 modules themselves (`python -m perspective_jax.cli.train`) run without it. Each
@@ -45,4 +45,9 @@ def info() -> None:
 
 def budget() -> None:
     from perspective_jax.cli.budget import main
+    main()
+
+
+def agent() -> None:
+    from perspective_jax.cli.agent import main
     main()
