@@ -191,6 +191,33 @@ def _flush() -> None:
             stream.flush()
 
 
+@contextlib.contextmanager
+def signals_handled(signals: tuple, handler):
+    """`handler` for `signals` inside the block, the previous handlers after it. Main
+    thread only (elsewhere a plain block)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred(signals: tuple = (*SIGNALS, signal.SIGHUP)):
+    """Hold `signals` inside the block; one that came raises KeyboardInterrupt as the
+    block ends. For starting a child process and recording it in one step, so that
+    no interruption leaves a child running that no one will stop."""
+    held: list = []
+    with signals_handled(signals, lambda signum, _frame: held.append(signum)):
+        yield
+    if held:
+        raise KeyboardInterrupt
+
+
 # A write failing for the machine's sake (full disk, quota, read-only filesystem)
 # wherever no caller named it first: still one line naming the path.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)

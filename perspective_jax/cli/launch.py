@@ -1,7 +1,8 @@
 """Console-script entry points: pick the host allocator (`cli.allocator`), which
 needs a re-execution before anything heavy is imported, then run the command.
 `perspective-train` and `perspective-export` get the faster allocator on CPU;
-`perspective-infer`, `-serve`, `-eval`, `-info` and `-budget` run as they are.
+`perspective-infer`, `-serve`, `-eval`, `-info`, `-budget` and `-agent` run as they
+are.
 
 pyproject.toml maps `perspective-train` to `launch:train` and so on; the command
 modules themselves (`python -m perspective_jax.cli.train`) run without it. Each
@@ -51,4 +52,9 @@ def budget() -> None:
 def serve() -> None:
     # the streaming engine's RSS-budgeted host tier, as perspective-infer
     from perspective_jax.cli.serve import main
+    main()
+
+
+def agent() -> None:
+    from perspective_jax.cli.agent import main
     main()
