@@ -25,8 +25,6 @@ import json
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from perspective_jax.config.schema import MPDConfig
@@ -34,7 +32,7 @@ from perspective_jax.errors import UserError
 from perspective_jax.infer.mpd_engine import mpd_on_engine
 from perspective_jax.infer.state import EngineState
 from perspective_jax.infer.text_stream import TextStream
-from perspective_jax.model.sampling import Sampling, sample_next
+from perspective_jax.model.sampling import Sampling, sample_rows
 from perspective_jax.model.cache_io import (cache_from_tensors, flatten_cache, read_checked,
                                             write_checked)
 
@@ -42,11 +40,12 @@ STATE_FORMAT = "perspective-conversation/2"     # 2: a sha256 over the content
 OLDER_FORMATS = ("perspective-conversation/1",)
 
 
-def sample_token(logits: np.ndarray, sampling: Sampling, key,
+def sample_token(logits: np.ndarray, sampling: Sampling, seed: int, step: int,
                  n_valid: Optional[int] = None) -> int:
-    """One token from logits [V] by the one sampling rule (`model.sampling`), below
-    n_valid (the tokenizer's piece count)."""
-    return int(sample_next(jnp.asarray(logits)[None], key, sampling, n_valid)[0])
+    """Token `step` of a sequence seeded `seed`, from logits [V], by the one sampling
+    rule (`model.sampling.sample_rows`: key fold_in(key(seed), step)), below n_valid
+    (the tokenizer's piece count)."""
+    return int(sample_rows(np.asarray(logits)[None], [seed], [step], sampling, n_valid)[0])
 
 
 class TokenInfo(NamedTuple):
@@ -95,9 +94,8 @@ class Conversation:
         fed = feed[-1]
         stream = TextStream(self.tokenizer, stop)
         said = ""
-        base = jax.random.key(self.seed)
         while True:
-            tok = sample_token(logits, self.sampling, jax.random.fold_in(base, self.steps),
+            tok = sample_token(logits, self.sampling, self.seed, self.steps,
                                self.tokenizer.vocab_size)
             info = None
             if self.mpd is not None:

@@ -19,6 +19,7 @@ for (resume and --init-from compare it), and the unused rows cost only
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -83,6 +84,25 @@ def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling,
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, filter_logits(logits, sampling)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("sampling", "n_valid"))
+def _sample_rows(logits, seeds, steps, sampling: Sampling, n_valid: Optional[int]):
+    def one(row, seed, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return sample_next(row[None], key, sampling, n_valid)[0]
+    return jax.vmap(one)(logits, seeds, steps)
+
+
+def sample_rows(logits, seeds, steps, sampling: Sampling,
+                n_valid: Optional[int] = None) -> np.ndarray:
+    """logits [B, V] → token ids [B] (numpy), row b drawn by `sample_next` with the key
+    fold_in(key(seeds[b]), steps[b]): each sequence its own seed and position, so a
+    sequence draws the same tokens alone or in any batch (the streaming engine's
+    conversations and the server's batched sequences). One compiled program per
+    (sampling, n_valid, B)."""
+    return np.asarray(_sample_rows(jnp.asarray(logits), jnp.asarray(seeds, jnp.uint32),
+                                   jnp.asarray(steps, jnp.int32), sampling, n_valid))
 
 
 def log_probs(logits, n_valid: Optional[int] = None) -> np.ndarray:

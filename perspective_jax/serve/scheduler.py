@@ -10,9 +10,10 @@ running sequence together, one batched step at a time.
 Between two steps the scheduler drops cancelled sequences, admits queued jobs while
 there is room (a job's `n` choices join together), prefills each new prompt on its
 own (`engine.forward`) and samples its first token, then runs one `engine.step` over
-all running sequences: each expert a step needs is brought to the device once for
-the batch. Sampling is the one rule (`session.sample_token`) with the key
-`fold_in(key(seed), step)` per sequence, so a request with a seed reproduces — and
+all running sequences (padded to a power of two, `batch_bucket`, so few batch
+shapes are compiled): each expert a step needs is brought to the device once for
+the batch. Sampling is the one rule (`model.sampling.sample_rows`, one draw for
+the batch) with the key `fold_in(key(seed), step)` per sequence, so a request with a seed reproduces — and
 equals `perspective-infer --seed` for the same prompt — whatever else is running.
 Choice j of a request uses seed + j. Text is cut and released by
 `infer.text_stream.TextStream`; MPD (the request's `perspective.mpd`) by
@@ -32,15 +33,14 @@ import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
-import jax
 import numpy as np
 
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
 from perspective_jax.infer.mpd_engine import mpd_on_engine
-from perspective_jax.infer.session import sample_token, top_probability
+from perspective_jax.infer.session import top_probability
 from perspective_jax.infer.text_stream import TextStream
-from perspective_jax.model.sampling import log_probs
+from perspective_jax.model.sampling import log_probs, sample_rows
 from perspective_jax.serve.api_errors import APIError
 from perspective_jax.serve.protocol import SEED_MODULUS, Decoding
 
@@ -253,9 +253,11 @@ class Scheduler:
 
     def _step(self) -> None:
         rows = self.running
+        pad = batch_bucket(len(rows), self.max_batch) - len(rows)
         t0 = time.perf_counter()
         try:
-            logits, states = self.engine.step([s.state for s in rows], [s.pending for s in rows])
+            logits, states = self.engine.step([s.state for s in rows] + [rows[0].state] * pad,
+                                              [s.pending for s in rows] + [rows[0].pending] * pad)
         except Exception as exc:                            # noqa: BLE001 — reported
             for job in {id(s.job): s.job for s in rows}.values():
                 self._fail(job, exc)
@@ -267,17 +269,36 @@ class Scheduler:
         for row, seq in enumerate(rows):
             seq.before, seq.fed, seq.state = seq.state, seq.pending, states[row]
             seq.logits = logits[row]
-            if self._advance(seq):
+        tokens = self._sample(rows, logits)
+        for seq, tok in zip(rows, tokens):
+            if self._advance(seq, tok):
                 keep.append(seq)
         self.running = keep
 
-    def _advance(self, seq: _Seq) -> bool:
-        """Sample seq's next token from seq.logits, emit it; True while it goes on."""
+    def _sample(self, rows: list, logits: np.ndarray) -> list:
+        """Each row's next token from logits [≥ len(rows), V] (padding rows beyond):
+        one batched draw per distinct sampling rule (`model.sampling.sample_rows`,
+        key fold_in(key(seed), step) per row — as a sequence alone draws)."""
+        out = [0] * len(rows)
+        n = logits.shape[0]
+        pad = [rows[0]] * (n - len(rows))
+        seeds = [s.seed for s in rows + pad]
+        steps = [s.steps for s in rows + pad]
+        for rule in {s.job.decoding.sampling for s in rows}:
+            ids = sample_rows(logits, seeds, steps, rule, self.tokenizer.vocab_size)
+            for b, seq in enumerate(rows):
+                if seq.job.decoding.sampling == rule:
+                    out[b] = int(ids[b])
+        return out
+
+    def _advance(self, seq: _Seq, tok: Optional[int] = None) -> bool:
+        """Emit seq's next token (`tok`, or sampled from seq.logits); True while the
+        sequence goes on."""
         job, d = seq.job, seq.job.decoding
         if job.cancelled.is_set():
             return False
-        key = jax.random.fold_in(jax.random.key(seq.seed), seq.steps)
-        tok = sample_token(seq.logits, d.sampling, key, self.tokenizer.vocab_size)
+        if tok is None:
+            tok = self._sample([seq], seq.logits[None])[0]
         info = None
         if d.mpd:
             info = mpd_on_engine(self.engine, seq.logits, tok, seq.steps, self.mpd_config,
@@ -338,6 +359,14 @@ class Scheduler:
         self.running = []
         for job in {id(j): j for j in jobs}.values():
             self._fail(job, err)
+
+
+def batch_bucket(rows: int, max_batch: int) -> int:
+    """Rows a step of `rows` sequences runs: the next power of two (at most max_batch,
+    at least rows), so the engine's programs are compiled for log2(max_batch) + 1 batch
+    shapes, not for every count. Padding rows repeat row 0 (its experts: no extra
+    transfers) and are dropped."""
+    return max(rows, min(1 << (rows - 1).bit_length(), max_batch))
 
 
 def _top(lp: np.ndarray, k: int) -> list:
