@@ -94,3 +94,21 @@ def assert_engine_matches(engine, ref, prompt, steps):
         engine.tiers.flush_admissions()
         assert engine.tiers.buffers_peak <= engine.tiers.buffers_budgeted
         assert 0 < engine.slots.regions_peak <= engine.n_slots
+
+
+def token_logits(cfg, params):
+    """f(tokens) -> logits [T, V] after each token of `tokens`, the in-memory model
+    (exported expert values, as `reference_logits`) fed one token at a time from an
+    empty cache: one compiled step for every call of f."""
+    bits = cfg.ternary.activation_bits if cfg.ternary.enabled else 0
+    model = PerspectiveLM(cfg.model, cfg.moe, activation_bits=bits)
+    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
+    apply = jax.jit(lambda p, tok, c: model.apply({"params": p}, tok, cache=c))
+
+    def run(tokens):
+        cache, out = init_cache(cfg.model, 1), []
+        for tok in tokens:
+            logits, cache = apply(used, jnp.asarray([[int(tok)]]), cache)
+            out.append(np.asarray(logits[0, -1]))
+        return np.stack(out)
+    return run

@@ -2,10 +2,13 @@
 checked against the gates you declare.
 
     perspective-eval --model-dir models/tiny --data held_out/ --gates gates.yaml --out report/
+    perspective-eval --model-dir models/tiny --lm-eval perspective_perplexity \
+        --lm-eval-include docs/examples/lm_eval
 
 Prints every metric with PASS/FAIL for the gated ones, writes report.json,
 report.md, reliability.png and risk_coverage.png to --out, and exits 1 when a gate
-fails (2 on bad input).
+fails (2 on bad input). --lm-eval runs lm-evaluation-harness tasks in process on
+the same model (with or without --data) and adds their metrics ("lm_eval").
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ def _parser() -> OneLineParser:
     e.add_argument("--no-persistent", action="store_true",
                    help="skip scoring MPD with persistent per-perspective states")
     add_mpd_flags(p, switch=False)
+    h = p.add_argument_group("lm-evaluation-harness (pip install 'perspective-jax[eval]')")
+    h.add_argument("--lm-eval", metavar="TASK[,TASK]",
+                   help="harness tasks to run in process (lm_eval's, or YAML tasks under "
+                   "--lm-eval-include)")
+    h.add_argument("--lm-eval-include", metavar="DIR",
+                   help="a directory of task YAML files, e.g. docs/examples/lm_eval")
+    h.add_argument("--lm-eval-limit", type=int_in(1), metavar="N",
+                   help="at most N documents per task")
     m = p.add_argument_group("engine")
     m.add_argument("--host-budget-mb", type=megabytes, default=1024)
     m.add_argument("--device-slots", type=int_in(2), default=2)
@@ -52,32 +63,52 @@ def run(argv=None) -> int:
         for m in METRICS.values():
             print(f"{m.name:36s} {m.unit or '-':11s} {m.better:7s} {m.description}")
         return 0
-    if not a.model_dir or not a.data:
-        raise UserError("--model-dir and --data are required (perspective-eval --model-dir M "
-                        "--data FILE_OR_DIR)")
+    if not a.model_dir or not (a.data or a.lm_eval):
+        raise UserError("--model-dir and --data are required, or --model-dir and --lm-eval "
+                        "TASKS (perspective-eval --model-dir M --data FILE_OR_DIR)")
+    if a.gates and not a.data:
+        raise UserError("--gates checks the metrics measured on --data; give --data")
+    if (a.lm_eval_include or a.lm_eval_limit) and not a.lm_eval:
+        raise UserError("--lm-eval-include and --lm-eval-limit go with --lm-eval TASKS")
     from perspective_jax.evaluate.gates import check, load_gates
     gates = load_gates(a.gates) if a.gates else []       # bad gates fail before any work
     mpd = mpd_from_args(a)
-    from perspective_jax.evaluate.report import (metric_rows, text_table, verdicts_json,
-                                                 write_report)
-    from perspective_jax.evaluate.run import EvalOptions, evaluate_model
+    from perspective_jax.evaluate.report import (HARNESS_HEAD, harness_rows, metric_rows,
+                                                 text_table, verdicts_json, write_report)
+    from perspective_jax.evaluate.run import EvalOptions, EvalResult, evaluate_model
     opts = EvalOptions(segment_len=a.segment_len, max_segments=a.max_segments,
                        decode_tokens=a.decode_tokens, mpd=mpd, persistent=not a.no_persistent,
                        host_budget_mb=a.host_budget_mb, device_slots=a.device_slots)
-    compile_cache.enable(a.compilation_cache)
     log = (lambda msg: print(msg, file=sys.stderr))
-    result = evaluate_model(a.model_dir, a.data, opts, log)
+    tasks = manager = None
+    if a.lm_eval:                            # unknown tasks fail before any model work
+        from perspective_jax.evaluate import harness
+        tasks = harness.parse_tasks(a.lm_eval)
+        manager = harness.task_manager(tasks, a.lm_eval_include)
+    compile_cache.enable(a.compilation_cache)
+    result = (evaluate_model(a.model_dir, a.data, opts, log) if a.data
+              else EvalResult({}, {}, {}))
+    lm_eval = None
+    if tasks is not None:
+        log(f"lm-evaluation-harness: running {', '.join(tasks)}")
+        lm_eval = harness.run_tasks(a.model_dir, tasks, manager, a.lm_eval_limit,
+                                    host_budget_mb=a.host_budget_mb,
+                                    device_slots=a.device_slots)
     verdicts = check(gates, result.values)
     header = {"model_dir": a.model_dir, "data": a.data, "title": a.model_dir}
     if a.out:
         for path in write_report(a.out, header, result.values, verdicts, result.confidences,
-                                 result.fitted):
+                                 result.fitted, lm_eval):
             print(f"wrote {path}", file=sys.stderr)
     if a.json:
-        print(json.dumps({"metrics": result.values, "gates": verdicts_json(verdicts),
-                          "passed": all(v.passed for v in verdicts)}, indent=1))
+        doc = {"metrics": result.values, "gates": verdicts_json(verdicts),
+               "passed": all(v.passed for v in verdicts)}
+        print(json.dumps(doc if lm_eval is None else {**doc, "lm_eval": lm_eval}, indent=1))
     else:
-        print(text_table(metric_rows(result.values, verdicts)))
+        tables = [text_table(metric_rows(result.values, verdicts))] if a.data else []
+        if lm_eval is not None:
+            tables.append(text_table(harness_rows(lm_eval), HARNESS_HEAD))
+        print("\n\n".join(tables))
     failed = [v for v in verdicts if not v.passed]
     if failed:
         print(f"{len(failed)} of {len(verdicts)} gates failed: "

@@ -2,8 +2,13 @@
 report, and the pictures — reliability diagrams and risk–coverage curves.
 
     rows = metric_rows(values, verdicts)         # [(metric, value, unit, gate, result)]
-    write_report(out_dir, header, values, verdicts, confidences, fitted)
-        → report.json, report.md, reliability.png, risk_coverage.png
+    rows = harness_rows(lm_eval)                 # [(task, metric, value, stderr)]
+    text_table(rows, HARNESS_HEAD)
+    write_report(out_dir, header, values, verdicts, confidences, fitted, lm_eval)
+        → report.json, report.md (+ reliability.png, risk_coverage.png with --data)
+
+`lm_eval`: lm-evaluation-harness results, {task: {metric: {"value", "stderr"}}}
+(`evaluate.harness.flatten`), under "lm_eval" in report.json.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -47,15 +53,25 @@ def metric_rows(values: dict, verdicts: list) -> list[tuple]:
     return rows
 
 
-def text_table(rows: list[tuple]) -> str:
-    head = ("metric", "value", "unit", "gate", "result")
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
+METRIC_HEAD = ("metric", "value", "unit", "gate", "result")
+HARNESS_HEAD = ("task", "metric", "value", "stderr")
+
+
+def harness_rows(results: dict) -> list[tuple]:
+    """(task, metric, value, stderr) of lm-evaluation-harness results."""
+    return [(task, metric, _show(v["value"]), _show(v["stderr"]))
+            for task, metrics in results.items() for metric, v in metrics.items()]
+
+
+def text_table(rows: list[tuple], head: tuple = METRIC_HEAD) -> str:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
 
 
-def markdown_table(rows: list[tuple]) -> str:
-    out = ["| metric | value | unit | gate | result |", "|---|---:|---|---|---|"]
+def markdown_table(rows: list[tuple], head: tuple = METRIC_HEAD) -> str:
+    align = {"value": "---:", "stderr": "---:"}
+    out = [f"| {' | '.join(head)} |", f"|{'|'.join(align.get(h, '---') for h in head)}|"]
     out += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
     return "\n".join(out)
 
@@ -71,8 +87,9 @@ def verdicts_json(verdicts: list) -> list[dict]:
 
 
 def write_report(out: str, header: dict, values: dict, verdicts: list, confidences: dict,
-                 fitted: dict) -> list[str]:
-    """Write report.json, report.md and the PNGs into `out` (created); returns paths."""
+                 fitted: dict, lm_eval: Optional[dict] = None) -> list[str]:
+    """Write report.json, report.md and (with confidences) the PNGs into `out`
+    (created); returns paths. `lm_eval`: harness results to add, or None."""
     os.makedirs(out, exist_ok=True)
     paths = []
     curves = {name: [{"bin_low": lo, "count": n, "mean_confidence": _finite(c),
@@ -82,19 +99,28 @@ def write_report(out: str, header: dict, values: dict, verdicts: list, confidenc
            "gates": verdicts_json(verdicts),
            "passed": all(v.passed for v in verdicts), "fitted": fitted,
            "reliability": curves}
+    if lm_eval is not None:
+        doc["lm_eval"] = lm_eval
     path = os.path.join(out, "report.json")
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1)
     paths.append(path)
-    rows = metric_rows(values, verdicts)
-    md = [f"# perspective-eval: {header.get('model_dir', '')}", "",
-          f"data: {header.get('data', '')}", "", markdown_table(rows), "",
-          "![reliability](reliability.png)", "", "![risk-coverage](risk_coverage.png)", ""]
+    md = [f"# perspective-eval: {header.get('model_dir', '')}", ""]
+    if values or verdicts:
+        md += [f"data: {header.get('data', '')}", "",
+               markdown_table(metric_rows(values, verdicts)), ""]
+    if confidences:
+        md += ["![reliability](reliability.png)", "",
+               "![risk-coverage](risk_coverage.png)", ""]
+    if lm_eval is not None:
+        md += ["## lm-evaluation-harness", "",
+               markdown_table(harness_rows(lm_eval), HARNESS_HEAD), ""]
     path = os.path.join(out, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(md))
     paths.append(path)
-    paths += plot(out, confidences, header.get("title", ""))
+    if confidences:
+        paths += plot(out, confidences, header.get("title", ""))
     return paths
 
 

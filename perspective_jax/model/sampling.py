@@ -3,9 +3,11 @@ only ids the tokenizer has.
 
     token = sample_next(logits [B, V], key, Sampling(temperature=0.8, top_k=40),
                         n_valid=tokenizer.vocab_size)                          # [B]
+    logp = log_probs(logits [..., V], n_valid=tokenizer.vocab_size)   # float32 [..., V]
 
 Used by in-memory generation (`model.generate`), training samples and the
-streaming engine's conversations (`infer.session`).
+streaming engine's conversations (`infer.session`); `log_probs` is the one rule by
+which text is scored (the lm-evaluation-harness model, the server's logprobs).
 
 A trained tokenizer may have fewer pieces than `model.vocab_size` (sentencepiece stops
 early on a narrow corpus: numbers, one script). The model keeps its configured
@@ -68,13 +70,19 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def mask_unknown(logits: jax.Array, n_valid: Optional[int]) -> jax.Array:
-    """logits [B, V] with ids >= n_valid (the tokenizer's piece count) set to −inf;
+    """logits [..., V] with ids >= n_valid (the tokenizer's piece count) set to −inf;
     None → unchanged."""
     if n_valid is None or n_valid >= logits.shape[-1]:
         return logits
     if n_valid < 1:
         raise UserError(f"the tokenizer has {n_valid} pieces; it cannot decode anything")
     return jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
+
+
+def log_probs(logits, n_valid: Optional[int] = None) -> jax.Array:
+    """float32 log-probabilities [..., V] of logits [..., V] over the ids below n_valid
+    (the tokenizer's piece count; the others −inf, as `mask_unknown`); None → all ids."""
+    return jax.nn.log_softmax(mask_unknown(jnp.asarray(logits, jnp.float32), n_valid), axis=-1)
 
 
 def sample_next(logits: jax.Array, rng: jax.Array, sampling: Sampling,
