@@ -112,14 +112,3 @@ def sample_rows(logits, seeds, steps, sampling: Sampling,
     return np.asarray(_sample_rows(jnp.asarray(logits), jnp.asarray(seeds, jnp.uint32),
                                    jnp.asarray(steps, jnp.int32), sampling, n_valid))
 
-
-def log_probs(logits, n_valid: Optional[int] = None) -> np.ndarray:
-    """Log-probabilities of the model's distribution over the ids the tokenizer has:
-    logits [..., V] → float64 [..., V], log softmax over ids < n_valid, −inf above
-    (the raw distribution: no temperature, top-k or top-p). What echo / logprobs
-    report and what scoring sums."""
-    z = np.asarray(logits, np.float64)
-    if n_valid is not None and n_valid < z.shape[-1]:
-        z = np.where(np.arange(z.shape[-1]) < n_valid, z, -np.inf)
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))

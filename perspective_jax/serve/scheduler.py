@@ -312,7 +312,7 @@ class Scheduler:
         text, stopped = seq.stream.push(tok, last)
         logprob = top = conf = None
         if d.logprobs is not None:
-            lp = log_probs(seq.logits, self.tokenizer.vocab_size)
+            lp = np.asarray(log_probs(seq.logits, self.tokenizer.vocab_size))
             logprob, top = float(lp[tok]), _top(lp, d.logprobs)
         if d.confidence:
             conf = top_probability(seq.logits) if info is None else float(info.confidence[0])
@@ -337,7 +337,7 @@ class Scheduler:
 
     def _prompt_event(self, p: int, ids: list, every: np.ndarray,
                       k: Optional[int]) -> Prompt:
-        lp = log_probs(every[:-1], self.tokenizer.vocab_size)        # [T-1, V]
+        lp = np.asarray(log_probs(every[:-1], self.tokenizer.vocab_size))   # [T-1, V]
         logprobs = [None] + [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)]
         top = [None] + [_top(lp[t], k or 0) for t in range(len(ids) - 1)]
         return Prompt(p, list(ids), logprobs, top)

@@ -60,11 +60,28 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_output(served):
     assert float(steps[0].split()[-1]) < 16 * 11 + 16 * 12
 
 
+class _HeldSteps(StreamingEngine):
+    """A StreamingEngine whose batched steps wait for `go` (a long-running request that
+    cannot end by itself while the test fills the queue)."""
+
+    go = threading.Event()
+
+    def step(self, *a, **kw):
+        assert self.go.wait(60)
+        return super().step(*a, **kw)
+
+
 def test_a_disconnect_frees_its_place_and_a_full_queue_is_429(exported):
+    from perspective_jax.serve.server import RunningServer, build_server
     _, _, path = exported
-    opts = ServeOptions(model_name=MODEL)
-    with running(path, opts, max_batch=1, max_queue=1) as server:
-        long = {"model": MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}
+    _HeldSteps.go.clear()
+    server = RunningServer(build_server(path, opts=ServeOptions(model_name=MODEL),
+                                        max_batch=1, max_queue=1,
+                                        engine_factory=_HeldSteps)).start()
+    sched = server.server.scheduler
+    try:
+        long = {"model": MODEL, "prompt": "a", "max_tokens": 2000, "stream": True,
+                "logprobs": 0}                      # every token is a chunk
         with httpx.stream("POST", server.url + "/v1/completions", json=long,
                           timeout=60) as resp:
             it = resp.iter_lines()
@@ -75,23 +92,29 @@ def test_a_disconnect_frees_its_place_and_a_full_queue_is_429(exported):
                         "timeout": 60})
             queued.start()
             deadline = time.monotonic() + 30
-            while server.server.scheduler.queue_depth < 1 and time.monotonic() < deadline:
+            while sched.queue_depth < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             full = httpx.post(server.url + "/v1/completions", timeout=30,
                               json={"model": MODEL, "prompt": "c", "max_tokens": 2})
             assert full.status_code == 429
             assert full.json()["error"]["type"] == "rate_limit_error"
             assert full.json()["error"]["code"] == "queue_full"
-        # the stream is closed: its sequence leaves, the queued request runs at once
+            assert sched.running_sequences == 1
+        # the stream is closed: its sequence leaves after the step under way, and the
+        # queued request runs at once (far before the 2000 tokens would have ended)
+        _HeldSteps.go.set()
         t0 = time.monotonic()
         queued.join(60)
         assert not queued.is_alive() and time.monotonic() - t0 < 30
         deadline = time.monotonic() + 10
-        while server.server.scheduler.running_sequences and time.monotonic() < deadline:
+        while sched.running_sequences and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert server.server.scheduler.running_sequences == 0
+        assert sched.running_sequences == 0 and sched.queue_depth == 0
         r = client(server).completions.create(model=MODEL, prompt="d", max_tokens=3)
         assert r.usage.completion_tokens == 3
+    finally:
+        _HeldSteps.go.set()
+        server.stop()
 
 
 def _error(resp, status, param=None, code=None):
