@@ -7,7 +7,8 @@ expert bytes moved per decode step and the host-cache hit rate (issue 21).
 
 The server runs as its own process (`python -m perspective_jax.cli.serve`, as a
 user starts it); the clients are one asyncio loop of streaming completions
-(greedy, distinct prompts, `logprobs=0` so every token arrives as its own chunk).
+(greedy, distinct prompts, the token count from the usage chunk). Time per output
+token is per request, (last token − first token) / (tokens − 1), as vLLM reports it.
 Each concurrency first runs once unmeasured (the engine compiles its batch shapes),
 then `--rounds` times measured; the best round is reported, with all rounds' failures.
 Prints a Markdown table.
@@ -74,9 +75,9 @@ def scrape(url: str) -> dict:
 
 async def one_stream(client, url: str, prompt: str, tokens: int) -> dict:
     body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-            "logprobs": 0, "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    arrivals = []
+    arrivals, generated = [], 0
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -84,13 +85,14 @@ async def one_stream(client, url: str, prompt: str, tokens: int) -> dict:
             async for line in resp.aiter_lines():
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
-                    for ch in chunk["choices"]:
-                        if ch.get("logprobs") and ch["logprobs"]["tokens"]:
-                            arrivals.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        generated = chunk["usage"]["completion_tokens"]
+                    if any(ch["text"] for ch in chunk["choices"]):
+                        arrivals.append(time.perf_counter())
     except httpx.HTTPError as exc:
         return {"ok": False, "status": type(exc).__name__}
-    return {"ok": len(arrivals) == tokens, "start": t0, "arrivals": arrivals,
-            "status": 200}
+    return {"ok": generated == tokens and len(arrivals) > 1, "start": t0,
+            "arrivals": arrivals, "tokens": generated, "status": 200}
 
 
 async def load(url: str, concurrency: int, tokens: int) -> list:
@@ -107,11 +109,12 @@ def summarise(results: list) -> dict:
         return {"tok_s": 0.0, "failed": len(results)}
     start = min(r["start"] for r in good)
     end = max(r["arrivals"][-1] for r in good)
-    gaps = [b - a for r in good for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    # time per output token of each request (vLLM's TPOT): after the first token
+    tpot = [(r["arrivals"][-1] - r["arrivals"][0]) / (r["tokens"] - 1) for r in good]
     ttft = [r["arrivals"][0] - r["start"] for r in good]
-    q = statistics.quantiles(gaps, n=20) if len(gaps) > 1 else [gaps[0]] * 19
-    return {"tok_s": sum(len(r["arrivals"]) for r in good) / (end - start),
-            "p50_ms": statistics.median(gaps) * 1e3, "p95_ms": q[18] * 1e3,
+    q = statistics.quantiles(tpot, n=20) if len(tpot) > 1 else [tpot[0]] * 19
+    return {"tok_s": sum(r["tokens"] for r in good) / (end - start),
+            "p50_ms": statistics.median(tpot) * 1e3, "p95_ms": q[18] * 1e3,
             "ttft_ms": statistics.median(ttft) * 1e3, "failed": len(results) - len(good)}
 
 

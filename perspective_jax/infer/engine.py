@@ -241,16 +241,26 @@ class StreamingEngine:
         if not states or len(states) != len(tokens):
             raise UserError(f"a batched step needs one token per sequence; got "
                             f"{len(tokens)} tokens for {len(states)} sequences")
+        logits, batch = self.step_batch(S.batch_of(states), tokens, ext)
+        return logits, (S.unbatch(batch) if keep_states else None)
+
+    def step_batch(self, batch: S.Batch, tokens, ext: Optional[Extensions] = None
+                   ) -> tuple[np.ndarray, S.Batch]:
+        """`step` on sequences kept stacked (`infer.state.Batch`): returns (logits
+        [B, V], the next Batch); `batch` itself is left as it was."""
+        if batch.size != len(tokens):
+            raise UserError(f"a batched step needs one token per sequence; got "
+                            f"{len(tokens)} tokens for {batch.size} sequences")
         tokens = self._check_tokens(tokens)
         self._check_ext(ext)
         t0, c0 = time.perf_counter(), compile_clock.seconds()
-        layers = S.stack(states)
-        pos = np.asarray([s.next_pos for s in states], np.int32)
+        layers = [list(r) for r in batch.layers]
+        pos = batch.next_pos
         logits = self._forward_chunk(tokens[:, None], jnp.asarray(pos)[:, None], layers, ext)
         logits = np.asarray(logits)
-        self._account(t0, c0, prefill=0, decode=len(states))
+        self._account(t0, c0, prefill=0, decode=batch.size)
         self.stats.batch_steps += 1
-        return logits, (S.split(layers, pos + 1) if keep_states else None)
+        return logits, S.Batch(tuple(tuple(r) for r in layers), pos + 1)
 
     def _account(self, t0: float, c0: float, prefill: int, decode: int) -> None:
         compiling = min(compile_clock.seconds() - c0, time.perf_counter() - t0)

@@ -8,6 +8,11 @@ size 1: a PDR state or a KV ring, the model's own cache type); `next_pos` is the
 position of the next token. A state is a pytree and immutable: every feed returns
 a new one. `stack`/`split` turn a list of states into the batched layer caches a
 batched step runs on and back, so sequences can join and leave between steps.
+
+A `Batch` keeps B sequences stacked between steps (`StreamingEngine.step_batch`):
+splitting and stacking cost more than the step itself at B = 16 on CPU, so a server
+rebuilds its batch only when sequences join or leave (`take_rows`, `concat`,
+`batch_of`), and reads one row out (`row`) only when it needs it.
 """
 
 from __future__ import annotations
@@ -55,3 +60,42 @@ def split(layers: list, next_pos) -> list:
     return [EngineState(tuple(tuple(jax.tree.map(lambda a, b=b: a[b: b + 1], c) for c in row)
                               for row in layers), int(pos))
             for b, pos in enumerate(next_pos)]
+
+
+class Batch(NamedTuple):
+    layers: tuple            # layers[p][i]: caches of B sequences (batch axis 0)
+    next_pos: np.ndarray     # [B] position of each sequence's next token
+
+    @property
+    def size(self) -> int:
+        return int(self.next_pos.shape[0])
+
+
+def batch_of(states: list) -> Batch:
+    """B single-sequence states stacked into one Batch."""
+    return Batch(tuple(tuple(row) for row in stack(states)),
+                 np.asarray([s.next_pos for s in states], np.int32))
+
+
+def take_rows(batch: Batch, rows) -> Batch:
+    """The Batch of `batch`'s rows `rows` (in that order; a row may repeat)."""
+    idx = jnp.asarray(np.asarray(rows, np.int32))
+    return Batch(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), batch.layers),
+                 batch.next_pos[np.asarray(rows, np.int64)])
+
+
+def concat(a: Batch, b: Batch) -> Batch:
+    """a's rows then b's."""
+    return Batch(jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a.layers, b.layers),
+                 np.concatenate([a.next_pos, b.next_pos]))
+
+
+def row(batch: Batch, b: int) -> EngineState:
+    """Row b of a batch as a single-sequence state."""
+    return EngineState(jax.tree.map(lambda a: a[b: b + 1], batch.layers),
+                       int(batch.next_pos[b]))
+
+
+def unbatch(batch: Batch) -> list:
+    """Every row of a batch as a single-sequence state (`split`)."""
+    return split([list(r) for r in batch.layers], batch.next_pos)

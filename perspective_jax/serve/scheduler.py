@@ -9,11 +9,13 @@ running sequence together, one batched step at a time.
 
 Between two steps the scheduler drops cancelled sequences, admits queued jobs while
 there is room (a job's `n` choices join together), prefills each new prompt on its
-own (`engine.forward`) and samples its first token, then runs one `engine.step` over
-all running sequences (padded to a power of two, `batch_bucket`, so few batch
-shapes are compiled): each expert a step needs is brought to the device once for
-the batch. Sampling is the one rule (`model.sampling.sample_rows`, one draw for
-the batch) with the key `fold_in(key(seed), step)` per sequence, so a request with a seed reproduces — and
+own (`engine.forward`) and samples its first token, then runs one
+`engine.step_batch` over all running sequences. They stay stacked between steps
+(`infer.state.Batch`, rebuilt only when sequences join or leave, padded to a power
+of two by `batch_bucket` so few batch shapes are compiled); each expert a step
+needs is brought to the device once for the batch. Sampling is the one rule
+(`model.sampling.sample_rows`, one draw for the batch) with the key
+`fold_in(key(seed), step)` per sequence, so a request with a seed reproduces — and
 equals `perspective-infer --seed` for the same prompt — whatever else is running.
 Choice j of a request uses seed + j. Text is cut and released by
 `infer.text_stream.TextStream`; MPD (the request's `perspective.mpd`) by
@@ -37,6 +39,7 @@ import numpy as np
 
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
+from perspective_jax.infer import state as S
 from perspective_jax.infer.mpd_engine import mpd_on_engine
 from perspective_jax.infer.session import top_probability
 from perspective_jax.infer.text_stream import TextStream
@@ -111,15 +114,16 @@ class _Seq:
     """One choice being decoded."""
     job: Job
     index: int
-    state: object
+    state: object                      # its EngineState until it joins the batch
     logits: np.ndarray                 # the logits its next token is sampled from
-    before: object                     # state before the token last fed (MPD)
-    fed: int
+    before: object                     # state before the token last fed (MPD): an
+    fed: int                           # EngineState, or (Batch, row) read when needed
     stream: TextStream
     seed: int
     steps: int = 0
     pending: int = -1
     mpd_spent: int = 0
+    row: Optional[int] = None          # its row in the scheduler's Batch
 
 
 class Scheduler:
@@ -134,6 +138,8 @@ class Scheduler:
         self.load_error: Optional[str] = None
         self.waiting: collections.deque = collections.deque()
         self.running: list[_Seq] = []
+        self.batch: Optional[S.Batch] = None     # the running sequences, stacked
+        self.dirty = True                        # running changed since the batch
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="perspective-scheduler",
@@ -205,6 +211,7 @@ class Scheduler:
         gone = [s for s in self.running if s.job.cancelled.is_set()]
         if gone:
             self.running = [s for s in self.running if not s.job.cancelled.is_set()]
+            self.dirty = True
 
     def _admit(self) -> None:
         while True:
@@ -250,29 +257,54 @@ class Scheduler:
                     continue
                 if self._advance(seq):
                     self.running.append(seq)
+                    self.dirty = True
+
+    def _rebuild(self) -> None:
+        """The Batch of the running sequences: rows kept from the last one, then the
+        sequences that joined, then padding (repeats of row 0) up to `batch_bucket`."""
+        old = [s for s in self.running if s.row is not None]
+        new = [s for s in self.running if s.row is None]
+        parts = []
+        if old:
+            parts.append(S.take_rows(self.batch, [s.row for s in old]))
+        if new:
+            parts.append(S.batch_of([s.state for s in new]))
+        batch = parts[0] if len(parts) == 1 else S.concat(*parts)
+        self.running = old + new
+        n = len(self.running)
+        pad = batch_bucket(n, self.max_batch) - n
+        if pad:
+            batch = S.take_rows(batch, list(range(n)) + [0] * pad)
+        for i, seq in enumerate(self.running):
+            seq.row, seq.state = i, None
+        self.batch, self.dirty = batch, False
 
     def _step(self) -> None:
-        rows = self.running
-        pad = batch_bucket(len(rows), self.max_batch) - len(rows)
         t0 = time.perf_counter()
         try:
-            logits, states = self.engine.step([s.state for s in rows] + [rows[0].state] * pad,
-                                              [s.pending for s in rows] + [rows[0].pending] * pad)
+            if self.dirty or self.batch is None:
+                self._rebuild()
+            rows = self.running
+            pad = self.batch.size - len(rows)
+            logits, batch = self.engine.step_batch(
+                self.batch, [s.pending for s in rows] + [rows[0].pending] * pad)
         except Exception as exc:                            # noqa: BLE001 — reported
-            for job in {id(s.job): s.job for s in rows}.values():
+            for job in {id(s.job): s.job for s in self.running}.values():
                 self._fail(job, exc)
-            self.running = []
+            self.running, self.batch = [], None
             return
         if self.metrics is not None:
             self.metrics.step(len(rows), time.perf_counter() - t0)
-        keep = []
-        for row, seq in enumerate(rows):
-            seq.before, seq.fed, seq.state = seq.state, seq.pending, states[row]
-            seq.logits = logits[row]
+        previous, self.batch = self.batch, batch
+        for r, seq in enumerate(rows):
+            seq.before, seq.fed, seq.logits = (previous, r), seq.pending, logits[r]
         tokens = self._sample(rows, logits)
-        for seq, tok in zip(rows, tokens):
-            if self._advance(seq, tok):
-                keep.append(seq)
+        lp = (np.asarray(log_probs(logits, self.tokenizer.vocab_size))   # one call for all
+              if any(s.job.decoding.logprobs is not None for s in rows) else None)
+        keep = [seq for r, (seq, tok) in enumerate(zip(rows, tokens))
+                if self._advance(seq, tok, None if lp is None else lp[r])]
+        if len(keep) != len(rows):
+            self.dirty = True
         self.running = keep
 
     def _sample(self, rows: list, logits: np.ndarray) -> list:
@@ -291,9 +323,10 @@ class Scheduler:
                     out[b] = int(ids[b])
         return out
 
-    def _advance(self, seq: _Seq, tok: Optional[int] = None) -> bool:
-        """Emit seq's next token (`tok`, or sampled from seq.logits); True while the
-        sequence goes on."""
+    def _advance(self, seq: _Seq, tok: Optional[int] = None,
+                 lp: Optional[np.ndarray] = None) -> bool:
+        """Emit seq's next token (`tok`, or sampled from seq.logits; `lp` its
+        log-probabilities when already computed); True while the sequence goes on."""
         job, d = seq.job, seq.job.decoding
         if job.cancelled.is_set():
             return False
@@ -301,8 +334,9 @@ class Scheduler:
             tok = self._sample([seq], seq.logits[None])[0]
         info = None
         if d.mpd:
+            before = seq.before if isinstance(seq.before, S.EngineState) else S.row(*seq.before)
             info = mpd_on_engine(self.engine, seq.logits, tok, seq.steps, self.mpd_config,
-                                 seq.mpd_spent, seq.before, seq.fed)
+                                 seq.mpd_spent, before, seq.fed)
             tok = int(info.token[0])
             seq.mpd_spent += int(info.triggered[0])
         seq.steps += 1
@@ -312,7 +346,8 @@ class Scheduler:
         text, stopped = seq.stream.push(tok, last)
         logprob = top = conf = None
         if d.logprobs is not None:
-            lp = np.asarray(log_probs(seq.logits, self.tokenizer.vocab_size))
+            if lp is None:
+                lp = np.asarray(log_probs(seq.logits, self.tokenizer.vocab_size))
             logprob, top = float(lp[tok]), _top(lp, d.logprobs)
         if d.confidence:
             conf = top_probability(seq.logits) if info is None else float(info.confidence[0])
@@ -356,7 +391,7 @@ class Scheduler:
         with self.cond:
             jobs = list(self.waiting) + [s.job for s in self.running]
             self.waiting.clear()
-        self.running = []
+        self.running, self.batch = [], None
         for job in {id(j): j for j in jobs}.values():
             self._fail(job, err)
 

@@ -2,6 +2,7 @@
 the logits it gets decoded alone, sequences join and leave between steps, and
 every expert a step needs is brought to the device once for the whole batch."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -99,4 +100,31 @@ def test_a_batched_step_leaves_its_states_as_they_were_and_checks_its_input(expo
         engine.step([state, state], [1])
     with pytest.raises(UserError, match="token ids must lie"):
         engine.step([state], [10 ** 6])
+    engine.close()
+
+
+def test_a_kept_batch_steps_as_its_states_and_rows_join_leave_and_repeat(exported):
+    from perspective_jax.infer import state as S
+    _, _, path = exported
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1))
+    states = [engine.forward(np.arange(3 + b, 9 + 2 * b) % 250, engine.new_state())[1]
+              for b in range(3)]
+    want, after = engine.step(states, [5, 6, 7])
+    batch = S.batch_of(states)
+    got, nxt = engine.step_batch(batch, [5, 6, 7])
+    np.testing.assert_array_equal(got, want)
+    assert [S.row(nxt, b).next_pos for b in range(3)] == [s.next_pos for s in after]
+    for b in range(3):                      # row b of the kept batch is state b's successor
+        for x, y in zip(jax.tree.leaves(S.row(nxt, b).layers), jax.tree.leaves(after[b].layers)):
+            np.testing.assert_array_equal(x, y)
+    # rows leave (take), join (concat) and repeat (padding): each row steps as alone
+    mixed = S.concat(S.take_rows(nxt, [2, 0]), S.batch_of([states[1]]))
+    padded = S.take_rows(mixed, [0, 1, 2, 0])
+    logits, _ = engine.step_batch(padded, [9, 9, 6, 9])
+    alone = [engine.forward(np.array([t]), s)[0]
+             for s, t in ((after[2], 9), (after[0], 9), (states[1], 6))]
+    np.testing.assert_allclose(logits[:3], np.stack(alone), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(logits[3], logits[0])
+    with pytest.raises(UserError, match="one token per sequence"):
+        engine.step_batch(padded, [1, 2])
     engine.close()

@@ -14,6 +14,7 @@ import pytest
 
 from perspective_jax.cli import serve as serve_cli
 from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.state import Batch, EngineState
 from perspective_jax.serve.app import ServeOptions
 from perspective_jax.serve.protocol import Limits
 from serve_helpers import MODEL, client, running
@@ -223,7 +224,7 @@ class _ScriptedEngine:
         self.stats = Stats()
 
     def new_state(self):
-        return 0
+        return EngineState((), 0)                        # position = characters spelt
 
     def _logits(self, k):
         z = np.zeros(259, np.float32)
@@ -232,10 +233,11 @@ class _ScriptedEngine:
         return z
 
     def forward(self, tokens, state, ext=None, all_logits=False):
-        return self._logits(0), 1
+        return self._logits(0), EngineState((), 1)
 
-    def step(self, states, tokens, ext=None, keep_states=True):
-        return np.stack([self._logits(s) for s in states]), [s + 1 for s in states]
+    def step_batch(self, batch, tokens, ext=None):
+        return (np.stack([self._logits(k) for k in batch.next_pos]),
+                Batch((), batch.next_pos + 1))
 
     def close(self):
         pass
