@@ -112,3 +112,12 @@ def token_logits(cfg, params):
             out.append(np.asarray(logits[0, -1]))
         return np.stack(out)
     return run
+
+
+def flip_bit(path, offset: int) -> None:
+    """Flip the lowest bit of the byte at `offset` of the file `path` (damage)."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x01]))

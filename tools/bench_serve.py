@@ -77,7 +77,7 @@ async def one_stream(client, url: str, prompt: str, tokens: int) -> dict:
     body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    arrivals, generated = [], 0
+    arrivals, generated, done, reason = [], None, False, None
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -87,12 +87,19 @@ async def one_stream(client, url: str, prompt: str, tokens: int) -> dict:
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         generated = chunk["usage"]["completion_tokens"]
-                    if any(ch["text"] for ch in chunk["choices"]):
+                    for ch in chunk.get("choices", ()):
+                        reason = ch.get("finish_reason") or reason
+                    if any(ch["text"] for ch in chunk.get("choices", ())):
                         arrivals.append(time.perf_counter())
+                elif line == "data: [DONE]":
+                    done = True
     except httpx.HTTPError as exc:
         return {"ok": False, "status": type(exc).__name__}
-    return {"ok": generated == tokens and len(arrivals) > 1, "start": t0,
-            "arrivals": arrivals, "tokens": generated, "status": 200}
+    # ok: answered in full (usage, a finish reason, [DONE]); EOS may end it early, and
+    # a text of undecodable bytes arrives in one piece (then it is not timed)
+    ok = done and generated is not None and reason in ("length", "stop")
+    return {"ok": ok, "start": t0, "arrivals": arrivals, "tokens": generated or 0,
+            "status": 200, "timed": ok and len(arrivals) > 1 and generated > 1}
 
 
 async def load(url: str, concurrency: int, tokens: int) -> list:
@@ -104,9 +111,10 @@ async def load(url: str, concurrency: int, tokens: int) -> list:
 
 
 def summarise(results: list) -> dict:
-    good = [r for r in results if r["ok"]]
+    failed = sum(not r["ok"] for r in results)
+    good = [r for r in results if r.get("timed")]
     if not good:
-        return {"tok_s": 0.0, "failed": len(results)}
+        return {"tok_s": 0.0, "failed": failed}
     start = min(r["start"] for r in good)
     end = max(r["arrivals"][-1] for r in good)
     # time per output token of each request (vLLM's TPOT): after the first token
@@ -115,14 +123,14 @@ def summarise(results: list) -> dict:
     q = statistics.quantiles(tpot, n=20) if len(tpot) > 1 else [tpot[0]] * 19
     return {"tok_s": sum(r["tokens"] for r in good) / (end - start),
             "p50_ms": statistics.median(tpot) * 1e3, "p95_ms": q[18] * 1e3,
-            "ttft_ms": statistics.median(ttft) * 1e3, "failed": len(results) - len(good)}
+            "ttft_ms": statistics.median(ttft) * 1e3, "failed": failed}
 
 
 def bench_model(label: str, model_dir: str, args) -> list:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     extra = ["--host-budget-mb", str(args.host_budget_mb), "--max-batch",
-             str(max(args.concurrency))]
+             str(max(args.concurrency)), *args.serve_arg]
     proc = start_server(model_dir, port, extra)
     rows = []
     try:
@@ -176,6 +184,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="tokens per request")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--host-budget-mb", type=float, default=64)
+    p.add_argument("--serve-arg", action="append", default=[],
+                   help="another perspective-serve flag, e.g. --serve-arg=--device-slots=8")
     args = p.parse_args()
     models = [(os.path.basename(os.path.normpath(m)), m) for m in args.model_dir]
     if args.synthetic:
@@ -183,6 +193,8 @@ def main() -> None:
     if not models:
         p.error("give --model-dir and/or --synthetic")
     rows = [r for label, path in models for r in bench_model(label, path, args)]
+    if args.serve_arg:
+        print(f"server flags: {' '.join(args.serve_arg)}")
     print("| model | concurrency | aggregate tok/s | × one stream | p50 ms/token | "
           "p95 ms/token | TTFT p50 ms | failed | expert MB/step | host-cache hit rate |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

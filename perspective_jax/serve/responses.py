@@ -59,6 +59,18 @@ def _extension(toks: list, wanted: bool) -> Optional[dict]:
     return {"confidence": [t.confidence for t in toks], "mpd": [t.mpd for t in toks]}
 
 
+def _whole(rid: str, kind: str, created: int, model: str, choices: list, toks_of: list,
+           wanted: bool, done: Done) -> dict:
+    """A non-streamed body: the choices (each with the Perspective extension when
+    `wanted`, from its tokens `toks_of[i]`) and the usage."""
+    for choice, toks in zip(choices, toks_of):
+        ext = _extension(toks, wanted)
+        if ext:
+            choice["perspective"] = ext
+    return {"id": rid, "object": kind, "created": created, "model": model,
+            "choices": choices, "usage": usage(done)}
+
+
 # ---------------------------------------------------------------- completions
 def completion_logprobs(tokenizer, prompt: Optional[Prompt], toks: list, offset0: int = 0):
     """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs (dicts) and
@@ -89,20 +101,25 @@ def completion_body(rid: str, model: str, created: int, req, out: Collected, tok
         if d.logprobs is not None:
             choice["logprobs"] = completion_logprobs(
                 tokenizer, out.prompts.get(p) if d.echo else None, toks)
-        ext = _extension(toks, d.confidence)
-        if ext:
-            choice["perspective"] = ext
         choices.append(choice)
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(out.done)}
+    return _whole(rid, "text_completion", created, model, choices, out.tokens,
+                  d.confidence, out.done)
 
 
-class CompletionChunks:
-    """SSE payloads (dicts) of a streamed completion, event by event."""
+class _Chunks:
+    """A stream's payloads (dicts), built event by event (`on`); one id and time."""
+
+    def __init__(self, rid: str, model: str, req, tokenizer):
+        self.rid, self.model, self.req, self.tokenizer = rid, model, req, tokenizer
+        self.created = int(time.time())
+
+
+class CompletionChunks(_Chunks):
+    """SSE payloads of a streamed completion."""
 
     def __init__(self, rid: str, model: str, req, tokenizer, prompt_texts: list):
-        self.rid, self.model, self.req, self.tokenizer = rid, model, req, tokenizer
-        self.prompt_texts, self.created = prompt_texts, int(time.time())
+        super().__init__(rid, model, req, tokenizer)
+        self.prompt_texts = prompt_texts
 
     def _chunk(self, choices: list, **extra) -> dict:
         return {"id": self.rid, "object": "text_completion", "created": self.created,
@@ -166,20 +183,16 @@ def chat_body(rid: str, model: str, created: int, req, out: Collected, tokenizer
                   "logprobs": chat_logprobs(tokenizer, toks) if d.logprobs is not None
                   else None,
                   "finish_reason": "tool_calls" if calls else fin.reason}
-        ext = _extension(toks, d.confidence)
-        if ext:
-            choice["perspective"] = ext
         choices.append(choice)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(out.done)}
+    return _whole(rid, "chat.completion", created, model, choices, out.tokens,
+                  d.confidence, out.done)
 
 
-class ChatChunks:
-    """SSE payloads of a streamed chat completion, event by event."""
+class ChatChunks(_Chunks):
+    """SSE payloads of a streamed chat completion."""
 
     def __init__(self, rid: str, model: str, req, tokenizer, tools_on: bool):
-        self.rid, self.model, self.req, self.tokenizer = rid, model, req, tokenizer
-        self.created = int(time.time())
+        super().__init__(rid, model, req, tokenizer)
         n = req.decoding.n
         self.tools = [ToolCallStream() if tools_on else None for _ in range(n)]
         self.calls = [0] * n

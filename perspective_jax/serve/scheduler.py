@@ -199,10 +199,15 @@ class Scheduler:
                         self.cond.wait(0.5)
                     if self.stopping:
                         break
-                self._drop_cancelled()
-                self._admit()
-                if self.running:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.running:
+                        self._step()
+                except Exception as exc:                    # noqa: BLE001 — a bug or a
+                    for job in {id(s.job): s.job for s in self.running}.values():
+                        self._fail(job, exc)                # failed device: those jobs
+                    self.running, self.batch = [], None     # end with 500, others go on
         finally:
             self._fail_all(APIError(503, "the server is shutting down"))
             self.engine.close()

@@ -16,7 +16,7 @@ from perspective_jax.modeldir.chat_template import (BUILTIN_TEMPLATES, CHAT_TEMP
                                                     read_chat_template)
 from perspective_jax.modeldir.manifest import read_manifest
 from perspective_jax.serve.chat import ChatTemplate
-from streaming_helpers import export_model
+from streaming_helpers import export_model, flip_bit
 
 CUSTOM = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}é>"
 
@@ -24,13 +24,6 @@ CUSTOM = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}é>
 def _one_line(message: str, *parts):
     assert "\n" not in message and all(p in message for p in parts), message
 
-
-def _flip(path, offset):
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0x01]))
 
 
 def test_the_default_template_is_written_listed_and_read_back(exported):
@@ -81,7 +74,7 @@ def test_a_damaged_template_in_the_model_directory_is_named(exported_writable):
     _, _, path = exported_writable
     manifest = read_manifest(path)
     template = os.path.join(path, CHAT_TEMPLATE_FILE)
-    _flip(template, 10)
+    flip_bit(template, 10)
     with pytest.raises(md.ModelDirError) as err:
         read_chat_template(path, manifest)
     _one_line(str(err.value), f"{template} fails its sha256 checksum")

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from streaming_helpers import flip_bit
+
 from perspective_jax.cli import infer
 from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.infer.engine import load_model_tokenizer
@@ -22,20 +24,13 @@ def _one_line_error(capsys, *parts):
     assert out == "" and all(p in err for p in parts), err
 
 
-def _flip(path, offset):
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)
-        fh.seek(offset)
-        fh.write(bytes([byte[0] ^ 0x01]))
-
 
 def test_a_flipped_byte_in_the_tokenizer_is_named(exported_writable, capsys):
     _, _, path = exported_writable
     manifest = read_manifest(path)
     assert isinstance(load_model_tokenizer(path, manifest), ByteTokenizer)
     tokenizer = os.path.join(path, "tokenizer.byte")
-    _flip(tokenizer, 3)
+    flip_bit(tokenizer, 3)
     assert infer.run(["--model-dir", path, "hi", "--max-tokens", "1"]) == 2
     _one_line_error(capsys, f"{tokenizer} fails its sha256 checksum", "re-run perspective-export")
 

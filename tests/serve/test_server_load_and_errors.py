@@ -301,3 +301,31 @@ def test_the_cli_refuses_unsafe_or_impossible_setups(exported, tmp_path, capsys)
         port = s.getsockname()[1]
         refused(base + ["--port", str(port), "--log-level", "error"],
                 f"cannot listen on 127.0.0.1:{port}")
+
+
+class _FailsOnce(StreamingEngine):
+    """A StreamingEngine whose first batched step fails (an unreadable expert, say)."""
+
+    failed = False
+
+    def step_batch(self, *a, **kw):
+        if not _FailsOnce.failed:
+            _FailsOnce.failed = True
+            raise OSError("expert region unreadable")
+        return super().step_batch(*a, **kw)
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(exported):
+    from perspective_jax.serve.server import RunningServer, build_server
+    _, _, path = exported
+    _FailsOnce.failed = False
+    server = RunningServer(build_server(path, opts=ServeOptions(model_name=MODEL),
+                                        engine_factory=_FailsOnce)).start()
+    try:
+        body = {"model": MODEL, "prompt": "abc", "max_tokens": 4}
+        err = _error(httpx.post(server.url + "/v1/completions", json=body, timeout=60), 500)
+        assert "expert region unreadable" in err["message"] and err["type"] == "server_error"
+        assert httpx.post(server.url + "/v1/completions", json=body,
+                          timeout=60).json()["usage"]["completion_tokens"] == 4
+    finally:
+        server.stop()
