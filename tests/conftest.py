@@ -75,6 +75,16 @@ def exported_distinct(tmp_path_factory):
     return distinct_model(tmp_path_factory.mktemp("distinct"), _small_cfg())
 
 
+@pytest.fixture(scope="module")
+def served(exported):
+    """(running perspective-serve app on 127.0.0.1, model dir) on `exported`, shared
+    by a test module: batch 16, queue 64, no key (serve_helpers.py)."""
+    from serve_helpers import running
+    _, _, path = exported
+    with running(path) as server:
+        yield server, path
+
+
 @pytest.fixture
 def exported_writable(exported, tmp_path):
     """`exported` with the model directory copied to a writable place of its own."""

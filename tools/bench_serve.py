@@ -30,7 +30,6 @@ import time
 import httpx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 PROMPTS = ["def {}(self, value):\n    ", "import {}\n\n", "class {}Error(Exception):\n",
            "for {} in range(10):\n    ", "# {}\nif __name__ == '__main__':\n"]
 NAMES = ("alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota",

@@ -43,6 +43,9 @@ from perspective_jax.model.sampling import Sampling, log_probs
 
 INSTALL_HINT = "pip install 'perspective-jax[eval]'"
 try:
+    # lm_eval's own models first: its registry imports them only while it is empty, so
+    # registering "perspective" first would hide local-completions and the rest
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

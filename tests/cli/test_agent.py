@@ -212,8 +212,11 @@ def test_an_agent_past_its_timeout_is_stopped(tmp_path, stub_bin, fake_serve, mo
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_stops_both_children(tmp_path, stub_bin, sig):
     launcher = tmp_path / "launch.py"
+    # SIGINT as a terminal gives it: pytest-xdist's workers ignore SIGINT, an ignored
+    # SIGINT is inherited, and Python then installs no KeyboardInterrupt handler
     launcher.write_text(
-        "import sys\nfrom perspective_jax.cli import agent, local_server\n"
+        "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from perspective_jax.cli import agent, local_server\n"
         f"local_server.SERVE_COMMAND = {FAKE_SERVE!r}\nsys.exit(agent.run(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "STUB_SLEEP": "60",
            "STUB_PIDFILE": str(tmp_path / "stub.pid"),

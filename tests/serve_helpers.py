@@ -3,8 +3,6 @@ app on a loopback port (uvicorn on a thread), and a client for it."""
 
 import contextlib
 
-import pytest
-
 from perspective_jax.infer.options import EngineOptions
 from perspective_jax.serve.app import ServeOptions
 from perspective_jax.serve.server import RunningServer, build_server
@@ -29,10 +27,3 @@ def client(server, key: str = "unused", **kw):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, timeout=TIMEOUT_S,
                          max_retries=0, **kw)
 
-
-@pytest.fixture(scope="module")
-def served(exported):
-    """(server, model dir) shared by a test module: batch 16, queue 64, no key."""
-    _, _, path = exported
-    with running(path) as server:
-        yield server, path
