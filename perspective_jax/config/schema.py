@@ -259,6 +259,59 @@ class MPDConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SafetyConfig:
+    """The `safety` stage (SPEC §3.9; `perspective_jax.safety.build`): which text is
+    safe and which strings are flagged, and how the polytope is built from the final
+    hidden states (RMSNorm(x), before the head) of the safe text.
+
+    `safe_data`: files/directories/globs of vetted safe text (empty: the run's own
+    corpus); windows containing a flagged string are dropped from it. `flagged`:
+    strings the model must not emit (plus one per line of `flagged_file`).
+    `anchors`: k-means centres of the safe states (~1000 at full scale);
+    `pca_directions` + `random_directions` support half-spaces over them;
+    `max_states` safe states gathered, `heldout_fraction` of them held out to choose
+    the inflation ε so at most `fp_target` of held-out safe states fall outside the
+    support half-spaces. Flagged-token caps (logits): `flag_cap`, or by default the
+    `flag_quantile` quantile of the top logit over the safe states minus `flag_margin`.
+    `working_set`, `max_iters`: the projection's active-set size and iteration bound."""
+
+    safe_data: tuple[str, ...] = ()
+    flagged: tuple[str, ...] = ()
+    flagged_file: Optional[str] = None
+    anchors: int = 256
+    pca_directions: int = 64
+    random_directions: int = 64
+    max_states: int = 20000
+    heldout_fraction: float = 0.2
+    fp_target: float = 0.02
+    flag_cap: Optional[float] = None
+    flag_quantile: float = 0.05
+    flag_margin: float = 4.0
+    working_set: int = 16
+    max_iters: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        s = "safety"
+        _positive(self, "anchors", "max_states", "working_set", "max_iters", section=s)
+        _require(self.pca_directions >= 0 and self.random_directions >= 0
+                 and self.pca_directions + self.random_directions > 0,
+                 f"{s}.pca_directions", "pca_directions + random_directions must be > 0 "
+                 "(and neither negative)")
+        _require(0.0 < self.heldout_fraction < 1.0, f"{s}.heldout_fraction",
+                 f"must lie in (0, 1), got {self.heldout_fraction}")
+        _require(0.0 <= self.fp_target < 1.0, f"{s}.fp_target",
+                 f"must lie in [0, 1), got {self.fp_target}")
+        _require(0.0 <= self.flag_quantile <= 1.0, f"{s}.flag_quantile",
+                 f"must lie in [0, 1], got {self.flag_quantile}")
+        _require(self.flag_margin >= 0, f"{s}.flag_margin",
+                 f"must be >= 0, got {self.flag_margin}")
+        _require(all(isinstance(f, str) and f for f in self.flagged), f"{s}.flagged",
+                 "every flagged string must be non-empty text")
+        _seed(self.seed, f"{s}.seed")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation: AdamW with linear warmup and cosine decay."""
 
@@ -330,4 +383,5 @@ class PerspectiveConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    safety: SafetyConfig = dataclasses.field(default_factory=SafetyConfig)
     name: str = "perspective"

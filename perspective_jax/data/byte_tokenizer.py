@@ -22,3 +22,7 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
+
+    def appended_bytes(self) -> list[bytes]:
+        """[vocab] the byte each token adds (b"" for the special tokens)."""
+        return [bytes([i]) for i in range(256)] + [b""] * (self.vocab_size - 256)

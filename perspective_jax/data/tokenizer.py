@@ -53,6 +53,20 @@ class SentencePieceTokenizer:
                             f"the tokenizer {self.path}; it belongs to another model")
         return self._sp.decode(ids)
 
+    def appended_bytes(self) -> list[bytes]:
+        """[vocab] the UTF-8 bytes each token adds in the middle of a text ('\u2581' →
+        space, byte pieces <0xNN> → that byte, control and unknown pieces → b"")."""
+        sp, out = self._sp, []
+        for i in range(self.vocab_size):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                out.append(b"")
+            elif sp.is_byte(i):
+                out.append(bytes([int(piece[3:-1], 16)]))
+            else:
+                out.append(piece.replace(_SPACE, " ").encode("utf-8"))
+        return out
+
 
 # sentencepiece drops training sentences longer than this many bytes; lines are cut
 # into pieces of _MAX_LINE_CHARS characters (<= 4 bytes each) so none is dropped.

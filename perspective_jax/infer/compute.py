@@ -128,13 +128,28 @@ def dense_ffn(cfg: ModelConfig, kind: str, lp, h):
     return ResidualBlock(cfg, kind).apply({"params": lp}, h, None, part="ffn")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def head(cfg: ModelConfig, final_norm, table, x, final_transform=None):
-    """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`;
-    `final_transform` (Extensions) maps RMSNorm(x) [B, 1, d] before the tied head."""
-    xn = RMSNorm(cfg).apply({"params": final_norm}, x).astype(jnp.float32)
-    if final_transform is not None:
-        xn = final_transform(xn[:, None])[:, 0]
+@functools.partial(jax.jit, static_argnums=(0,))
+def head(cfg: ModelConfig, final_norm, table, x):
+    """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`."""
+    return tied_head(cfg, table, normed(cfg, final_norm, x))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def normed(cfg: ModelConfig, final_norm, x):
+    """x [B, d] → RMSNorm(x) [B, d] float32 (what the final transform and the head see)."""
+    return RMSNorm(cfg).apply({"params": final_norm}, x).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def tied_head(cfg: ModelConfig, table, xn):
+    """xn [B, d] float32 → logits [B, V]."""
     if isinstance(table, int8_embedding.Int8Table):
         return int8_embedding.head_logits(table, xn, cfg.vocab_size)
     return jnp.dot(xn, table.astype(jnp.float32).T)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def final_transform(transform, xn, state):
+    """The Extensions final transform on xn [B, d] → (xn' [B, d], info {name: [B]})."""
+    out, info = transform(xn[:, None], state)
+    return out[:, 0], {k: v[:, 0] for k, v in dict(info).items()}

@@ -99,6 +99,7 @@ class StreamingEngine:
         self.prefetch, self.use_deltas = o.prefetch, o.use_deltas
         self.pin_before_transfer = o.pin_before_transfer
         self.stats = Stats()
+        self.final_info = None     # the last final transform's info ({name: [N]})
         flat, quantized = load_shared(model_dir, self.manifest)
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
                   if md.scale_key(name) in flat}
@@ -299,8 +300,21 @@ class StreamingEngine:
                     x = L.dense_ffn(cfg, kind, lp, h)
                 x = inject_after(x, ext, p * n + i)
         last = x.reshape(-1, cfg.d_model) if all_positions else x[:, -1]
-        return L.head(cfg, self.final_norm, self.embed_table, last,
-                      None if ext is None else ext.final_transform)
+        if ext is None or ext.final_transform is None:
+            return L.head(cfg, self.final_norm, self.embed_table, last)
+        return self._transformed_head(last, ext)
+
+    def _transformed_head(self, last, ext: Extensions):
+        """The head with the final transform timed on its own (`Stats.final_*`); its
+        info ({name: [N]} numpy) is kept in `self.final_info`."""
+        xn = L.normed(self.model, self.final_norm, last).block_until_ready()
+        t0, c0 = time.perf_counter(), compile_clock.seconds()
+        xn, info = L.final_transform(ext.final_transform, xn, ext.final_state)
+        self.final_info = jax.device_get(info)
+        dt = time.perf_counter() - t0
+        self.stats.final_s += max(0.0, dt - min(compile_clock.seconds() - c0, dt))
+        self.stats.final_rows += int(xn.shape[0])
+        return L.tied_head(self.model, self.embed_table, xn)
 
     def _routed(self, j: int, lp, h, segment_pos, policy=NEAREST):
         cfg = self.model

@@ -40,6 +40,9 @@ class Stats:
     mpd_view_rows: int = 0      # rows the views added to batched steps (not emitted tokens)
     mpd_view_steps: int = 0
     mpd_extra_bytes: int = 0    # expert bytes moved for the views
+    # the final-state transform (Extensions.final_transform, e.g. the safety projection)
+    final_rows: int = 0         # states it was applied to
+    final_s: float = 0.0        # its time alone (compiling excluded)
 
     def brings(self) -> int:
         """Expert regions asked of the tiers so far (each "same", "delta" or "full")."""

@@ -2,7 +2,7 @@
 the streaming engine (SPEC §3.6–3.9 attach here):
 
     ext = Extensions(route=RoutePolicy("antipode"),          # routing perspective (MPD)
-                     final_transform=project,                 # RMSNorm(x) → x̂ before the head (SPP)
+                     final_transform=project, final_state=poly,  # RMSNorm(x) → x̂ before the head (SPP)
                      inject_layer=5, inject=vec,              # x += vec after layer 5 (HDM)
                      adapters=lora)                           # low-rank W_p updates (FMEA)
     logits, cache = model.apply({"params": p}, tokens, cache=cache, ext=ext)
@@ -12,8 +12,11 @@ the streaming engine (SPEC §3.6–3.9 attach here):
   drawn per (seed, period, layer, position) so a token-by-token decode and a
   parallel pass draw the same experts. `RowRoutes((p0, p1, …))` routes row b of
   the batch by policy b mod n: several perspectives as one batch (MPD, SPEC §3.6).
-* `final_transform(xn) → xn`, xn = RMSNorm(x) [B, T, d] float32: the head computes
-  logits = xn · Eᵀ after it.
+* `final_transform(xn, final_state) → (xn', info)`, xn = RMSNorm(x) [B, T, d] float32:
+  the head computes logits = xn' · Eᵀ after it; `final_state` (traced arrays, e.g. the
+  safety polytope and which of its rows are on) is passed through; `info` is a dict of
+  [B, T] arrays (e.g. whether the projection moved the state), sown by `PerspectiveLM`
+  into the "intermediates" collection as "final_info" and kept by the engine.
 * `inject_layer` l (global index p·len(layer_pattern) + i) and `inject` ([d], [B, d]
   or [B, T, d]): after layer l's block the residual stream becomes x + inject.
 * `adapters`: LoRA tree {"periods": {"layer_i": {"w_p": {"a": [P, d_in, r],
@@ -22,13 +25,13 @@ the streaming engine (SPEC §3.6–3.9 attach here):
 
 Static fields (the policy, the transform, the layer, the scale) are part of the
 pytree's structure, so a jitted caller recompiles when they change; the arrays
-(`inject`, `adapters`) are traced.
+(`final_state`, `inject`, `adapters`) are traced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import flax.struct
 import jax
@@ -83,6 +86,7 @@ class Extensions:
     final_transform: Optional[Callable] = flax.struct.field(pytree_node=False, default=None)
     inject_layer: Optional[int] = flax.struct.field(pytree_node=False, default=None)
     adapter_scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    final_state: Any = None
     inject: Optional[jax.Array] = None
     adapters: Optional[dict] = None
 
@@ -134,11 +138,14 @@ def inject_after(x: jax.Array, ext: Optional[Extensions], layer_index: int) -> j
     return x + inject_vector(ext, x)
 
 
-def final_hidden(xn: jax.Array, ext: Optional[Extensions]) -> jax.Array:
-    """The final transform applied to RMSNorm(x) before the tied head."""
+def final_hidden(xn: jax.Array, ext: Optional[Extensions]) -> tuple[jax.Array, dict]:
+    """(the final transform applied to RMSNorm(x) before the tied head, its info)."""
     if ext is None or ext.final_transform is None:
-        return xn
-    return ext.final_transform(xn)
+        return xn, {}
+    out, info = ext.final_transform(xn, ext.final_state)
+    if out.shape != xn.shape:
+        raise UserError(f"final_transform returned shape {out.shape} for {xn.shape}")
+    return out, dict(info)
 
 
 def init_lora(cfg: ModelConfig, rng: jax.Array, rank: int = 4, targets=("w_p",),

@@ -192,7 +192,9 @@ class PerspectiveLM(nn.Module):
         x, period_cache = periods(x, segment_pos,
                                   None if cache is None else cache["periods"],
                                   jnp.arange(cfg.n_periods, dtype=jnp.int32), adapters)
-        xn = final_hidden(RMSNorm(cfg, name="final_norm")(x).astype(jnp.float32), ext)
+        xn, info = final_hidden(RMSNorm(cfg, name="final_norm")(x).astype(jnp.float32), ext)
+        if info:
+            self.sow("intermediates", "final_info", info)
         logits = flat_dot(xn, embed.embedding.astype(jnp.float32).T)   # tied head
         chex.assert_shape(logits, (b, t, cfg.vocab_size))
         if cache is None:

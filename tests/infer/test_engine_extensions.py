@@ -52,8 +52,8 @@ def _extensions(cfg, neutral: bool) -> dict:
     if not neutral:                                   # b ≠ 0: the adapters act
         lora = jax.tree.map(lambda a: a + 0.05, lora)
     vec = np.zeros(d, np.float32) if neutral else np.linspace(-1, 1, d, dtype=np.float32)
-    out = {"transform": Extensions(final_transform=(lambda x: x) if neutral else
-                                   (lambda x: 1.5 * x - 0.1 * jnp.roll(x, 1, axis=-1))),
+    out = {"transform": Extensions(final_transform=(lambda x, _: (x, {})) if neutral else
+                                   (lambda x, _: (1.5 * x - 0.1 * jnp.roll(x, 1, axis=-1), {}))),
            "inject": Extensions(inject_layer=5, inject=jnp.asarray(vec)),
            "adapters": Extensions(adapters=lora)}
     if neutral:

@@ -63,7 +63,7 @@ def _by_parts(cfg, params, tokens, ext=None, inject=None):
     from perspective_jax.model.layers import RMSNorm
     xn = RMSNorm(cfg).apply({"params": params["final_norm"]}, x).astype(jnp.float32)
     if ext is not None and ext.final_transform is not None:
-        xn = ext.final_transform(xn)
+        xn, _ = ext.final_transform(xn, ext.final_state)
     return xn @ params["embed"]["embedding"].T
 
 
@@ -153,7 +153,7 @@ def test_neutral_extensions_are_bit_identical(routed):
     cfg, params, tokens = routed
     base, _ = _logits(cfg, params, tokens)
     neutral = [Extensions(), Extensions(route=RoutePolicy("nearest")),
-               Extensions(final_transform=lambda xn: xn),
+               Extensions(final_transform=lambda xn, _: (xn, {})),
                Extensions(inject_layer=5, inject=jnp.zeros((cfg.d_model,))),
                Extensions(adapters=init_lora(cfg, jax.random.key(9)))]
     for ext in neutral:
@@ -165,7 +165,7 @@ def test_final_transform_and_injection_match_a_manual_computation(routed):
     cfg, params, tokens = routed
     vec = jax.random.normal(jax.random.key(10), (2, cfg.d_model))
     for layer in (0, 3, 6):
-        ext = Extensions(inject_layer=layer, inject=vec, final_transform=lambda xn: 0.5 * xn)
+        ext = Extensions(inject_layer=layer, inject=vec, final_transform=lambda xn, _: (0.5 * xn, {}))
         got, _ = _logits(cfg, params, tokens, ext)
         want = _by_parts(cfg, params, tokens, ext, inject=(layer, vec[:, None, :]))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
