@@ -1,6 +1,8 @@
-"""Random polytopes, test points and a float64 QP reference for the safety tests.
+"""Random polytopes, test points and float64 projection references (safety tests).
 
     A, b, c = random_polytope(rng, d, m, duplicates=3, near_parallel=3)   # unit rows, c inside
+    x, kinds = sample_points(rng, A, b, c)      # [16, d]: far, out, beyond a face, on one, …
+    A, b, c, v = vertex_polytope(rng, d, extra) # d rows tight at the vertex v
     y = ldp_projection(x, A, b)         # argmin |y − x|² s.t. Ay ≤ b, float64 (NNLS)
     y = slsqp_projection(x, A, b)       # the same by SLSQP (small cases)
     kkt_residual(x, y, A, b, tight)     # distance of x − y from the tight rows' cone
