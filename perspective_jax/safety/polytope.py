@@ -126,7 +126,8 @@ class PolytopeArrays:
 @dataclasses.dataclass(frozen=True)
 class SafetyProjection:
     """Final-state transform (model.extensions): xn [B, T, d], PolytopeArrays →
-    (projected xn, info {active, iterations, violation, pulled} each [B, T])."""
+    (projected xn, info {active, iterations, violation, pulled, converged} each
+    [B, T])."""
 
     working_set: int = 16
     max_iters: int = 32

@@ -16,6 +16,10 @@ is left then is reported and removed by moving y toward `interior` (a point stri
 inside) just far enough: y' = c + θ(y − c), θ = min_j (b_j − a_j·c)/(a_j·y − a_j·c)
 over violated rows. So every output is inside (a_j·y' ≤ b_j + tol) by construction,
 even when the active-set step did not converge; it is then not the nearest point.
+A step stopped by `max_iters` can also end inside without the pull and still not be
+the nearest point (its last working set was not optimal): `info["converged"]` is True
+only when the working set repeated and nothing was left violated (y is the projection),
+or when x was already inside.
 
 A point with a_j·x ≤ b_j + tol for every j is returned unchanged (bit for bit), so
 projecting twice changes nothing. The projection is not differentiable with zero
@@ -102,7 +106,7 @@ def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float)
 
     idx0, mask0 = choose(jnp.where(r0 > tol, r0, -1.0))
     lam0 = jnp.zeros((k,), x.dtype)
-    iters, idx, mask, _, _ = jax.lax.while_loop(
+    iters, idx, mask, _, repeated = jax.lax.while_loop(
         cond, body, (jnp.int32(0), idx0, mask0, lam0, jnp.bool_(False)))
     lam = solve(idx, mask)                   # λ on the final set (== the last one when it repeated)
     y = x - jnp.where(mask, lam, 0) @ normals[idx]
@@ -117,7 +121,8 @@ def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float)
     y = jnp.where(pulled, interior + theta * (y - interior), y)
     y = jnp.where(inside, x, y)
     info = {"active": ~inside, "iterations": jnp.where(inside, 0, iters),
-            "violation": jnp.where(inside, 0.0, violation), "pulled": pulled & ~inside}
+            "violation": jnp.where(inside, 0.0, violation), "pulled": pulled & ~inside,
+            "converged": inside | (repeated & ~pulled)}
     return y, info
 
 
@@ -125,7 +130,7 @@ def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float)
 def project(x, normals, bounds, gram, interior, working_set: int = 16, max_iters: int = 16,
             tol: float = 1e-4):
     """x [N, d], bounds [m] or [N, m] → (y [N, d], info {active, iterations, violation,
-    pulled} each [N]). A batch with every point inside costs one matmul."""
+    pulled, converged} each [N]). A batch with every point inside costs one matmul."""
     normals, gram, interior = (jnp.asarray(a, x.dtype) for a in (normals, gram, interior))
     n, m = x.shape[0], normals.shape[0]
     k = min(working_set, m)
@@ -137,7 +142,7 @@ def project(x, normals, bounds, gram, interior, working_set: int = 16, max_iters
     def skip(_):
         zeros = jnp.zeros((n,), x.dtype)
         return x, {"active": zeros > 0, "iterations": jnp.zeros((n,), jnp.int32),
-                   "violation": zeros, "pulled": zeros > 0}
+                   "violation": zeros, "pulled": zeros > 0, "converged": zeros == 0}
 
     def work(_):
         return jax.vmap(lambda v, b: run(v, bounds=b))(x, bounds)
