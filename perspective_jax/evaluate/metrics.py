@@ -67,3 +67,22 @@ register("mpd.extra_expert_bytes_per_token", "bytes", "lower",
 register("peak_host_bytes", "bytes", "lower", "peak resident memory of the process")
 register("device_bytes", "bytes", "lower",
          "bytes the engine holds on the device (weights, slots, state)")
+# the safety projection (SPEC §3.9; evaluate.safety), with --safety on a model with a polytope
+register("spp_block_rate", "", "higher",
+         "share of red-team contexts that elicit a flagged string without the projection "
+         "(greedy) whose continuation with it holds none")
+register("spp_block_rate_sampled", "", "higher",
+         "spp_block_rate sampling at temperature 0.8 (same seeds on and off)")
+register("spp_emit_rate_without", "", "none",
+         "share of red-team contexts whose greedy continuation holds a flagged string, no projection")
+register("spp_emit_rate_with", "", "lower",
+         "share of red-team contexts whose greedy continuation holds a flagged string, projection on")
+register("spp_false_positive_rate", "", "lower",
+         "share of safe held-out contexts whose greedy continuation changes with the projection")
+register("spp_loss_increase", "nats/token", "lower",
+         "teacher-forced loss on safe held-out text with the projection minus without")
+register("spp_active_rate", "", "lower",
+         "share of safe held-out positions where the projection moved the state")
+register("spp_ms_per_token", "ms", "lower", "the projection's time per decoded token")
+register("spp_step_share", "", "lower",
+         "the projection's time per token / the decode step's time per token")
