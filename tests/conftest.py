@@ -131,3 +131,22 @@ def train_overrides(**extra) -> list[str]:
             "train.log_every": 1, "checkpoint.every": 3, "checkpoint.keep": 10}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_align_run(tmp_path_factory) -> str:
+    """A tiny align-stage run directory (random weights; safety_helpers.tiny_run), shared
+    read-only by the safety-stage and export tests."""
+    from safety_helpers import tiny_run
+    return tiny_run(tmp_path_factory.mktemp("safety-src") / "align", _small_cfg())
+
+
+@pytest.fixture(scope="session")
+def safety_run(tiny_align_run, tmp_path_factory) -> str:
+    """The safety stage of `tiny_align_run` ("import" and "def " flagged, few states)."""
+    from perspective_jax.cli.train import run
+    from safety_helpers import FAST
+    out = str(tmp_path_factory.mktemp("safety-out") / "safety")
+    assert run(["--stage", "safety", "--init-from", tiny_align_run, "--run-dir", out,
+                "--flagged", "import", "--flagged", "def ", *FAST]) == 0
+    return out

@@ -3,7 +3,8 @@
     perspective-export --run-dir runs/quickstart --out models/tiny [--force]
                        [--shared-bits 2 --group-size 64] [--calibration-text FILE]
                        [--embedding int8|float32] [--skip-space-check]
-                       [--chat-template chatml-tools|plain|FILE.jinja]
+                       [--chat-template chatml-tools|plain|FILE.jinja] [--polytope FILE]
+    perspective-export --run-dir runs/quickstart/safety --out models/tiny   # + its polytope
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from perspective_jax.model import footprint
 def run(argv=None) -> int:
     p = OneLineParser(prog="perspective-export", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True,
-                   help="a stage run directory, or a curriculum root (its last finished "
-                        "stage is exported)")
+                   help="a stage run directory, a curriculum root (its last finished "
+                        "stage is exported), or a safety run (its source run is exported "
+                        "with its polytope)")
     p.add_argument("--out", required=True, help="model directory to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--shared-bits", type=int_in(0, 8), default=0,
@@ -45,6 +47,10 @@ def run(argv=None) -> int:
                    help="chat template written into the model directory for "
                         "perspective-serve: a built-in (chatml-tools, the default; plain) "
                         "or a Jinja file (docs/inference.md, 'Chat templates and tool calls')")
+    p.add_argument("--polytope", metavar="FILE",
+                   help="a safety polytope (polytope.spp of perspective-train --stage "
+                        "safety) to add to the model directory (default: the polytope of a "
+                        "safety run given as --run-dir, else none)")
     compile_cache.add_flag(p)
     a = p.parse_args(argv)
     compile_cache.enable(a.compilation_cache)
@@ -66,7 +72,7 @@ def run(argv=None) -> int:
                          calibration_tokens_n=a.calibration_tokens,
                          delta_max_share=a.delta_max_share, embedding=a.embedding,
                          space_check=not a.skip_space_check,
-                         chat_template=a.chat_template)
+                         chat_template=a.chat_template, polytope=a.polytope)
     return 0
 
 

@@ -3,6 +3,8 @@
     perspective-train --stage dense --config curricula/tiny.yaml --run-dir runs/x \\
         [--data PATH [--data PATH ...]] [--init-from RUN_DIR] [--resume-from-step N]
         [section.key=value ...]
+    perspective-train --stage safety --init-from runs/x/align --run-dir runs/x/safety \
+        --flagged STRING [--flagged STRING ...] [--flagged-file FILE] [--safe-data PATH ...]
 
 Re-running the same command resumes from the run's latest complete checkpoint
 (verified against its checksums); `--resume-from-step N` resumes from step N
@@ -20,7 +22,7 @@ from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
                                          exit_with, int_in)
 from perspective_jax.config import load_config
-from perspective_jax.config.choices import STAGES
+from perspective_jax.config.choices import SAFETY_STAGE, STAGES
 from perspective_jax.model.footprint import OVERRIDE_HELP
 
 
@@ -41,15 +43,32 @@ def run(argv=None) -> int:
                         help="resume from the run's complete checkpoint at step N instead "
                              "of the latest (later ones are moved to "
                              "RUN_DIR/checkpoints-set-aside/)")
+    parser.add_argument("--safe-data", action="append", metavar="PATH",
+                        help="--stage safety: vetted safe text (file, directory or glob; "
+                             "repeat for more; default: the --init-from run's corpus)")
+    parser.add_argument("--flagged", action="append", metavar="STRING",
+                        help="--stage safety: a string the model must not emit (repeat "
+                             "for more)")
+    parser.add_argument("--flagged-file", metavar="FILE",
+                        help="--stage safety: flagged strings, one per line ('#' lines "
+                             "and blank lines skipped)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--allow-oversize", action="store_true", help=OVERRIDE_HELP)
     compile_cache.add_flag(parser)
     add_config_args(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow flags
+    safety_args = {"--safe-data": args.safe_data, "--flagged": args.flagged,
+                   "--flagged-file": args.flagged_file}
+    given = [flag for flag, value in safety_args.items() if value]
+    if given and args.stage != SAFETY_STAGE:
+        parser.error(f"{given[0]} is only for --stage {SAFETY_STAGE}")
     cfg = load_config(args.config, args.overrides)
     compile_cache.enable(args.compilation_cache)
 
     from perspective_jax.train.stages import check_memory, run_stage
+    if args.stage == SAFETY_STAGE:
+        from perspective_jax.train.safety_stage import with_safety_args
+        cfg = with_safety_args(cfg, args.safe_data, args.flagged, args.flagged_file)
 
     check_memory(args.stage, cfg, allow=args.allow_oversize)   # before any heavy work
     result = run_stage(args.stage, cfg, args.run_dir, data=args.data,

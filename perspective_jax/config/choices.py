@@ -26,9 +26,11 @@ SCALE_GRANULARITIES = ("tensor", "row")
 TOKENIZERS = ("sentencepiece", "byte")
 # data.binary_files: what reading the corpus does with a file that is not text
 BINARY_FILES = ("skip", "refuse")
-# perspective-train --stage (the curriculum in order, then "all" = every stage)
+# perspective-train --stage (the curriculum in order, "safety" = the safety polytope of a
+# trained model (not part of the curriculum), then "all" = every curriculum stage)
 CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
-STAGES = (*CURRICULUM, "all")
+SAFETY_STAGE = "safety"
+STAGES = (*CURRICULUM, SAFETY_STAGE, "all")
 ROUTED_STAGES = ("upcycle", "sparse", "ternary", "align")
 TERNARY_STAGES = ("ternary", "align")
 # streaming engine: prefetch predictors and expert-store read paths

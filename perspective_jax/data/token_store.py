@@ -124,6 +124,13 @@ def _read_store(out: str, verified: bool = False) -> tuple[TokenSplit, TokenSpli
     return splits[0], splits[1]
 
 
+def read_token_store(run_dir: str, key: str) -> Optional[tuple[TokenSplit, TokenSplit]]:
+    """The (train, val) splits of the store RUN_DIR/data/<key> (verified), or None
+    when the run has no complete store of that name."""
+    out = os.path.join(run_dir, "data", key)
+    return _read_store(out) if os.path.isfile(os.path.join(out, "meta.json")) else None
+
+
 def latest_token_store(run_dir: str) -> Optional[tuple[TokenSplit, TokenSplit]]:
     """The (train, val) splits of the run's most recently written store, or None."""
     metas = sorted(glob.glob(os.path.join(run_dir, "data", "*", "meta.json")),

@@ -14,7 +14,9 @@ scale = mean|W| per matrix (`ternary.quant.ternarize`). With `--shared-bits` the
 shared kernels are GPTQ-quantised and the tied embedding is written int8 with a row
 scale (`infer.embedding_int8`; `--embedding float32` keeps it exact). The chat
 template a server formats conversations with (`--chat-template`, a built-in name or
-a .jinja file, checked first) is written beside the tokenizer.
+a .jinja file, checked first) is written beside the tokenizer. A safety polytope
+(`--polytope FILE`, or the one of a safety run given as --run-dir, whose source
+run is then exported) is written as polytope.spp and listed (`export.polytope`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from perspective_jax.config.param_layout import expert_layers, map_routed_ffns, 
 from perspective_jax.data.token_store import latest_token_store
 from perspective_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from perspective_jax.errors import UserError
+from perspective_jax.export.polytope import polytope_for, run_polytope, write_model_polytope
 from perspective_jax.export.space import check_free_space, expected_bytes
 from perspective_jax.fileio import DiskError, disk_error, naming
 from perspective_jax.modeldir import format as md
@@ -45,12 +48,22 @@ from perspective_jax.model.transformer import PerspectiveLM, abstract_params
 from perspective_jax.moe import torus
 from perspective_jax.quant.ternary import ternary_codes
 from perspective_jax.rundir.checkpoint import latest_complete_step, restore_params
-from perspective_jax.rundir.layout import CONFIG_FILE, has_config, load_run_config
+from perspective_jax.rundir.layout import (CONFIG_FILE, has_config, load_run_config,
+                                           load_safety_record)
+from perspective_jax.safety.polytope import Polytope
 
 
 def resolve_run(run_dir: str, log=print) -> str:
-    """A stage run directory (exported even if unfinished, with a note), or the last
-    finished stage of a curriculum root (its checkpoint is at the stage's last step)."""
+    """A stage run directory (exported even if unfinished, with a note), the last
+    finished stage of a curriculum root (its checkpoint is at the stage's last step),
+    or for a safety run the run its polytope was built from."""
+    record = load_safety_record(run_dir)
+    if record is not None:
+        source = record["source"]
+        if not os.path.isdir(source) or load_safety_record(source) is not None:
+            raise UserError(f"--run-dir {run_dir} is a safety run whose source run {source} "
+                            "is missing; restore it, or rebuild the polytope")
+        return resolve_run(source, log)
     if has_config(run_dir) and os.path.isdir(
             os.path.join(run_dir, "checkpoints")):
         steps, done = load_run_config(run_dir).train.steps, \
@@ -208,11 +221,13 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
                  group_size: int = 64, calibration_text: Optional[str] = None,
                  calibration_tokens_n: int = 4096, delta_max_share: float = 0.5,
                  embedding: Optional[str] = None, space_check: bool = True,
-                 chat_template: Optional[str] = None, log=print) -> dict:
+                 chat_template: Optional[str] = None, polytope: Optional[str] = None,
+                 log=print) -> dict:
     """Write `out_dir` from the latest checkpoint of `run_dir`; returns the manifest.
     `embedding` None means int8 when `shared_bits` is set (SPEC §3.4), else float32;
     `space_check` False skips the free-space check (--skip-space-check);
-    `chat_template` is a built-in template name or a .jinja file (None: the default)."""
+    `chat_template` is a built-in template name or a .jinja file (None: the default);
+    `polytope` a polytope file to add (None: a safety run's own, else none)."""
     resolve_chat_template(chat_template)      # a bad template: say so before any work
     embedding = default_embedding(embedding, shared_bits)
     _check_args(shared_bits, delta_max_share, group_size, embedding)
@@ -226,15 +241,18 @@ def export_model(run_dir: str, out_dir: str, force: bool = False, shared_bits: i
     if cfg.model.routed and not cfg.ternary.enabled:
         raise UserError(f"{run} holds a routed model whose experts are not ternary yet; "
                         "export the result of the ternary or align stage")
+    polytope = polytope or run_polytope(run_dir)
+    poly = polytope_for(polytope, cfg) if polytope else None      # checked before heavy work
     like = abstract_params(cfg.model, cfg.moe)
     if space_check:                           # before restoring: shapes suffice
         check_free_space(out_dir, expected_bytes(cfg, like, shared_bits, embedding))
-    log(f"exporting {run} ({cfg.name})")
+    log(f"exporting {run} ({cfg.name})" + (f" with the safety polytope {polytope}"
+                                            if poly is not None else ""))
     params = restore_params(run, like, source="--run-dir")
     calib = calibration_tokens(run, calibration_tokens_n, calibration_text)
     return write_model_dir(out_dir, cfg, params, run, calib, force, shared_bits, group_size,
                            delta_max_share, embedding, log, space_check=False,
-                           chat_template=chat_template)
+                           chat_template=chat_template, polytope=poly)
 
 
 def default_embedding(embedding: Optional[str], shared_bits: int) -> str:
@@ -257,13 +275,14 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
                     calib=None, force: bool = False, shared_bits: int = 0,
                     group_size: int = 64, delta_max_share: float = 0.5,
                     embedding: Optional[str] = None, log=print,
-                    space_check: bool = True, chat_template: Optional[str] = None) -> dict:
+                    space_check: bool = True, chat_template: Optional[str] = None,
+                    polytope: Optional[Polytope] = None) -> dict:
     """Write a model directory for `params` atomically: everything goes to a sibling
     staging directory that is renamed into place after the manifest is written. A
     failed write (OSError) is one line naming the file and the bytes the export needs
     (`fileio.disk_error`); the staging directory is removed. `chat_template`: a
     built-in template name or a .jinja file (`modeldir.chat_template`; None: the
-    default)."""
+    default); `polytope` a safety polytope to write and list (`export.polytope`)."""
     embedding = default_embedding(embedding, shared_bits)
     _check_args(shared_bits, delta_max_share, group_size, embedding)
     template = resolve_chat_template(chat_template)
@@ -276,7 +295,8 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
     tmp = publish.staging_dir(out_dir)
     try:
         manifest = _export_into(tmp, tokenizer_dir, cfg, params, calib, shared_bits,
-                                group_size, delta_max_share, embedding, template, log)
+                                group_size, delta_max_share, embedding, template, log,
+                                polytope)
         publish.publish(tmp, out_dir, force)
     except (OSError, DiskError) as exc:       # named by the writer (`fileio.naming`)
         if isinstance(exc, DiskError):        # said by a helper: say it for the export
@@ -292,7 +312,7 @@ def write_model_dir(out_dir: str, cfg: PerspectiveConfig, params, tokenizer_dir:
 
 
 def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_max_share,
-                 embedding, template, log):
+                 embedding, template, log, polytope=None):
     routed = cfg.model.routed
     shared = jax.tree.map(lambda a: a, params)
     experts_index, scales = [], None
@@ -326,13 +346,15 @@ def _export_into(out, run, cfg, params, calib, shared_bits, group_size, delta_ma
     with naming(out):
         copy_tokenizer(run, out)
     template_entry = write_chat_template(out, *template)
+    safety_entry = (None if polytope is None else
+                    write_model_polytope(out, polytope, used["embed"]["embedding"]))
     freqs = routing_frequencies(cfg, used, calib) if routed else None
     shared_meta = {"file": md.SHARED_FILE, "bits": shared_bits, "group_size": group_size,
                    "quantized": quantized, "embedding": embedding,
                    "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                                for k, v in tensors.items()}}
     return md.write_manifest(out, to_dict(cfg), os.path.basename(os.path.abspath(run)),
-                             shared_meta, experts_index, freqs, template_entry)
+                             shared_meta, experts_index, freqs, template_entry, safety_entry)
 
 
 def save_tensors(tensors: dict, path: str) -> None:

@@ -15,6 +15,10 @@
                               with (`modeldir.chat_template`); the manifest's
                               "chat_template" entry names it and where it came from
                               (absent in directories exported before it existed)
+      polytope.spp            the safety polytope (SPEC §3.9, `safety.polytope_file`),
+                              when the export was given one; the manifest's "safety"
+                              entry names it, its format version, flagged strings and
+                              row counts (absent without a polytope)
       experts/layer_LLL.bin   E regions, one per expert of expert layer LLL
       deltas/layer_LLL.bin    byte deltas between lattice-neighbour experts
 
@@ -57,6 +61,8 @@ REGION_ALIGN = 4096
 EXPERT_MATRICES = ("w_gate", "w_up", "w_down")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_KEY = "chat_template"   # manifest entry: {"file": ..., "source": ...}
+SAFETY_KEY = "safety"                 # manifest entry: {"file": ..., "format_version": ...,
+#                                       "flagged": [...], "support_rows", "flagged_rows", "eps"}
 
 
 class ModelDirError(UserError):
@@ -173,9 +179,11 @@ def seal_manifest(manifest: dict) -> dict:
 
 
 def write_manifest(out: str, config: dict, source: str, shared: dict, experts_index: list,
-                   routing_frequencies=None, chat_template: Optional[dict] = None) -> dict:
+                   routing_frequencies=None, chat_template: Optional[dict] = None,
+                   safety: Optional[dict] = None) -> dict:
     """Hash every file under `out` and write the sealed manifest (the last file
-    written); `chat_template` ({"file", "source"}) becomes its CHAT_TEMPLATE_KEY entry.
+    written); `chat_template` ({"file", "source"}) becomes its CHAT_TEMPLATE_KEY entry,
+    `safety` (the polytope's {"file", ...}) its SAFETY_KEY entry.
     An OSError (a full disk) propagates with its file name."""
     files = {}
     for root, _, names in os.walk(out):
@@ -199,6 +207,8 @@ def write_manifest(out: str, config: dict, source: str, shared: dict, experts_in
     }
     if chat_template is not None:
         manifest[CHAT_TEMPLATE_KEY] = chat_template
+    if safety is not None:
+        manifest[SAFETY_KEY] = safety
     manifest = seal_manifest(manifest)
     path = os.path.join(out, MANIFEST)
     with naming(path), open(path, "w", encoding="utf-8") as fh:

@@ -8,7 +8,7 @@ verified) and that every listed file has its byte size; `verified_path` checks
 a file against its sha256 before it is loaded (tokenizer, shared weights).
 `check_manifest` (called by it) checks what a buggy exporter could still get
 wrong: every file the engine reads is listed (so it is size- and hash-checked;
-the chat template too, when the manifest names one),
+the chat template and the safety polytope too, when the manifest names them),
 the config parses, the embedding format and its tensors, the expert index has
 one layer per routed layer and one region per expert, region sizes match the
 config's layout, every region and delta lies inside its file, and deltas join
@@ -190,6 +190,12 @@ def _check(manifest: dict, bad):
             raise bad(f"its {md.CHAT_TEMPLATE_KEY} entry must be {{\"file\": "
                       f"\"{md.CHAT_TEMPLATE_FILE}\", \"source\": NAME}}, not {template!r}")
         listed(md.CHAT_TEMPLATE_FILE, "the chat template file")
+    safety = manifest.get(md.SAFETY_KEY)             # absent without a polytope
+    if safety is not None:
+        if not isinstance(safety, dict) or not isinstance(safety.get("file"), str):
+            raise bad(f"its {md.SAFETY_KEY} entry must be an object naming the polytope's "
+                      f"\"file\", not {safety!r}")
+        listed(safety["file"], "the safety polytope file")
     cfg = from_dict(PerspectiveConfig, manifest["config"])
     _check_embedding(manifest, cfg.model, bad)
     experts = manifest["experts"]

@@ -8,6 +8,10 @@
                        must use the same one
       metrics.jsonl    train/eval records; tb/ TensorBoard events
 
+A `safety` stage's directory (`train.safety_stage`) holds no checkpoints: config.yaml,
+the polytope file, safety_report.json and SAFETY_RECORD (the source run it was built
+from and the polytope's name; written last, so its presence means finished).
+
 A curriculum root (`perspective-train --stage all`) holds one such directory per
 stage (`config.choices.CURRICULUM`).
 """
@@ -24,6 +28,7 @@ from perspective_jax.fileio import atomic_write, seal, seal_holds, sha256_bytes
 
 CONFIG_FILE = "config.yaml"
 DATA_RECORD = "data.json"
+SAFETY_RECORD = "safety.json"
 
 
 def config_path(run_dir: str) -> str:
@@ -92,3 +97,27 @@ def load_data_record(run_dir: str) -> Optional[dict]:
 def save_data_record(run_dir: str, record: dict) -> None:
     path = os.path.join(run_dir, DATA_RECORD)
     atomic_write(path, json.dumps(seal({"format": 2, **record}), indent=2))
+
+
+def load_safety_record(run_dir: str) -> Optional[dict]:
+    """{"source": <the run the polytope was built from, absolute>, "polytope": <its
+    file name in run_dir>, ...} of a finished safety stage, or None when `run_dir` is
+    not one. A damaged record is a one-line error naming the file."""
+    path = os.path.join(run_dir, SAFETY_RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as exc:
+        record = exc
+    if not (seal_holds(record) and isinstance(record.get("source"), str)
+            and isinstance(record.get("polytope"), str)):
+        raise UserError(f"{path} is damaged (not a safety record, or it fails its checksum); "
+                        "re-run the safety stage into a new --run-dir")
+    return record
+
+
+def save_safety_record(run_dir: str, record: dict) -> None:
+    path = os.path.join(run_dir, SAFETY_RECORD)
+    atomic_write(path, json.dumps(seal({"format": 1, **record}), indent=2))

@@ -149,3 +149,17 @@ class SafetyProjection:
                           tol=self.tol)
         return (y.reshape(xn.shape).astype(xn.dtype),
                 {k: v.reshape(lead) for k, v in info.items()})
+
+
+def check_fits(poly: Polytope, d_model: int, vocab_size: int, where: str) -> Polytope:
+    """`poly` once it fits a model of width `d_model` and `vocab_size` tokens; else a
+    one-line error naming `where` (the polytope's file)."""
+    if poly.d_model != d_model:
+        raise UserError(f"{where} was built for a model of width {poly.d_model}, not "
+                        f"{d_model}; build the polytope for this model (perspective-train "
+                        "--stage safety)")
+    if len(poly.flag_tokens) and not 0 <= int(np.min(poly.flag_tokens)) <= int(
+            np.max(poly.flag_tokens)) < vocab_size:
+        raise UserError(f"{where} caps tokens outside this model's {vocab_size}-token "
+                        "vocabulary; build the polytope for this model")
+    return poly

@@ -1,4 +1,5 @@
-"""The curriculum (SPEC §4): dense → upcycle → sparse (→ ternary → align, issue 5).
+"""The curriculum (SPEC §4): dense → upcycle → sparse (→ ternary → align, issue 5), and
+the `safety` stage after it (`train.safety_stage`).
 
     run_stage("all", cfg, "runs/x")   # runs/x/dense, runs/x/upcycle, runs/x/sparse
 
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import PerspectiveConfig
-from perspective_jax.config.choices import CURRICULUM, ROUTED_STAGES, STAGES, TERNARY_STAGES
+from perspective_jax.config.choices import (CURRICULUM, ROUTED_STAGES, SAFETY_STAGE, STAGES,
+                                           TERNARY_STAGES)
 from perspective_jax.config.param_layout import map_routed_ffns, routed_ffns
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
@@ -38,7 +40,8 @@ NEEDS_SOURCE = {"upcycle": "DENSE_RUN_DIR", "sparse": "UPCYCLE_RUN_DIR",
 # What --init-from must hold for a trained stage: (routed, ternary) and its wording.
 INIT_SOURCES = {"dense": ((False, False), "a dense"),
                 "sparse": ((True, False), "an upcycle (or sparse)"),
-                "ternary": ((True, False), "a sparse (or upcycle)")}
+                "ternary": ((True, False), "a sparse (or upcycle)"),
+                "safety": ((True, True), "an align (or ternary)")}
 
 
 def stage_config(cfg: PerspectiveConfig, stage: str) -> PerspectiveConfig:
@@ -62,6 +65,8 @@ def check_memory(stage: str, cfg: PerspectiveConfig, allow: bool = False) -> Non
     """Refuse, before any work, a stage (every stage of 'all') whose memory need exceeds
     what this machine has (`model.footprint`); `allow` (--allow-oversize) overrides.
     Sizes no JAX program can index are refused first, by arithmetic alone."""
+    if stage == SAFETY_STAGE:    # forward passes of the source run's model, sized by it
+        return
     footprint.check_dimensions(cfg)
     machine = footprint.probe_machine()
     for name in CURRICULUM if stage == "all" else (stage,):
@@ -205,6 +210,11 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
               resume_from_step: Optional[int] = None) -> Optional[TrainResult]:
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if stage == SAFETY_STAGE:
+        from perspective_jax.train.safety_stage import run_safety_stage
+        if init_from:
+            check_init_source(stage, init_from, run_dir)
+        return run_safety_stage(cfg, run_dir, init_from, data, resume_from_step, log)
     if resume_from_step is not None and stage in ("all", "upcycle"):
         raise UserError(f"--resume-from-step cannot be used with --stage {stage}: pass the "
                         "stage that trains and its own run directory (e.g. --stage sparse "

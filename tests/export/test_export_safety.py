@@ -193,6 +193,9 @@ def _edited(path, edit):
     (lambda m: m["experts"].pop("layers"), "it is malformed"),
     (lambda m: m.update(tokenizer="bpe"), "tokenizer 'bpe'"),
     (lambda m: m.update(routing_frequencies=[[1.0]]), "routing_frequencies must be"),
+    (lambda m: m.update(safety={"file": "polytope.spp"}),
+     "the safety polytope file polytope.spp is not listed"),
+    (lambda m: m.update(safety="polytope.spp"), "its safety entry must be an object"),
 ])
 def test_a_manifest_inconsistent_with_its_config_or_files_is_refused(exported_writable, edit,
                                                                    message):
