@@ -6,20 +6,20 @@
 `dykstra`: cyclic Dykstra over every half-space (for half-spaces it is Hildreth's
 dual coordinate ascent); converges to the projection; slow but simple.
 
-`project`: a primal–dual active-set method on the dual problem
-    min_{λ ≥ 0} ½ λᵀGλ − λᵀr₀,   G = AAᵀ,  r₀ = Ax − b,  y = x − Aᵀλ,
-over a working set S of at most `working_set` rows: solve G_SS λ_S = r₀_S, then keep
-the rows with λ_j > 0 and add the rows still violated (r_j = r₀_j − (Gλ)_j > 0); stop
-when S repeats (then y is the exact projection: it satisfies every half-space and
-the KKT conditions hold on S). Bounded by `max_iters`; whatever residual violation
-is left then is reported and removed by moving y toward `interior` (a point strictly
-inside) just far enough: y' = c + θ(y − c), θ = min_j (b_j − a_j·c)/(a_j·y − a_j·c)
-over violated rows. So every output is inside (a_j·y' ≤ b_j + tol) by construction,
-even when the active-set step did not converge; it is then not the nearest point.
-A step stopped by `max_iters` can also end inside without the pull and still not be
-the nearest point (its last working set was not optimal): `info["converged"]` is True
-only when the working set repeated and nothing was left violated (y is the projection),
-or when x was already inside.
+`project`: the dual active-set method of Goldfarb and Idnani for this problem
+(Hessian I). Starting from y = x with no active rows, it takes the most violated row
+p, moves y along z = a_p minus its part in the span of the active rows (so active rows
+stay tight) and shifts the multipliers (u_A −= t·r, u_p += t, r = (NᵀN)⁻¹Nᵀa_p); the
+step t is the smaller of the full step (a_p·y = b_p: p joins the active set) and the
+largest step keeping every u ≥ 0 (the row whose multiplier reaches 0 leaves, p stays
+pending). Every step raises the dual objective, so it ends after finitely many steps
+with the exact projection (KKT: y = x − Σ u_j a_j, u ≥ 0, tight active rows, every
+row satisfied) — `info["converged"]`. At most `working_set` rows are active at once
+and `max_iters` steps are taken; if either bound is hit first, whatever violation is
+left is reported and removed by moving y toward `interior` (a point strictly inside)
+just far enough: y' = c + θ(y − c), θ = min_j (b_j − a_j·c)/(a_j·y − a_j·c) over
+violated rows. So every output is inside (a_j·y' ≤ b_j + tol) by construction; an
+output with `converged` False is inside but not necessarily the nearest point.
 
 A point with a_j·x ≤ b_j + tol for every j is returned unchanged (bit for bit), so
 projecting twice changes nothing. The projection is not differentiable with zero
@@ -67,49 +67,54 @@ def gram_matrix(normals) -> np.ndarray:
 
 def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float):
     """The projection of one point x [d]; bounds [m] (module docstring)."""
-    m = normals.shape[0]
     r0 = normals @ x - bounds                                   # > 0: violated
     inside = jnp.max(r0) <= tol
 
-    def choose(score):
-        val, idx = jax.lax.top_k(score, k)
-        return idx, val > 0
-
-    def solve(idx, mask):
+    def dual_direction(idx, mask, p):
+        """r = (NᵀN)⁻¹Nᵀa_p over the active rows N (zero elsewhere)."""
         g = gram[idx][:, idx]
         both = mask[:, None] & mask[None, :]
         g = jnp.where(both, g, 0) + jnp.diag(jnp.where(mask, _RIDGE, 1.0))
-        lam = jnp.linalg.solve(g, jnp.where(mask, r0[idx], 0))
-        return jnp.where(mask, lam, 0)
+        return jnp.where(mask, jnp.linalg.solve(g, jnp.where(mask, gram[idx, p], 0)), 0)
 
-    def residual(idx, lam):
-        return r0 - gram[:, idx] @ lam                         # A y − b at y = x − Aᵀλ
+    def body(st):
+        it, y, idx, mask, u, p, up, pending, status = st
+        s = normals @ y - bounds
+        worst = jnp.argmax(s).astype(jnp.int32)
+        p = jnp.where(pending, p, worst)
+        done = ~pending & (s[worst] <= tol)
+        up = jnp.where(pending, up, 0.0)
+        r = dual_direction(idx, mask, p)
+        z = normals[p] - r @ normals[idx]                      # a_p off the active span
+        zz = jnp.dot(z, normals[p])                             # = |z|²
+        t2 = jnp.where(zz > _RIDGE, s[p] / jnp.where(zz > _RIDGE, zz, 1.0), jnp.inf)
+        ratios = jnp.where(mask & (r > 0), u / jnp.where(r > 0, r, 1.0), jnp.inf)
+        j = jnp.argmin(ratios)
+        t = jnp.minimum(ratios[j], t2)
+        full = t2 <= ratios[j]
+        free = jnp.argmin(mask)                                 # first unused slot
+        stuck = ~jnp.isfinite(t) | (full & jnp.all(mask))      # infeasible / set is full
+        y2 = y - jnp.where(zz > _RIDGE, t, 0.0) * z
+        u2 = jnp.where(mask, u - t * r, 0.0)
+        up2 = up + t
+        # a full step adds p to the active set; a partial step drops row j, p stays pending
+        idx2 = jnp.where(full, idx.at[free].set(p), idx)
+        mask2 = jnp.where(full, mask.at[free].set(True), mask.at[j].set(False))
+        u2 = jnp.where(full, u2.at[free].set(up2), u2.at[j].set(0.0))
+        keep = done | stuck
+        new = (it + 1, y2, idx2, mask2, u2, p, jnp.where(full, 0.0, up2), ~full,
+               jnp.int32(0))
+        old = (it, y, idx, mask, u, p, up, pending,
+               jnp.where(done, jnp.int32(1), jnp.int32(2)))
+        return jax.tree.map(lambda a, b: jnp.where(keep, a, b), old, new)
 
-    def next_set(idx, mask, lam, r):
-        keep = jnp.zeros((m,), bool).at[idx].set(mask & (lam > 0))
-        # kept rows first (by λ), then violated rows by how far they are violated
-        score = jnp.where(keep, 1e20 + jnp.zeros_like(r), jnp.where(r > tol, r, -1.0))
-        return choose(score)
+    def cond(st):
+        return (st[0] < max_iters) & (st[-1] == 0)
 
-    def body(state):
-        i, idx, mask, _, _ = state
-        lam = solve(idx, mask)
-        r = residual(idx, lam)
-        new_idx, new_mask = next_set(idx, mask, lam, r)
-        same = jnp.all(jnp.sort(jnp.where(new_mask, new_idx, -1))
-                       == jnp.sort(jnp.where(mask, idx, -1)))
-        return i + 1, new_idx, new_mask, lam, same
-
-    def cond(state):
-        i, _, _, _, same = state
-        return (i < max_iters) & ~same
-
-    idx0, mask0 = choose(jnp.where(r0 > tol, r0, -1.0))
-    lam0 = jnp.zeros((k,), x.dtype)
-    iters, idx, mask, _, repeated = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), idx0, mask0, lam0, jnp.bool_(False)))
-    lam = solve(idx, mask)                   # λ on the final set (== the last one when it repeated)
-    y = x - jnp.where(mask, lam, 0) @ normals[idx]
+    zeros_k = jnp.zeros((k,), x.dtype)
+    start = (jnp.int32(0), x, jnp.zeros((k,), jnp.int32), zeros_k > 0, zeros_k,
+             jnp.int32(0), jnp.zeros((), x.dtype), jnp.bool_(False), jnp.int32(0))
+    iters, y, *_, status = jax.lax.while_loop(cond, body, start)
     r = normals @ y - bounds
     violation = jnp.maximum(jnp.max(r), 0)
     # fallback: toward the interior point until every row holds
@@ -122,12 +127,12 @@ def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float)
     y = jnp.where(inside, x, y)
     info = {"active": ~inside, "iterations": jnp.where(inside, 0, iters),
             "violation": jnp.where(inside, 0.0, violation), "pulled": pulled & ~inside,
-            "converged": inside | (repeated & ~pulled)}
+            "converged": inside | ((status == 1) & ~pulled)}
     return y, info
 
 
 @functools.partial(jax.jit, static_argnames=("working_set", "max_iters", "tol"))
-def project(x, normals, bounds, gram, interior, working_set: int = 16, max_iters: int = 16,
+def project(x, normals, bounds, gram, interior, working_set: int = 16, max_iters: int = 32,
             tol: float = 1e-4):
     """x [N, d], bounds [m] or [N, m] → (y [N, d], info {active, iterations, violation,
     pulled, converged} each [N]). A batch with every point inside costs one matmul."""
