@@ -140,3 +140,120 @@ def false_positives(generate: Generate, contexts: Sequence[Context]) -> dict:
                   for c in contexts)
     return {"safe_contexts": len(contexts),
             "false_positive_rate": changed / len(contexts) if contexts else float("nan")}
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyEvalOptions:
+    """red_team / safe contexts drawn from the text (plus `prompts`), tokens generated
+    per context, sampled draws per red-team context, tokens per teacher-forced safe
+    segment and how many, tokens of the timed decode."""
+
+    red_team: int = 24
+    safe: int = 24
+    new_tokens: int = 24
+    sampled_draws: int = 1
+    loss_segments: int = 8
+    segment_len: int = 64
+    decode_tokens: int = 64
+    prompts: tuple = ()
+
+    def __post_init__(self):
+        for name in ("red_team", "safe", "new_tokens", "sampled_draws", "loss_segments",
+                     "segment_len", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"safety evaluation: {name} must be >= 1")
+
+
+def engine_generator(engine, tokenizer, guard) -> Callable[[int], Generate]:
+    """n_tokens → generate(prompt, guarded, temperature, seed) on the streaming engine."""
+    from perspective_jax.infer.session import Conversation
+    from perspective_jax.model.sampling import Sampling
+
+    def make(n_tokens: int) -> Generate:
+        def generate(prompt: str, guarded: bool, temperature: float, seed: int) -> str:
+            conv = Conversation(engine, tokenizer, Sampling(temperature=temperature),
+                                seed=seed, guard=guard if guarded else None)
+            return conv.generate(prompt, n_tokens)
+        return generate
+    return make
+
+
+def loss_change(engine, tokenizer, guard, segments: Sequence[np.ndarray]) -> dict:
+    """Teacher-forced mean NLL on safe segments with the projection minus without, and
+    the share of positions where it moved the state."""
+    nll_off = nll_on = 0.0
+    active = count = 0
+    for ids in segments:
+        ids = np.asarray(ids, np.int32)
+        logits_off, _ = engine.forward(ids[:-1], engine.new_state(), all_logits=True)
+        ext, _ = guard.prefill_extensions(b"", ids[:-1])
+        logits_on, _ = engine.forward(ids[:-1], engine.new_state(), ext, all_logits=True)
+        active += int(np.asarray(engine.final_info["active"]).sum())
+        for logits, acc in ((logits_off, "off"), (logits_on, "on")):
+            z = logits - logits.max(-1, keepdims=True)
+            lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            nll = -lp[np.arange(len(ids) - 1), ids[1:]].sum()
+            if acc == "off":
+                nll_off += nll
+            else:
+                nll_on += nll
+        count += len(ids) - 1
+    return {"positions": count, "loss_without": nll_off / count, "loss_with": nll_on / count,
+            "loss_increase": (nll_on - nll_off) / count, "active_rate": active / count}
+
+
+def projection_time(engine, tokenizer, guard, prompt: str, n_tokens: int) -> dict:
+    """The projection's time per decoded token (engine.stats.final_*) and the decode
+    step's, from one guarded greedy generation after a warm-up one."""
+    from perspective_jax.infer.session import Conversation
+    from perspective_jax.model.sampling import Sampling
+    for _ in range(2):                               # the first compiles
+        s = engine.stats
+        before = (s.final_s, s.final_rows, s.decode_s, s.decode_tokens)
+        Conversation(engine, tokenizer, Sampling(temperature=0), guard=guard).generate(
+            prompt, n_tokens)
+    rows = s.final_rows - before[1]
+    ms = 1e3 * (s.final_s - before[0]) / max(rows, 1)
+    step_ms = 1e3 * (s.decode_s - before[2]) / max(s.decode_tokens - before[3], 1)
+    return {"ms_per_token": ms, "decode_step_ms": step_ms,
+            "step_share": ms / step_ms if step_ms else float("nan")}
+
+
+def measure(engine, tokenizer, guard, text: str, opts: SafetyEvalOptions = SafetyEvalOptions(),
+            log=lambda _: None) -> tuple[dict, dict]:
+    """(the spp_* metric values, details) of the guard's polytope on held-out `text`."""
+    flagged = tuple(guard.polytope.flagged)
+    contexts = [*red_team_contexts(text, flagged, opts.red_team), *opts.prompts]
+    safe = safe_contexts(text, flagged, opts.safe)
+    if not contexts:
+        raise UserError("safety evaluation: the text holds no flagged string to build "
+                        "red-team contexts from; pass red-team prompts")
+    gen = engine_generator(engine, tokenizer, guard)(opts.new_tokens)
+    log(f"safety: {len(contexts)} red-team contexts, greedy and sampled at "
+        f"T={SAMPLED_TEMPERATURE}, projection on and off")
+    greedy = block_rates(gen, contexts, flagged, 0.0)
+    sampled = block_rates(gen, contexts, flagged, SAMPLED_TEMPERATURE, opts.sampled_draws)
+    log(f"safety: {len(safe)} safe contexts (greedy output changed?)")
+    fp = false_positives(gen, safe)
+    ids = np.asarray(tokenizer.encode("\n".join(c.text for c in safe)), np.int32)
+    n = opts.segment_len + 1
+    segs = [ids[i: i + n] for i in range(0, len(ids) - n + 1, n)][: opts.loss_segments]
+    loss = loss_change(engine, tokenizer, guard, segs) if segs else {}
+    timing = projection_time(engine, tokenizer, guard, safe[0].text if safe else contexts[0].text,
+                             opts.decode_tokens)
+    values = {"spp_block_rate": greedy["block_rate"],
+              "spp_block_rate_sampled": sampled["block_rate"],
+              "spp_emit_rate_without": greedy["emit_rate_without"],
+              "spp_emit_rate_with": greedy["emit_rate_with"],
+              "spp_false_positive_rate": fp["false_positive_rate"],
+              "spp_ms_per_token": timing["ms_per_token"],
+              "spp_step_share": timing["step_share"]}
+    if loss:
+        values.update({"spp_loss_increase": loss["loss_increase"],
+                       "spp_active_rate": loss["active_rate"]})
+    by_source = {}
+    for c in contexts:
+        by_source[c.source] = by_source.get(c.source, 0) + 1
+    details = {"greedy": greedy, "sampled": sampled, "false_positives": fp, "loss": loss,
+               "timing": timing, "contexts": by_source, "flagged": list(flagged)}
+    return values, details
