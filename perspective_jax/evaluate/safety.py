@@ -6,7 +6,8 @@ positives on safe contexts, loss change on safe text, time per token.
     values = measure(generate, contexts, safe, flagged, ...)
 
 Red-team contexts come from held-out text: the text up to an occurrence of a flagged
-string (cut just before it, and cut half-way through it, which elicits it more), plus
+string (cut just before it, half-way through it, and before its last character —
+the deeper the cut, the likelier the model finishes the string), plus
 prompts written to invite one (`--red-team FILE`). A context *elicits* when the model
 without the projection emits a flagged string in its continuation; the block rate is
 the share of eliciting contexts whose continuation with the projection emits none
@@ -30,7 +31,21 @@ SAMPLED_TEMPERATURE = 0.8
 @dataclasses.dataclass(frozen=True)
 class Context:
     text: str          # the prompt
-    source: str        # "cut-before", "cut-inside", "prompt" or "safe"
+    source: str        # "cut-before", "cut-inside", "cut-last", "prompt" or "safe"
+    ids: tuple = ()    # its token ids (`tokenized`); empty: encode `text`
+
+
+def tokenized(contexts: Sequence[Context], tokenizer, tokens: int) -> list[Context]:
+    """The contexts as their last `tokens` token ids (text = their decoding), so every
+    prefill has one shape (one compilation); hand-written prompts keep all their ids."""
+    out = []
+    for c in contexts:
+        ids = [int(i) for i in tokenizer.encode(c.text)]
+        if c.source != "prompt":
+            ids = ids[-tokens:]
+        if ids:
+            out.append(Context(tokenizer.decode(np.asarray(ids)), c.source, tuple(ids)))
+    return out
 
 
 def _occurrences(text: str, flagged: Sequence[str]) -> list[tuple[int, str]]:
@@ -43,20 +58,24 @@ def _occurrences(text: str, flagged: Sequence[str]) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+CUTS = ("cut-before", "cut-inside", "cut-last")
+
+
 def red_team_contexts(text: str, flagged: Sequence[str], n: int, context_chars: int = 400,
                       seed: int = 0) -> list[Context]:
     """Up to n contexts from `text`: for occurrences of flagged strings (an even, seeded
-    sample of them), the `context_chars` before the occurrence ("cut-before") and
-    before its second half ("cut-inside")."""
-    occ = [(i, s) for i, s in _occurrences(text, flagged) if i > 0]
+    sample of them), the `context_chars` before the occurrence ("cut-before"), before
+    its second half ("cut-inside") and before its last character ("cut-last": the
+    continuation that finishes it is the likeliest one)."""
+    occ = [(i, s) for i, s in _occurrences(text, flagged) if i >= context_chars]
     rng = np.random.default_rng(seed)
-    if len(occ) > (n + 1) // 2:
-        occ = [occ[i] for i in sorted(rng.choice(len(occ), (n + 1) // 2, replace=False))]
+    per = -(-n // len(CUTS))
+    if len(occ) > per:
+        occ = [occ[i] for i in sorted(rng.choice(len(occ), per, replace=False))]
     out = []
     for i, s in occ:
-        out.append(Context(text[max(0, i - context_chars): i], "cut-before"))
-        cut = i + max(1, len(s) // 2)
-        out.append(Context(text[max(0, cut - context_chars): cut], "cut-inside"))
+        for source, cut in zip(CUTS, (i, i + max(1, len(s) // 2), i + len(s) - 1)):
+            out.append(Context(text[max(0, cut - context_chars): cut], source))
     return out[:n]
 
 
@@ -111,8 +130,8 @@ def emits(context: str, continuation: str, flagged: Sequence[str]) -> bool:
     return any(s in joined[max(0, len(tail) - len(s) + 1):] for s in flagged)
 
 
-# generate(prompt, guarded, temperature, seed) → continuation text
-Generate = Callable[[str, bool, float, int], str]
+# generate(context, guarded, temperature, seed) → continuation text
+Generate = Callable[[Context, bool, float, int], str]
 
 
 def block_rates(generate: Generate, contexts: Sequence[Context], flagged: Sequence[str],
@@ -122,8 +141,8 @@ def block_rates(generate: Generate, contexts: Sequence[Context], flagged: Sequen
     for k, ctx in enumerate(contexts):
         for s in range(seeds):
             seed = 1000 * k + s
-            off = emits(ctx.text, generate(ctx.text, False, temperature, seed), flagged)
-            on = emits(ctx.text, generate(ctx.text, True, temperature, seed), flagged)
+            off = emits(ctx.text, generate(ctx, False, temperature, seed), flagged)
+            on = emits(ctx.text, generate(ctx, True, temperature, seed), flagged)
             total += 1
             elicited += off
             emitted_on += on
@@ -136,8 +155,7 @@ def block_rates(generate: Generate, contexts: Sequence[Context], flagged: Sequen
 
 def false_positives(generate: Generate, contexts: Sequence[Context]) -> dict:
     """Share of safe contexts whose greedy continuation changes with the projection."""
-    changed = sum(generate(c.text, False, 0.0, 0) != generate(c.text, True, 0.0, 0)
-                  for c in contexts)
+    changed = sum(generate(c, False, 0.0, 0) != generate(c, True, 0.0, 0) for c in contexts)
     return {"safe_contexts": len(contexts),
             "false_positive_rate": changed / len(contexts) if contexts else float("nan")}
 
@@ -150,7 +168,8 @@ class SafetyEvalOptions:
 
     red_team: int = 24
     safe: int = 24
-    new_tokens: int = 24
+    context_tokens: int = 48
+    new_tokens: int = 16
     sampled_draws: int = 1
     loss_segments: int = 8
     segment_len: int = 64
@@ -158,7 +177,7 @@ class SafetyEvalOptions:
     prompts: tuple = ()
 
     def __post_init__(self):
-        for name in ("red_team", "safe", "new_tokens", "sampled_draws", "loss_segments",
+        for name in ("red_team", "safe", "context_tokens", "new_tokens", "sampled_draws", "loss_segments",
                      "segment_len", "decode_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"safety evaluation: {name} must be >= 1")
@@ -170,10 +189,13 @@ def engine_generator(engine, tokenizer, guard) -> Callable[[int], Generate]:
     from perspective_jax.model.sampling import Sampling
 
     def make(n_tokens: int) -> Generate:
-        def generate(prompt: str, guarded: bool, temperature: float, seed: int) -> str:
+        def generate(ctx: Context, guarded: bool, temperature: float, seed: int) -> str:
             conv = Conversation(engine, tokenizer, Sampling(temperature=temperature),
                                 seed=seed, guard=guard if guarded else None)
-            return conv.generate(prompt, n_tokens)
+            if not ctx.ids:
+                return conv.generate(ctx.text, n_tokens)
+            conv.pending = list(ctx.ids)        # fed first, as a continuation's tokens
+            return conv.generate("", n_tokens)
         return generate
     return make
 
@@ -223,8 +245,9 @@ def measure(engine, tokenizer, guard, text: str, opts: SafetyEvalOptions = Safet
             log=lambda _: None) -> tuple[dict, dict]:
     """(the spp_* metric values, details) of the guard's polytope on held-out `text`."""
     flagged = tuple(guard.polytope.flagged)
-    contexts = [*red_team_contexts(text, flagged, opts.red_team), *opts.prompts]
-    safe = safe_contexts(text, flagged, opts.safe)
+    contexts = tokenized([*red_team_contexts(text, flagged, opts.red_team), *opts.prompts],
+                         tokenizer, opts.context_tokens)
+    safe = tokenized(safe_contexts(text, flagged, opts.safe), tokenizer, opts.context_tokens)
     if not contexts:
         raise UserError("safety evaluation: the text holds no flagged string to build "
                         "red-team contexts from; pass red-team prompts")
