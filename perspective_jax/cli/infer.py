@@ -2,10 +2,12 @@
 
     perspective-infer --model-dir models/tiny "def main(" --max-tokens 64 --stats
     perspective-infer --model-dir models/tiny "def main(" --mpd --show-confidence
+    perspective-infer --model-dir models/tiny "import os" --safety --stats
 
 --show-confidence (with --mpd): on a terminal, tokens below --low-confidence are
 underlined in red; otherwise stdout is a JSON Lines stream, one object per token
-({"token", "id", "confidence", "mpd", "decision"}).
+({"token", "id", "confidence", "mpd", "decision"}). --safety projects every token's
+final state onto the model directory's safety polytope (SPEC §3.9; docs/inference.md).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop before this text (repeatable)")
     add_engine_flags(p)
     add_mpd_flags(p, switch=True)
+    p.add_argument("--safety", action="store_true",
+                   help="project every token's final state onto the model's safety "
+                        "polytope, so flagged strings are not completed")
     c = p.add_argument_group("confidence")
     c.add_argument("--show-confidence", action="store_true",
                    help="per-token confidence (needs --mpd): marked on a terminal, JSON "
@@ -75,8 +80,10 @@ def run(argv=None) -> int:
     from perspective_jax.modeldir.manifest import read_manifest
     from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
     from perspective_jax.infer.session import Conversation, describe
+    from perspective_jax.infer.safety_guard import SafetyGuard, model_polytope
 
     manifest = read_manifest(a.model_dir)      # clear errors before any heavy work; read once
+    polytope = model_polytope(a.model_dir, manifest, required=True) if a.safety else None
     machine = footprint.probe_machine()
     footprint.refuse_oversize(footprint.infer_need(
         manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
@@ -87,11 +94,18 @@ def run(argv=None) -> int:
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     options = engine_options_from_args(a)
     engine = StreamingEngine(a.model_dir, options, manifest=manifest)
-    if a.resume_state:
-        conv = Conversation.load(engine, tokenizer, a.resume_state, sampling, seed=a.seed,
-                                 mpd=mpd)
-    else:
-        conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0, mpd=mpd)
+    try:
+        guard = (None if polytope is None
+                 else SafetyGuard.for_engine(polytope, engine, tokenizer))
+        if a.resume_state:
+            conv = Conversation.load(engine, tokenizer, a.resume_state, sampling,
+                                     seed=a.seed, mpd=mpd, guard=guard)
+        else:
+            conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0, mpd=mpd,
+                                guard=guard)
+    except BaseException:
+        engine.close()
+        raise
     shower = _confidence_printer(a.low_confidence) if a.show_confidence else None
     if not a.resume_state and (shower is None or shower.terminal):
         sys.stdout.write(prompt)

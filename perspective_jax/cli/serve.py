@@ -49,6 +49,10 @@ def _parser() -> OneLineParser:
                      help="largest request body")
     add_engine_flags(p)
     add_mpd_flags(p, switch=False)
+    p.add_argument("--safety", action="store_true",
+                   help="project every request's tokens onto the model's safety polytope "
+                        "(enforced: requests cannot turn it off; without this flag a "
+                        "request may ask for it with perspective.safety)")
     p.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     compile_cache.add_flag(p)
@@ -111,7 +115,7 @@ def run(argv=None) -> int:
                         max_request_bytes=int(a.max_request_mb * 2**20))
     compile_cache.enable(a.compilation_cache)
     server = build_server(a.model_dir, engine_options_from_args(a), opts, a.max_batch,
-                          a.max_queue, mpd_from_args(a))
+                          a.max_queue, mpd_from_args(a), safety=a.safety)
     sock = bind(a.host, a.port)
     import uvicorn
     url = f"http://{a.host}:{sock.getsockname()[1]}"

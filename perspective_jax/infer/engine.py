@@ -63,6 +63,17 @@ from perspective_jax.model.extensions import (NEAREST, Extensions, check_extensi
 from perspective_jax.model.transformer import init_cache
 
 
+def _chunk_extensions(ext: Optional[Extensions], start: int, stop: int, total: int,
+                      all_logits: bool) -> Optional[Extensions]:
+    """`ext` for the chunk start:stop of a feed of `total` tokens (`forward`)."""
+    if ext is None or ext.final_transform is None:
+        return ext
+    if not all_logits:
+        return ext if stop == total else ext.replace(final_transform=None, final_state=None)
+    cut = getattr(ext.final_state, "positions", None)
+    return ext if cut is None else ext.replace(final_state=cut(start, stop, total))
+
+
 def load_model_tokenizer(model_dir: str, manifest: Optional[dict] = None):
     """The tokenizer file the manifest names, once it matches the manifest's sha256
     (a damaged or swapped tokenizer changes every token: a one-line ModelDirError)."""
@@ -99,7 +110,7 @@ class StreamingEngine:
         self.prefetch, self.use_deltas = o.prefetch, o.use_deltas
         self.pin_before_transfer = o.pin_before_transfer
         self.stats = Stats()
-        self.final_info = None     # the last final transform's info ({name: [N]})
+        self.final_info = None     # the last feed's final-transform info ({name: [N]})
         flat, quantized = load_shared(model_dir, self.manifest)
         scales = {name: flat.pop(md.scale_key(name)) for name in md.EXPERT_MATRICES
                   if md.scale_key(name) in flat}
@@ -211,19 +222,29 @@ class StreamingEngine:
         new state) — or every position's logits [T, V] with `all_logits` (scoring text).
         `state` itself is left as it was, so a feed that fails part-way (an unreadable
         expert, Ctrl-C) can be retried or saved from the state before it.
-        `ext` (model.extensions.Extensions) is honoured as `PerspectiveLM` honours it."""
+        `ext` (model.extensions.Extensions) is honoured as `PerspectiveLM` honours it.
+        Its final transform runs on the logits returned: the last position's (the
+        chunks before it compute theirs without it), or with `all_logits` every
+        position's — a final_state with `positions(start, stop, total)` (a per-position
+        safety mask) is cut to each chunk; `final_info` then covers all T positions."""
         tokens = self._check_tokens(tokens)
         self._check_ext(ext)
         layers = [list(row) for row in state.layers]   # new lists; the caches are immutable
         pos = state.next_pos
         t0, c0 = time.perf_counter(), compile_clock.seconds()
-        parts = []
+        parts, infos, self.final_info = [], [], None
         for s in range(0, tokens.size, self.prefill_chunk):
             chunk = tokens[s: s + self.prefill_chunk]
             segment_pos = jnp.arange(pos, pos + chunk.size, dtype=jnp.int32)[None]
-            logits = self._forward_chunk(chunk[None], segment_pos, layers, ext, all_logits)
+            chunk_ext = _chunk_extensions(ext, s, s + chunk.size, tokens.size, all_logits)
+            logits = self._forward_chunk(chunk[None], segment_pos, layers, chunk_ext,
+                                         all_logits)
             parts.append(logits)
+            if chunk_ext is not None and chunk_ext.final_transform is not None:
+                infos.append(self.final_info)
             pos += chunk.size
+        if len(infos) > 1:
+            self.final_info = {k: np.concatenate([i[k] for i in infos]) for k in infos[0]}
         logits = (np.concatenate([np.asarray(p) for p in parts]) if all_logits
                   else np.asarray(logits)[0])
         self._account(t0, c0, prefill=tokens.size if tokens.size > 1 else 0,
@@ -255,6 +276,7 @@ class StreamingEngine:
         tokens = self._check_tokens(tokens)
         self._check_ext(ext)
         t0, c0 = time.perf_counter(), compile_clock.seconds()
+        self.final_info = None
         layers = [list(r) for r in batch.layers]
         pos = batch.next_pos
         logits = self._forward_chunk(tokens[:, None], jnp.asarray(pos)[:, None], layers, ext)

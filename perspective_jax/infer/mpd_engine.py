@@ -8,7 +8,9 @@ within the budget `max_rate` given the triggers `spent` so far), P1..P3 run as o
 batched engine step (`RowRoutes` through `OTHER_VIEWS`, experts grouped per layer
 across the views) on the token `fed` from the state `before` it. The trigger, the
 decision, the agreement and the views' extra expert bytes and rows are counted in
-the engine's stats (`mpd_*`). Used by `infer.session.Conversation` and the server.
+the engine's stats (`mpd_*`). With a `guard` (infer.safety_guard.SafetyGuard) the
+views are projected as P0 is, with the flagged rows active after `tail` (the text
+through `fed`). Used by `infer.session.Conversation` and the server.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from perspective_jax.model.mpd import OTHER_VIEWS, PERSPECTIVES, MPDStep, mpd_st
 
 
 def mpd_on_engine(engine, logits: np.ndarray, sampled: int, step: int, cfg: MPDConfig,
-                  spent: int, before: EngineState, fed: int) -> MPDStep:
+                  spent: int, before: EngineState, fed: int, guard=None,
+                  tail: bytes = b"") -> MPDStep:
     """MPD's decision on one decode step (module docstring); an MPDStep of batch 1."""
     stats = engine.stats
     n_views = len(PERSPECTIVES) - 1
 
     def other_views():
         moved = moved_bytes(stats)
-        rows, _ = engine.step([before] * n_views, [fed] * n_views, OTHER_VIEWS,
+        views = (OTHER_VIEWS if guard is None
+                 else guard.extensions([tail] * n_views, base=OTHER_VIEWS))
+        rows, _ = engine.step([before] * n_views, [fed] * n_views, views,
                               keep_states=False)
         stats.mpd_view_rows += n_views
         stats.mpd_view_steps += 1

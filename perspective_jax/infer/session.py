@@ -12,7 +12,11 @@ continuation (with or without new prompt text) feeds it first.
 With `mpd=MPDConfig(...)` each token is decided by Multi-Perspective Decoding
 (`infer.mpd_engine.mpd_on_engine`: when a step triggers, P1..P3 run as one batched
 engine step on the token just fed, forked from the state before it);
-`on_token(TokenInfo)` receives every token with its confidence. Text is cut and
+`on_token(TokenInfo)` receives every token with its confidence. With
+`guard=SafetyGuard(...)` (infer.safety_guard) every logits the conversation samples
+from — the prompt's last position, each decode step, MPD's views — is projected onto
+the safety polytope with the flagged rows active after the text so far (`tail`, its
+last bytes, kept in the state file too). Text is cut and
 streamed by `infer.text_stream.TextStream`. A state file
 carries a format version and a sha256 over all its content (`cache_io.
 write_checked`): an edited position or step count, or any flipped byte, is a
@@ -62,7 +66,7 @@ class TokenInfo(NamedTuple):
 
 class Conversation:
     def __init__(self, engine, tokenizer, sampling: Sampling = Sampling(), seed: int = 0,
-                 mpd: Optional[MPDConfig] = None):
+                 mpd: Optional[MPDConfig] = None, guard=None):
         self.engine, self.tokenizer, self.sampling, self.seed = engine, tokenizer, sampling, seed
         if mpd is not None and mpd.state != "forked":
             raise UserError(f"mpd.state={mpd.state!r}: the streaming engine runs MPD with "
@@ -73,6 +77,8 @@ class Conversation:
         self.state = engine.new_state()
         self.pending: list[int] = []
         self.steps = 0                       # tokens sampled so far (the sampler's position)
+        self.guard = guard                   # infer.safety_guard.SafetyGuard, or None
+        self.tail = b""                      # the text fed so far, its last bytes (guard)
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str] = (),
                  eos_id: Optional[int] = None,
@@ -89,8 +95,7 @@ class Conversation:
         before = self.state                   # the state before the last token fed (MPD)
         if self.mpd is not None and len(feed) > 1:
             _, before = self.engine.forward(np.asarray(feed[:-1], np.int32), self.state)
-            feed = feed[-1:]
-        logits, self.state = self.engine.forward(np.asarray(feed, np.int32), before)
+        logits = self._feed(feed if self.mpd is None else feed[-1:], before, feed)
         fed = feed[-1]
         stream = TextStream(self.tokenizer, stop)
         said = ""
@@ -100,7 +105,7 @@ class Conversation:
             info = None
             if self.mpd is not None:
                 info = mpd_on_engine(self.engine, logits, tok, self.steps, self.mpd,
-                                     self.mpd_spent, before, fed)
+                                     self.mpd_spent, before, fed, self.guard, self.tail)
                 tok = int(info.token[0])
                 self.mpd_spent += int(info.triggered[0])
             self.pending, self.steps = [tok], self.steps + 1   # sampled, not yet fed
@@ -120,7 +125,21 @@ class Conversation:
             if stopped or last:
                 return stream.text
             before, fed = self.state, tok
-            logits, self.state = self.engine.forward(np.asarray([tok], np.int32), self.state)
+            logits = self._feed([tok], self.state, [tok])
+
+    def _feed(self, tokens: list, state, text: list) -> np.ndarray:
+        """Feed `tokens` from `state`; the conversation's text grows by `text` (the
+        tokens fed since the tail: `tokens` or more). Returns the last logits [V],
+        projected with the guard; state and tail change only when the feed succeeds."""
+        tokens = np.asarray(tokens, np.int32)
+        if self.guard is None:
+            logits, self.state = self.engine.forward(tokens, state)
+            return logits
+        tail = self.guard.extend(self.tail, text)
+        logits, self.state = self.engine.forward(tokens, state, self.guard.extensions([tail]))
+        self.guard.observe(self.engine)
+        self.tail = tail
+        return logits
 
     # ---------------------------------------------------------------- save/resume
     def save(self, path: str) -> None:
@@ -128,12 +147,14 @@ class Conversation:
         tensors = flatten_cache(self.state.to_cache())
         tensors["pending"] = np.asarray(self.pending, np.int32)
         meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
-                "mpd_spent": str(self.mpd_spent), "model": self.engine.identity}
+                "mpd_spent": str(self.mpd_spent), "model": self.engine.identity,
+                "text_tail": self.tail.hex()}
         write_checked(tensors, meta, path)
 
     @classmethod
     def load(cls, engine, tokenizer, path: str, sampling: Sampling = Sampling(),
-             seed: Optional[int] = None, mpd: Optional[MPDConfig] = None) -> "Conversation":
+             seed: Optional[int] = None, mpd: Optional[MPDConfig] = None,
+             guard=None) -> "Conversation":
         if os.path.isdir(path):
             raise UserError(f"--resume-state {path} is a directory; give a state file")
         if not os.path.isfile(path):
@@ -152,7 +173,8 @@ class Conversation:
                 pending.size and not 0 <= int(pending[0]) < engine.model.vocab_size):
             raise UserError(f"{path}: its pending token is missing or invalid; the state "
                             "file is damaged")
-        conv = cls(engine, tokenizer, sampling, saved_seed if seed is None else seed, mpd)
+        conv = cls(engine, tokenizer, sampling, saved_seed if seed is None else seed, mpd,
+                   guard)
         stacked = cache_from_tensors(tensors, engine.model, path, allowed_extra=("pending",))
         if stacked["next_pos"].shape != (1,):
             raise UserError(f"{path}: holds a batch of {stacked['next_pos'].shape[0]} "
@@ -162,6 +184,11 @@ class Conversation:
         conv.steps = steps
         # MPD's budget so far (files written before it was saved: 0)
         conv.mpd_spent = _counter(meta, "mpd_spent", path) if "mpd_spent" in meta else 0
+        try:                                 # the text's tail (files before it: none)
+            conv.tail = bytes.fromhex(meta.get("text_tail", ""))
+        except ValueError:
+            raise UserError(f"{path}: its 'text_tail' field is invalid; the state file is "
+                            "damaged") from None
         return conv
 
 

@@ -43,6 +43,13 @@ class Stats:
     # the final-state transform (Extensions.final_transform, e.g. the safety projection)
     final_rows: int = 0         # states it was applied to
     final_s: float = 0.0        # its time alone (compiling excluded)
+    # the safety projection of guarded sequences (infer.safety_guard.SafetyGuard.observe)
+    safety_tokens: int = 0      # positions of guarded sequences whose logits it projected
+    safety_active: int = 0      # of which the projection moved (outside the polytope)
+    safety_iterations: int = 0  # active-set iterations, summed over the moved ones
+    safety_max_iterations: int = 0
+    safety_max_violation: float = 0.0   # largest residual violation before a fallback
+    safety_pulled: int = 0      # fell back toward the interior point (not converged)
 
     def brings(self) -> int:
         """Expert regions asked of the tiers so far (each "same", "delta" or "full")."""
@@ -74,6 +81,21 @@ def mpd_report(s: Stats) -> dict:
             "extra_expert_bytes": s.mpd_extra_bytes, "view_steps": s.mpd_view_steps}
 
 
+def safety_report(s: Stats) -> dict:
+    """The safety projection's part of the --stats report: how many states it saw and
+    moved, its iterations, residual violation and fallbacks, and its time per state
+    (all final-transform rows: MPD's views and a server's padding included)."""
+    return {"tokens_guarded": s.safety_tokens, "projections_active": s.safety_active,
+            "active_rate": s.safety_active / s.safety_tokens if s.safety_tokens else 0.0,
+            "mean_iterations": (s.safety_iterations / s.safety_active
+                                if s.safety_active else 0.0),
+            "max_iterations": s.safety_max_iterations,
+            "max_residual_violation": s.safety_max_violation,
+            "fallbacks": s.safety_pulled,
+            "projection_us_per_state": (1e6 * s.final_s / s.final_rows
+                                        if s.final_rows else 0.0)}
+
+
 def report(engine) -> dict:
     """The --stats statistics of `engine` (a StreamingEngine)."""
     s = engine.stats
@@ -90,6 +112,8 @@ def report(engine) -> dict:
         out["batch_steps"] = s.batch_steps - s.mpd_view_steps
     if s.mpd_tokens:
         out["mpd"] = mpd_report(s)
+    if s.safety_tokens:
+        out["safety"] = safety_report(s)
     if engine.routed:
         host, tiers = engine.host, engine.tiers
         lookups = host.hits + host.misses

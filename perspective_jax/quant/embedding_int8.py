@@ -93,6 +93,16 @@ def blocked(codes: np.ndarray, scale: np.ndarray, block_rows: int) -> Int8Table:
     return Int8Table(codes.reshape(n_blocks, rows, d), scale.reshape(n_blocks, rows))
 
 
+def float_rows(table, vocab: int) -> np.ndarray:
+    """The head the engine computes with as float32 [vocab, d] (host): a float table
+    as it is, an `Int8Table` dequantised (codes · scale, padding rows dropped)."""
+    if not isinstance(table, Int8Table):
+        return np.asarray(table, np.float32)
+    d = table.codes.shape[-1]
+    codes = np.asarray(table.codes).reshape(-1, d)[:vocab]
+    return dequantize(codes, np.asarray(table.scale).reshape(-1)[:vocab])
+
+
 def embed_rows(table: Int8Table, tokens, dtype):
     """tokens [B, T] → dequantised rows [B, T, d] in `dtype`."""
     d = table.codes.shape[-1]

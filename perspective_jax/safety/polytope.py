@@ -12,6 +12,9 @@ Rows, all with unit normals a_j and the half-space a_j·x ≤ b_j on x = RMSNorm
   * flagged rows S + f: normal E_t / |E_t| for flagged token t = flag_tokens[f] and
     bound cap_t / |E_t|, so after the projection logit_t = x·E_t ≤ cap_t. They bind
     only while active (`FlagRules.active`); an inactive row's bound is `INACTIVE`.
+A batch mixing guarded and unguarded sequences (a server) gives `with_active` a
+per-row `enabled` mask: a disabled row's every bound, support rows included, is
+`INACTIVE`, so its state passes unchanged (bit for bit).
 The flagged rows' normals come from the head the model actually uses (float or int8
 table), so the cap holds for the logits it computes. `interior` is a point strictly
 inside every row (all flagged rows on), the fallback target of `project`.
@@ -96,7 +99,9 @@ class Polytope:
 @flax.struct.dataclass
 class PolytopeArrays:
     """The traced state of `SafetyProjection`: rows [m, d], bounds [m], G [m, m],
-    interior [d], and which flagged rows are active ([F], [B, F] or [B, T, F])."""
+    interior [d], which flagged rows are active ([F], [B, F] or [B, T, F]) and, when
+    not None, which rows of the batch the polytope applies to at all (`enabled`: the
+    mask's shape without its last axis)."""
 
     normals: jax.Array
     bounds: jax.Array
@@ -104,23 +109,42 @@ class PolytopeArrays:
     interior: jax.Array
     active: jax.Array
     n_support: int = flax.struct.field(pytree_node=False, default=0)
+    enabled: Optional[jax.Array] = None
 
-    def with_active(self, active) -> "PolytopeArrays":
+    def with_active(self, active, enabled=None) -> "PolytopeArrays":
         active = jnp.asarray(active, bool)
         if active.shape[-1] != self.active.shape[-1]:
             raise UserError(f"flag mask of {active.shape[-1]} rows for a polytope with "
                             f"{self.active.shape[-1]} flagged rows")
-        return self.replace(active=active)
+        if enabled is not None:
+            enabled = jnp.asarray(enabled, bool)
+            if enabled.shape != active.shape[:-1]:
+                raise UserError(f"an enabled mask of shape {enabled.shape} for a flag mask "
+                                f"of shape {active.shape}")
+        return self.replace(active=active, enabled=enabled)
+
+    def positions(self, start: int, stop: int, total: int) -> "PolytopeArrays":
+        """Rows start:stop of a per-position state (masks of `total` rows, one per
+        position of a feed whose every position's logits are used), for one prefill
+        chunk of it; a state shared by all positions is returned as it is."""
+        if self.active.ndim != 2 or self.active.shape[0] != total:
+            return self
+        return self.replace(active=self.active[start:stop],
+                            enabled=None if self.enabled is None else self.enabled[start:stop])
 
     def row_bounds(self, lead: tuple) -> jax.Array:
-        """Bounds [*lead, m]: flagged rows that are not active get `INACTIVE`."""
-        active = self.active
-        if active.ndim == 2 and len(lead) == 2:
-            active = active[:, None, :]
+        """Bounds [*lead, m]: flagged rows that are not active get `INACTIVE`, and so
+        does every row of a batch row that is not enabled."""
+        per_row = len(lead) == 2 and self.active.ndim == 2   # [B, F] over (B, T): every t
+        active = self.active[:, None] if per_row else self.active
         active = jnp.broadcast_to(active, (*lead, active.shape[-1]))
         flags = jnp.where(active, self.bounds[self.n_support:], INACTIVE)
         support = jnp.broadcast_to(self.bounds[: self.n_support], (*lead, self.n_support))
-        return jnp.concatenate([support, flags.astype(support.dtype)], axis=-1)
+        out = jnp.concatenate([support, flags.astype(support.dtype)], axis=-1)
+        if self.enabled is None:
+            return out
+        enabled = jnp.broadcast_to(self.enabled[:, None] if per_row else self.enabled, lead)
+        return jnp.where(enabled[..., None], out, jnp.asarray(INACTIVE, out.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

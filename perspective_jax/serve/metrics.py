@@ -10,6 +10,8 @@
     perspective_host_cache_hit_rate                   gauge (from the engine)
     perspective_expert_bytes_moved_total{kind}        counter (same / delta / full / wasted)
     perspective_mpd_trigger_rate                      gauge (MPD tokens that ran the views)
+    perspective_safety_tokens_total                   counter (guarded positions projected)
+    perspective_safety_projections_total              counter (of which the projection moved)
 
 Engine values are read when scraped, from the engine's own counters.
 """
@@ -101,3 +103,8 @@ class _EngineCollector:
             yield moved
         yield g("perspective_mpd_trigger_rate", "Share of MPD-decided tokens whose views ran",
                 value=s.mpd_triggered / s.mpd_tokens if s.mpd_tokens else 0.0)
+        c = CounterMetricFamily
+        yield c("perspective_safety_tokens", "Positions of guarded sequences whose logits "
+                "the safety projection saw", value=float(s.safety_tokens))
+        yield c("perspective_safety_projections", "Guarded positions the safety projection "
+                "moved (their state was outside the polytope)", value=float(s.safety_active))

@@ -8,7 +8,8 @@ Fields: `model`, `max_tokens` (chat also `max_completion_tokens`), `temperature`
 (string or list), `n`, `stream`, `stream_options.include_usage`, `logprobs`
 (completions: the number of top log-probabilities per token; chat: a bool with
 `top_logprobs`), `echo` (completions), and the Perspective extension object
-`perspective: {"mpd": bool, "confidence": bool}` that standard clients never send.
+`perspective: {"mpd": bool, "confidence": bool, "safety": bool}` that standard
+clients never send (`safety`: the safety projection, as `Limits.safety` allows).
 Sampling parameters that this server cannot honour (penalties, `logit_bias`,
 `best_of` > 1, `suffix`, a `response_format` other than text) are refused, never
 ignored. Completions' `prompt`: a string, a list of strings, a list of token ids
@@ -22,6 +23,7 @@ import math
 from typing import Any, Optional, Union
 
 from perspective_jax.config.choices import TEMPERATURE_RANGE
+from perspective_jax.errors import UserError
 from perspective_jax.model.sampling import Sampling
 from perspective_jax.serve.api_errors import APIError, bad_field
 
@@ -29,6 +31,8 @@ MAX_LOGPROBS = 20          # top log-probabilities per token, as OpenAI
 MAX_STOPS = 16
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SEED_MODULUS = 2 ** 32     # seeds are taken mod 2^32 (perspective-infer's --seed range)
+# the safety projection: the model has no polytope / requests may ask for it / always on
+SAFETY_MODES = ("unavailable", "optional", "enforced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,11 @@ class Limits:
     default_max_tokens: int = 256      # chat's default (completions: 16, as OpenAI)
     max_n: int = 16
     vocab_size: int = 0                # the tokenizer's piece count (token-id prompts)
+    safety: str = "unavailable"        # SAFETY_MODES (perspective-serve --safety: enforced)
+
+    def __post_init__(self):
+        if self.safety not in SAFETY_MODES:
+            raise UserError(f"Limits.safety {self.safety!r}: use one of {SAFETY_MODES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,7 @@ class Decoding:
     echo: bool = False
     mpd: bool = False                  # Perspective extension
     confidence: bool = False
+    safety: bool = False               # the safety projection (infer.safety_guard)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,16 +169,33 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, _boolean(opts, "include_usage")
 
 
-def _extension(body: dict) -> tuple[bool, bool]:
+EXTENSION_KEYS = ("mpd", "confidence", "safety")
+
+
+def _extension(body: dict, safety_mode: str) -> tuple[bool, bool, bool]:
+    """(mpd, confidence, safety) of the `perspective` object; safety as the server
+    allows: always on when enforced, a 400 when asked of a model without a polytope."""
     ext = body.get("perspective")
     if ext is None:
-        return False, False
+        ext = {}
     if not isinstance(ext, dict):
         raise bad_field("perspective", "must be an object such as {\"mpd\": true}")
-    unknown = sorted(set(ext) - {"mpd", "confidence"})
+    unknown = sorted(set(ext) - set(EXTENSION_KEYS))
     if unknown:
-        raise bad_field("perspective", f"unknown key {unknown[0]!r} (known: mpd, confidence)")
-    return _boolean(ext, "mpd"), _boolean(ext, "confidence")
+        raise bad_field("perspective", f"unknown key {unknown[0]!r} (known: "
+                                       f"{', '.join(EXTENSION_KEYS)})")
+    where = "perspective.safety"
+    asked = ext.get("safety")
+    if asked is not None and not isinstance(asked, bool):
+        raise bad_field(where, f"must be true or false, got {asked!r}")
+    if asked and safety_mode == "unavailable":
+        raise bad_field(where, "this model has no safety polytope (build one with "
+                               "perspective-train --stage safety and export it)")
+    if asked is False and safety_mode == "enforced":
+        raise bad_field(where, "this server enforces the safety projection "
+                               "(perspective-serve --safety); it cannot be turned off")
+    return (_boolean(ext, "mpd"), _boolean(ext, "confidence"),
+            safety_mode == "enforced" or bool(asked))
 
 
 def _decoding(body: dict, limits: Limits, default_max: int, max_tokens_key: str,
@@ -188,11 +215,12 @@ def _decoding(body: dict, limits: Limits, default_max: int, max_tokens_key: str,
     if seed is not None and not _is_int(seed):
         raise bad_field("seed", f"must be an integer, got {seed!r}")
     n = _integer(body, "n", 1, 1, limits.max_n)
-    mpd, confidence = _extension(body)
+    mpd, confidence, safety = _extension(body, limits.safety)
     return Decoding(max_tokens=max_tokens,
                     sampling=Sampling(temperature=temperature, top_k=max(top_k, 0), top_p=top_p),
                     seed=None if seed is None else seed % SEED_MODULUS, stop=_stop(body), n=n,
-                    logprobs=logprobs, echo=echo, mpd=mpd, confidence=confidence)
+                    logprobs=logprobs, echo=echo, mpd=mpd, confidence=confidence,
+                    safety=safety)
 
 
 def _check_body(body) -> dict:

@@ -20,6 +20,11 @@ equals `perspective-infer --seed` for the same prompt — whatever else is runni
 Choice j of a request uses seed + j. Text is cut and released by
 `infer.text_stream.TextStream`; MPD (the request's `perspective.mpd`) by
 `infer.mpd_engine.mpd_on_engine`, the same steps `perspective-infer --mpd` takes.
+The safety projection (`perspective.safety`; `polytope` given) by
+`infer.safety_guard.SafetyGuard`, built on the engine once it is loaded: each
+guarded sequence keeps its text's tail, and a step whose batch holds any builds the
+[B, F] flag mask with the other rows (and the padding) not `enabled`, so their
+logits are the plain model's; a step without any runs as before.
 
 Events go to `job.emit` from the scheduler thread: `Prompt` (echo log-probabilities),
 `Token` (one per generated token: id, the text it released, log-probabilities,
@@ -41,6 +46,7 @@ from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
 from perspective_jax.infer import state as S
 from perspective_jax.infer.mpd_engine import mpd_on_engine
+from perspective_jax.infer.safety_guard import SafetyGuard
 from perspective_jax.infer.session import top_probability
 from perspective_jax.infer.text_stream import TextStream
 from perspective_jax.model.sampling import log_probs, sample_rows
@@ -124,16 +130,17 @@ class _Seq:
     pending: int = -1
     mpd_spent: int = 0
     row: Optional[int] = None          # its row in the scheduler's Batch
+    tail: Optional[bytes] = None       # its text's tail when guarded (safety), else None
 
 
 class Scheduler:
     def __init__(self, load: Callable, max_batch: int = 16, max_queue: int = 64,
-                 mpd: MPDConfig = MPDConfig(), metrics=None):
+                 mpd: MPDConfig = MPDConfig(), metrics=None, polytope=None):
         if max_batch < 1 or max_queue < 1:
             raise UserError("the batch and the queue must each hold at least 1")
         self.load, self.max_batch, self.max_queue = load, max_batch, max_queue
-        self.mpd_config, self.metrics = mpd, metrics
-        self.engine = self.tokenizer = None
+        self.mpd_config, self.metrics, self.polytope = mpd, metrics, polytope
+        self.engine = self.tokenizer = self.guard = None
         self.ready = threading.Event()
         self.load_error: Optional[str] = None
         self.waiting: collections.deque = collections.deque()
@@ -188,8 +195,13 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self.engine, self.tokenizer = self.load()
+            if self.polytope is not None:
+                self.guard = SafetyGuard.for_engine(self.polytope, self.engine,
+                                                    self.tokenizer)
         except BaseException as exc:                       # noqa: BLE001 — reported
             self.load_error = str(exc) or type(exc).__name__
+            if self.engine is not None:
+                self.engine.close()
             return
         self.ready.set()
         try:
@@ -239,30 +251,48 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         """Prefill each prompt, then sample each choice's first token."""
-        engine, d = self.engine, job.decoding
+        engine, d, guard = self.engine, job.decoding, self.guard
+        if d.safety and guard is None:
+            raise APIError(400, "perspective.safety: this server has no safety polytope",
+                           param="perspective.safety")
         for p, ids in enumerate(job.prompts):
             tokens = np.asarray(ids, np.int32)
             state0 = engine.new_state()
+            tail = ext = None
+            if d.safety:                       # the last position, or every one (echo)
+                if d.echo:
+                    ext, tail = guard.prefill_extensions(b"", ids)
+                else:
+                    tail = guard.extend(b"", ids)
+                    ext = guard.extensions([tail])
             if d.echo:
-                every, state = engine.forward(tokens, state0, all_logits=True)
+                every, state = self._feed(tokens, state0, ext, all_logits=True)
                 job.emit(self._prompt_event(p, ids, every, d.logprobs))
                 last = every[-1]
             before, fed = state0, int(tokens[-1])
             if d.mpd and tokens.size > 1:
                 _, before = engine.forward(tokens[:-1], state0)
                 if not d.echo:
-                    last, state = engine.forward(tokens[-1:], before)
+                    last, state = self._feed(tokens[-1:], before, ext)
             elif not d.echo:
-                last, state = engine.forward(tokens, state0)
+                last, state = self._feed(tokens, state0, ext)
             for c in range(d.n):
                 seq = _Seq(job, p * d.n + c, state, last, before, fed,
-                           TextStream(self.tokenizer, d.stop), (job.seed + c) % SEED_MODULUS)
+                           TextStream(self.tokenizer, d.stop), (job.seed + c) % SEED_MODULUS,
+                           tail=tail)
                 if d.max_tokens == 0:                       # echo only: nothing to generate
                     self._finish(seq, "length")
                     continue
                 if self._advance(seq):
                     self.running.append(seq)
                     self.dirty = True
+
+    def _feed(self, tokens, state, ext, all_logits: bool = False):
+        """engine.forward; with `ext` (the guard's), its projections are counted."""
+        out = self.engine.forward(tokens, state, ext, all_logits=all_logits)
+        if ext is not None:
+            self.guard.observe(self.engine)
+        return out
 
     def _rebuild(self) -> None:
         """The Batch of the running sequences: rows kept from the last one, then the
@@ -291,8 +321,14 @@ class Scheduler:
                 self._rebuild()
             rows = self.running
             pad = self.batch.size - len(rows)
+            guarded = [r for r, s in enumerate(rows) if s.tail is not None]
+            ext = (None if not guarded else self.guard.extensions(
+                [s.tail or b"" for s in rows] + [b""] * pad,
+                enabled=[s.tail is not None for s in rows] + [False] * pad))
             logits, batch = self.engine.step_batch(
-                self.batch, [s.pending for s in rows] + [rows[0].pending] * pad)
+                self.batch, [s.pending for s in rows] + [rows[0].pending] * pad, ext)
+            if guarded:
+                self.guard.observe(self.engine, guarded)
         except Exception as exc:                            # noqa: BLE001 — reported
             for job in {id(s.job): s.job for s in self.running}.values():
                 self._fail(job, exc)
@@ -341,7 +377,8 @@ class Scheduler:
         if d.mpd:
             before = seq.before if isinstance(seq.before, S.EngineState) else S.row(*seq.before)
             info = mpd_on_engine(self.engine, seq.logits, tok, seq.steps, self.mpd_config,
-                                 seq.mpd_spent, before, seq.fed)
+                                 seq.mpd_spent, before, seq.fed,
+                                 None if seq.tail is None else self.guard, seq.tail)
             tok = int(info.token[0])
             seq.mpd_spent += int(info.triggered[0])
         seq.steps += 1
@@ -366,6 +403,8 @@ class Scheduler:
             self._finish(seq, "stop" if stopped or tok == eos else "length")
             return False
         seq.pending = tok
+        if seq.tail is not None:                  # the text the next step is guarded after
+            seq.tail = self.guard.extend(seq.tail, [tok])
         return True
 
     def _finish(self, seq: _Seq, reason: str) -> None:
