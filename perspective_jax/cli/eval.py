@@ -40,6 +40,14 @@ def _parser() -> OneLineParser:
     e.add_argument("--no-persistent", action="store_true",
                    help="skip scoring MPD with persistent per-perspective states")
     add_mpd_flags(p, switch=False)
+    s = p.add_argument_group("safety projection (a model exported with a polytope)")
+    s.add_argument("--safety", action="store_true",
+                   help="measure the safety projection: spp_* metrics (docs/safety.md)")
+    s.add_argument("--red-team", metavar="FILE",
+                   help="prompts written to invite a flagged string (one per line, or JSON "
+                        "Lines with 'prompt'), added to the contexts cut from --data")
+    s.add_argument("--safety-contexts", type=int_in(1), default=48, metavar="N",
+                   help="red-team and safe contexts each cut from --data (default 48)")
     h = p.add_argument_group("lm-evaluation-harness (pip install 'perspective-jax[eval]')")
     h.add_argument("--lm-eval", metavar="TASK[,TASK]",
                    help="harness tasks to run in process (lm_eval's, or YAML tasks under "
@@ -68,6 +76,10 @@ def run(argv=None) -> int:
                         "TASKS (perspective-eval --model-dir M --data FILE_OR_DIR)")
     if a.gates and not a.data:
         raise UserError("--gates checks the metrics measured on --data; give --data")
+    if (a.safety or a.red_team) and not a.data:
+        raise UserError("--safety measures on held-out --data; give --data")
+    if a.red_team and not a.safety:
+        raise UserError("--red-team goes with --safety")
     if (a.lm_eval_include or a.lm_eval_limit) and not a.lm_eval:
         raise UserError("--lm-eval-include and --lm-eval-limit go with --lm-eval TASKS")
     from perspective_jax.evaluate.gates import check, load_gates
@@ -76,9 +88,16 @@ def run(argv=None) -> int:
     from perspective_jax.evaluate.report import (HARNESS_HEAD, harness_rows, metric_rows,
                                                  text_table, verdicts_json, write_report)
     from perspective_jax.evaluate.run import EvalOptions, EvalResult, evaluate_model
+    from perspective_jax.evaluate.safety import SafetyEvalOptions, read_prompts
+    safety = None
+    if a.safety:
+        safety = SafetyEvalOptions(red_team=a.safety_contexts, safe=a.safety_contexts,
+                                   decode_tokens=a.decode_tokens,
+                                   prompts=tuple(read_prompts(a.red_team)) if a.red_team else ())
     opts = EvalOptions(segment_len=a.segment_len, max_segments=a.max_segments,
                        decode_tokens=a.decode_tokens, mpd=mpd, persistent=not a.no_persistent,
-                       host_budget_mb=a.host_budget_mb, device_slots=a.device_slots)
+                       host_budget_mb=a.host_budget_mb, device_slots=a.device_slots,
+                       safety=safety)
     log = (lambda msg: print(msg, file=sys.stderr))
     tasks = manager = None
     if a.lm_eval:                            # unknown tasks fail before any model work

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -23,9 +23,11 @@ from perspective_jax.config.schema import MPDConfig
 from perspective_jax.data.corpus import expand_paths, read_documents
 from perspective_jax.errors import UserError
 from perspective_jax.evaluate import confidence as C
+from perspective_jax.evaluate.safety import SafetyEvalOptions, measure
 from perspective_jax.evaluate.teacher_forced import score, segments
 from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
 from perspective_jax.infer.options import EngineOptions
+from perspective_jax.infer.safety_guard import load_guard, model_polytope
 from perspective_jax.infer.session import Conversation
 from perspective_jax.infer.stats import peak_rss_bytes
 from perspective_jax.model.sampling import Sampling
@@ -48,6 +50,7 @@ class EvalOptions:
     persistent: bool = True
     host_budget_mb: float = 1024.0
     device_slots: int = 2
+    safety: Optional[SafetyEvalOptions] = None     # measure the safety projection
 
     def __post_init__(self):
         for name, lo in (("segment_len", 2), ("max_segments", 2), ("decode_tokens", 2),
@@ -90,6 +93,8 @@ def _decode_rate(engine, tokenizer, prompt: str, n: int, mpd) -> tuple[float, di
 def evaluate_model(model_dir: str, data: list, opts: EvalOptions = EvalOptions(),
                    log: Callable[[str], None] = lambda _: None) -> EvalResult:
     manifest = read_manifest(model_dir)
+    if opts.safety is not None:              # no polytope: one line before any work
+        model_polytope(model_dir, manifest, required=True)
     text = read_text(data)
     engine = StreamingEngine(model_dir, EngineOptions(host_budget_mb=opts.host_budget_mb,
                                                       device_slots=opts.device_slots),
@@ -137,6 +142,11 @@ def evaluate_model(model_dir: str, data: list, opts: EvalOptions = EvalOptions()
             "mpd.decode_trigger_rate": counts["triggered"] / max(counts["tokens"], 1),
             "mpd.extra_expert_bytes_per_token": counts["extra_bytes"] / max(counts["tokens"], 1),
             "device_bytes": float(engine.device_bytes_needed)})
+        if opts.safety is not None:
+            guard = load_guard(model_dir, manifest, engine, tokenizer)
+            spp, details = measure(engine, tokenizer, guard, text, opts.safety, log)
+            values.update(spp)
+            fitted["safety"] = details
         rss = peak_rss_bytes()
         if rss is not None:
             values["peak_host_bytes"] = float(rss)

@@ -19,6 +19,7 @@ when its greedy continuation changes with the projection on.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -220,25 +221,43 @@ def loss_change(engine, tokenizer, guard, segments: Sequence[np.ndarray]) -> dic
             else:
                 nll_on += nll
         count += len(ids) - 1
-    return {"positions": count, "loss_without": nll_off / count, "loss_with": nll_on / count,
-            "loss_increase": (nll_on - nll_off) / count, "active_rate": active / count}
+    return {"positions": count, "loss_without": float(nll_off / count),
+            "loss_with": float(nll_on / count),
+            "loss_increase": float((nll_on - nll_off) / count), "active_rate": active / count}
+
+
+TIMING_ROUNDS = 5
 
 
 def projection_time(engine, tokenizer, guard, prompt: str, n_tokens: int) -> dict:
-    """The projection's time per decoded token (engine.stats.final_*) and the decode
-    step's, from one guarded greedy generation after a warm-up one."""
+    """What the projection adds to a decoded token: greedy decodes of `prompt` with and
+    without it, interleaved, the best of TIMING_ROUNDS each (after one warm-up each;
+    the machine's noise only slows runs); the difference of their per-token times,
+    that over the plain step, and the time of a head call that projected (per state,
+    `Stats.final_s`; a head whose states are all inside only adds a matrix–vector
+    product)."""
     from perspective_jax.infer.session import Conversation
     from perspective_jax.model.sampling import Sampling
-    for _ in range(2):                               # the first compiles
-        s = engine.stats
-        before = (s.final_s, s.final_rows, s.decode_s, s.decode_tokens)
-        Conversation(engine, tokenizer, Sampling(temperature=0), guard=guard).generate(
-            prompt, n_tokens)
-    rows = s.final_rows - before[1]
-    ms = 1e3 * (s.final_s - before[0]) / max(rows, 1)
-    step_ms = 1e3 * (s.decode_s - before[2]) / max(s.decode_tokens - before[3], 1)
-    return {"ms_per_token": ms, "decode_step_ms": step_ms,
-            "step_share": ms / step_ms if step_ms else float("nan")}
+
+    def per_token(g) -> float:
+        stamps = []
+        Conversation(engine, tokenizer, Sampling(temperature=0), guard=g).generate(
+            prompt, n_tokens, on_token=lambda _: stamps.append(time.perf_counter()))
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+    s = engine.stats
+    per_token(None), per_token(guard)
+    plain, guarded = [], []
+    before = (s.final_s, s.final_rows, s.safety_tokens, s.safety_active)
+    for _ in range(TIMING_ROUNDS):
+        plain.append(per_token(None))
+        guarded.append(per_token(guard))
+    step, with_spp = 1e3 * min(plain), 1e3 * min(guarded)
+    rows = max(s.final_rows - before[1], 1)
+    return {"ms_per_token": with_spp - step, "decode_step_ms": step,
+            "decode_step_ms_guarded": with_spp, "step_share": (with_spp - step) / step,
+            "projecting_head_ms": 1e3 * (s.final_s - before[0]) / rows if s.final_rows > before[1] else 0.0,
+            "active_rate_timed": (s.safety_active - before[3]) / max(s.safety_tokens - before[2], 1)}
 
 
 def measure(engine, tokenizer, guard, text: str, opts: SafetyEvalOptions = SafetyEvalOptions(),
@@ -277,6 +296,8 @@ def measure(engine, tokenizer, guard, text: str, opts: SafetyEvalOptions = Safet
     by_source = {}
     for c in contexts:
         by_source[c.source] = by_source.get(c.source, 0) + 1
+    from perspective_jax.infer.stats import safety_report
     details = {"greedy": greedy, "sampled": sampled, "false_positives": fp, "loss": loss,
-               "timing": timing, "contexts": by_source, "flagged": list(flagged)}
+               "timing": timing, "contexts": by_source, "flagged": list(flagged),
+               "projection": safety_report(engine.stats)}
     return values, details

@@ -153,3 +153,22 @@ def final_transform(transform, xn, state):
     """The Extensions final transform on xn [B, d] → (xn' [B, d], info {name: [B]})."""
     out, info = transform(xn[:, None], state)
     return out[:, 0], {k: v[:, 0] for k, v in dict(info).items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def head_and_check(cfg: ModelConfig, transform, final_norm, table, x, state):
+    """The plain head and whether the transform would move each state: x [B, d] →
+    (logits [B, V], xn [B, d], moves [B] bool) — `transform.moves(xn, state)`, one
+    matrix–vector product for the safety projection (most states are inside)."""
+    xn = normed(cfg, final_norm, x)
+    return tied_head(cfg, table, xn), xn, transform.moves(xn, state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def transformed_tail(cfg: ModelConfig, transform, table, xn, state):
+    """xn [B, d] → (logits [B, V] of the transformed states, info packed as [B, K]
+    float32 in sorted key order)."""
+    out, info = transform(xn[:, None], state)
+    info = dict(info)
+    packed = jnp.stack([info[k][:, 0].astype(jnp.float32) for k in sorted(info)], axis=-1)
+    return tied_head(cfg, table, out[:, 0]), packed

@@ -327,16 +327,32 @@ class StreamingEngine:
         return self._transformed_head(last, ext)
 
     def _transformed_head(self, last, ext: Extensions):
-        """The head with the final transform timed on its own (`Stats.final_*`); its
-        info ({name: [N]} numpy) is kept in `self.final_info`."""
-        xn = L.normed(self.model, self.final_norm, last).block_until_ready()
+        """The head with the final transform; its info ({name: [N]} numpy) is kept in
+        `self.final_info`. A transform with `moves` (the safety projection) is checked
+        first, fused with the plain head, and runs only when it moves some state (its
+        time then: `Stats.final_s`, the states it ran on: `Stats.final_rows`)."""
+        transform, state = ext.final_transform, ext.final_state
+        if not hasattr(transform, "moves"):
+            xn = L.normed(self.model, self.final_norm, last)
+            xn, info = L.final_transform(transform, xn, state)
+            self.final_info = jax.device_get(info)
+            return L.tied_head(self.model, self.embed_table, xn)
+        logits, xn, moves = L.head_and_check(self.model, transform, self.final_norm,
+                                             self.embed_table, last, state)
+        moves = np.asarray(moves)
+        self.stats.final_checked += int(moves.shape[0])
+        if not moves.any():
+            self.final_info = transform.idle_info(moves.shape[0])
+            return logits
         t0, c0 = time.perf_counter(), compile_clock.seconds()
-        xn, info = L.final_transform(ext.final_transform, xn, ext.final_state)
-        self.final_info = jax.device_get(info)
+        logits, packed = L.transformed_tail(self.model, transform, self.embed_table, xn, state)
+        packed = np.asarray(packed)
         dt = time.perf_counter() - t0
         self.stats.final_s += max(0.0, dt - min(compile_clock.seconds() - c0, dt))
-        self.stats.final_rows += int(xn.shape[0])
-        return L.tied_head(self.model, self.embed_table, xn)
+        self.stats.final_rows += int(moves.shape[0])
+        self.final_info = {k: packed[:, i].astype(transform.INFO_DTYPES[k])
+                           for i, k in enumerate(sorted(transform.INFO_DTYPES))}
+        return logits
 
     def _routed(self, j: int, lp, h, segment_pos, policy=NEAREST):
         cfg = self.model

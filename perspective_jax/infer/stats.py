@@ -41,8 +41,9 @@ class Stats:
     mpd_view_steps: int = 0
     mpd_extra_bytes: int = 0    # expert bytes moved for the views
     # the final-state transform (Extensions.final_transform, e.g. the safety projection)
-    final_rows: int = 0         # states it was applied to
-    final_s: float = 0.0        # its time alone (compiling excluded)
+    final_checked: int = 0      # states a transform with `moves` was checked on
+    final_rows: int = 0         # states in the head calls where it moved some state
+    final_s: float = 0.0        # those calls' time (the transform + head; no compiling)
     # the safety projection of guarded sequences (infer.safety_guard.SafetyGuard.observe)
     safety_tokens: int = 0      # positions of guarded sequences whose logits it projected
     safety_active: int = 0      # of which the projection moved (outside the polytope)
@@ -83,8 +84,10 @@ def mpd_report(s: Stats) -> dict:
 
 def safety_report(s: Stats) -> dict:
     """The safety projection's part of the --stats report: how many states it saw and
-    moved, its iterations, residual violation and fallbacks, and its time per state
-    (all final-transform rows: MPD's views and a server's padding included)."""
+    moved, its iterations, residual violation and fallbacks, and the time of a head
+    call that projected (per state in it: MPD's views and a server's padding included;
+    a head whose states all lie inside costs one more matrix–vector product, timed
+    only as part of the decode rate)."""
     return {"tokens_guarded": s.safety_tokens, "projections_active": s.safety_active,
             "active_rate": s.safety_active / s.safety_tokens if s.safety_tokens else 0.0,
             "mean_iterations": (s.safety_iterations / s.safety_active
@@ -92,8 +95,8 @@ def safety_report(s: Stats) -> dict:
             "max_iterations": s.safety_max_iterations,
             "max_residual_violation": s.safety_max_violation,
             "fallbacks": s.safety_pulled,
-            "projection_us_per_state": (1e6 * s.final_s / s.final_rows
-                                        if s.final_rows else 0.0)}
+            "projecting_head_us_per_state": (1e6 * s.final_s / s.final_rows
+                                             if s.final_rows else 0.0)}
 
 
 def report(engine) -> dict:

@@ -112,12 +112,12 @@ class PolytopeArrays:
     enabled: Optional[jax.Array] = None
 
     def with_active(self, active, enabled=None) -> "PolytopeArrays":
-        active = jnp.asarray(active, bool)
+        active = np.asarray(active, bool)        # host arrays: the jitted call moves them
         if active.shape[-1] != self.active.shape[-1]:
             raise UserError(f"flag mask of {active.shape[-1]} rows for a polytope with "
                             f"{self.active.shape[-1]} flagged rows")
         if enabled is not None:
-            enabled = jnp.asarray(enabled, bool)
+            enabled = np.asarray(enabled, bool)
             if enabled.shape != active.shape[:-1]:
                 raise UserError(f"an enabled mask of shape {enabled.shape} for a flag mask "
                                 f"of shape {active.shape}")
@@ -156,10 +156,25 @@ class SafetyProjection:
     working_set: int = 16
     max_iters: int = 32
     tol: float = 1e-4
+    # the info it returns: name → dtype (the engine unpacks a packed copy by these)
+    INFO_DTYPES = {"active": bool, "converged": bool, "iterations": np.int32,
+                   "pulled": bool, "violation": np.float32}
 
     def __post_init__(self):
         if self.working_set < 1 or self.max_iters < 1 or not self.tol > 0:
             raise UserError("SafetyProjection needs working_set >= 1, max_iters >= 1, tol > 0")
+
+    def moves(self, xn: jax.Array, state: PolytopeArrays) -> jax.Array:
+        """xn [B, d] → [B] bool: whether the projection would move each state (some row
+        violated by more than tol); where it is False the state is returned as it is."""
+        bounds = state.row_bounds(xn.shape[:-1])
+        return jnp.max(xn.astype(jnp.float32) @ state.normals.T - bounds, axis=-1) > self.tol
+
+    def idle_info(self, n: int) -> dict:
+        """The info of n states it left unchanged."""
+        return {"active": np.zeros(n, bool), "converged": np.ones(n, bool),
+                "iterations": np.zeros(n, np.int32), "pulled": np.zeros(n, bool),
+                "violation": np.zeros(n, np.float32)}
 
     def __call__(self, xn: jax.Array, state: Optional[PolytopeArrays]):
         if not isinstance(state, PolytopeArrays):

@@ -143,13 +143,13 @@ def test_mpd_views_are_projected_too(setup):
     _, _, _, engine, _, _ = setup
     _, guard = _guard(setup, quantile=LOOSE)
     s = engine.stats
-    rows, views, before = s.final_rows, s.mpd_view_rows, s.safety_tokens
+    rows, views, before = s.final_checked, s.mpd_view_rows, s.safety_tokens
     mpd = MPDConfig(every_k=1, max_rate=1.0)
     seen = _ids(Conversation(engine, TOK, GREEDY, mpd=mpd, guard=guard), ELICIT, 8)
     assert not emitted(ELICIT.encode() + bytes(seen), [FLAG.encode()])
     assert s.mpd_view_rows > views                              # the views ran
     # every state projected is a guarded token's or a view's
-    assert s.final_rows - rows == (s.safety_tokens - before) + (s.mpd_view_rows - views)
+    assert s.final_checked - rows == (s.safety_tokens - before) + (s.mpd_view_rows - views)
 
 
 def test_a_guarded_conversation_resumes_with_its_text_tail(setup, tmp_path):
@@ -227,7 +227,7 @@ def test_infer_safety_blocks_the_flagged_string_and_reports_it(setup, capsys, tm
     assert "| safety |" in err and "tokens_guarded" in err
     section = json.loads(stats.read_text())["safety"]
     assert section["tokens_guarded"] == 12 and section["projections_active"] >= 1
-    assert section["projection_us_per_state"] > 0
+    assert section["projecting_head_us_per_state"] > 0
 
 
 def test_flag_rules_of_the_guard_follow_the_tokenizer(setup):
