@@ -158,10 +158,12 @@ def final_transform(transform, xn, state):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def head_and_check(cfg: ModelConfig, transform, final_norm, table, x, state):
     """The plain head and whether the transform would move each state: x [B, d] →
-    (logits [B, V], xn [B, d], moves [B] bool) — `transform.moves(xn, state)`, one
-    matrix–vector product for the safety projection (most states are inside)."""
+    (logits [B, V + 1] whose last column is 1.0 where `transform.moves(xn, state)` —
+    one matrix–vector product for the safety projection, most states being inside —
+    so one transfer brings both; xn [B, d])."""
     xn = normed(cfg, final_norm, x)
-    return tied_head(cfg, table, xn), xn, transform.moves(xn, state)
+    moves = transform.moves(xn, state).astype(jnp.float32)[:, None]
+    return jnp.concatenate([tied_head(cfg, table, xn), moves], axis=-1), xn
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

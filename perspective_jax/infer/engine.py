@@ -337,9 +337,10 @@ class StreamingEngine:
             xn, info = L.final_transform(transform, xn, state)
             self.final_info = jax.device_get(info)
             return L.tied_head(self.model, self.embed_table, xn)
-        logits, xn, moves = L.head_and_check(self.model, transform, self.final_norm,
-                                             self.embed_table, last, state)
-        moves = np.asarray(moves)
+        both, xn = L.head_and_check(self.model, transform, self.final_norm,
+                                    self.embed_table, last, state)
+        both = np.asarray(both)
+        logits, moves = both[:, :-1], both[:, -1] > 0
         self.stats.final_checked += int(moves.shape[0])
         if not moves.any():
             self.final_info = transform.idle_info(moves.shape[0])

@@ -131,8 +131,12 @@ class SafetyGuard:
         def pick(name):                                  # noqa: E306
             a = np.asarray(info[name]).reshape(-1)
             return a if rows is None else a[np.asarray(rows, np.int64)]
-        active, iters = pick("active").astype(bool), pick("iterations")
+        active = pick("active").astype(bool)
         s = engine.stats
+        if not active.any():                             # the common case: nothing moved
+            s.safety_tokens += int(active.size)
+            return
+        iters = pick("iterations")
         s.safety_tokens += int(active.size)
         s.safety_active += int(active.sum())
         s.safety_iterations += int(iters[active].sum())

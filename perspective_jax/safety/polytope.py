@@ -168,7 +168,9 @@ class SafetyProjection:
         """xn [B, d] → [B] bool: whether the projection would move each state (some row
         violated by more than tol); where it is False the state is returned as it is."""
         bounds = state.row_bounds(xn.shape[:-1])
-        return jnp.max(xn.astype(jnp.float32) @ state.normals.T - bounds, axis=-1) > self.tol
+        rows = jnp.dot(xn.astype(jnp.float32), state.normals.T,
+                       precision=jax.lax.Precision.HIGHEST)
+        return jnp.max(rows - bounds, axis=-1) > self.tol
 
     def idle_info(self, n: int) -> dict:
         """The info of n states it left unchanged."""

@@ -36,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 INACTIVE = 1e30       # a bound that no state reaches: the row is switched off
-_RIDGE = 1e-6         # added to G_SS's diagonal: duplicate or dependent rows stay solvable
+_RIDGE = 1e-6
+# full float32 products: on GPUs XLA's default (TF32) would blur a row check by ~1e-3
+_HI = jax.lax.Precision.HIGHEST         # added to G_SS's diagonal: duplicate or dependent rows stay solvable
 
 
 def dykstra(x: jax.Array, normals: jax.Array, bounds: jax.Array, sweeps: int = 1000):
@@ -67,7 +69,7 @@ def gram_matrix(normals) -> np.ndarray:
 
 def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float):
     """The projection of one point x [d]; bounds [m] (module docstring)."""
-    r0 = normals @ x - bounds                                   # > 0: violated
+    r0 = jnp.dot(normals, x, precision=_HI) - bounds                                   # > 0: violated
     inside = jnp.max(r0) <= tol
 
     def dual_direction(idx, mask, p):
@@ -79,13 +81,13 @@ def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float)
 
     def body(st):
         it, y, idx, mask, u, p, up, pending, status = st
-        s = normals @ y - bounds
+        s = jnp.dot(normals, y, precision=_HI) - bounds
         worst = jnp.argmax(s).astype(jnp.int32)
         p = jnp.where(pending, p, worst)
         done = ~pending & (s[worst] <= tol)
         up = jnp.where(pending, up, 0.0)
         r = dual_direction(idx, mask, p)
-        z = normals[p] - r @ normals[idx]                      # a_p off the active span
+        z = normals[p] - jnp.dot(r, normals[idx], precision=_HI)                      # a_p off the active span
         zz = jnp.dot(z, normals[p])                             # = |z|²
         t2 = jnp.where(zz > _RIDGE, s[p] / jnp.where(zz > _RIDGE, zz, 1.0), jnp.inf)
         ratios = jnp.where(mask & (r > 0), u / jnp.where(r > 0, r, 1.0), jnp.inf)
@@ -115,10 +117,10 @@ def _one(x, normals, bounds, gram, interior, k: int, max_iters: int, tol: float)
     start = (jnp.int32(0), x, jnp.zeros((k,), jnp.int32), zeros_k > 0, zeros_k,
              jnp.int32(0), jnp.zeros((), x.dtype), jnp.bool_(False), jnp.int32(0))
     iters, y, *_, status = jax.lax.while_loop(cond, body, start)
-    r = normals @ y - bounds
+    r = jnp.dot(normals, y, precision=_HI) - bounds
     violation = jnp.maximum(jnp.max(r), 0)
     # fallback: toward the interior point until every row holds
-    rc = normals @ interior - bounds                            # < 0 on every active row
+    rc = jnp.dot(normals, interior, precision=_HI) - bounds                            # < 0 on every active row
     over = r > 0
     theta = jnp.min(jnp.where(over, -rc / jnp.where(over, r - rc, 1), 1.0))
     theta = jnp.clip(theta, 0.0, 1.0)
@@ -140,7 +142,7 @@ def project(x, normals, bounds, gram, interior, working_set: int = 16, max_iters
     n, m = x.shape[0], normals.shape[0]
     k = min(working_set, m)
     bounds = jnp.broadcast_to(bounds, (n, m)).astype(x.dtype)
-    r0 = x @ normals.T - bounds
+    r0 = jnp.dot(x, normals.T, precision=_HI) - bounds
     run = functools.partial(_one, normals=normals, gram=gram, interior=interior, k=k,
                             max_iters=max_iters, tol=tol)
 
