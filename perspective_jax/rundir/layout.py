@@ -73,6 +73,16 @@ def save_run_config(cfg: PerspectiveConfig, run_dir: str) -> None:
     atomic_write(path, body + f"{CONFIG_SEAL}{sha256_bytes(body)}\n".encode())
 
 
+def _read_json(path: str):
+    """The JSON value in `path`, or the exception reading it raised (the callers
+    check the record's seal and shape and name the damaged file)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        return exc
+
+
 def load_data_record(run_dir: str) -> Optional[dict]:
     """{"token_store": <hash>, "source": <what --data/data.path named>} written at
     the run's first start, or None when the run has none (a run from before the
@@ -80,11 +90,7 @@ def load_data_record(run_dir: str) -> Optional[dict]:
     path = os.path.join(run_dir, DATA_RECORD)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (OSError, ValueError) as exc:
-        record = exc
+    record = _read_json(path)
     sealed_ok = seal_holds(record) or (isinstance(record, dict) and "sha256" not in record
                                        and record.get("format") == 1)  # before the seal
     if not (sealed_ok and isinstance(record.get("token_store"), str)):
@@ -106,11 +112,7 @@ def load_safety_record(run_dir: str) -> Optional[dict]:
     path = os.path.join(run_dir, SAFETY_RECORD)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (OSError, ValueError) as exc:
-        record = exc
+    record = _read_json(path)
     if not (seal_holds(record) and isinstance(record.get("source"), str)
             and isinstance(record.get("polytope"), str)):
         raise UserError(f"{path} is damaged (not a safety record, or it fails its checksum); "
