@@ -31,7 +31,8 @@ from perspective_jax.serve.api_errors import APIError, bad_field
 from perspective_jax.serve.chat import ChatTemplate, ChatTemplateError
 from perspective_jax.serve.metrics import ServerMetrics
 from perspective_jax.serve.protocol import Limits, chat_request, completion_request
-from perspective_jax.serve.scheduler import Done, Failed, Job, Scheduler
+from perspective_jax.serve.jobs import Done, Failed, Job
+from perspective_jax.serve.scheduler import Scheduler
 
 DISCONNECT_POLL_S = 0.5
 ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions",

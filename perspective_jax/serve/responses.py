@@ -21,7 +21,7 @@ from typing import Optional
 
 from perspective_jax.serve import tokens as T
 from perspective_jax.serve.chat import ToolCallStream, parse_tool_calls
-from perspective_jax.serve.scheduler import Done, Finished, Prompt, Token
+from perspective_jax.serve.jobs import Done, Finished, Prompt, Token
 
 
 def new_id(prefix: str) -> str:

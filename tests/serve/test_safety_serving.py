@@ -18,7 +18,7 @@ from perspective_jax.safety.flags import emitted
 from perspective_jax.serve.api_errors import APIError
 from perspective_jax.serve.app import ServeOptions
 from perspective_jax.serve.protocol import Decoding, Limits, completion_request
-from perspective_jax.serve.scheduler import Done, Failed, Job, Token
+from perspective_jax.serve.jobs import Done, Failed, Job, Token
 from perspective_jax.serve.server import build_server
 from safety_helpers import ELICIT, FLAG, TOK, head_and_states, make_polytope, model_has
 from serve_helpers import MODEL, client, running
