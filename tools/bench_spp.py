@@ -121,7 +121,7 @@ def main() -> None:
     print(f"| contexts by source | {details['contexts']} |")
     print(f"| safe contexts | {details['false_positives']['safe_contexts']} |")
     t = details["timing"]
-    print(f"| decode step ms (guarded) | {t['decode_step_ms']:.3g} |")
+    print(f"| decode step ms, plain / guarded | {t['decode_step_ms']:.3g} / {t['decode_step_ms_guarded']:.3g} |")
     print(f"| polytope: support rows, flagged rows, eps, cap | {report.get('support_rows')}, "
           f"{report.get('flagged_rows')}, {report.get('eps', float('nan')):.3g}, "
           f"{report.get('flag_cap_logit', float('nan')):.3g} |")
