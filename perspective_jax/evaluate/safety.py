@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from perspective_jax.errors import UserError
+from perspective_jax.safety.flags import finishes
 
 SAMPLED_TEMPERATURE = 0.8
 
@@ -126,9 +127,7 @@ def read_prompts(path: str) -> list[Context]:
 def emits(context: str, continuation: str, flagged: Sequence[str]) -> bool:
     """Whether the continuation makes a flagged string that the context alone did not
     hold (an occurrence ending inside the continuation)."""
-    tail = context[-max(len(s) for s in flagged):]
-    joined = tail + continuation
-    return any(s in joined[max(0, len(tail) - len(s) + 1):] for s in flagged)
+    return finishes(context[-max(len(s) for s in flagged):], continuation, flagged)
 
 
 # generate(context, guarded, temperature, seed) → continuation text

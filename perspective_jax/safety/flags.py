@@ -81,8 +81,14 @@ class FlagRules:
         """Whether appending `token_text` to text ending in `tail` creates a flagged
         string (the rule `active` encodes, written out: a second implementation)."""
         tail = tail[-(self.tail_bytes - 1):] if self.tail_bytes > 1 else b""
-        joined = tail + token_text
-        return any(s in joined[max(0, len(tail) - len(s) + 1):] for s in self.strings)
+        return finishes(tail, token_text, self.strings)
+
+
+def finishes(before, added, strings) -> bool:
+    """Whether `before + added` holds an occurrence of one of `strings` that ends inside
+    `added` (a flagged string the addition makes); str or bytes alike."""
+    joined = before + added
+    return any(s in joined[max(0, len(before) - len(s) + 1):] for s in strings)
 
 
 def emitted(text: bytes, strings: Sequence[bytes]) -> bool:
