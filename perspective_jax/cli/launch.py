@@ -1,6 +1,7 @@
 """Console-script entry points: pick the host allocator (`cli.allocator`), which
 needs a re-execution before anything heavy is imported, then run the command.
-`perspective-train` and `perspective-export` get the faster allocator on CPU;
+`perspective-train` and `perspective-export` get the faster allocator on CPU; a
+`perspective-train` that is one of several processes runs under `cli.supervisor`;
 `perspective-infer`, `-serve`, `-eval`, `-info`, `-budget` and `-agent` run as they
 are.
 
@@ -16,6 +17,13 @@ from perspective_jax.cli.allocator import ensure_fast_allocator
 
 def train() -> None:
     ensure_fast_allocator()
+    import os
+    import sys
+    from perspective_jax.cli.cluster import spec_from_argv
+    spec = spec_from_argv(sys.argv[1:], os.environ)
+    if spec is not None:            # one of several processes: run under a supervisor
+        from perspective_jax.cli.supervisor import supervise
+        sys.exit(supervise(sys.argv[1:], spec))
     from perspective_jax.cli.train import main
     main()
 

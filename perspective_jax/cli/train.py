@@ -6,6 +6,11 @@
     perspective-train --stage safety --init-from runs/x/align --run-dir runs/x/safety \
         --flagged STRING [--flagged STRING ...] [--flagged-file FILE] [--safe-data PATH ...]
 
+Several processes (hosts) train one run: start the same command on every host with
+`--coordinator HOST:PORT --num-processes N --process-id I`, or under `srun` /
+`mpirun` (detected); see docs/training.md. The run directory and the data must be
+at the same path on every host (a shared filesystem).
+
 Re-running the same command resumes from the run's latest complete checkpoint
 (verified against its checksums); `--resume-from-step N` resumes from step N
 instead and moves the later checkpoints aside. One trainer at a time per run
@@ -16,9 +21,10 @@ preparation, the first compile) at once; a second one quits at once.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from perspective_jax.cli import compile_cache
+from perspective_jax.cli import cluster, compile_cache
 from perspective_jax.cli.common import (OneLineParser, add_config_args, cli_entry,
                                          exit_with, int_in)
 from perspective_jax.config import load_config
@@ -55,14 +61,21 @@ def run(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--allow-oversize", action="store_true", help=OVERRIDE_HELP)
     compile_cache.add_flag(parser)
+    cluster.add_flags(parser)
     add_config_args(parser)
     args = parser.parse_intermixed_args(argv)  # overrides may follow flags
+    spec = cluster.cluster_spec(args, os.environ)
     safety_args = {"--safe-data": args.safe_data, "--flagged": args.flagged,
                    "--flagged-file": args.flagged_file}
     given = [flag for flag, value in safety_args.items() if value]
     if given and args.stage != SAFETY_STAGE:
         parser.error(f"{given[0]} is only for --stage {SAFETY_STAGE}")
     cfg = load_config(args.config, args.overrides)
+    primary = True
+    if spec.multi:                  # before anything that starts a JAX backend
+        from perspective_jax.train import distributed
+        distributed.start(spec.init_kwargs(), spec.label)
+        primary = distributed.is_primary()
     compile_cache.enable(args.compilation_cache)
 
     from perspective_jax.train.stages import check_memory, run_stage
@@ -73,9 +86,10 @@ def run(argv=None) -> int:
     check_memory(args.stage, cfg, allow=args.allow_oversize)   # before any heavy work
     result = run_stage(args.stage, cfg, args.run_dir, data=args.data,
                        init_from=args.init_from, resume_from_step=args.resume_from_step,
-                       progress=not args.no_progress and sys.stderr.isatty())
-    if result is None:
-        return 0
+                       progress=not args.no_progress and sys.stderr.isatty(),
+                       log=print if primary else _quiet)
+    if result is None or not primary:       # process 0 reports for all
+        return 130 if result is not None and result.stopped == "signal" else 0
     if result.stopped == "signal":
         print(f"stopped by signal at step {result.step}; checkpoint saved in "
               f"{args.run_dir} — rerun the same command to resume", file=sys.stderr)
@@ -96,7 +110,17 @@ def run(argv=None) -> int:
     return 0
 
 
-main = exit_with(run)
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of processes other than 0."""
+
+
+def _main(argv=None) -> int:
+    from perspective_jax.cli.supervisor import redirect_runtime_log
+    redirect_runtime_log()          # under a supervisor: the native log to its file
+    return run(argv)
+
+
+main = exit_with(_main)
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,18 @@
-"""grain pipeline: random fixed-length windows of a token file → batches.
+"""grain pipeline: random fixed-length windows of a token file → global batches.
 
 Each epoch visits every start position once in a seeded random order
-(`MapDataset.shuffle` + `repeat`, reshuffled per epoch); the order is split
-across processes (`slice(process_index, None, process_count)`) so each host
-reads its own share; the iterator state is checkpointable with orbax.
-
-A batch is an int32 array [grad_accum, per_process_batch / grad_accum, seq_len + 1];
-inputs are [..., :-1] and targets [..., 1:].
+(`MapDataset.shuffle` + `repeat`, reshuffled per epoch). Global batch b is the
+windows at positions [b·B, (b+1)·B) of that stream, laid out
+[grad_accum, micro, seq_len + 1]; a process reads only its own rows of the micro
+dimension (`rows`, from the batch sharding), so N processes feed exactly the
+global batch one process would — same windows in the same places. The position is
+the number of batches taken, which the trainer keeps equal to the step: a resume
+(with any process count) starts at batch `start`.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import grain
 import numpy as np
@@ -31,33 +34,42 @@ class WindowSource:
         return np.asarray(self.tokens[index:index + self.seq_len + 1], dtype=np.int32)
 
 
-def train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int,
-                   seed: int, process_index: int = 0, process_count: int = 1):
-    """Checkpointable grain iterator of [grad_accum, micro, seq_len + 1] batches."""
-    source = WindowSource(tokens, seq_len)
-    if len(source) == 0:
-        raise UserError(f"the training split ({len(tokens)} tokens) is shorter than "
-                        f"data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add text")
-    if batch_size % process_count:
-        raise UserError(f"train.batch_size={batch_size} is not divisible by the "
-                        f"{process_count} processes")
-    local = batch_size // process_count
-    if local % grad_accum:
-        raise UserError(f"per-process batch {local} is not divisible by "
-                        f"train.grad_accum={grad_accum}")
-    micro = local // grad_accum
+class TrainBatches:
+    """Iterator of this process's part of global batches start, start + 1, …:
+    int32 [grad_accum, hi - lo, seq_len + 1] with (lo, hi) = `rows` of the micro
+    dimension (None: all of it). `position` = the next global batch."""
 
-    def to_accum(batch: np.ndarray) -> np.ndarray:
-        return batch.reshape(grad_accum, micro, seq_len + 1)
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int,
+                 seed: int, start: int = 0, rows: Optional[tuple[int, int]] = None):
+        self.source = WindowSource(tokens, seq_len)
+        if len(self.source) == 0:
+            raise UserError(f"the training split ({len(tokens)} tokens) is shorter than "
+                            f"data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add text")
+        if batch_size % grad_accum:
+            raise UserError(f"train.batch_size={batch_size} is not divisible by "
+                            f"train.grad_accum={grad_accum}")
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.micro = batch_size // grad_accum
+        self.rows = rows or (0, self.micro)
+        self.order = grain.MapDataset.range(len(self.source)).shuffle(seed=seed).repeat(None)
+        self.position = start
 
-    ds = (grain.MapDataset.range(len(source))
-          .shuffle(seed=seed)
-          .repeat(None)
-          .slice(slice(process_index, None, process_count))
-          .map(source.__getitem__)
-          .batch(local, drop_remainder=True)
-          .map(to_accum))
-    return iter(ds.to_iter_dataset())
+    def batch(self, b: int) -> np.ndarray:
+        """This process's rows of global batch `b`."""
+        lo, hi = self.rows
+        first = b * self.batch_size
+        return np.stack([
+            np.stack([self.source[self.order[first + a * self.micro + r]]
+                      for r in range(lo, hi)])
+            for a in range(self.grad_accum)])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        out = self.batch(self.position)
+        self.position += 1
+        return out
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int

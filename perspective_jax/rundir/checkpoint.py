@@ -104,12 +104,57 @@ def _tree_bytes(tree) -> int:
     return sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(tree))
 
 
+def adopt_unlisted(directory: str, log: Callable[[str], None] = _note) -> None:
+    """List the steps orbax finalised (renamed to their bare number: every file
+    written) whose checksum list is missing — the process stopped between the two,
+    or the run predates the lists. Nothing is lost, and resume stays exact; only
+    damage before this moment would go unseen. Process 0 only."""
+    unlisted = steps.unlisted_steps(directory)
+    for step in unlisted:
+        steps.record(os.path.join(directory, str(step)), step)
+    if unlisted:
+        log(f"checkpoint step(s) {', '.join(map(str, unlisted))} in {directory} "
+            "had no checksum list (saved by an older version, or the process stopped "
+            "before listing them); listed them now")
+
+
+def select_resume_step(directory: str, requested: Optional[int] = None,
+                       log: Callable[[str], None] = _note) -> Optional[int]:
+    """The verified step to resume from: the latest complete one, or `requested`
+    (--resume-from-step), in which case later steps are moved aside. Works on the
+    directory alone (no orbax manager), so process 0 can decide before the others
+    open it."""
+    complete = steps.complete_steps(directory)
+    if requested is None:
+        if complete:
+            _verify(directory, complete[-1])
+        return complete[-1] if complete else None
+    if requested not in complete:
+        have = ", ".join(map(str, complete)) or "none"
+        raise UserError(f"--resume-from-step {requested}: {directory} holds no "
+                        f"complete checkpoint at that step (complete steps: {have})")
+    _verify(directory, requested)
+    later = sorted(s for s in steps.step_dirs(directory) if s > requested)
+    if later:
+        dest = steps.set_aside(directory, later)
+        log(f"--resume-from-step {requested}: moved the later checkpoint step(s) "
+            f"{', '.join(map(str, later))} to {dest} (delete them there when no longer "
+            "needed)")
+    return requested
+
+
+def _verify(directory: str, step: int) -> None:
+    what = steps.problem(os.path.join(directory, str(step)), step)
+    if what:
+        raise _damaged(directory, step, what, None)
+
+
 class Checkpointer:
     """Saves every `every` steps (asynchronously when `async_save`), lists each step
     once orbax has finished it, keeps the newest `keep` complete steps."""
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig,
-                 log: Callable[[str], None] = _note):
+                 log: Callable[[str], None] = _note, adopt: bool = True):
         self.every, self.keep, self.async_save = cfg.every, cfg.keep, cfg.async_save
         self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
         self.log = log
@@ -118,59 +163,40 @@ class Checkpointer:
         self._closed = False
         self._need = 0                       # bytes a save needs (for a full disk)
         self._primary = jax.process_index() == 0
-        # A step orbax finalised (renamed to its bare number: every file written) whose
-        # list is missing — the process stopped between the two, or the run predates
-        # the lists — is adopted: listed now, with a note. Nothing is lost, and resume
-        # stays exact; only damage before this moment would go unseen.
-        unlisted = steps.unlisted_steps(self.directory) if self._primary else []
-        for step in unlisted:
-            steps.record(os.path.join(self.directory, str(step)), step)
-        if unlisted:
-            log(f"checkpoint step(s) {', '.join(map(str, unlisted))} in {self.directory} "
-                "had no checksum list (saved by an older version, or the process stopped "
-                "before listing them); listed them now")
+        if adopt and self._primary:
+            adopt_unlisted(self.directory, log)
         self.errors = OrbaxErrorLog()
         # Step directories are made before `save` returns: made asynchronously, a
         # failure to make them leaves the grain item waiting for a signal (20 min).
+        # Every process makes the manager (its constructor is a barrier).
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None, enable_async_checkpointing=cfg.async_save, create=True,
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # The complete steps as every process sees them: read once after that barrier
+        # (process 0 has listed and chosen), then kept in step with the saves, so that
+        # all processes delete the same old steps.
+        self._complete = steps.complete_steps(self.directory)
 
     def latest_step(self) -> Optional[int]:
-        complete = steps.complete_steps(self.directory)
-        return complete[-1] if complete else None
+        return self._complete[-1] if self._complete else None
 
     def verify(self, step: int) -> None:
         """Check step `step` against its list; a UserError names the damaged file."""
         if step in self._verified:
             return
-        what = steps.problem(os.path.join(self.directory, str(step)), step)
-        if what:
-            raise _damaged(self.directory, step, what, None)
+        _verify(self.directory, step)
         self._verified.add(step)
 
     def select_resume_step(self, requested: Optional[int] = None) -> Optional[int]:
         """The verified step to resume from: the latest complete one, or `requested`
         (--resume-from-step), in which case later steps are moved aside."""
-        complete = steps.complete_steps(self.directory)
-        if requested is None:
-            if complete:
-                self.verify(complete[-1])
-            return complete[-1] if complete else None
-        if requested not in complete:
-            have = ", ".join(map(str, complete)) or "none"
-            raise UserError(f"--resume-from-step {requested}: {self.directory} holds no "
-                            f"complete checkpoint at that step (complete steps: {have})")
-        self.verify(requested)
-        later = [s for s in self.manager.all_steps() if s > requested]
-        if later:
-            dest = steps.set_aside(self.directory, sorted(later))
-            self.manager.reload()
-            self.log(f"--resume-from-step {requested}: moved the later checkpoint step(s) "
-                     f"{', '.join(map(str, sorted(later)))} to {dest} (delete them there "
-                     "when no longer needed)")
-        return requested
+        step = select_resume_step(self.directory, requested, self.log)
+        if step is not None:
+            self._verified.add(step)
+        self._complete = steps.complete_steps(self.directory)
+        self.manager.reload()
+        return step
 
     def save(self, step: int, state, data_iter, meta: dict, force: bool = False) -> bool:
         if not force and step % self.every:
@@ -215,13 +241,15 @@ class Checkpointer:
                     self._need = steps.record(step_dir, step)
                 except UserError as exc:
                     raise self._failed(step, exc) from None
+            self._complete = sorted({*self._complete, step})
         self._pending = []
-        if self._primary:
-            for old in steps.complete_steps(self.directory)[:-self.keep]:
-                try:
-                    self.manager.delete(old)
-                except OSError as exc:
-                    raise disk_error(exc, os.path.join(self.directory, str(old))) from None
+        # every process deletes (orbax removes the files on process 0, then waits for all)
+        for old in self._complete[:-self.keep]:
+            try:
+                self.manager.delete(old)
+            except OSError as exc:
+                raise disk_error(exc, os.path.join(self.directory, str(old))) from None
+            self._complete.remove(old)
 
     def _failed(self, step: int, exc: Optional[BaseException]) -> UserError:
         """Give up on the manager (quietly) and build the one-line error."""
@@ -283,7 +311,7 @@ def restore_params(run_dir: str, params_like, source: str = "--init-from") -> An
     # optimizer state of the source run is dropped. PyTreeRestore reads shardings
     # from `restore_args`, not from `item`: without them orbax falls back to the
     # source run's sharding file (and warns), which may name devices not present.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {"params": jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), params_like)}
     manager = ocp.CheckpointManager(directory)

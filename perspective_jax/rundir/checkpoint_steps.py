@@ -99,7 +99,7 @@ def step_bytes(step_dir: str) -> Optional[int]:
         return None
 
 
-def _step_dirs(directory: str) -> list[int]:
+def step_dirs(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(n) for n in os.listdir(directory)
@@ -108,13 +108,13 @@ def _step_dirs(directory: str) -> list[int]:
 
 def complete_steps(directory: str) -> list[int]:
     """Steps under a checkpoints directory that carry a list (not yet verified)."""
-    return [s for s in _step_dirs(directory)
+    return [s for s in step_dirs(directory)
             if os.path.isfile(os.path.join(directory, str(s), LIST_FILE))]
 
 
 def unlisted_steps(directory: str) -> list[int]:
     """Steps orbax finalised whose list was never written."""
-    return [s for s in _step_dirs(directory)
+    return [s for s in step_dirs(directory)
             if not os.path.isfile(os.path.join(directory, str(s), LIST_FILE))]
 
 

@@ -17,6 +17,7 @@ import time
 from typing import Any, Optional
 
 from perspective_jax.config import to_dict
+from perspective_jax.train.distributed import any_process
 from perspective_jax.train.evaluate import evaluate
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -41,11 +42,14 @@ class LoopState:
 
 def checkpoint_meta(run, loop: LoopState) -> dict:
     """The JSON saved beside the state: resolved config and counters."""
-    return {"config": to_dict(run.cfg), "nonfinite_total": loop.nonfinite_total}
+    return {"config": to_dict(run.cfg), "nonfinite_total": loop.nonfinite_total,
+            "data_position": loop.done}
 
 
 def save_checkpoint(run, loop: LoopState, force: bool) -> None:
-    run.ckpt.save(loop.done, loop.state, run.data_iter, checkpoint_meta(run, loop), force=force)
+    """Every process saves (orbax writes each one's shards); the data position is the
+    step, so no iterator state is saved (a resume may use another process count)."""
+    run.ckpt.save(loop.done, loop.state, None, checkpoint_meta(run, loop), force=force)
 
 
 def log_evaluation(run, loop: LoopState, step: int) -> float:
@@ -117,7 +121,9 @@ class EvalHook(Hook):
         self.every, self.last, self.bar = every, last, bar
 
     def run(self, run, loop):
-        self.bar.write(f"step {loop.done}: val loss {log_evaluation(run, loop, loop.done):.4f}")
+        loss = log_evaluation(run, loop, loop.done)
+        if run.primary:
+            self.bar.write(f"step {loop.done}: val loss {loss:.4f}")
 
 
 class CheckpointHook(Hook):
@@ -144,14 +150,15 @@ class ProgressHook(Hook):
 
 
 class SignalHook(Hook):
-    """After SIGINT/SIGTERM (see `StopFlag`): save a checkpoint and stop."""
+    """After SIGINT/SIGTERM (see `StopFlag`): save a checkpoint and stop. With several
+    processes, a signal to any of them stops all at the same step."""
     finite_only = False
 
     def __init__(self, flag: "StopFlag"):
         self.flag = flag
 
     def run(self, run, loop):
-        if self.flag.signal is not None:
+        if any_process(self.flag.signal is not None):
             save_checkpoint(run, loop, force=True)
             loop.stop = "signal"
 
@@ -165,8 +172,8 @@ class DeadlineHook(Hook):
         self.deadline_s, self.t_start, self.eval_every = deadline_s, t_start, eval_every
 
     def due(self, loop):
-        return (self.deadline_s is not None
-                and time.perf_counter() - self.t_start > self.deadline_s)
+        return self.deadline_s is not None and any_process(
+            time.perf_counter() - self.t_start > self.deadline_s)
 
     def run(self, run, loop):
         if loop.result.val_loss is None or loop.done % self.eval_every:

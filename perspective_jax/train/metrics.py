@@ -39,6 +39,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """The logger of processes other than 0: records nothing."""
+
+    def log(self, step: int, kind: str, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str, kind: Optional[str] = None) -> list[dict]:
     """Records of metrics.jsonl; a step logged twice (after a resume) keeps the last.
     A line that is not a whole record — the torn end of a log whose writer was killed

@@ -91,3 +91,12 @@ def batch_divisor(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def put_global(tree, shardings):
+    """Host values (numpy or single-device arrays, the same on every process) → global
+    arrays laid out by `shardings` (same tree); each process places its own shards."""
+    def put(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.tree.map(put, tree, shardings)

@@ -10,6 +10,7 @@ root and the stage in training are locked against a second writer (`rundir.lock`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional, Sequence
@@ -24,12 +25,14 @@ from perspective_jax.config.param_layout import map_routed_ffns, routed_ffns
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
-from perspective_jax.model.transformer import abstract_params, init_params
+from perspective_jax.model.transformer import abstract_params, init_params, logical_axes
 from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step, restore_params
 from perspective_jax.train.step import init_state, make_optimizer
 from perspective_jax.rundir.layout import (CONFIG_FILE, has_config, load_run_config,
                                            save_run_config)
 from perspective_jax.rundir.lock import hold_run_dir
+from perspective_jax.train import distributed as dist
+from perspective_jax.train import sharding as shd
 from perspective_jax.train.resume import ensure_run_dir, source_config
 from perspective_jax.train.trainer import TrainResult, train
 
@@ -148,14 +151,29 @@ def upcycle(cfg: PerspectiveConfig, dense_run: str, run_dir: str) -> str:
     key = jax.random.key(cfg.train.seed)
     routed_init = init_params(cfg.model, key, moe=cfg.moe)
     params = upcycle_params(dense, routed_init, cfg, jax.random.fold_in(key, 1))
-    os.makedirs(run_dir, exist_ok=True)
-    copy_tokenizer(dense_run, run_dir)
-    save_run_config(cfg, run_dir)
-    state = init_state(params, make_optimizer(cfg.train))
-    ckpt.save(0, state, None, {"stage": "upcycle", "from": os.path.abspath(dense_run)},
-              force=True)
-    ckpt.close()
+    write_start(cfg, run_dir, dense_run, ckpt, params,
+                {"stage": "upcycle", "from": os.path.abspath(dense_run)})
     return run_dir
+
+
+def write_start(cfg: PerspectiveConfig, run_dir: str, source_run: str, ckpt: Checkpointer,
+                params, meta: dict) -> None:
+    """A step-0 run from host `params` (the same on every process): tokenizer and
+    config written by process 0, the train state saved by every process as global
+    arrays laid out by the config's mesh; closes `ckpt`."""
+    def records():
+        os.makedirs(run_dir, exist_ok=True)
+        copy_tokenizer(source_run, run_dir)
+        save_run_config(cfg, run_dir)
+    dist.on_primary(records)
+    mesh = shd.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        shardings = shd.param_shardings(logical_axes(cfg.model, cfg.moe),
+                                        abstract_params(cfg.model, cfg.moe), mesh)
+        tx = make_optimizer(cfg.train)
+        state = jax.jit(lambda p: init_state(p, tx))(shd.put_global(params, shardings))
+        ckpt.save(0, state, None, meta, force=True)
+    ckpt.close()
 
 
 def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
@@ -194,13 +212,10 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     cfg = stage_config(cfg, "align")
     ckpt = Checkpointer(out_dir, cfg.checkpoint)
     if ckpt.latest_step() is None:
-        os.makedirs(out_dir, exist_ok=True)
-        copy_tokenizer(ternary_run, out_dir)
-        save_run_config(cfg, out_dir)
-        ckpt.save(0, init_state(params, make_optimizer(cfg.train)), None,
-                  {"stage": "align", "from": os.path.abspath(ternary_run), **report},
-                  force=True)
-    ckpt.close()
+        write_start(cfg, out_dir, ternary_run, ckpt, params,
+                    {"stage": "align", "from": os.path.abspath(ternary_run), **report})
+    else:
+        ckpt.close()
     return report
 
 
@@ -211,6 +226,9 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; use one of {STAGES}")
     if stage == SAFETY_STAGE:
+        if jax.process_count() > 1:
+            raise UserError(f"--stage {SAFETY_STAGE} runs in one process; start it without "
+                            "--coordinator (and outside srun / mpirun)")
         from perspective_jax.train.safety_stage import run_safety_stage
         if init_from:
             check_init_source(stage, init_from, run_dir)
@@ -228,7 +246,8 @@ def run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
     ensure_run_dir(run_dir)
     if init_from:
         check_init_source(stage, init_from, run_dir)
-    with hold_run_dir(run_dir):       # the curriculum root, or the stage's directory
+    with contextlib.ExitStack() as held:  # the curriculum root, or the stage's directory
+        dist.on_primary(lambda: held.enter_context(hold_run_dir(run_dir)) and None)
         return _run_stage(stage, cfg, run_dir, data, init_from, progress, log,
                           resume_from_step)
 

@@ -16,6 +16,7 @@ steps) → `run_loop` (one train step, then the hooks of `train.hooks`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Optional, Sequence
@@ -26,18 +27,20 @@ import jax.numpy as jnp
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.data.corpus import (default_corpus_files, expand_paths,
                                          read_documents, split_documents)
-from perspective_jax.data.pipeline import eval_batches, train_iterator
+from perspective_jax.data.pipeline import TrainBatches, eval_batches
 from perspective_jax.data.token_store import build_token_store, check_long_enough
 from perspective_jax.data.tokenizer import copy_tokenizer, load_or_train
 from perspective_jax.errors import UserError
 from perspective_jax.model.transformer import abstract_params, logical_axes
-from perspective_jax.rundir.checkpoint import Checkpointer, restore_params
+from perspective_jax.rundir.checkpoint import (CHECKPOINT_DIR, Checkpointer, adopt_unlisted,
+                                               restore_params, select_resume_step)
 from perspective_jax.rundir.layout import has_config, load_run_config, save_run_config
 from perspective_jax.rundir.lock import hold_run_dir
+from perspective_jax.train import distributed as dist
 from perspective_jax.train import sharding as shd
 from perspective_jax.train.hooks import (MAX_NONFINITE_IN_A_ROW, LoopState, StopFlag,
                                          default_hooks, log_evaluation)
-from perspective_jax.train.metrics import MetricsLogger, progress_bar
+from perspective_jax.train.metrics import MetricsLogger, NullLogger, progress_bar
 from perspective_jax.train.objective import effective_params, make_apply_fns
 from perspective_jax.train.resume import (check_data_record, check_init_compatible,
                                           check_resume_compatible, check_run_tokenizer,
@@ -74,7 +77,7 @@ class TrainSetup:
     tokenizer: Any
     val_split: Any
     val_windows: list
-    data_iter: Any                 # grain iterator (its position is checkpointed)
+    data_iter: Any                 # TrainBatches (its position is the step)
     batch_sharding: Any
     global_shape: tuple            # [grad_accum, micro, seq_len + 1]
     train_step: Any                # (state, batch) -> (state, metrics)
@@ -84,6 +87,7 @@ class TrainSetup:
     logger: MetricsLogger
     start: int                     # step of the restored / initial state
     end: int                       # last step of this call
+    primary: bool = True           # process 0: logs, progress and files
 
 
 def data_source(cfg: PerspectiveConfig, data: Optional[Sequence[str]]) -> str:
@@ -142,7 +146,7 @@ def _initial_state(cfg, tx, p_shard, init_from, resuming):
     """Train state at step 0 (random init, or --init-from's params); ternary
     stages with distillation keep the starting weights, frozen, as teacher."""
     if init_from and not resuming:
-        params = jax.device_put(restore_params(init_from, abstract_params(cfg.model, cfg.moe)),
+        params = shd.put_global(restore_params(init_from, abstract_params(cfg.model, cfg.moe)),
                                 p_shard)
     else:
         from perspective_jax.model.transformer import init_params
@@ -161,7 +165,8 @@ def setup(cfg: PerspectiveConfig, run_dir: str, mesh, ckpt: Checkpointer, tokeni
           train_split, val_split, init_from: Optional[str], resuming: bool,
           max_steps_this_call: Optional[int] = None) -> tuple[TrainSetup, dict, int]:
     """(run, train state, non-finite count so far): the state is initial, or restored
-    with the data iterator from the latest checkpoint. Call under `jax.set_mesh`."""
+    from the latest checkpoint; the data stream starts at the state's step (one global
+    batch per step, this process's rows of it). Call under `jax.set_mesh`."""
     divisor = shd.batch_divisor(mesh)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % divisor:
@@ -174,16 +179,17 @@ def setup(cfg: PerspectiveConfig, run_dir: str, mesh, ckpt: Checkpointer, tokeni
     train_apply, eval_apply = make_apply_fns(cfg)
     state = _initial_state(cfg, tx, p_shard, init_from, resuming)
     state_shard = jax.tree.map(lambda a: a.sharding, state)
-    data_iter = train_iterator(train_split.tokens, cfg.data.seq_len, cfg.train.batch_size,
-                               cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
     nonfinite_total = 0
     if resuming:
-        state, meta = ckpt.restore(ckpt.latest_step(), state, data_iter)
+        state, meta = ckpt.restore(ckpt.latest_step(), state)
         nonfinite_total = int(meta.get("nonfinite_total", 0))
     batch_sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, shd.BATCH_AXES, None))
+    global_shape = (cfg.train.grad_accum, micro, cfg.data.seq_len + 1)
+    data_iter = TrainBatches(train_split.tokens, cfg.data.seq_len, cfg.train.batch_size,
+                             cfg.train.grad_accum, seed=cfg.data.seed + cfg.train.seed,
+                             start=int(state["step"]),
+                             rows=dist.rows_of_process(batch_sharding, global_shape))
     ce_weight = cfg.ternary.ce_weight if cfg.ternary.enabled else 1.0
     train_step = jax.jit(make_train_step(train_apply, tx, lr_schedule(cfg.train),
                                          ce_weight=ce_weight),
@@ -197,10 +203,11 @@ def setup(cfg: PerspectiveConfig, run_dir: str, mesh, ckpt: Checkpointer, tokeni
         val_windows=eval_batches(val_split.tokens, cfg.data.seq_len, micro,
                                  cfg.train.eval_batches),
         data_iter=data_iter, batch_sharding=batch_sharding,
-        global_shape=(cfg.train.grad_accum, micro, cfg.data.seq_len + 1),
+        global_shape=global_shape,
         train_step=train_step, eval_step=jax.jit(make_eval_step(eval_apply)),
         used_params=jax.jit(lambda p, step: effective_params(cfg, p, step)),
-        ckpt=ckpt, logger=MetricsLogger(run_dir), start=start, end=end)
+        ckpt=ckpt, logger=MetricsLogger(run_dir) if dist.is_primary() else NullLogger(),
+        start=start, end=end, primary=dist.is_primary())
     return run, state, nonfinite_total
 
 
@@ -210,7 +217,8 @@ def run_loop(run: TrainSetup, state: dict, nonfinite_total: int, progress: bool,
     loop. Ends with an evaluation if none ran, then closes checkpointer and log."""
     result = TrainResult(run.run_dir, run.start, None, None, None, "", "finished", 0.0)
     loop = LoopState(state=state, result=result, nonfinite_total=nonfinite_total)
-    bar = progress_bar(run.end, run.start, progress, desc=f"train {run.cfg.name}")
+    bar = progress_bar(run.end, run.start, progress and run.primary,
+                       desc=f"train {run.cfg.name}")
     with StopFlag() as flag:
         hooks = default_hooks(run.cfg, run.end, bar, flag, deadline_s, t_start)
         for step in range(run.start, run.end):
@@ -249,24 +257,41 @@ def train(cfg: PerspectiveConfig, run_dir: str, data: Optional[Sequence[str]] = 
     default corpus. `deadline_s` (seconds since this call started) ends training
     early — with a final evaluation and checkpoint — for wall-clock-budgeted
     benchmarks. A run resumes from its latest complete checkpoint, verified, or
-    from `resume_from_step` (later checkpoints are moved aside, not deleted)."""
+    from `resume_from_step` (later checkpoints are moved aside, not deleted).
+    With several processes (`train.distributed`) every process calls this with the
+    same arguments; process 0 holds the lock, checks, prepares and writes."""
     t_start = time.perf_counter()
+    kept: dict = {}
+    with contextlib.ExitStack() as held:
+        opened = dist.on_primary(lambda: _open_run(held, kept, cfg, run_dir, data, init_from,
+                                                   resume_from_step))
+        if opened["done"]:
+            return _already_done(run_dir, opened["latest"], opened["steps"], t_start)
+        if kept:                                 # process 0
+            cfg, tokenizer, train_split, val_split = (kept[k] for k in (
+                "cfg", "tokenizer", "train_split", "val_split"))
+        else:                                    # the others read what it wrote
+            cfg = load_run_config(run_dir)
+            tokenizer, train_split, val_split = prepare_data(cfg, run_dir, data)
+        result = _train(cfg, run_dir, init_from, devices, progress, max_steps_this_call,
+                        deadline_s, t_start, opened["latest"] is not None, tokenizer,
+                        train_split, val_split)
+        dist.barrier("train-end")                # every checkpoint listed before anyone goes on
+        return result
+
+
+def _open_run(held: contextlib.ExitStack, kept: dict, cfg, run_dir, data, init_from,
+              resume_from_step) -> dict:
+    """Process 0: take the run directory, choose the step to resume from, check the
+    config against the run's, prepare the data and write the run's records. Returns
+    {"latest": step or None, "done": already at train.steps, "steps": …}; the
+    config, tokenizer and splits are left in `kept`."""
     ensure_run_dir(run_dir)
-    with hold_run_dir(run_dir):
-        return _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call,
-                      deadline_s, t_start, resume_from_step)
-
-
-def _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call,
-           deadline_s, t_start, resume_from_step) -> TrainResult:
-    """`train` while holding the run directory's lock."""
+    held.enter_context(hold_run_dir(run_dir))
     saved_cfg = load_run_config(run_dir) if has_config(run_dir) else None
-    ckpt = Checkpointer(run_dir, cfg.checkpoint)
-    try:
-        latest = ckpt.select_resume_step(resume_from_step)
-    except UserError:
-        ckpt.close()
-        raise
+    directory = f"{run_dir}/{CHECKPOINT_DIR}"
+    adopt_unlisted(directory)
+    latest = select_resume_step(directory, resume_from_step)
     resuming = latest is not None
     if resuming and saved_cfg is not None:
         check_resume_compatible(saved_cfg, cfg, run_dir)
@@ -274,12 +299,18 @@ def _train(cfg, run_dir, data, init_from, devices, progress, max_steps_this_call
     if init_from and not resuming:
         check_init_compatible(init_from, cfg)
     if resuming and latest >= cfg.train.steps:
-        ckpt.close()
-        return _already_done(run_dir, latest, cfg.train.steps, t_start)
+        return {"latest": latest, "done": True, "steps": cfg.train.steps}
     tokenizer, train_split, val_split = prepare_data(cfg, run_dir, data, init_from)
     check_data_record(run_dir, train_split.store, data_source(cfg, data), resuming)
     save_run_config(cfg, run_dir)
+    kept.update(cfg=cfg, tokenizer=tokenizer, train_split=train_split, val_split=val_split)
+    return {"latest": latest, "done": False, "steps": cfg.train.steps}
 
+
+def _train(cfg, run_dir, init_from, devices, progress, max_steps_this_call, deadline_s,
+           t_start, resuming, tokenizer, train_split, val_split) -> TrainResult:
+    """`train` once the run is open: mesh, state, loop (every process)."""
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, adopt=False)
     mesh = shd.make_mesh(cfg.mesh, devices)
     with jax.set_mesh(mesh):
         run, state, nonfinite_total = setup(cfg, run_dir, mesh, ckpt, tokenizer, train_split,

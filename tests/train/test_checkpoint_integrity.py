@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,6 @@ import pytest
 from conftest import train_overrides
 
 from perspective_jax.config import CheckpointConfig, load_config, save_config
-from perspective_jax.data.pipeline import train_iterator
 from perspective_jax.errors import UserError
 from perspective_jax.rundir.checkpoint import (Checkpointer, latest_complete_step,
                                                restore_params)
@@ -31,7 +31,8 @@ def tiny_state(seed):
 
 
 def data_iter():
-    return train_iterator(np.arange(2048, dtype=np.int32) % 200, 8, 2, 1, seed=0)
+    """A checkpointable grain iterator (the Checkpointer saves any such one)."""
+    return iter(grain.MapDataset.range(2048).shuffle(seed=0).batch(2).to_iter_dataset())
 
 
 def saved(tmp_path, steps=(1, 2), async_save=False):
@@ -227,13 +228,13 @@ import sys
 import numpy as np
 from perspective_jax.cli.common import cli_entry
 from perspective_jax.config import CheckpointConfig
-from perspective_jax.data.pipeline import train_iterator
+import grain
 from perspective_jax.rundir.checkpoint import Checkpointer
 
 @cli_entry
 def main(argv):
     ckpt = Checkpointer(argv[0], CheckpointConfig(every=1, keep=100, async_save=True))
-    it = train_iterator(np.arange(2048, dtype=np.int32) % 200, 8, 2, 1, seed=0)
+    it = iter(grain.MapDataset.range(2048).shuffle(seed=0).batch(2).to_iter_dataset())
     noise = np.random.default_rng(0).normal(size=65536).astype(np.float32)
     for step in range(1, 40):
         next(it)
