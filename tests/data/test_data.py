@@ -1,14 +1,16 @@
 """Corpus ingest, tokenizers (lossless), token store cache, grain pipeline."""
 
+import itertools
 import json
 
+import grain
 import numpy as np
 import pytest
 
 from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.data.corpus import (default_corpus_files, expand_paths, read_documents,
                                          split_documents)
-from perspective_jax.data.pipeline import eval_batches, train_iterator
+from perspective_jax.data.pipeline import TrainBatches, WindowSource, eval_batches
 from perspective_jax.data.token_store import build_token_store
 from perspective_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from perspective_jax.errors import UserError
@@ -92,36 +94,43 @@ def test_token_store_is_cached_by_content(tmp_path):
     assert len(list((tmp_path / "data").iterdir())) == 2          # new content, new store
 
 
-def test_grain_iterator_is_deterministic_and_checkpointable():
-    tokens = np.arange(1000, dtype=np.uint16)
-    it = train_iterator(tokens, seq_len=8, batch_size=4, grad_accum=2, seed=3)
-    first = [next(it) for _ in range(3)]
-    assert first[0].shape == (2, 2, 9)
-    # windows are contiguous slices of the token stream
-    w = first[0][0, 0]
+def grain_reference(tokens, seq_len, batch_size, grad_accum, seed):
+    """The one-process pipeline written directly in grain: shuffled windows, batched."""
+    source = WindowSource(tokens, seq_len)
+    ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+          .map(source.__getitem__).batch(batch_size))
+    return (ds[b].reshape(grad_accum, batch_size // grad_accum, seq_len + 1)
+            for b in itertools.count())
+
+
+def test_train_batches_follow_the_grain_pipeline_and_start_anywhere():
+    tokens = np.arange(300, dtype=np.uint16)
+    it = TrainBatches(tokens, seq_len=8, batch_size=4, grad_accum=2, seed=3)
+    ref = grain_reference(tokens, 8, 4, 2, 3)
+    batches = [next(it) for _ in range(150)]                 # past two epochs
+    for got, want in zip(batches, ref):
+        np.testing.assert_array_equal(got, want)
+    assert batches[0].shape == (2, 2, 9) and it.position == 150
+    w = batches[0][0, 0]                                     # contiguous token slices
     assert np.array_equal(w, np.arange(w[0], w[0] + 9))
-    state = it.get_state()
-    expected = [next(it) for _ in range(2)]
-    again = train_iterator(tokens, seq_len=8, batch_size=4, grad_accum=2, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(first, [next(again) for _ in range(3)]))
-    again.set_state(state)
-    assert all(np.array_equal(a, b) for a, b in zip(expected, [next(again) for _ in range(2)]))
+    resumed = TrainBatches(tokens, seq_len=8, batch_size=4, grad_accum=2, seed=3, start=97)
+    np.testing.assert_array_equal(next(resumed), batches[97])
 
 
-def test_processes_read_disjoint_shards():
+def test_processes_feed_their_rows_of_the_same_global_batch():
     tokens = np.arange(500, dtype=np.uint16)
-    starts = []
-    for index in range(2):
-        it = train_iterator(tokens, 4, batch_size=8, grad_accum=1, seed=0,
-                            process_index=index, process_count=2)
-        starts.append({int(w[0]) for _ in range(10) for w in next(it)[0]})
-    assert not starts[0] & starts[1]
+    whole = TrainBatches(tokens, 4, batch_size=16, grad_accum=2, seed=0)
+    parts = [TrainBatches(tokens, 4, batch_size=16, grad_accum=2, seed=0, rows=rows)
+             for rows in ((0, 2), (2, 4), (4, 8))]
+    for _ in range(5):
+        np.testing.assert_array_equal(np.concatenate([next(p) for p in parts], axis=1),
+                                      next(whole))
 
 
 def test_pipeline_errors_and_eval_windows():
     with pytest.raises(UserError, match="data.seq_len"):
-        train_iterator(np.arange(5), seq_len=8, batch_size=2, grad_accum=1, seed=0)
+        TrainBatches(np.arange(5), seq_len=8, batch_size=2, grad_accum=1, seed=0)
     with pytest.raises(UserError, match="grad_accum"):
-        train_iterator(np.arange(100), seq_len=8, batch_size=6, grad_accum=4, seed=0)
+        TrainBatches(np.arange(100), seq_len=8, batch_size=6, grad_accum=4, seed=0)
     batches = eval_batches(np.arange(100), seq_len=8, batch_size=2, n_batches=3)
     assert len(batches) == 3 and batches[0].shape == (2, 9)
