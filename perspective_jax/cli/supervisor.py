@@ -78,6 +78,9 @@ def reason(log_text: str, returncode: int) -> str:
                 else "another process"
             return f"{which} stopped sending heartbeats (died, was killed or hangs)"
     text = log_text
+    if "RegisterTask" in text or "Barrier timed out" in text:
+        return ("could not join the run: not every process joined within --init-timeout "
+                "(start the same command on every host, with the coordinator reachable)")
     if "Socket closed" in text or "failed to connect" in text or "Connection reset" in text:
         return "lost the coordinator (process 0 died or was killed)"
     if "DEADLINE_EXCEEDED" in text:

@@ -59,5 +59,7 @@ def test_the_supervisor_names_why_the_runtime_stopped():
     assert reason(heartbeat, -6).startswith("process(es) 1 stopped sending heartbeats")
     assert "lost the coordinator" in reason(":UNKNOWN:Error received from peer "
                                             '{grpc_message:"Socket closed"}', -6)
+    assert "not every process joined" in reason(
+        "DEADLINE_EXCEEDED\nRPC: /xla.coordination.CoordinationService/RegisterTask", -6)
     assert reason("", -9) == "ended by SIGKILL"
     assert reason("", 3) == "ended with exit code 3"
