@@ -65,11 +65,11 @@ class Hardware:
         for name, lo in (("device_gib", 0.0), ("peak_tflops", 0.0)):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > lo):
-                raise UserError(f"{name.replace('_', '-')} must be a positive number, got {v}")
+                raise UserError(f"Hardware.{name} must be a positive number, got {v}")
         for name in ("mem_fraction", "mfu"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 < v <= 1.0):
-                raise UserError(f"--{name.replace('_', '-')} must lie in (0, 1], got {v}")
+                raise UserError(f"Hardware.{name} must lie in (0, 1], got {v}")
 
 
 # ------------------------------------------------------------------ the layout
