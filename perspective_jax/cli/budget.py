@@ -1,9 +1,13 @@
 """`perspective-budget`: device / RAM / disk envelope and projected decode speed of a
-config, item by item (SPEC §3.5, §5; computed by `perspective_jax.infer.envelope`).
+config, item by item (SPEC §3.5, §5; computed by `perspective_jax.infer.envelope`);
+with --train, the per-device memory and step time of training it on a mesh
+(`perspective_jax.train.plan`).
 
     perspective-budget --config curricula/perspective-1t.yaml \
         --device-mb 4096 --ram-mb 32768 --pcie-gbs 7 --disk-gbs 6 [--json] \
         [--same 0.3 --neighbour 0.4 --full 0.3] [--hit-rate H] [--delta-share 0.1] ...
+    perspective-budget --train --devices 1024 --device-mem-gb 80 [--stage sparse] \
+        [--mfu 0.4] [--peak-tflops 989] [mesh.fsdp=8 mesh.tensor=4 ...] [--json]
 
 Tables in Markdown, or one JSON object with --json (docs/budget.md).
 """
@@ -19,11 +23,18 @@ from perspective_jax.config import load_config
 from perspective_jax.errors import UserError
 from perspective_jax.infer.envelope import (EMBEDDING, GB, ITEMSIZE, MB, MIB, WIRE_FORMATS,
                                             Assumptions, envelope)
+from perspective_jax.train.plan import GIB
 from perspective_jax.model import census
+from perspective_jax.train import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULTS = Assumptions()
 rate = float_in(0.0, 1e6, open_low=True)   # GB/s or TFLOPS
+TRAIN_DEFAULTS = plan.Hardware()
+TRAIN_FLAGS = {"devices": 1024, "device_mem_gb": TRAIN_DEFAULTS.device_gib,
+               "mem_fraction": TRAIN_DEFAULTS.mem_fraction, "mfu": TRAIN_DEFAULTS.mfu,
+               "peak_tflops": TRAIN_DEFAULTS.peak_tflops, "stage": "sparse",
+               "optimizer_state": "sharded"}
 
 
 def parse_args(argv):
@@ -71,7 +82,30 @@ def parse_args(argv):
       help="RTX 3050 Laptop 4 GB class: 2048 CUDA cores x 2 x ~1.7 GHz")
     f("--device-gbs", type=rate, default=DEFAULTS.device_gbs,
       help="RTX 3050 Laptop 4 GB class: 128-bit GDDR6 at 12 Gbps")
+    f("--train", action="store_true", help="the training plan: per-device memory and step "
+      "time of the config's train step on a mesh (mesh.* overrides, docs/budget.md)")
+    f("--devices", type=int_in(1), help="--train: devices of the mesh (default 1024)")
+    f("--device-mem-gb", type=rate, help="--train: memory of one device in GiB (default 80)")
+    f("--mem-fraction", type=float_in(0.0, 1.0, open_low=True),
+      help="--train: share of it XLA may use (XLA_PYTHON_CLIENT_MEM_FRACTION; default 0.9)")
+    f("--mfu", type=float_in(0.0, 1.0, open_low=True),
+      help="--train: model-FLOPs utilisation of the step-time estimate (default 0.4)")
+    f("--peak-tflops", type=rate, help="--train: peak dense TFLOPS of one device in the "
+      "compute dtype (default 989: H100 SXM, bfloat16)")
+    f("--stage", choices=list(plan.STAGES), help="--train: the curriculum stage whose step "
+      "is planned (default sparse: routed experts)")
+    f("--optimizer-state", choices=list(plan.OPTIMIZER_LAYOUTS), help="--train: AdamW's "
+      "moments sharded like their parameter (default) or whole on every device")
     a = p.parse_args(argv)
+    given = [k for k in TRAIN_FLAGS if getattr(a, k) is not None]
+    if not a.train:
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies to --train only")
+    else:
+        for k, v in TRAIN_FLAGS.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+        return a
     total = a.same + a.neighbour + a.full
     if abs(total - 1.0) > 1e-6:
         raise UserError(f"--same + --neighbour + --full must sum to 1, got "
@@ -85,8 +119,17 @@ def assumptions(a) -> Assumptions:
 
 
 def report(a) -> dict:
-    """What --json prints: the envelope, with the config path and overrides first among
-    the flags."""
+    """What --json prints: the envelope (or with --train the training plan), with the
+    config path and overrides first among the flags."""
+    if a.train:
+        from perspective_jax.train.stages import stage_config
+        hw = plan.Hardware(device_gib=a.device_mem_gb, mem_fraction=a.mem_fraction,
+                           peak_tflops=a.peak_tflops, mfu=a.mfu)
+        cfg = stage_config(load_config(a.config, a.overrides), a.stage)
+        r = plan.train_plan(cfg, a.devices, hw, a.optimizer_state)
+        r["flags"] = {"config": a.config, "overrides": a.overrides, "stage": a.stage,
+                      "devices": a.devices, **r.pop("hardware")}
+        return r
     r = envelope(load_config(a.config, a.overrides), assumptions(a))
     r["flags"] = {"config": a.config, "overrides": a.overrides, **r["flags"]}
     return r
@@ -180,11 +223,61 @@ def render(r) -> str:
     return "\n".join(out)
 
 
+def _gib(n):
+    return _num(n / GIB)
+
+
+def render_train(r) -> str:
+    """The training plan as Markdown (docs/budget.md, "The 1.05T training plan")."""
+    b, m, t, fl, lay = r["batch"], r["model"], r["time"], r["flags"], r["layout"]["params"]
+    mesh = " × ".join(f"{k} {v}" for k, v in r["mesh"].items())
+    out = [f"# Training plan: {r['config']}, stage {fl['stage']}, on {r['n_devices']:,} "
+           f"devices of {fl['device_gib']:g} GiB", "",
+           f"Mesh {mesh} (mesh.* of the config for {r['n_devices']:,} devices). "
+           f"{census.human(m['total_params'])} parameters in {m['param_dtype']}, "
+           f"{census.human(m['active_params_per_token'])} active per token; compute in "
+           f"{m['dtype']}, remat {m['remat']}, {m['n_periods']} periods.",
+           "",
+           f"Batch {b['batch_size']:,} × {b['seq_len']:,} tokens, grad_accum "
+           f"{b['grad_accum']}: {b['sequences_per_device']:,} sequences = "
+           f"{b['tokens_per_device']:,} tokens per device and micro-batch (split over data × "
+           f"fsdp × expert = {b['batch_shards']:,} shards; the tensor axis shares them).",
+           "",
+           f"Parameters sharded by the trainer's rules (train/sharding.py): {lay['leaves']} "
+           f"leaves, {lay['replicated_leaves']} of them whole on every device "
+           f"({census.human_bytes(lay['replicated_bytes'])}: no rule, or a dimension the "
+           f"mesh does not divide). Optimizer state: {r['optimizer_layout']}. The plan "
+           "assumes every layer keeps the batch split over its shards, routed tokens "
+           "included (expert-parallel dispatch); docs/budget.md compares it with the "
+           "compiled step.", "",
+           "## Per-device memory", "", "| item | GiB |", "|---|---:|"]
+    items = {**r["state"], **r["step"]}
+    out += [f"| {k} | {_gib(v)} |" for k, v in items.items()]
+    out += [f"| **total** | **{_gib(r['total'])}** |", ""]
+    cap, fits = r["usable_bytes"], r["fits"]
+    largest = max(items, key=items.get)
+    out.append(f"- {fl['device_gib']:g} GiB × {fl['mem_fraction']:g} usable by XLA = "
+               f"{_gib(cap)} GiB: {_verdict(fits)}, headroom {_gib(cap - r['total'])} GiB"
+               + ("" if fits else f"; the largest item is {largest}"))
+    out += ["", "## Step time", "", "| quantity | value |", "|---|---:|",
+            f"| training FLOPs per token (3 × forward: 6·N_active + PDR + attention) | "
+            f"{t['flops_per_token'] / 1e9:,.1f} G |",
+            f"| tokens per step | {t['tokens_per_step']:,} |",
+            f"| model FLOPs per step | {t['model_flops']:.3g} |",
+            f"| hardware FLOPs per step (remat {m['remat']}) | {t['hardware_flops']:.3g} |",
+            f"| model FLOPs per device | {t['model_flops_per_device']:.3g} |",
+            f"| **step time** at MFU {fl['mfu']:g} of {fl['peak_tflops']:g} TFLOPS × "
+            f"{r['n_devices']:,} devices | **{t['step_s']:.3f} s** |",
+            f"| tokens per second | {t['tokens_per_s']:,.0f} |",
+            f"| train.steps at that rate | {t['train_hours']:,.1f} h |"]
+    return "\n".join(out)
+
+
 @cli_entry
 def run(argv=None) -> int:
     a = parse_args(argv)
     r = report(a)
-    print(json.dumps(r, indent=2) if a.json else render(r))
+    print(json.dumps(r, indent=2) if a.json else render_train(r) if a.train else render(r))
     return 0
 
 
