@@ -13,12 +13,12 @@ their `NamedSharding`s: nothing is allocated. XLA is asked for --devices host de
 (XLA_FLAGS, set here before JAX is imported), so this runs as its own process.
 
 --optimizer-state picks the state shardings (comma-separated: one compile each):
-`trainer` takes them from the trainer's own initialisation (`init_state` jitted on the
-sharded parameters, no out_shardings, as `trainer._initial_state` runs it); `sharded`
-and `replicated` are `plan.state_layout`'s (AdamW's moments like their parameter, or
-whole on every device). --constrain-activations is a what-if: each residual block's
-input and output are pinned to the batch sharding (flax `intercept_methods`; the model
-itself carries no activation constraint). The routed dispatch is `ragged` (what a GPU
+`trainer` takes them from the trainer's own initialisation (`plan.initial_state` on the
+sharded parameters, as `trainer._initial_state` runs it); `sharded` and `replicated`
+are `plan.state_layout`'s (AdamW's moments like their parameter, or whole on every
+device). --constrain-activations pins each residual block's input and output to the
+batch sharding once more (flax `intercept_methods`); the model already pins its
+residual stream between blocks (`model.layers.constrain_batch`), so it changes little. The routed dispatch is `ragged` (what a GPU
 runs) unless moe.dispatch is given. --top N lists the N largest temporaries of XLA's
 buffer assignment (they need not be live at the same time).
 """
@@ -115,7 +115,7 @@ def compile_step(cfg, mesh, layout: str, constrain: bool) -> dict:
     if layout == "trainer":            # as trainer._initial_state, then setup, build it
         params = abstract_params(cfg.model, cfg.moe)
         p_shard = shd.param_shardings(logical_axes(cfg.model, cfg.moe), params, mesh)
-        init = jax.jit(lambda p: init_state(p, tx)).lower(
+        init = jax.jit(lambda p: plan.initial_state(cfg, tx, p, mesh)).lower(
             jax.tree.map(sds, params, p_shard)).compile()
         state = jax.eval_shape(lambda p: init_state(p, tx), params)
         shardings = init.output_shardings

@@ -28,6 +28,9 @@ TOKENIZERS = ("sentencepiece", "byte")
 BINARY_FILES = ("skip", "refuse")
 # perspective-train --stage (the curriculum in order, "safety" = the safety polytope of a
 # trained model (not part of the curriculum), then "all" = every curriculum stage)
+MESH_AXES = ("data", "fsdp", "expert", "tensor")   # the device mesh, in this order
+BATCH_AXES = ("data", "fsdp", "expert")            # the global batch is split over these
+
 CURRICULUM = ("dense", "upcycle", "sparse", "ternary", "align")
 SAFETY_STAGE = "safety"
 STAGES = (*CURRICULUM, SAFETY_STAGE, "all")

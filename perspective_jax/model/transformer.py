@@ -29,7 +29,7 @@ from perspective_jax.model.attention import WindowedGQA, init_kv_cache
 from perspective_jax.model.extensions import (NEAREST, Extensions, Route, final_hidden,
                                               inject_vector)
 from perspective_jax.model.extensions import NONE as NO_EXTENSIONS
-from perspective_jax.model.layers import RMSNorm, SwiGLU, dtype_of, flat_dot
+from perspective_jax.model.layers import RMSNorm, SwiGLU, constrain_batch, dtype_of, flat_dot
 from perspective_jax.model.pdr import PDRMixer, init_pdr_cache
 from perspective_jax.model.routed_ffn import RoutedFFN
 
@@ -113,12 +113,14 @@ class Period(nn.Module):
     def __call__(self, x, segment_pos, cache, period=0, adapters=None):
         cfg, ext = self.cfg, self.ext
         new_cache = {}
+        x = constrain_batch(x)
         for i, kind in enumerate(cfg.layer_pattern):
             name = f"layer_{i}"
             layer_adapters = None if adapters is None else adapters.get(name)
             x, c = ResidualBlock(cfg, kind, self.moe, self.activation_bits, ext.route, i,
                                  ext.adapter_scale, name=name)(
                 x, segment_pos, None if cache is None else cache[name], period, layer_adapters)
+            x = constrain_batch(x)
             new_cache[name] = c
             if ext.inject_layer is not None and ext.inject_layer % len(cfg.layer_pattern) == i:
                 target = ext.inject_layer // len(cfg.layer_pattern)

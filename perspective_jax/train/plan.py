@@ -110,6 +110,15 @@ def state_layout(cfg: PerspectiveConfig, mesh, optimizer: str = "sharded"):
     return state, shardings
 
 
+def initial_state(cfg: PerspectiveConfig, tx, params, mesh) -> dict:
+    """`init_state(params, tx)` placed by `state_layout(cfg, mesh)` — what the trainer
+    and the stages that write a step-0 run start from. Without `out_shardings` XLA
+    leaves AdamW's moments whole on every device (2× the parameters per device)."""
+    _, shardings = state_layout(cfg, mesh, "sharded")
+    shardings = {k: shardings[k] for k in ("step", "params", "opt_state")}
+    return jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
+
+
 def shard_bytes(tree, shardings) -> int:
     """Bytes one device holds of `tree` laid out by `shardings` (same structure)."""
     return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize

@@ -16,10 +16,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from perspective_jax.config import MeshConfig
+from perspective_jax.config.choices import BATCH_AXES, MESH_AXES
 from perspective_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")  # the global batch is split over these
 
 RULES: dict[str, str | None] = {
     "batch": None,          # activations: see BATCH_AXES

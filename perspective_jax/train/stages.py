@@ -27,7 +27,8 @@ from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 from perspective_jax.model.transformer import abstract_params, init_params, logical_axes
 from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step, restore_params
-from perspective_jax.train.step import init_state, make_optimizer
+from perspective_jax.train.plan import initial_state
+from perspective_jax.train.step import make_optimizer
 from perspective_jax.rundir.layout import (CONFIG_FILE, has_config, load_run_config,
                                            save_run_config)
 from perspective_jax.rundir.lock import hold_run_dir
@@ -170,8 +171,8 @@ def write_start(cfg: PerspectiveConfig, run_dir: str, source_run: str, ckpt: Che
     with jax.set_mesh(mesh):
         shardings = shd.param_shardings(logical_axes(cfg.model, cfg.moe),
                                         abstract_params(cfg.model, cfg.moe), mesh)
-        tx = make_optimizer(cfg.train)
-        state = jax.jit(lambda p: init_state(p, tx))(shd.put_global(params, shardings))
+        state = initial_state(cfg, make_optimizer(cfg.train), shd.put_global(params, shardings),
+                              mesh)
         ckpt.save(0, state, None, meta, force=True)
     ckpt.close()
 

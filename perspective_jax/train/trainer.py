@@ -42,10 +42,11 @@ from perspective_jax.train.hooks import (MAX_NONFINITE_IN_A_ROW, LoopState, Stop
                                          default_hooks, log_evaluation)
 from perspective_jax.train.metrics import MetricsLogger, NullLogger, progress_bar
 from perspective_jax.train.objective import effective_params, make_apply_fns
+from perspective_jax.train.plan import initial_state
 from perspective_jax.train.resume import (check_data_record, check_init_compatible,
                                           check_resume_compatible, check_run_tokenizer,
                                           ensure_run_dir, pin_schedule, source_config)
-from perspective_jax.train.step import (init_state, lr_schedule, make_eval_step,
+from perspective_jax.train.step import (lr_schedule, make_eval_step,
                                         make_optimizer, make_train_step)
 
 __all__ = ["TrainResult", "TrainSetup", "train", "prepare_data", "setup", "run_loop",
@@ -142,9 +143,10 @@ def _already_done(run_dir: str, step: int, steps: int, t_start: float) -> TrainR
                             "train (raise train.steps to continue)")
 
 
-def _initial_state(cfg, tx, p_shard, init_from, resuming):
-    """Train state at step 0 (random init, or --init-from's params); ternary
-    stages with distillation keep the starting weights, frozen, as teacher."""
+def _initial_state(cfg, tx, p_shard, init_from, resuming, mesh):
+    """Train state at step 0 (random init, or --init-from's params), laid out as
+    `train.plan.state_layout` says (AdamW's moments sharded like their parameters);
+    ternary stages with distillation keep the starting weights, frozen, as teacher."""
     if init_from and not resuming:
         params = shd.put_global(restore_params(init_from, abstract_params(cfg.model, cfg.moe)),
                                 p_shard)
@@ -152,7 +154,7 @@ def _initial_state(cfg, tx, p_shard, init_from, resuming):
         from perspective_jax.model.transformer import init_params
         params = jax.jit(lambda r: init_params(cfg.model, r, moe=cfg.moe),
                          out_shardings=p_shard)(jax.random.key(cfg.train.seed))
-    state = jax.jit(lambda p: init_state(p, tx))(params)
+    state = initial_state(cfg, tx, params, mesh)
     if cfg.ternary.enabled and cfg.ternary.kd_weight > 0:
         if not (init_from or resuming):
             raise UserError("the ternary stage distils from a teacher: pass --init-from "
@@ -177,7 +179,7 @@ def setup(cfg: PerspectiveConfig, run_dir: str, mesh, ckpt: Checkpointer, tokeni
     p_shard = shd.param_shardings(logical_axes(cfg.model, cfg.moe),
                                   abstract_params(cfg.model, cfg.moe), mesh)
     train_apply, eval_apply = make_apply_fns(cfg)
-    state = _initial_state(cfg, tx, p_shard, init_from, resuming)
+    state = _initial_state(cfg, tx, p_shard, init_from, resuming, mesh)
     state_shard = jax.tree.map(lambda a: a.sharding, state)
     nonfinite_total = 0
     if resuming:

@@ -82,7 +82,9 @@ def test_compiled_train_step_arguments_equal_the_derived_state():
         # the derived state leaves out the train step counter: one int32
         assert run["state_bytes"] - run["derived"]["state"] == 4, run
         assert run["batch_bytes"] == 1 * (8 // 4) * 33 * 4     # [accum, micro/4, T+1] int32
-    assert r["runs"][1]["moments_layout"] == "sharded"
+    # the trainer's own initialisation (`plan.initial_state`) shards AdamW's moments
+    assert [run["moments_layout"] for run in r["runs"]] == ["sharded", "sharded"]
+    assert r["runs"][0]["state_bytes"] == r["runs"][1]["state_bytes"]
 
 
 P_, D, F, R, E, V = 20, 4096, 11008, 256, 128, 32768
