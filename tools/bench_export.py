@@ -55,6 +55,8 @@ def build_run(path: str, periods: int, layout: str, seed: int = 0) -> None:
     period per chunk of every stacked parameter (shard_axes=(0,))."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + DEVICES_FLAG).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)   # orbax: small chunk targets
     import jax
     from perspective_jax.config import MeshConfig, load_config
     from perspective_jax.data.byte_tokenizer import ByteTokenizer
@@ -183,12 +185,12 @@ def main(argv=None) -> int:
         row["baseline"] = export(run, os.path.join(a.work, "refused"),
                                  flags + ["--max-host-mb", "1"])
         row["need_mb"] = int(row["baseline"]["tail"][-1].split("--max-host-mb ")[-1].split()[0])
-        row["streamed"] = export(run, os.path.join(a.work, f"out-{a.layout}-p{periods}-cap"),
-                                 flags + ["--max-host-mb", str(a.cap_mb)])
+        cap_out = os.path.join(a.work, f"out-{a.layout}-p{periods}-cap")
+        whole_out = os.path.join(a.work, f"out-{a.layout}-p{periods}-whole")
+        row["streamed"] = export(run, cap_out, flags + ["--max-host-mb", str(a.cap_mb)])
         if not a.skip_whole:
-            row["whole"] = export(run, os.path.join(a.work, f"out-{a.layout}-p{periods}-whole"), flags)
-            row["identical"] = same_files(os.path.join(a.work, f"out-{a.layout}-p{periods}-cap"),
-                                          os.path.join(a.work, f"out-{a.layout}-p{periods}-whole"))
+            row["whole"] = export(run, whole_out, flags)
+            row["identical"] = same_files(cap_out, whole_out)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     _, allocator = allocator_env(os.environ, jemalloc=find_jemalloc(),

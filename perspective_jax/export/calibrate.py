@@ -33,6 +33,7 @@ segment positions 0 … T−1, no cache).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -96,6 +97,7 @@ def _period_with_inputs(cfg: ModelConfig, moe: MoEConfig, segment_pos, owner: di
     return run
 
 
+@functools.lru_cache(maxsize=8)
 def _kernel_inputs(cfg: ModelConfig, moe: MoEConfig):
     """(abstract periods, {kernel path: path of its input's entry}, {entry: input width})
     of one period — shapes only (jax.eval_shape), no weights or compute."""

@@ -62,8 +62,8 @@ class RoutingPass:
         """Compile the period's program for every chunk length now, before any weights
         are held (`period_like`: one period's ShapeDtypeStructs)."""
         p = jax.ShapeDtypeStruct((), jnp.int32)
-        for shape in sorted({(x.shape, x.dtype) for x in self.x}):
-            self._run.lower(period_like, jax.ShapeDtypeStruct(*shape), p).compile()
+        for x in {x.shape: x for x in self.x}.values():
+            self._run.lower(period_like, jax.ShapeDtypeStruct(x.shape, x.dtype), p).compile()
 
     def period(self, p: int, period_params) -> None:
         """Route every chunk through period p and count; advance the chunks."""

@@ -209,7 +209,8 @@ def _write_whole(tensors: TensorFile, plan: SharedPlan, source, embedding: str) 
             codes, scale = embedding_int8.quantize(value)
             tensors.write(EMBED_KEY, codes)
             tensors.write(SCALE_KEY, scale)
-            embed = {"embedding": embedding_int8.dequantize(codes, scale).astype(value.dtype)}
+            embed = {"embedding": embedding_int8.dequantize(codes, scale).astype(
+                value.dtype, copy=False)}
         else:
             tensors.write(key, value)
             if key == EMBED_KEY:

@@ -8,7 +8,8 @@ Sizes come from the census (`jax.eval_shape` of the real model: nothing is
 allocated). Training holds parameters, gradients, AdamW's two moments
 (`train.step.make_optimizer`), a teacher copy when the stage distils, activations
 and logits; export holds the parameters, a ternarised copy of the experts and the
-serialised shared tensors; inference holds what the streaming engine keeps.
+serialised shared tensors (streamed, --max-host-mb: one period at a time); inference
+holds what the streaming engine keeps.
 
 The activation term is deliberately rough but not optimistic: per token and layer
 it counts every float32 intermediate a layer makes (projections, PDR chunk states,
