@@ -72,14 +72,15 @@ class ExportOptions:
 @dataclasses.dataclass
 class SharedPlan:
     """What shared.safetensors holds: {key: (dtype, shape)} in manifest order, and
-    which leaves are written whole, per period, or quantised."""
+    which leaves are written whole and which one period at a time as they are (the
+    rest: GPTQ codes and expert scales, made by the export)."""
     specs: dict
     whole: list            # keys outside the periods
     per_period: list       # paths within a period of the stacked leaves written as is
-    quantized: set         # paths within a period of the GPTQ-quantised kernels
 
 
 def shared_plan(cfg: PerspectiveConfig, like, opts: ExportOptions) -> SharedPlan:
+    """The plan of shared.safetensors for parameters shaped like `like`."""
     m = cfg.model
     experts = set()
     if m.routed:
@@ -108,7 +109,7 @@ def shared_plan(cfg: PerspectiveConfig, like, opts: ExportOptions) -> SharedPlan
             specs[md.scale_key(n)] = (F32, (n_layers, e, s))
     per_period = [k[len(PERIODS) + 1:] for k, _ in flat if k.startswith(PERIODS + "/")
                   and k[len(PERIODS) + 1:] not in widths]
-    return SharedPlan(specs, whole, per_period, set(widths))
+    return SharedPlan(specs, whole, per_period)
 
 
 def export_into(out: str, run: str, cfg: PerspectiveConfig, source, calib,
