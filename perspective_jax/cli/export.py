@@ -4,6 +4,7 @@
                        [--shared-bits 2 --group-size 64] [--calibration-text FILE]
                        [--embedding int8|float32] [--skip-space-check]
                        [--chat-template chatml-tools|plain|FILE.jinja] [--polytope FILE]
+                       [--max-host-mb N]    # read the checkpoint piece by piece within N MB
     perspective-export --run-dir runs/quickstart/safety --out models/tiny   # + its polytope
 """
 
@@ -51,10 +52,17 @@ def run(argv=None) -> int:
                    help="a safety polytope (polytope.spp of perspective-train --stage "
                         "safety) to add to the model directory (default: the polytope of a "
                         "safety run given as --run-dir, else none)")
+    p.add_argument("--max-host-mb", type=int_in(1), default=None, metavar="N",
+                   help="read the checkpoint piece by piece (one period at a time) and "
+                        "hold at most N MB (2^20 bytes) of arrays; refused up front, with "
+                        "the smallest N that fits, when the largest piece does not "
+                        "(default: restore the whole model; the files are the same)")
     compile_cache.add_flag(p)
     a = p.parse_args(argv)
     compile_cache.enable(a.compilation_cache)
-    from perspective_jax.export.exporter import export_model, resolve_run
+    from perspective_jax.export.exporter import (default_embedding, export_model, resolve_run,
+                                                  stream_needs)
+    from perspective_jax.export.stream import ExportOptions
     from perspective_jax.modeldir.chat_template import resolve_chat_template
     resolve_chat_template(a.chat_template)    # a bad template: one line before any work
     from perspective_jax.rundir.layout import load_run_config
@@ -62,9 +70,14 @@ def run(argv=None) -> int:
     # a trainer writing --run-dir, or another export into --out, is refused in one line
     with hold_run_dir(a.run_dir, shared=True), hold_output_dir(a.out):
         run_cfg = load_run_config(resolve_run(a.run_dir, log=lambda *_: None))
-        footprint.refuse_oversize(footprint.export_need(run_cfg, a.shared_bits,
-                                                        a.calibration_tokens),
-                                  footprint.probe_machine(), a.allow_oversize)
+        if a.max_host_mb is None:
+            need = footprint.export_need(run_cfg, a.shared_bits, a.calibration_tokens)
+        else:                                 # its chunks are checked by export_model
+            need = stream_needs(run_cfg, ExportOptions(a.shared_bits, a.group_size,
+                                                       a.delta_max_share, default_embedding(
+                                                           a.embedding, a.shared_bits)),
+                                a.calibration_tokens)
+        footprint.refuse_oversize(need, footprint.probe_machine(), a.allow_oversize)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Sharding info not provided.*")
             export_model(a.run_dir, a.out, force=a.force, shared_bits=a.shared_bits,
@@ -72,7 +85,8 @@ def run(argv=None) -> int:
                          calibration_tokens_n=a.calibration_tokens,
                          delta_max_share=a.delta_max_share, embedding=a.embedding,
                          space_check=not a.skip_space_check,
-                         chat_template=a.chat_template, polytope=a.polytope)
+                         chat_template=a.chat_template, polytope=a.polytope,
+                         max_host_mb=a.max_host_mb)
     return 0
 
 

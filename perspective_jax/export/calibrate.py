@@ -33,6 +33,7 @@ segment positions 0 … T−1, no cache).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -96,9 +97,10 @@ def _period_with_inputs(cfg: ModelConfig, moe: MoEConfig, segment_pos, owner: di
     return run
 
 
-def shared_kernel_widths(cfg: ModelConfig, moe: MoEConfig) -> dict:
-    """{kernel path within a period ('layer_0/mixer/w_q/kernel'): input width} of every
-    shared kernel — shapes only (jax.eval_shape), no weights or compute."""
+@functools.lru_cache(maxsize=8)
+def _kernel_inputs(cfg: ModelConfig, moe: MoEConfig):
+    """(abstract periods, {kernel path: path of its input's entry}, {entry: input width})
+    of one period — shapes only (jax.eval_shape), no weights or compute."""
     from perspective_jax.model.transformer import abstract_params
     periods = abstract_params(cfg, moe)["periods"]
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), periods)
@@ -106,7 +108,27 @@ def shared_kernel_widths(cfg: ModelConfig, moe: MoEConfig) -> dict:
     owner: dict = {}
     run = _period_with_inputs(cfg, moe, jnp.zeros((1, 1), jnp.int32), owner)
     _, inputs = jax.eval_shape(run, one, x)
-    return {path: inputs[src].shape[1] for path, src in owner.items()}
+    return periods, owner, {src: inp.shape[1] for src, inp in inputs.items()}
+
+
+def shared_kernel_widths(cfg: ModelConfig, moe: MoEConfig) -> dict:
+    """{kernel path within a period ('layer_0/mixer/w_q/kernel'): input width} of every
+    shared kernel — shapes only (jax.eval_shape), no weights or compute."""
+    _, owner, widths = _kernel_inputs(cfg, moe)
+    return {path: widths[src] for path, src in owner.items()}
+
+
+def shared_shapes(cfg: ModelConfig, moe: MoEConfig) -> tuple[tuple, tuple]:
+    """(widths of one period's distinct shared-kernel inputs, (in, out) of each of its
+    shared kernels) — shapes only, for memory estimates."""
+    periods, owner, widths = _kernel_inputs(cfg, moe)
+    kernels = []
+    for path, src in sorted(owner.items()):
+        node = periods
+        for name in path.split("/"):
+            node = node[name]
+        kernels.append((widths[src], math.prod(node.shape[1:]) // widths[src]))
+    return tuple(widths.values()), tuple(kernels)
 
 
 def rtn_quantize_shared(params, widths: dict, n_periods: int, bits: int = 2,
@@ -124,27 +146,53 @@ def rtn_quantize_shared(params, widths: dict, n_periods: int, bits: int = 2,
     return tensors
 
 
+def period_input(cfg: ModelConfig, params, tokens):
+    """tokens [B, T] → the first period's input [B, T, d] as `PerspectiveLM` computes it
+    (embedding · √d in cfg.dtype); `params` needs only its "embed" entry."""
+    x = embed_tokens(cfg, params, jnp.asarray(tokens, jnp.int32))
+    return x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
+
+
+class HessianPass:
+    """Shared-kernel Hessians over calibration `tokens` [B, T], one period at a time:
+
+        hp = HessianPass(cfg, moe, {"embed": ...}, tokens)
+        for p in range(n_periods):
+            H = hp.period(p, period_params)   # {periods/p/<kernel path>: H [in, in]}
+
+    `period` advances the activations through period p (its parameters, unstacked)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, params, tokens):
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+        b, t = tokens.shape
+        self.x = period_input(cfg, _unbox(params), tokens)
+        segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+        self.owner: dict = {}
+        self._run = jax.jit(_period_with_inputs(cfg, moe, segment_pos, self.owner))
+
+    def compile(self, period_like) -> None:
+        """Compile the period's program now (`period_like`: ShapeDtypeStructs)."""
+        self._run.lower(period_like, jax.ShapeDtypeStruct(self.x.shape, self.x.dtype)).compile()
+
+    def period(self, p: int, period_params) -> dict:
+        self.x, inputs = self._run(_unbox(period_params), self.x)
+        value = {name: gptq.hessian_from_inputs(np.asarray(jnp.asarray(inp, jnp.float32),
+                                                           np.float64))
+                 for name, inp in inputs.items()}
+        return {f"periods/{p}/{name}": value[src] for name, src in self.owner.items()}
+
+
 def shared_linear_hessians(cfg: ModelConfig, moe: MoEConfig, params, tokens) -> dict:
     """{path: H [in, in] float64} of every shared kernel's inputs over `tokens` [B, T].
     Kernels that read the same input share one Hessian object (computed once): at
     the 1.05T scale that is ~43 GB of float64 instead of ~76 GB."""
     params = _unbox(params)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
-    b, t = tokens.shape
-    x = embed_tokens(cfg, params, tokens)
-    x = x.astype(dtype_of(cfg.dtype)) * math.sqrt(cfg.d_model)
-    segment_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-    owner: dict = {}
-    run = jax.jit(_period_with_inputs(cfg, moe, segment_pos, owner))
+    hp = HessianPass(cfg, moe, params, tokens)
     out: dict[str, np.ndarray] = {}
     for p in range(cfg.n_periods):
-        x, inputs = run(_period_slice(params["periods"], p), x)
-        value = {name: gptq.hessian_from_inputs(np.asarray(jnp.asarray(inp, jnp.float32),
-                                                           np.float64))
-                 for name, inp in inputs.items()}
-        out.update({f"periods/{p}/{name}": value[src] for name, src in owner.items()})
+        out.update(hp.period(p, _period_slice(params["periods"], p)))
     return out
 
 
@@ -182,10 +230,18 @@ def quantize_shared(params, hessians: dict, bits: int = 2, group_size: int = 64,
     report: [(path, rel_error_gptq, rel_error_rtn)], the relative layer-output
     errors ‖X(W − Ŵ)‖/‖XW‖ on the calibration inputs."""
     params = _unbox(params)
+    return quantize_kernels(lambda path: _param_at(params, path), hessians, bits,
+                            group_size, damp, block_size)
+
+
+def quantize_kernels(kernel_at, hessians: dict, bits: int = 2, group_size: int = 64,
+                     damp: float = 0.01, block_size: int = 128):
+    """`quantize_shared` with the kernels given by `kernel_at(path)` (paths in sorted
+    order, one kernel at a time)."""
     tensors, report = {}, []
     for path in sorted(hessians):
         h = np.asarray(hessians[path], np.float64)
-        kernel = np.asarray(jnp.asarray(_param_at(params, path), jnp.float32), np.float64)
+        kernel = np.asarray(jnp.asarray(kernel_at(path), jnp.float32), np.float64)
         w = _as_matrix(kernel, h.shape[0], path)
         q = gptq.gptq_quantize(w, h, bits, group_size, damp, block_size)
         rtn = gptq.rtn_quantize(w, bits, group_size)
@@ -193,6 +249,20 @@ def quantize_shared(params, hessians: dict, bits: int = 2, group_size: int = 64,
         report.append((path, _rel_output_error(w, gptq.dequantize(q), h),
                        _rel_output_error(w, gptq.dequantize(rtn), h)))
     return tensors, report
+
+
+def kernel_specs(path: str, kernel_shape, n_in: int, bits: int, group_size: int) -> dict:
+    """{tensor key: (dtype, shape)} that `quantize_kernels` writes for the kernel at
+    `path` of `kernel_shape` (read off a one-column stand-in: no weights needed)."""
+    out = math.prod(kernel_shape) // n_in
+    q = gptq.rtn_quantize(np.zeros((n_in, 1)), bits, group_size)
+    specs = {}
+    for key, value in gptq.kernel_tensors(q, path, kernel_shape).items():
+        shape = value.shape
+        if key.rsplit(".", 1)[1] in ("codes", "scales", "zeros"):   # [rows, out]
+            shape = (*shape[:-1], out)
+        specs[key] = (value.dtype, shape)
+    return specs
 
 
 def dequantize_shared(tensors: dict) -> dict:

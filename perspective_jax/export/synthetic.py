@@ -37,7 +37,8 @@ from perspective_jax.quant import embedding_int8
 from perspective_jax.quant import gptq
 from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir import publish
-from perspective_jax.export.exporter import flatten_params, write_expert_files
+from perspective_jax.export.exporter import flatten_params
+from perspective_jax.export.experts import write_expert_files
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.transformer import abstract_params
 from perspective_jax.moe import torus

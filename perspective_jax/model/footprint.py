@@ -8,7 +8,8 @@ Sizes come from the census (`jax.eval_shape` of the real model: nothing is
 allocated). Training holds parameters, gradients, AdamW's two moments
 (`train.step.make_optimizer`), a teacher copy when the stage distils, activations
 and logits; export holds the parameters, a ternarised copy of the experts and the
-serialised shared tensors; inference holds what the streaming engine keeps.
+serialised shared tensors (streamed, --max-host-mb: one period at a time); inference
+holds what the streaming engine keeps.
 
 The activation term is deliberately rough but not optimistic: per token and layer
 it counts every float32 intermediate a layer makes (projections, PDR chunk states,
@@ -257,11 +258,18 @@ def train_need(cfg: PerspectiveConfig, stage: str, machine: Machine) -> list[Nee
             Need(what, "host", (staging,), hints)]
 
 
-def export_need(cfg: PerspectiveConfig, shared_bits: int = 0,
-                calibration_tokens: int = 4096) -> list[Need]:
-    """What `perspective-export` holds: the restored parameters, a float32 ternarised copy
-    of the experts, the serialised shared tensors, GPTQ Hessians, one calibration pass."""
+def export_need(cfg: PerspectiveConfig, shared_bits: int = 0, calibration_tokens: int = 4096,
+                streamed: bool = False, embedding: str = "float32", chunks: tuple = (0, 0),
+                inputs: Optional[tuple] = None, kernels: Optional[tuple] = None) -> list[Need]:
+    """What `perspective-export` holds. Whole (the default): the restored parameters, a
+    float32 ternarised copy of the experts, the serialised shared tensors, GPTQ
+    Hessians, one calibration pass. `streamed` (--max-host-mb): each of its two
+    heaviest moments instead, a Need of its own (`export_stream_parts`)."""
     check_dimensions(cfg, batch=1)
+    if streamed:
+        return [Need(f"perspective-export: {what}", "host", tuple(parts))
+                for what, parts in export_stream_parts(cfg, shared_bits, calibration_tokens,
+                                                       embedding, chunks, inputs, kernels)]
     m = cfg.model
     total, experts, matrices = param_counts(m, cfg.moe)
     pb = ITEMSIZE[m.param_dtype]
@@ -275,6 +283,67 @@ def export_need(cfg: PerspectiveConfig, shared_bits: int = 0,
     if shared_bits:
         parts.append(("GPTQ Hessians", matrices * m.n_periods * widest ** 2 * 8))
     return [Need("perspective-export", "host", tuple(parts))]
+
+
+def export_stream_parts(cfg: PerspectiveConfig, shared_bits: int, calibration_tokens: int,
+                        embedding: str = "float32", chunks: tuple = (0, 0),
+                        inputs: Optional[tuple] = None,
+                        kernels: Optional[tuple] = None) -> list[tuple[str, list]]:
+    """[(moment, [(part, bytes)])] of a streamed export (`export.stream`), T the
+    calibration tokens:
+
+    the leaves outside the periods: as read, the embedding's int8 codes and
+      dequantised table, the calibration inputs [T, d] (GPTQ pass, routing chunks);
+    one period: its parameters (float32: the experts become their exact ternary
+      values, + one matrix while one is replaced), one expert layer's trits and
+      packed regions, the forward of the widest layer (XLA_SLACK) over T tokens (512
+      without GPTQ); with GPTQ the period's kernel inputs [T, in] (float32, one in
+      float64), Hessians [in, in] (float64, one per distinct input) and the GPTQ
+      working set of the largest kernel (five [in, out] and three [in, in] float64).
+    `chunks` (outside, periods): the largest stored checkpoint chunk each moment
+    reads, counted three times (compressed, decoded, the piece cut out of it).
+    `inputs` (distinct kernel-input widths) and `kernels` ((in, out) per kernel) of
+    one period, when given, replace a bound from the widest dimension."""
+    m, moe = cfg.model, cfg.moe
+    pb = ITEMSIZE[m.param_dtype]
+    stacked, outside = param_split(m, moe)
+    v, d, f = m.vocab_size, m.d_model, m.d_ff
+    tokens = max(2, calibration_tokens)
+    x = tokens * d * F32 * (2 if shared_bits else 1)
+    first = [("leaves outside the periods", outside * pb), ("calibration inputs", x),
+             ("checkpoint chunk", 3 * chunks[0])]
+    if embedding == "int8":
+        first.insert(1, ("int8 embedding and its dequantised table", v * d * (1 + F32) + v * F32))
+    period = [("period weights", stacked // m.n_periods * F32)]
+    if m.routed:
+        e = moe.num_experts
+        period += [("one expert matrix (exact ternary)", e * d * f * F32),
+                   ("one expert layer's trits and regions", 3 * e * d * f + e * (
+                       -(-3 * d * f // 4) + 4096))]
+    pass_tokens = tokens if shared_bits else min(tokens, 512)
+    acts = layer_activation_bytes(m, moe, pass_tokens, "blocked")
+    per_layer = max(acts[k] // max(1, m.layer_pattern.count(k)) for k in acts)
+    period += [("calibration forward", int(XLA_SLACK * per_layer) + x)]
+    if shared_bits:
+        widest = max(d, f, m.n_heads * m.head_dim)
+        n = param_counts(m, moe)[2]
+        inputs = inputs if inputs is not None else (widest,) * n
+        kernels = kernels if kernels is not None else ((widest, widest),) * n
+        period += [("kernel inputs", tokens * (sum(inputs) * F32 + max(inputs) * 8)),
+                   ("GPTQ Hessians (one period)", sum(w * w for w in inputs) * 8),
+                   ("GPTQ working set", max(8 * (5 * i * o + 3 * i * i) for i, o in kernels))]
+    period.append(("checkpoint chunk", 3 * chunks[1]))
+    return [("the leaves outside the periods", first), ("one period", period)]
+
+
+@functools.lru_cache(maxsize=16)
+def param_split(model: ModelConfig, moe: MoEConfig) -> tuple[int, int]:
+    """(parameters stacked over periods, parameters outside them) of the model."""
+    import jax
+    from perspective_jax.model.transformer import abstract_params
+    params = abstract_params(model, moe)
+    stacked = sum(math.prod(a.shape) for a in jax.tree.leaves(params["periods"]))
+    return stacked, sum(math.prod(a.shape) for a in jax.tree.leaves(params)) - stacked
 
 
 def infer_need(cfg: PerspectiveConfig, machine: Machine, shared_file_bytes: int,

@@ -407,7 +407,7 @@ def test_model_dir_errors(exported_writable, tmp_path):
 
 
 def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypatch):
-    from perspective_jax.export import exporter as ex
+    from perspective_jax.export import stream
     cfg = routed_cfg(small_cfg)
     params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
     path = export_model(tmp_path, cfg, params)
@@ -416,7 +416,7 @@ def test_export_is_atomic_and_refuses_to_overwrite(tmp_path, small_cfg, monkeypa
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(ex, "save_tensors", boom)
+    monkeypatch.setattr(stream.TensorFile, "close", boom)
     with pytest.raises(RuntimeError):
         export_model(tmp_path, cfg, params, name="broken")
     assert not (tmp_path / "broken").exists()

@@ -1,0 +1,76 @@
+"""Where an export's parameters come from: a tree in memory, or a checkpoint read piece
+by piece. Both answer the same two questions, so the export (`export.stream`) holds
+only what it asks for and writes the same bytes from either:
+
+    src.like                  # the parameter tree's ShapeDtypeStructs
+    src.leaf("embed/embedding")          # a whole leaf that is not stacked over periods
+    src.period(p)             # {layer_i: {...}}: every periods/ leaf at index p
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from perspective_jax.rundir.partial_restore import ParamReader
+
+PERIODS = "periods"
+
+
+def leaf_paths(tree) -> list[str]:
+    """'/'-joined paths of a parameter tree's leaves, in flatten order."""
+    return ["/".join(str(k.key) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def at_path(tree, path: str):
+    """tree's node at a '/'-joined path."""
+    for name in path.split("/"):
+        tree = tree[name]
+    return tree
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, name = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return tree
+
+
+class TreeSource:
+    """Parameters already in memory (arrays of any kind; read as numpy)."""
+
+    def __init__(self, params):
+        self.params = jax.tree.map(np.asarray, params)
+        self.like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+
+    def leaf(self, path: str) -> np.ndarray:
+        return at_path(self.params, path)
+
+    def period(self, p: int) -> dict:
+        return jax.tree.map(lambda a: a[p], self.params[PERIODS])
+
+
+class CheckpointSource:
+    """Parameters of a checkpoint (`rundir.partial_restore.ParamReader`), cast to the
+    dtypes of `like` (the model's abstract parameters) as a whole restore would."""
+
+    def __init__(self, reader: ParamReader, like):
+        self.reader, self.like = reader, like
+        self._periods = {path: leaf.dtype for path, leaf in zip(
+            leaf_paths(like[PERIODS]), jax.tree.leaves(like[PERIODS]))}
+
+    def leaf(self, path: str) -> np.ndarray:
+        return self.reader.read(path, dtype=at_path(self.like, path).dtype)
+
+    def period(self, p: int) -> dict:
+        return _nest({path: self.reader.read(f"{PERIODS}/{path}", (p,), dtype)
+                      for path, dtype in self._periods.items()})
+
+    def chunk_bytes(self, paths) -> dict:
+        """{path: bytes of one stored chunk} for '/'-joined parameter paths."""
+        return {path: self.reader.chunk_bytes(path) for path in paths}
