@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.rundir.partial_restore import ParamReader
 
 PERIODS = "periods"
@@ -27,17 +28,6 @@ def at_path(tree, path: str):
     """tree's node at a '/'-joined path."""
     for name in path.split("/"):
         tree = tree[name]
-    return tree
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, name = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = value
     return tree
 
 
@@ -68,7 +58,7 @@ class CheckpointSource:
         return self.reader.read(path, dtype=at_path(self.like, path).dtype)
 
     def period(self, p: int) -> dict:
-        return _nest({path: self.reader.read(f"{PERIODS}/{path}", (p,), dtype)
+        return unflatten_paths({path: self.reader.read(f"{PERIODS}/{path}", (p,), dtype)
                       for path, dtype in self._periods.items()})
 
     def chunk_bytes(self, paths) -> dict:

@@ -288,9 +288,9 @@ class Checkpointer:
             self.log(self.errors.summary("while saving checkpoints"))
 
 
-def restore_params(run_dir: str, params_like, source: str = "--init-from") -> Any:
-    """Params of the latest complete checkpoint of another run, verified first.
-    `source` names how the caller got `run_dir` (a flag) for its error messages."""
+def complete_step(run_dir: str, source: str) -> tuple[str, int]:
+    """(checkpoint directory, newest complete step) of another run, or a one-line
+    UserError naming `source` (the flag that gave `run_dir`) and what to do."""
     directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
     if not os.path.isdir(directory):
         raise UserError(f"{source} {run_dir}: no checkpoints/ directory; is it a "
@@ -303,7 +303,13 @@ def restore_params(run_dir: str, params_like, source: str = "--init-from") -> An
     if not complete:
         raise UserError(f"{source} {run_dir}: the run has no complete checkpoint yet; "
                         f"train it first (perspective-train --run-dir {run_dir} ...)")
-    step = complete[-1]
+    return directory, complete[-1]
+
+
+def restore_params(run_dir: str, params_like, source: str = "--init-from") -> Any:
+    """Params of the latest complete checkpoint of another run, verified first.
+    `source` names how the caller got `run_dir` (a flag) for its error messages."""
+    directory, step = complete_step(run_dir, source)
     what = steps.problem(os.path.join(directory, str(step)), step)
     if what:
         raise _damaged(directory, step, what, source)

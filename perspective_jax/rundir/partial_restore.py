@@ -38,30 +38,12 @@ from etils import epath
 
 from perspective_jax.errors import UserError
 from perspective_jax.rundir import checkpoint_steps as steps
-from perspective_jax.rundir.checkpoint import (CHECKPOINT_DIR, _damaged, _quiet_logs,
-                                               _unreadable)
+from perspective_jax.rundir.checkpoint import (_damaged, _quiet_logs, _unreadable,
+                                               complete_step)
 
 STATE_ITEM = "state"          # the Composite item holding params, opt_state, step
 PARAMS_KEY = "params"
 OCDBT_CACHE_BYTES = 8 << 20   # tensorstore's cache of OCDBT B-tree nodes (metadata only)
-
-
-def complete_step(run_dir: str, source: str) -> tuple[str, int]:
-    """(checkpoint directory, newest complete step) of `run_dir`, or the one-line
-    UserError restore_params gives for a run without one."""
-    directory = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
-    if not os.path.isdir(directory):
-        raise UserError(f"{source} {run_dir}: no checkpoints/ directory; is it a "
-                        "perspective-train run?")
-    complete = steps.complete_steps(directory)
-    if not complete and steps.unlisted_steps(directory):
-        raise UserError(f"{source} {run_dir}: its checkpoints have no checksum lists (saved "
-                        "by an older version, or stopped before listing); re-run its "
-                        "perspective-train command once to list them")
-    if not complete:
-        raise UserError(f"{source} {run_dir}: the run has no complete checkpoint yet; "
-                        f"train it first (perspective-train --run-dir {run_dir} ...)")
-    return directory, complete[-1]
 
 
 def _storage(state_dir: str) -> tuple[bool, bool]:
