@@ -47,7 +47,7 @@ def overrides(steps: int) -> list[str]:
 
 def launch_pair(run_dir, corpus, port: int) -> list[subprocess.Popen]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", "TMPDIR": str(run_dir.parent)}   # the runtime logs
     procs = []
     for i in range(2):
         args = ["--stage", "dense", "--run-dir", str(run_dir), "--data", str(corpus),
@@ -119,6 +119,8 @@ def test_two_processes_train_die_together_resume_and_restore_in_one(tmp_path, co
         "stopped sending heartbeats" in lines[0] and "resume" in lines[0]), err
     assert waited < HEARTBEAT_S + 60
     assert "Traceback" not in err and "Check failure" not in err
+    log = lines[0].rsplit("runtime log: ", 1)[1].rstrip(")")
+    assert "stopped sending heartbeats" in open(log, encoding="utf-8").read()
 
     # 2. the same command again resumes from the last complete checkpoint
     procs = launch_pair(pair, corpus, free_port())
