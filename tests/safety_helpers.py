@@ -42,10 +42,12 @@ def corpus_documents() -> list[Document]:
                      .read_text()) for m in (argparse, difflib, textwrap)]
 
 
-def tiny_run(path, model: ModelConfig, stage: str = "align", seed: int = 0) -> str:
+def tiny_run(path, model: ModelConfig, stage: str = "align", seed: int = 0,
+             shape_params=None) -> str:
     """A run directory as `stage` leaves it (config, tokenizer, data record and token
     store, one checkpoint at train.steps), holding a randomly initialised `model`
-    (vocab 259: bytes; its initialisation is the `exported` fixture's, so compiled once)."""
+    (vocab 259: bytes; its initialisation is the `exported` fixture's, so compiled once).
+    `shape_params(params, cfg)`, if given, changes or places the params before the save."""
     from conftest import train_overrides
     cfg = load_config(None, train_overrides(**{"train.steps": 2}))
     cfg = stage_config(dataclasses.replace(cfg, model=dataclasses.replace(
@@ -58,6 +60,8 @@ def tiny_run(path, model: ModelConfig, stage: str = "align", seed: int = 0) -> s
     check_data_record(str(run), train_split.store, "--data stdlib modules", resuming=False)
     save_run_config(cfg, str(run))
     params = init_params(cfg.model, jax.random.key(seed), moe=cfg.moe)
+    if shape_params is not None:
+        params = shape_params(params, cfg)
     ckpt = Checkpointer(str(run), dataclasses.replace(cfg.checkpoint, async_save=False))
     ckpt.save(cfg.train.steps, init_state(params, make_optimizer(cfg.train)), None,
               {"stage": stage}, force=True)

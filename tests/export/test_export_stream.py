@@ -11,7 +11,6 @@ period's slice is read chunk by chunk."""
 
 import dataclasses
 import os
-import pathlib
 import time
 
 import jax
@@ -19,25 +18,17 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from perspective_jax.config import load_config
-from perspective_jax.data.byte_tokenizer import ByteTokenizer
-from perspective_jax.data.corpus import split_documents
-from perspective_jax.data.token_store import build_token_store
 from perspective_jax.errors import UserError
 from perspective_jax.export import exporter
 from perspective_jax.model import footprint
-from perspective_jax.model.transformer import abstract_params, init_params
+from perspective_jax.model.transformer import abstract_params
 from perspective_jax.modeldir import format as md
 from perspective_jax.modeldir.manifest import read_manifest
-from perspective_jax.rundir.checkpoint import Checkpointer, restore_params
-from perspective_jax.rundir.layout import save_run_config
+from perspective_jax.rundir.checkpoint import restore_params
 from perspective_jax.rundir.partial_restore import ParamReader
-from perspective_jax.train.resume import check_data_record
-from perspective_jax.train.stages import stage_config
-from perspective_jax.train.step import init_state, make_optimizer
 
-from conftest import _small_cfg, train_overrides
-from safety_helpers import corpus_documents
+from conftest import _small_cfg
+from safety_helpers import tiny_run
 from streaming_helpers import similar_experts
 
 QUIET = dict(log=lambda *_: None)
@@ -45,29 +36,16 @@ QUIET = dict(log=lambda *_: None)
 
 def _sharded_run(path) -> str:
     """A finished align-stage run whose expert tensors are stored in 8 chunks each."""
-    cfg = load_config(None, train_overrides(**{"train.steps": 2}))
-    cfg = stage_config(dataclasses.replace(cfg, model=dataclasses.replace(
-        _small_cfg(), vocab_size=259)), "align")
-    run = pathlib.Path(path)
-    run.mkdir(parents=True)
-    (run / "tokenizer.byte").write_text("utf-8 bytes\n")
-    train_docs, val_docs = split_documents(corpus_documents(), cfg.data.val_fraction)
-    train_split, _ = build_token_store(str(run), train_docs, val_docs, ByteTokenizer())
-    check_data_record(str(run), train_split.store, "--data stdlib modules", resuming=False)
-    save_run_config(cfg, str(run))
-    params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
-    params = similar_experts(params, cfg, jax.random.key(1))
-    mesh = Mesh(np.asarray(jax.devices()[:8]), ("expert",))
-    def place(path, a):
-        expert = path[-1].key in md.EXPERT_MATRICES and a.ndim == 4
-        return jax.device_put(a, NamedSharding(
-            mesh, PartitionSpec(None, "expert") if expert else PartitionSpec()))
-    params = jax.tree_util.tree_map_with_path(place, params)
-    ckpt = Checkpointer(str(run), dataclasses.replace(cfg.checkpoint, async_save=False))
-    ckpt.save(cfg.train.steps, init_state(params, make_optimizer(cfg.train)), None,
-              {"stage": "align"}, force=True)
-    ckpt.close()
-    return str(run)
+    def similar_and_sharded(params, cfg):
+        params = similar_experts(params, cfg, jax.random.key(1))
+        mesh = Mesh(np.asarray(jax.devices()[:8]), ("expert",))
+
+        def place(path, a):
+            expert = path[-1].key in md.EXPERT_MATRICES and a.ndim == 4
+            return jax.device_put(a, NamedSharding(
+                mesh, PartitionSpec(None, "expert") if expert else PartitionSpec()))
+        return jax.tree_util.tree_map_with_path(place, params)
+    return tiny_run(path, _small_cfg(), shape_params=similar_and_sharded)
 
 
 @pytest.fixture(scope="module")
