@@ -12,6 +12,8 @@ PDR_IMPLS = ("auto", "chunked", "matmul", "scan", "associative", "pallas")
 DISPATCH_IMPLS = ("auto", "ragged", "blocked", "dense")
 # moe.gate: perspective_jax.model.routed_ffn
 GATES = ("straight_through", "softmax")
+# moe.delta_form: perspective_jax.model.expert_sharing (distance between neighbour experts)
+DELTA_FORMS = ("float", "ternary")
 # routing perspectives (SPEC §3.6): perspective_jax.model.routed_ffn.select_expert
 ROUTE_MODES = ("nearest", "kth", "antipode", "random")
 # mpd.state: how the perspectives keep state (model/mpd.py)

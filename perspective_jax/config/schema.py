@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from perspective_jax.config.choices import (BINARY_FILES, DISPATCH_IMPLS, DTYPES, GATES,
+from perspective_jax.config.choices import (BINARY_FILES, DELTA_FORMS, DISPATCH_IMPLS, DTYPES, GATES,
                                             LAYER_KINDS, MPD_CONFIDENCES, MPD_STATES, PDR_IMPLS, REMAT_POLICIES,
                                             SCALE_GRANULARITIES, SEED_RANGE, TOKENIZERS)
 from perspective_jax.errors import ConfigError
@@ -133,7 +133,17 @@ class MoEConfig:
     upcycle_noise: float = 0.01     # relative std of the noise added per expert
     balance_weight: float = 0.01
     delta_weight: float = 0.001
+    # distance the delta loss measures between lattice-neighbour experts
+    # (model/expert_sharing.py): float weights, or their ternary codes (trits, STE)
+    delta_form: str = "float"
     smoothness_weight: float = 0.005
+    # −log of the router mass token t+1 puts on token t's expert and its lattice
+    # neighbours (model/routed_ffn.locality_loss): routing that stays local
+    locality_weight: float = 0.0
+    # align stage: weights within this distance (in units of the ternary scale) of a
+    # trit threshold are moved across it to agree with their lattice neighbours'
+    # majority trit before the align fine-tune (moe/align.consensus_snap); 0 = off
+    align_consensus: float = 0.0
 
     def __post_init__(self):
         s = "moe"
@@ -144,8 +154,14 @@ class MoEConfig:
                  f"{'x'.join(map(str, self.lattice))} = {math.prod(self.lattice)} cells "
                  f"but num_experts={self.num_experts}; make them equal")
         for name in ("offset_init_scale", "balance_weight", "delta_weight",
-                     "smoothness_weight", "upcycle_noise", "route_init_scale"):
+                     "smoothness_weight", "locality_weight", "upcycle_noise",
+                     "route_init_scale"):
             _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
+        _require(self.delta_form in DELTA_FORMS, f"{s}.delta_form",
+                 f"use one of {', '.join(DELTA_FORMS)}, got {self.delta_form!r}")
+        _require(0.0 <= self.align_consensus <= 0.5, f"{s}.align_consensus",
+                 f"must be in [0, 0.5] (a distance to the trit threshold 0.5), "
+                 f"got {self.align_consensus}")
         _require(self.gate in GATES, f"{s}.gate",
                  f"use 'straight_through' or 'softmax', got {self.gate!r}")
         _require(self.dispatch in DISPATCH_IMPLS, f"{s}.dispatch",

@@ -26,10 +26,10 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from perspective_jax.config import ModelConfig, MoEConfig
 from perspective_jax.config.choices import ROUTE_MODES
-from perspective_jax.config.param_layout import routed_ffns
 from perspective_jax.model.extensions import NEAREST, Route, RowRoutes
 from perspective_jax.model.layers import dtype_of, flat_dot, logical
 from perspective_jax.moe import torus
@@ -110,6 +110,18 @@ def switch_kinds(idx, neighbours):
     return jnp.stack([same.sum(), near.sum(), (~same & ~near).sum()]).astype(jnp.float32)
 
 
+def locality_loss(idx, probs, adjacency):
+    """−mean_t log Σ_{e ∈ N⁺(e*_t)} p_{t+1}(e): how unlikely token t+1's router finds
+    the lattice neighbourhood N⁺ (the expert itself and its neighbours) of token t's
+    expert. idx [B, T]; probs [B, T, E]; adjacency [E, E] bool (numpy). 0 for T = 1."""
+    if idx.shape[1] < 2:
+        return jnp.zeros((), jnp.float32)
+    near = jnp.asarray(adjacency | np.eye(adjacency.shape[0], dtype=bool))
+    mask = near[idx[:, :-1]]                                            # [B, T-1, E]
+    mass = jnp.sum(jnp.where(mask, probs[:, 1:], 0.0), -1)
+    return -jnp.mean(jnp.log(jnp.maximum(mass, 1e-30)))
+
+
 class TorusRouter(nn.Module):
     """h: [B, T, d] → (expert index [B, T], gate [B, T] (`routed_gate`), z [B, T, 3],
     probs [B, T, E]). `segment_pos` [B, T], `period` and `layer` seed the random
@@ -186,24 +198,11 @@ class RoutedFFN(nn.Module):
         step = torus.signed_step(z[:, :-1], z[:, 1:])
         smooth = jnp.sqrt(jnp.sum(step ** 2, -1) + 1e-12).mean() if z.shape[1] > 1 else 0.0
         entropy = -jnp.sum(probs * jnp.log(probs + 1e-12), -1).mean()
-        adjacency = jnp.asarray(torus.neighbour_matrix(self.moe.lattice))
+        adjacency = torus.neighbour_matrix(self.moe.lattice)
         stats = {"balance": balance, "smooth": jnp.asarray(smooth, jnp.float32),
+                 "local": locality_loss(idx, probs, adjacency),
                  "counts": counts, "prob_sum": prob_sum, "entropy": entropy,
-                 "switches": switch_kinds(idx, adjacency)}
+                 "switches": switch_kinds(idx, jnp.asarray(adjacency))}
         for key, value in stats.items():
             self.sow("aux", key, value)
 
-
-def delta_loss(params, cfg: ModelConfig, moe: MoEConfig) -> jax.Array:
-    """Mean L1 distance between lattice-neighbour experts' weights (SPEC §3.3)."""
-    pairs = jnp.asarray(torus.neighbour_pairs(moe.lattice))
-    if pairs.shape[0] == 0:
-        return jnp.zeros((), jnp.float32)
-    total, count = 0.0, 0
-    for _, ffn in routed_ffns(params, cfg):
-        for name in ("w_gate", "w_up", "w_down"):
-            w = ffn[name]                                               # [P, E, ...]
-            diff = jnp.abs(w[:, pairs[:, 0]] - w[:, pairs[:, 1]])
-            total = total + diff.mean()
-            count += 1
-    return total / count

@@ -83,3 +83,56 @@ def align_layer(weights: dict, lattice) -> tuple[np.ndarray, float, float]:
         return np.arange(e), before, before
     perm = np.argsort(assign)          # slot c ← the expert assigned to cell c
     return perm, before, after
+
+
+def _codes(w: np.ndarray, granularity: str) -> tuple[np.ndarray, np.ndarray]:
+    """(u = w / s, s) with s = mean|w| over [K, N] (tensor) or K (row), keepdims."""
+    axes = (-2, -1) if granularity == "tensor" else (-2,)
+    s = np.abs(w).mean(axis=axes, keepdims=True) + 1e-8
+    return w / s, s
+
+
+def _trits(u: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(u), -1, 1).astype(np.int8)
+
+
+def consensus_snap(w: np.ndarray, lattice, margin: float, granularity: str = "tensor",
+                   nudge: float = 0.02) -> tuple[np.ndarray, int]:
+    """Move near-threshold weights of one routed matrix [E, K, N] so their trits agree
+    with their lattice neighbours' majority (align stage, `moe.align_consensus`).
+
+    Expert by expert (in flat order, each seeing the already moved ones), an entry
+    whose trit differs by one step from a trit more of its neighbours hold than its
+    own, and whose code u = w / s lies within `margin` of that trit's range (|u| < ½
+    for 0, ±u > ½ for ±1), is set just inside that range (`nudge` past the
+    threshold). Returns (the new matrix, entries moved). margin = 0: unchanged."""
+    w = np.array(w, np.float32, copy=True)
+    if margin <= 0:
+        return w, 0
+    neighbours = torus.lattice_neighbours(tuple(lattice))
+    moved = 0
+    for e, near in enumerate(neighbours):
+        if not near:
+            continue
+        u, s = _codes(w[e], granularity)
+        own = _trits(u)
+        theirs = np.stack([_trits(_codes(w[n], granularity)[0]) for n in near])
+        counts = np.stack([(theirs == v).sum(0) for v in (-1, 0, 1)])       # [3, K, N]
+        target = counts.argmax(0).astype(np.int8) - 1
+        own_count = np.take_along_axis(counts, (own + 1)[None].astype(np.int64), 0)[0]
+        wanted = (target != own) & (np.abs(target - own) == 1) & (counts.max(0) > own_count)
+        gap = np.where(target == 0, np.abs(u) - 0.5, 0.5 - target * u)      # ≥ 0 to cross
+        flip = wanted & (gap <= margin)
+        new_u = np.where(target == 0, np.sign(u) * (0.5 - nudge), target * (0.5 + nudge))
+        w[e] = np.where(flip, new_u * s, w[e])
+        moved += int(flip.sum())
+    return w, moved
+
+
+def neighbour_trit_difference(w: np.ndarray, lattice, granularity: str = "tensor") -> float:
+    """Mean share of differing trits over the lattice-neighbour pairs of [E, K, N]."""
+    trits = _trits(_codes(np.asarray(w, np.float32), granularity)[0])
+    pairs = torus.neighbour_pairs(tuple(lattice))
+    if len(pairs) == 0:
+        return 0.0
+    return float(np.mean([(trits[a] != trits[b]).mean() for a, b in pairs]))

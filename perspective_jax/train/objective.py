@@ -1,7 +1,8 @@
 """The model's training objective and evaluation statistics, per model kind.
 
 Dense: token NLL only. Routed (`model.routed`): NLL + α·balance + β·delta +
-γ·smoothness (SPEC §3.3), with routing statistics collected from the "aux"
+γ·smoothness + λ·locality (SPEC §3.3; `model.expert_sharing`,
+`routed_ffn.locality_loss`), with routing statistics collected from the "aux"
 collection the routed FFNs sow into.
 """
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from perspective_jax.config import PerspectiveConfig
 from perspective_jax.model.transformer import PerspectiveLM
-from perspective_jax.model.routed_ffn import delta_loss
+from perspective_jax.model.expert_sharing import delta_loss
 from perspective_jax.quant.ternary import quantize_experts, schedule_fraction
 
 
@@ -89,12 +90,14 @@ def make_apply_fns(cfg: PerspectiveConfig):
     def train_apply(params, inputs, context):
         logits, stats = routed(effective_params(cfg, params, context["step"]), inputs)
         balance, smooth = stats["balance"].mean(), stats["smooth"].mean()
-        delta = delta_loss(params, cfg.model, moe)
+        local = stats["local"].mean()
+        delta = delta_loss(params, cfg.model, moe, cfg.ternary.scale_granularity)
         aux_loss = (moe.balance_weight * balance + moe.delta_weight * delta
-                    + moe.smoothness_weight * smooth)
+                    + moe.smoothness_weight * smooth + moe.locality_weight * local)
         kd, kd_metrics = distill(params, inputs, context, logits)
         return logits, aux_loss + kd, {"balance_loss": balance, "delta_loss": delta,
-                                       "smoothness_loss": smooth, **kd_metrics}
+                                       "smoothness_loss": smooth, "locality_loss": local,
+                                       **kd_metrics}
 
     def eval_apply(params, inputs):
         logits, stats = routed(params, inputs)

@@ -179,9 +179,11 @@ def write_start(cfg: PerspectiveConfig, run_dir: str, source_run: str, ckpt: Che
 
 def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     """Write `out_dir` (a step-0 run) holding the ternary model with its experts
-    permuted onto the lattice cells MDS assigns them (offsets reset to 0)."""
+    permuted onto the lattice cells MDS assigns them (offsets reset to 0), then, with
+    `moe.align_consensus` > 0, near-threshold weights snapped to their lattice
+    neighbours' majority trit (`moe.align.consensus_snap`)."""
     import numpy as np
-    from perspective_jax.moe.align import align_layer
+    from perspective_jax.moe.align import align_layer, consensus_snap, neighbour_trit_difference
     from perspective_jax.train.objective import effective_params
 
     if not has_config(ternary_run):
@@ -192,7 +194,9 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
         raise UserError(f"align: {ternary_run} does not hold a ternary routed model")
     params = restore_params(ternary_run, abstract_params(src.model, src.moe))
     used = effective_params(src, params, src.train.steps)
-    report = {"stress_before": [], "stress_after": []}
+    report = {"stress_before": [], "stress_after": [], "trit_difference_before": [],
+              "trit_difference_after": [], "consensus_moved": 0}
+    margin, granularity = cfg.moe.align_consensus, src.ternary.scale_granularity
     used_ffns = dict(routed_ffns(used, src.model))
 
     def permuted(i, ffn):
@@ -202,6 +206,13 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
             perm, before, after = align_layer({n: ffn_used[n][p] for n in new}, src.moe.lattice)
             for n in new:
                 new[n][p] = new[n][p][perm]
+                report["trit_difference_before"].append(
+                    neighbour_trit_difference(new[n][p], src.moe.lattice, granularity))
+                new[n][p], moved = consensus_snap(new[n][p], src.moe.lattice, margin,
+                                                  granularity)
+                report["consensus_moved"] += moved
+                report["trit_difference_after"].append(
+                    neighbour_trit_difference(new[n][p], src.moe.lattice, granularity))
             report["stress_before"].append(before)
             report["stress_after"].append(after)
         ffn.update({n: jnp.asarray(v) for n, v in new.items()})
@@ -279,6 +290,11 @@ def _run_stage(stage: str, cfg: PerspectiveConfig, run_dir: str,
             log(f"re-embedded experts by MDS: lattice stress "
                 f"{sum(rep['stress_before']) / len(rep['stress_before']):.3f} -> "
                 f"{sum(rep['stress_after']) / len(rep['stress_after']):.3f}")
+            if rep["consensus_moved"]:
+                mean = lambda v: sum(v) / len(v)  # noqa: E731
+                log(f"consensus: moved {rep['consensus_moved']} near-threshold weights; "
+                    f"neighbour trit difference {mean(rep['trit_difference_before']):.3f} "
+                    f"-> {mean(rep['trit_difference_after']):.3f}")
         result = train(stage_config(cfg, "align"), run_dir, data=data, init_from=start,
                        progress=progress, resume_from_step=resume_from_step)
         before = _last_routing(init_from) if init_from else None
