@@ -354,8 +354,9 @@ class ExpertTiers:
         self._pending = Prefetch(key, self._submit_bring(key, (protect_key,), cancel), cancel)
 
     def _guess_outcome(self, pending: Prefetch) -> tuple[str, int, int]:
-        """(kind, host→device bytes, disk bytes) of a guess that was not used; a read error of it is counted
-        (`stats.failed_guesses`), not raised — it is raised when the expert is used."""
+        """(kind, host→device bytes, disk bytes) of a guess that was not used; a read
+        error of it is counted (`stats.failed_guesses`), not raised — it is raised
+        when the expert is used."""
         try:
             return pending.future.result()
         except READ_ERRORS:
