@@ -87,8 +87,9 @@ def _snapshot(engine) -> dict:
             "predictions": s.predictions, "right": s.predicted_right,
             "stalls": s.stalls, "stall_s": s.stall_s, "cancelled": s.cancelled}
     if engine.routed:
-        snap.update({f"n_{k}": s.transfers[k] for k in ("same", "delta", "full")})
-        snap.update({f"b_{k}": s.bytes_moved[k] for k in ("same", "delta", "full", "wasted")})
+        from perspective_jax.infer.stats import KINDS
+        snap.update({f"n_{k}": s.transfers[k] for k in KINDS})
+        snap.update({f"b_{k}": s.bytes_moved[k] for k in (*KINDS, "wasted")})
         snap.update({"disk": engine.store.bytes_read, "hits": engine.host.hits,
                      "misses": engine.host.misses})
     return snap
@@ -195,6 +196,11 @@ def tok_s(w: dict) -> float:
     return w["tokens"] / w["seconds"] if w["seconds"] else float("nan")
 
 
+def kinds(w: dict) -> str:
+    """Brings per kind: same/delta/host delta/full."""
+    return f"{w['n_same']}/{w['n_delta']}/{w['n_host_delta']}/{w['n_full']}"
+
+
 def per_tok(w: dict, key: str) -> float:
     return w[key] / w["tokens"] / 1e6
 
@@ -273,7 +279,7 @@ def part_a(args, log) -> list[str]:
         for coherent, io, variant, rep, w in sorted(
                 runs, key=lambda r: (groups.index(r[:2]), variants.index(r[2]), r[3])):
             read_mb = per_tok(w, "disk")
-            moved_mb = (w["b_full"] + w["b_delta"]) / w["tokens"] / 1e6
+            moved_mb = (w["b_full"] + w["b_host_delta"] + w["b_delta"]) / w["tokens"] / 1e6
             bound = bw[io] / (read_mb * 1e6) if read_mb else float("inf")
             # the same bound counting only the bytes of experts actually used (no wasted
             # prefetches): the stricter reading of "bytes that had to move"
@@ -286,7 +292,7 @@ def part_a(args, log) -> list[str]:
                 f"{', ' + VARIANT_LABELS[variant] if variant else ''}"
                 f"{f' #{rep + 1}' if args.repeats > 1 else ''} | "
                 f"{tok_s(w):.2f} | {moved_mb:.1f} | {read_mb:.1f} | {per_tok(w, 'b_wasted'):.1f} | "
-                f"{w['n_same']}/{w['n_delta']}/{w['n_full']} | {fmt_rate(hit_rate(w))} | "
+                f"{kinds(w)} | {fmt_rate(hit_rate(w))} | "
                 f"{fmt_rate(accuracy(w))} | {w.get('cancelled', 0) / w['tokens']:.1f} | "
                 f"{w['stalls'] / w['tokens']:.1f} "
                 f"({1e3 * w['stall_s'] / w['tokens']:.0f} ms) | {bw[io] / 1e9:.2f} | "
@@ -295,14 +301,14 @@ def part_a(args, log) -> list[str]:
                 f"{100 * tok_s(w) / min(bound, c_rate):.0f} % | "
                 f"{100 * tok_s(w) / serial:.0f} % |")
         summary.append(f"| {name} ({d}/{f}) | {c_rate:.2f} | {1e3 / c_rate:.0f} | "
-                       f"{compute['n_same']}/{compute['n_delta']}/{compute['n_full']} | "
+                       f"{kinds(compute)} | "
                        f"{compute['stalls']} | {bw.get('mmap', 0) / 1e9:.2f} | "
                        f"{bw.get('direct', 0) / 1e9:.2f} |")
     lines += ["Compute-only rate (same tokens decoded a second time with one device slot per "
               "needed expert: every transfer is \"same\", nothing is read or moved) and read "
               f"bandwidth measured with the engine's io paths ({args.bw_mb} MB of region-sized "
               "reads):", "",
-              "| model (d_model/d_ff) | compute-only tok/s | ms/token | same/delta/full | "
+              "| model (d_model/d_ff) | compute-only tok/s | ms/token | same/delta/host delta/full | "
               "stalls | page-cache GB/s | disk O_DIRECT GB/s |",
               "|---|---:|---:|---|---:|---:|---:|", *summary, "",
               "Streaming runs (per token: MB moved host→device for the experts used, MB read from the store, MB "
@@ -312,7 +318,7 @@ def part_a(args, log) -> list[str]:
               "prefetches not); \"of min\" = tok/s ÷ min(I/O bound, "
               "compute-only rate); \"of serial\" = tok/s ÷ 1/(I/O time + compute time)):", "",
               "| model | coherent routers | io | tok/s | MB moved/tok (used) | MB read/tok | MB wasted/tok "
-              "| same/delta/full | host hit | prefetch acc. | cancelled/tok | stalls/tok "
+              "| same/delta/host delta/full | host hit | prefetch acc. | cancelled/tok | stalls/tok "
               "| read GB/s | "
               "I/O bound tok/s | % of I/O bound | % of bound, used experts' bytes | "
               "compute-only tok/s | % of min | % of serial |",
@@ -337,31 +343,35 @@ def part_b(args, log) -> list[str]:
             m = json.load(fh)
         n_layers = len(m["experts"]["layers"])
         kept = sum(len(layer["deltas"]) for layer in m["experts"]["layers"])
-        counts = [d["count"] for layer in m["experts"]["layers"] for d in layer["deltas"]]
+        counts = [d.get("bytes", 5 * d["count"])                 # record bytes on disk
+                  for layer in m["experts"]["layers"] for d in layer["deltas"]]
         region = m["experts"]["region_bytes"]
         possible = n_layers * 2 * len(__import__("perspective_jax.moe.torus", fromlist=["x"])
                                       .neighbour_pairs(tuple(m["config"]["moe"]["lattice"])))
-        mean_delta = (5 * sum(counts) / len(counts) / region) if counts else float("nan")
+        mean_delta = (sum(counts) / len(counts) / region) if counts else float("nan")
         for slots in (n_layers + 1, 2):
             base = None
             for deltas in (False, True):
                 w = run_job({"kind": "decode", "dir": path, "tokens": args.tokens,
                              "slots": slots, "deltas": deltas, "random_tokens": True,
                              "host_mb": 1024}, log)["window"]
-                moved = (w["b_full"] + w["b_delta"] + w["b_wasted"]) / w["tokens"]
+                moved = (w["b_full"] + w["b_host_delta"] + w["b_delta"]
+                         + w["b_wasted"]) / w["tokens"]
                 base = moved if base is None else base
                 rows.append(
                     f"| {label} | {n_layers} | {region / 1e3:.1f} | {kept}/{possible} | "
                     f"{fmt_rate(mean_delta) if counts else '–'} | {slots} | "
-                    f"{'on' if deltas else 'off'} | {w['n_same']}/{w['n_delta']}/{w['n_full']} | "
+                    f"{'on' if deltas else 'off'} | {kinds(w)} | "
                     f"{moved / 1e3:.1f} | {100 * moved / base:.0f} % | {tok_s(w):.1f} |")
     return ["### (B) Delta streaming: bytes moved per decode token", "",
             f"{args.tokens} decode tokens (random ids) after a {PROMPT_LEN}-token prompt; "
             "\"deltas kept\" counts the neighbour deltas the exporter wrote (of all directed "
-            "neighbour pairs; one is kept only when 5 bytes × changed bytes ≤ 50 % of a region); "
+            "neighbour pairs; one is kept only when its record — 5 bytes per changed byte, or a "
+            "byte-change bitmap plus the changed bytes, whichever is smaller — is ≤ 50 % of a "
+            "region); "
             "\"delta size\" is the mean kept delta as a share of a region.", "",
             "| model | expert layers | region KB | deltas kept | delta size | device slots | "
-            "deltas | same/delta/full | KB moved/token (incl. wasted) | vs deltas off | tok/s |",
+            "deltas | same/delta/host delta/full | KB moved/token (incl. wasted) | vs deltas off | tok/s |",
             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|", *rows, ""]
 
 

@@ -11,8 +11,9 @@ output feature; `quant.ternary.ternary_codes`), computed one expert matrix [K, N
 at a time, so the working memory is one matrix whatever the layer's size, and
 export and its references (`exporter.with_ternary_experts`) agree bit for bit.
 A layer's regions are written to experts/layer_j.bin; the neighbour deltas between
-its lattice neighbours (kept when at most `delta_max_share` of a region) go to
-deltas/layer_j.bin.
+its lattice neighbours go to deltas/layer_j.bin, each in the smaller of its two
+encodings (`modeldir.format`: positions or byte-change bitmap) and kept when that
+record is at most `delta_max_share` of a region.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class ExpertWriter:
         for sub in ("experts", "deltas"):
             with naming(os.path.join(out, sub)):
                 os.makedirs(os.path.join(out, sub))
-        self.n_layers = self.n_experts = self.n_deltas = self.delta_bytes = 0
+        self.n_layers = self.n_experts = self.n_deltas = self.delta_bytes = self.bitmaps = 0
 
     def layer(self, j: int, regions) -> dict:
         """Write layer j's regions (E flat uint8 arrays) and their neighbour deltas;
@@ -96,16 +97,20 @@ class ExpertWriter:
         with naming(path), open(path, "wb") as fh:
             at = 0
             for a, b in self.directed:
-                if 5 * np.count_nonzero(regions[a] != regions[b]) > (self.delta_max_share
-                                                                     * layout.nbytes):
+                count = int(np.count_nonzero(regions[a] != regions[b]))
+                encoding = md.smaller_encoding(count, layout.nbytes)
+                size = md.delta_record_bytes(encoding, count, layout.nbytes)
+                if size > self.delta_max_share * layout.nbytes:
                     continue                      # cheaper to move the full region
                 pos, val = md.encode_delta(regions[a], regions[b])
-                rec = md.delta_record(pos, val)
-                deltas.append({"src": a, "dst": b, "offset": at, "count": int(len(pos)),
+                rec = md.delta_record(pos, val, encoding, layout.nbytes)
+                deltas.append({"src": a, "dst": b, "offset": at, "count": count,
+                               "encoding": encoding, "bytes": len(rec),
                                md.REGION_CHECKSUM: md.region_digest(rec)})
                 fh.write(rec)
                 at += len(rec)
                 self.delta_bytes += len(rec)
+                self.bitmaps += encoding == md.DELTA_BITMAP
         self.n_deltas += len(deltas)
         self.n_layers, self.n_experts = self.n_layers + 1, len(regions)
         return {"layer": j, "file": md.expert_file(j), "regions": entries,
@@ -115,7 +120,7 @@ class ExpertWriter:
         log(f"experts: {self.n_layers} layers × {self.n_experts} experts, "
             f"{self.layout.nbytes / 1e6:.3f} MB per region; {self.n_deltas} of "
             f"{self.n_layers * len(self.directed)} neighbour deltas kept "
-            f"({self.delta_bytes / 1e6:.3f} MB)")
+            f"({self.delta_bytes / 1e6:.3f} MB, {self.bitmaps} as byte-change bitmaps)")
 
 
 def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice,

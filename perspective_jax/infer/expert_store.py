@@ -2,6 +2,10 @@
 
     store.read_region(j, e[, cancel]) -> uint8 [region_bytes]  (a fresh, aligned host copy)
     store.read_delta(j, src, dst) -> (positions uint32 [n], values uint8 [n]) | None
+    store.region_from_delta(base, j, src, dst) -> uint8 [region_bytes]  (dst's region)
+
+A delta record is stored as positions or as a byte-change bitmap (`modeldir.format`);
+`read_delta` decodes either, `delta_bytes` is the record's size on disk.
 
 Every region and delta is checked against its manifest XXH3-128 checksum the
 first time it is read; a mismatch raises `ModelDirError` naming the file, expert layer and
@@ -61,7 +65,8 @@ class ExpertStore:
         return (src, dst) in self._delta_index[j]
 
     def delta_bytes(self, j: int, src: int, dst: int) -> int:
-        return 5 * self._delta_index[j][(src, dst)]["count"]
+        """Bytes the delta src→dst's record takes on disk (what `read_delta` reads)."""
+        return md.delta_entry_bytes(self._delta_index[j][(src, dst)], self.region_bytes)
 
     def delta_sources(self, j: int, dst: int) -> list[int]:
         return [s for (s, d) in self._delta_index[j] if d == dst]
@@ -124,17 +129,41 @@ class ExpertStore:
             self.bytes_read += nbytes
 
     def read_delta(self, j: int, src: int, dst: int):
+        """(positions uint32 [n], values uint8 [n]) of the delta src→dst of expert layer
+        j, whatever its encoding, or None when there is none."""
         entry = self._delta_index[j].get((src, dst))
         if entry is None:
             return None
         rel = self.layers[j]["delta_file"]
         mm = self._map(self._deltas, j, rel)
-        n = entry["count"]
-        raw = np.array(mm[entry["offset"]: entry["offset"] + 5 * n + (-5 * n) % 4])
-        self._check(("delta", j, src, dst), raw, entry[md.REGION_CHECKSUM],
-                    f"delta {src}->{dst} of expert layer {j}", rel)
-        self._count_read(5 * n)
-        return md.parse_delta(raw, 0, n)
+        nbytes = md.delta_entry_bytes(entry, self.region_bytes)
+        raw = np.array(mm[entry["offset"]: entry["offset"] + nbytes])
+        what = f"delta {src}->{dst} of expert layer {j}"
+        self._check(("delta", j, src, dst), raw, entry[md.REGION_CHECKSUM], what, rel)
+        self._count_read(nbytes)
+        try:
+            return md.parse_delta(raw, md.delta_encoding(entry), int(entry["count"]),
+                                  self.region_bytes)
+        except ValueError as err:
+            raise md.ModelDirError(f"{os.path.join(self.dir, rel)}: {what}: {err}; "
+                                   "re-run perspective-export") from None
+
+    def region_from_delta(self, base, j: int, src: int, dst: int) -> np.ndarray:
+        """Expert dst's region of layer j built on the host from `base` (src's region,
+        numpy or a host jax array; not changed) and the delta src→dst read from disk;
+        checked against dst's region checksum, so a wrong base or a damaged delta
+        raises `ModelDirError` instead of giving wrong codes."""
+        positions, values = self.read_delta(j, src, dst)
+        region = _aligned_empty(self.region_bytes, ARRAY_ALIGN)[: self.region_bytes]
+        region[:] = np.asarray(base)
+        region[positions] = values
+        entry = self.layers[j]["regions"][dst]
+        if md.region_digest(region) != entry[md.REGION_CHECKSUM]:
+            raise md.ModelDirError(
+                f"{os.path.join(self.dir, self.layers[j]['delta_file'])}: delta {src}->{dst} "
+                f"of expert layer {j} applied on the host does not give expert {dst}'s "
+                "region checksum")
+        return region
 
     def _read_direct(self, rel: str, offset: int, nbytes: int, hash_it: bool,
                      cancel: Optional[threading.Event] = None, what: str = "region"):

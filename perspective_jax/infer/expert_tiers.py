@@ -14,9 +14,14 @@ slot by key (resolved when it runs, after layer j's region is placed).
 
 Per layer the wanted expert is served by, in order: a slot already holding it
 ("same"), a slot holding a lattice neighbour with an exported delta ("delta":
-the changed bytes are scattered in place), or a full region transfer ("full"; a
-host-cache miss first reads it from disk). A wrong guess costs a stall and its
-bytes are counted as wasted, never a wrong result; with `cancel_wrong_reads` a
+the changed bytes are scattered in place), or a full region transfer of a host
+region — a host-cache hit ("full", no disk read), else, when the host cache holds
+a lattice neighbour with an exported delta, the region built on the host from it
+and the delta read from disk ("host_delta": checked against the expert's region
+checksum, admitted to the host cache like a fresh read), else a disk read ("full").
+Each bring reports its disk bytes and host→device bytes (`Stats.count_bytes`).
+A wrong guess costs a stall and its bytes are counted as wasted, never a wrong
+result; with `cancel_wrong_reads` a
 wrong guess still reading is stopped between its 1 MiB pieces. A wrong guess
 whose read fails (a corrupt or unreadable region that turned out not to be
 needed) is counted, not raised: decode goes on, and the error is raised, naming
@@ -59,6 +64,15 @@ class Prefetch(NamedTuple):
     key: tuple[int, int]
     future: concurrent.futures.Future
     cancel: Optional[threading.Event]
+
+
+class Fetched(NamedTuple):
+    """A host region to transfer, how it was got — "full" (a host-cache hit or a disk
+    read) or "host_delta" — and the bytes read from disk for it."""
+
+    region: object
+    kind: str
+    disk: int
 
 
 class ExpertTiers:
@@ -109,13 +123,24 @@ class ExpertTiers:
 
     # ------------------------------------------------------------- host tier
     def host_region(self, key, cancel: Optional[threading.Event] = None):
-        """Host array to transfer (layer, expert) from: the host cache's, else a fresh
-        read from disk. With a pinned host tier the fresh region goes to the device
-        straight from the read buffer, and its pinned copy is made for the cache on
-        the admit thread afterwards — the staging copy is off the critical path."""
+        """Host array to transfer (layer, expert) from (`_fetch`)."""
+        return self._fetch(key, cancel).region
+
+    def _fetch(self, key, cancel: Optional[threading.Event] = None) -> Fetched:
+        """The host cache's region of `key`, else one built by a host delta, else a
+        fresh read from disk."""
         value = self.host.get(key)
         if value is not None:
-            return value
+            return Fetched(value, "full", 0)
+        built = self._host_delta(key) if self.use_deltas else None
+        if built is not None:
+            return built
+        return Fetched(self._read(key, cancel), "full", self.store.region_bytes)
+
+    def _read(self, key, cancel: Optional[threading.Event] = None):
+        """A fresh read from disk. With a pinned host tier the fresh region goes to the
+        device straight from the read buffer, and its pinned copy is made for the cache
+        on the admit thread afterwards — the staging copy is off the critical path."""
         reserved = self.host.reserve()
         outside = not (self.stage_in_place and reserved)    # not read into a cache entry
         if outside:
@@ -130,6 +155,50 @@ class ExpertTiers:
             raise
         if outside:
             weakref.finalize(region, self._buffer_closed)
+        return self._admit_fresh(key, region, reserved)
+
+    def _host_delta(self, key) -> Optional[Fetched]:
+        """`key`'s region built from a lattice neighbour the host cache holds and the
+        delta read from disk, admitted to the host cache; None when the cache holds no
+        such neighbour, could make room only by evicting it, or the delta is damaged
+        (recorded in `stats.damaged_deltas`; the caller reads the region in full).
+        The new region takes the place of a fresh read's buffer."""
+        j, e = key
+        sources = self.store.delta_sources(j, e)
+        held = self.host.held([(j, s) for s in sources]) if sources else None
+        if held is None:
+            return None
+        (_, src), base = held
+        if not self.host.reserve(keep=(j, src)):
+            return None
+        nbytes = self.store.delta_bytes(j, src, e)
+        outside = not self.stage_in_place
+        if outside:
+            self._buffer_opened()
+        try:
+            region = self.store.region_from_delta(base, j, src, e)
+        except BaseException as err:
+            if outside:
+                self._buffer_closed()
+            self.host.unreserve()
+            if not isinstance(err, ModelDirError):
+                raise
+            self._damaged_delta(err, j, src, e)
+            return None
+        del base
+        if outside:
+            weakref.finalize(region, self._buffer_closed)
+        return Fetched(self._admit_fresh(key, region, True), "host_delta", nbytes)
+
+    def _damaged_delta(self, err, j: int, src: int, e: int) -> None:
+        """A delta is only a shortcut: forget it, say so, load its target in full."""
+        self.store.drop_delta(j, src, e)
+        self.stats.damaged_deltas.append(f"{err} (expert {e} of expert layer {j} is loaded "
+                                         "in full instead)")
+
+    def _admit_fresh(self, key, region, reserved: bool):
+        """A fresh region (read or built) into the host cache (if `reserved`); returns
+        the host array to transfer from."""
         if self.stage_in_place or self.pin_before_transfer:
             return self.host.admit(key, region, reserved)
         if reserved:
@@ -177,25 +246,25 @@ class ExpertTiers:
         read = self._io.submit(self._read_ahead, key, cancel, self._submitted)
         return self._transfer.submit(self._place, key, read, protect_keys, cancel)
 
-    def _read_ahead(self, key, cancel, seq: int):
+    def _read_ahead(self, key, cancel, seq: int) -> Optional[Fetched]:
         """I/O thread: the host region of `key` (bring number `seq`), or None when
         every earlier bring has been placed (the slots are final for it) and a slot
         holds `key` or a neighbour to take a delta from."""
         if self._placed == seq - 1 and (self.slots.find(key) is not None
                                         or self._delta_slot(key, ()) is not None):
             return None
-        return self.host_region(key, cancel)
+        return self._fetch(key, cancel)
 
     def _place(self, key, read: concurrent.futures.Future, protect_keys, cancel):
         """Transfer thread: `_bring(key)` with the region the I/O thread read (a
         guess cancelled meanwhile is not placed)."""
         try:
-            region = read.result()
+            fetched = read.result()
             if cancel is not None and cancel.is_set():
-                return "cancelled", 0
-            return self._bring(key, protect_keys, cancel, region=region)
+                return "cancelled", 0, fetched.disk if fetched is not None else 0
+            return self._bring(key, protect_keys, cancel, fetched=fetched)
         except ReadCancelled:
-            return "cancelled", 0
+            return "cancelled", 0, 0
         finally:
             self._placed += 1                 # only this thread writes it
 
@@ -206,38 +275,39 @@ class ExpertTiers:
         return self.slots.delta_slot(key[0], sources, protect) if sources else None
 
     def _bring(self, key, protect_keys=(), cancel: Optional[threading.Event] = None,
-               region=None) -> tuple[str, int]:
-        """Make `key` resident in a slot that holds none of `protect_keys` (`region`:
-        its host region if already read); returns (transfer kind, bytes moved), or
-        ("cancelled", 0) when `cancel` was set while its region was read from disk."""
+               fetched: Optional[Fetched] = None) -> tuple[str, int, int]:
+        """Make `key` resident in a slot that holds none of `protect_keys` (`fetched`:
+        its host region if already got); returns (transfer kind, host→device bytes,
+        disk bytes), or ("cancelled", 0, 0) when `cancel` was set while its region was
+        read from disk. A region got ahead but not needed still counts its disk bytes."""
+        spent = fetched.disk if fetched is not None else 0
         slot = self.slots.find(key)
         if slot is not None:
             self.slots.touch(slot)
-            return "same", 0
+            return "same", 0, spent
         protect = tuple(s for s, k in enumerate(self.slots.keys) if k in protect_keys)
         j, e = key
         slot = self._delta_slot(key, protect)
         if slot is not None:
             src = self.slots.keys[slot][1]
+            nbytes = self.store.delta_bytes(j, src, e)
             try:
                 positions, values = self.store.read_delta(j, src, e)
-            except ModelDirError as err:     # a delta is only a shortcut: say so, load in full
-                self.store.drop_delta(j, src, e)
-                self.stats.damaged_deltas.append(f"{err} (expert {e} of expert layer {j} "
-                                                 "is loaded in full instead)")
+            except ModelDirError as err:
+                self._damaged_delta(err, j, src, e)
             else:
                 self.slots.apply_delta(slot, key, positions, values)
                 self.slots.arrays[slot].block_until_ready()
-                return "delta", 5 * len(positions)
-        if region is None:
+                return "delta", 5 * len(positions), spent + nbytes
+        if fetched is None:
             try:
-                region = self.host_region(key, cancel)
+                fetched = self._fetch(key, cancel)
             except ReadCancelled:
-                return "cancelled", 0
+                return "cancelled", 0, 0
         slot = self.slots.victim(protect)
-        self.slots.load(slot, key, region)
+        self.slots.load(slot, key, fetched.region)
         self.slots.arrays[slot].block_until_ready()
-        return "full", self.slots.region_bytes
+        return fetched.kind, self.slots.region_bytes, fetched.disk
 
     def ensure(self, key, then=None) -> int:
         """Slot holding `key` now; `then`, if given, is the guess for the next layer,
@@ -256,20 +326,20 @@ class ExpertTiers:
             future = pending.future
         elif idle and self.slots.find(key) is not None:
             self.slots.touch(self.slots.find(key))
-            future = _done(("same", 0))
+            future = _done(("same", 0, 0))
         else:                                    # queued behind any wrong guess (FIFO)
             future = self._submit_bring(key)
         if then is not None:
             self._start_prefetch(then, key, io_idle=future.done())
         stalled = not future.done()
-        kind, nbytes = future.result()           # re-raises a failed read or transfer
+        kind, to_device, disk = future.result()  # re-raises a failed read or transfer
         if pending is not None and not right:
-            wrong_kind, wrong_bytes = self._guess_outcome(pending)   # done: it ran first
-            stats.cancelled += wrong_kind == "cancelled"
-            stats.bytes_moved["wasted"] += wrong_bytes
+            wrong_kind, wrong_device, wrong_disk = self._guess_outcome(pending)   # done:
+            stats.cancelled += wrong_kind == "cancelled"                           # it ran first
+            stats.count_bytes("wasted", wrong_device, wrong_disk)
         stats.predicted_right += right
         stats.transfers[kind] += 1
-        stats.bytes_moved[kind] += nbytes
+        stats.count_bytes(kind, to_device, disk)
         if stalled:
             stats.stalls += 1
             stats.stall_s += time.perf_counter() - t0
@@ -278,19 +348,20 @@ class ExpertTiers:
     def _start_prefetch(self, key, protect_key, io_idle: bool) -> None:
         self.stats.predictions += 1
         if io_idle and self.slots.find(key) is not None:    # resident: nothing to bring
-            self._pending = Prefetch(key, _done(("same", 0)), None)
+            self._pending = Prefetch(key, _done(("same", 0, 0)), None)
             return
         cancel = threading.Event() if self.cancel_wrong_reads else None   # None: one copy
         self._pending = Prefetch(key, self._submit_bring(key, (protect_key,), cancel), cancel)
 
-    def _guess_outcome(self, pending: Prefetch) -> tuple[str, int]:
-        """(kind, bytes) of a guess that was not used; a read error of it is counted
-        (`stats.failed_guesses`), not raised — it is raised when the expert is used."""
+    def _guess_outcome(self, pending: Prefetch) -> tuple[str, int, int]:
+        """(kind, host→device bytes, disk bytes) of a guess that was not used; a read
+        error of it is counted (`stats.failed_guesses`), not raised — it is raised
+        when the expert is used."""
         try:
             return pending.future.result()
         except READ_ERRORS:
             self.stats.failed_guesses += 1
-            return "failed", 0
+            return "failed", 0, 0
 
     # -------------------------------------------------------------- shutdown
     def flush_admissions(self) -> None:

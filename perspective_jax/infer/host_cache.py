@@ -73,15 +73,30 @@ class HostCache:
             self._last[key] = self._tick
             return value
 
-    def reserve(self) -> bool:
-        """Make room for one region about to be read; False if the budget holds none."""
+    def held(self, keys):
+        """(key, host array) of the first of `keys` the cache holds, or None. Counted as
+        a use of that entry (it is read from), not as a hit or miss."""
+        with self._lock:
+            for key in keys:
+                value = self._entries.get(key)
+                if value is not None:
+                    self._tick += 1
+                    self._uses[key] += 1
+                    self._last[key] = self._tick
+                    return key, value
+            return None
+
+    def reserve(self, keep=None) -> bool:
+        """Make room for one region about to be read, never evicting `keep` (a region
+        it is built from); False if the budget holds none."""
         with self._lock:
             if self.capacity == 0:
                 return False
             while len(self._entries) + self._reserved >= self.capacity:
-                if not self._entries:
+                candidates = [k for k in self._entries if k != keep]
+                if not candidates:
                     return False
-                victim = min(self._entries, key=self._score)
+                victim = min(candidates, key=self._score)
                 self._drop(victim)
                 self.evictions += 1
             self._reserved += 1

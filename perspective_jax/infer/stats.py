@@ -11,7 +11,8 @@ import collections
 import dataclasses
 from typing import Optional
 
-KINDS = ("same", "delta", "full")
+KINDS = ("same", "delta", "host_delta", "full")   # how a wanted expert reached its slot
+TIERS = ("disk", "host_to_device")                 # where `Stats.count_bytes` bytes moved
 
 
 @dataclasses.dataclass
@@ -24,6 +25,7 @@ class Stats:
     batch_steps: int = 0        # batched decode steps (`StreamingEngine.step`)
     transfers: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     bytes_moved: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    #                             host→device bytes per kind (+ "wasted": wrong guesses)
     predictions: int = 0
     predicted_right: int = 0
     stalls: int = 0
@@ -51,6 +53,37 @@ class Stats:
     safety_max_iterations: int = 0
     safety_max_violation: float = 0.0   # largest residual violation before a fallback
     safety_pulled: int = 0      # fell back toward the interior point (not converged)
+    # bytes by tier (ExpertTiers through `count_bytes`): disk bytes read (regions and
+    # deltas) per kind (+ "wasted"), and both tiers' totals split by the forward they
+    # were spent in — one that decoded or one that prefilled (`tier_bytes`)
+    disk_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    decode_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    prefill_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    _open_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    _open_marks: tuple = (0, 0)   # (prefill_tokens, decode_tokens) when _open_bytes began
+
+    def count_bytes(self, kind: str, to_device: int, disk: int) -> None:
+        """Bytes one bring moved host→device and read from disk (kind: a KINDS entry or
+        "wasted"). Until the engine accounts the forward they belong to (its token
+        counts move) they are held open, then added to decode or prefill bytes."""
+        self._settle()
+        self.bytes_moved[kind] += to_device
+        self.disk_bytes[kind] += disk
+        self._open_bytes.update({"host_to_device": to_device, "disk": disk})
+
+    def _settle(self) -> None:
+        marks = (self.prefill_tokens, self.decode_tokens)
+        if marks != self._open_marks:
+            phase = self.decode_bytes if marks[1] != self._open_marks[1] else self.prefill_bytes
+            phase.update(self._open_bytes)
+            self._open_bytes, self._open_marks = collections.Counter(), marks
+
+    def tier_bytes(self) -> dict:
+        """{"decode" | "prefill": {tier: bytes}} of the forwards accounted so far."""
+        self._settle()
+        return {phase: {t: counts[t] for t in TIERS}
+                for phase, counts in (("decode", self.decode_bytes),
+                                      ("prefill", self.prefill_bytes))}
 
     def brings(self) -> int:
         """Expert regions asked of the tiers so far (each "same", "delta" or "full")."""
@@ -99,6 +132,17 @@ def safety_report(s: Stats) -> dict:
                                              if s.final_rows else 0.0)}
 
 
+def tier_report(s: Stats, decoded: int) -> dict:
+    """Bytes by tier for --stats: disk bytes per kind (host→device ones are
+    `bytes_moved`), and both tiers' bytes per decoded token (the bytes of forwards
+    that decoded — wrong guesses and MPD's views included — over the tokens emitted)."""
+    decode = s.tier_bytes()["decode"]
+    return {"disk_bytes": {k: s.disk_bytes[k] for k in (*KINDS, "wasted")},
+            "disk_bytes_per_token": decode["disk"] / decoded if decoded else 0.0,
+            "host_to_device_bytes_per_token": (decode["host_to_device"] / decoded
+                                               if decoded else 0.0)}
+
+
 def report(engine) -> dict:
     """The --stats statistics of `engine` (a StreamingEngine)."""
     s = engine.stats
@@ -124,6 +168,7 @@ def report(engine) -> dict:
             "transfers": {k: s.transfers[k] for k in KINDS},
             "bytes_moved": {k: s.bytes_moved[k] for k in (*KINDS, "wasted")},
             "disk_bytes_read": engine.store.bytes_read,
+            **tier_report(s, decoded),
             "host_cache_hit_rate": host.hits / lookups if lookups else 0.0,
             "host_cache_evictions": host.evictions,
             "host_peak_bytes": host.peak_bytes,

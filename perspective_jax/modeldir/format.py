@@ -28,7 +28,16 @@ pattern position i. A region holds the 2-bit codes of W_gate [d, f], W_up
 (`kernels_pallas.ternary_matmul.pack_rows_2bit`), so the device computes on it
 directly; regions are padded to `REGION_ALIGN` bytes (page- and O_DIRECT-aligned).
 A delta src→dst lists the byte positions where dst's region differs from src's
-and dst's bytes there: applying it to src's codes gives dst's codes exactly.
+and dst's bytes there: applying it to src's codes gives dst's codes exactly. Its
+record (padded to 4 bytes) takes one of two encodings, whichever is smaller for
+n changed bytes of a region of R bytes:
+
+    "positions": uint32 LE positions [n], then the values uint8 [n]      5n bytes
+    "bitmap":    bit i of byte i//8 (LSB first) set where byte i changes [⌈R/8⌉],
+                 then the values uint8 [n] in position order              ⌈R/8⌉ + n
+
+(bitmap wins for n > R/32). A delta entry names its "encoding" and record "bytes";
+entries of format 5 have neither and are positions.
 """
 
 from __future__ import annotations
@@ -47,17 +56,20 @@ from perspective_jax.errors import UserError
 from perspective_jax.fileio import naming, seal, sha256_bytes, sha256_file  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "perspective-model"
-FORMAT_VERSION = 5   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
+FORMAT_VERSION = 6   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
                      # 3: region and delta checksums are XXH3-128 ("xxh3_128");
                      # 4: shared/embedding says "float32" or "int8" (+ row scales);
-                     # 5: the manifest carries a sha256 of its own content
-READABLE_VERSIONS = (5,)   # older manifests cannot be verified: refused, re-export
+                     # 5: the manifest carries a sha256 of its own content;
+                     # 6: delta entries name their "encoding" and record "bytes"
+READABLE_VERSIONS = (5, 6)   # older manifests cannot be verified: refused, re-export
 MANIFEST_CHECKSUM = "manifest_sha256"   # manifest key of its own content's sha256
 REGION_CHECKSUM = "xxh3_128"   # manifest key of a region's / delta's checksum
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
 EXPERT_SCALES = "expert_scales"      # expert_scales/<matrix>: [L, E, S], S = 1 or N
 REGION_ALIGN = 4096
+DELTA_POSITIONS, DELTA_BITMAP = "positions", "bitmap"   # delta record encodings
+DELTA_ENCODINGS = (DELTA_POSITIONS, DELTA_BITMAP)
 EXPERT_MATRICES = ("w_gate", "w_up", "w_down")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_KEY = "chat_template"   # manifest entry: {"file": ..., "source": ...}
@@ -138,22 +150,70 @@ def encode_delta(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def apply_delta(region: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """A copy of `region` with `values` written at `positions`."""
-    out = np.array(region, copy=True)
+    """A copy of `region` (numpy, or any array `np.array` copies) with `values` written
+    at `positions`."""
+    out = np.array(region, np.uint8, copy=True)
     out[positions] = values
     return out
 
 
-def delta_record(positions: np.ndarray, values: np.ndarray) -> bytes:
-    """positions (uint32 LE) then values (uint8), padded to 4 bytes."""
-    raw = positions.astype("<u4").tobytes() + values.astype(np.uint8).tobytes()
+def delta_record_bytes(encoding: str, count: int, region_bytes: int) -> int:
+    """Bytes a delta record of `count` changed bytes takes on disk (padded to 4)."""
+    if encoding == DELTA_POSITIONS:
+        raw = 5 * count
+    elif encoding == DELTA_BITMAP:
+        raw = -(-region_bytes // 8) + count
+    else:
+        raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
+    return raw + (-raw) % 4
+
+
+def smaller_encoding(count: int, region_bytes: int) -> str:
+    """The encoding whose record is smaller for `count` changed bytes (positions on a tie)."""
+    return min(DELTA_ENCODINGS, key=lambda enc: delta_record_bytes(enc, count, region_bytes))
+
+
+def delta_encoding(entry: dict) -> str:
+    """A manifest delta entry's encoding (format 5 entries name none: positions)."""
+    return entry.get("encoding", DELTA_POSITIONS)
+
+
+def delta_entry_bytes(entry: dict, region_bytes: int) -> int:
+    """A manifest delta entry's record size on disk."""
+    return delta_record_bytes(delta_encoding(entry), int(entry["count"]), region_bytes)
+
+
+def delta_record(positions: np.ndarray, values: np.ndarray, encoding: str = DELTA_POSITIONS,
+                 region_bytes: int = 0) -> bytes:
+    """The record of a delta (`encode_delta`'s sorted positions and values) in
+    `encoding`, padded to 4 bytes; the bitmap encoding needs `region_bytes`."""
+    values = np.asarray(values, np.uint8)
+    if encoding == DELTA_POSITIONS:
+        raw = np.asarray(positions).astype("<u4").tobytes() + values.tobytes()
+    elif encoding == DELTA_BITMAP:
+        mask = np.zeros(region_bytes, bool)
+        mask[positions] = True
+        raw = np.packbits(mask, bitorder="little").tobytes() + values.tobytes()
+    else:
+        raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
     return raw + b"\0" * ((-len(raw)) % 4)
 
 
-def parse_delta(buf, offset: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    positions = np.frombuffer(buf, "<u4", count, offset)
-    values = np.frombuffer(buf, np.uint8, count, offset + 4 * count)
-    return positions, values
+def parse_delta(buf, encoding: str, count: int, region_bytes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions uint32 [count] ascending, values uint8 [count]) of a record read
+    whole (`buf`, as `delta_record` wrote it)."""
+    buf = np.frombuffer(buf, np.uint8)
+    if encoding == DELTA_POSITIONS:
+        return buf[: 4 * count].view("<u4"), buf[4 * count: 5 * count]
+    if encoding != DELTA_BITMAP:
+        raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
+    head = -(-region_bytes // 8)
+    mask = np.unpackbits(buf[:head], count=region_bytes, bitorder="little")
+    positions = np.flatnonzero(mask).astype(np.uint32)
+    if len(positions) != count:
+        raise ValueError(f"bitmap delta marks {len(positions)} bytes, its entry {count}")
+    return positions, buf[head: head + count]
 
 
 def region_digest(data) -> str:

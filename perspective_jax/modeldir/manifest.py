@@ -230,8 +230,16 @@ def _check(manifest: dict, bad):
             if (min(src, dst), max(src, dst)) not in neighbours:
                 raise bad(f"{where} has a delta {src}->{dst} between experts that are not "
                           "lattice neighbours")
-            if count < 0 or not 0 <= int(d["offset"]) <= delta_bytes - 5 * count:
+            encoding = md.delta_encoding(d)
+            if encoding not in md.DELTA_ENCODINGS:
+                raise bad(f"{where}'s delta {src}->{dst} has encoding {encoding!r}, not one "
+                          f"of {', '.join(md.DELTA_ENCODINGS)}")
+            size = md.delta_record_bytes(encoding, count, layout.nbytes)
+            if count < 0 or not 0 <= int(d["offset"]) <= delta_bytes - size:
                 raise bad(f"{where}'s delta {src}->{dst} lies outside {layer['delta_file']}")
+            if int(d.get("bytes", size)) != size:
+                raise bad(f"{where}'s delta {src}->{dst} says {d['bytes']} bytes; its "
+                          f"encoding and count make {size}")
             if not isinstance(d[md.REGION_CHECKSUM], str):
                 raise bad(f"{where}'s delta {src}->{dst} has no {md.REGION_CHECKSUM}")
     freqs = manifest.get("routing_frequencies")

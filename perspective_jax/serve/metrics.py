@@ -8,7 +8,8 @@
     perspective_decode_tokens_per_second              gauge (last 10 s, all sequences)
     perspective_queue_depth / _running_sequences      gauges
     perspective_host_cache_hit_rate                   gauge (from the engine)
-    perspective_expert_bytes_moved_total{kind}        counter (same / delta / full / wasted)
+    perspective_expert_bytes_moved_total{kind}        counter, host→device bytes (same / delta /
+                                                      host_delta / full / wasted)
     perspective_mpd_trigger_rate                      gauge (MPD tokens that ran the views)
     perspective_safety_tokens_total                   counter (guarded positions projected)
     perspective_safety_projections_total              counter (of which the projection moved)
