@@ -134,6 +134,8 @@ class MoEConfig:
     balance_weight: float = 0.01
     delta_weight: float = 0.001
     smoothness_weight: float = 0.005
+    # weight of the expert-predictor heads' cross-entropy (prefetch; 0 = not trained)
+    predictor_weight: float = 1.0
 
     def __post_init__(self):
         s = "moe"
@@ -144,7 +146,8 @@ class MoEConfig:
                  f"{'x'.join(map(str, self.lattice))} = {math.prod(self.lattice)} cells "
                  f"but num_experts={self.num_experts}; make them equal")
         for name in ("offset_init_scale", "balance_weight", "delta_weight",
-                     "smoothness_weight", "upcycle_noise", "route_init_scale"):
+                     "smoothness_weight", "upcycle_noise", "route_init_scale",
+                     "predictor_weight"):
             _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
         _require(self.gate in GATES, f"{s}.gate",
                  f"use 'straight_through' or 'softmax', got {self.gate!r}")
