@@ -18,7 +18,7 @@ from perspective_jax.model.routed_ffn import NEXT_TOKEN_PREDICTOR, PREDICTOR
 from perspective_jax.model.transformer import PerspectiveLM, init_params, is_predictor_path
 from perspective_jax.modeldir import format as md
 from streaming_helpers import (assert_engine_matches, export_model, reference_logits,
-                               routed_cfg, similar_experts)
+                               routed_cfg, similar_experts, train_heads)
 
 RNG = np.random.default_rng(11)
 PROMPT, STEPS = RNG.integers(0, 259, 6), RNG.integers(0, 259, 5)
@@ -52,6 +52,7 @@ def headed(tmp_path_factory):
     cfg = routed_cfg(_small_cfg())
     params = init_params(cfg.model, jax.random.key(0), moe=cfg.moe)
     params = _with_heads(similar_experts(params, cfg, jax.random.key(1)), jax.random.key(2))
+    params = train_heads(cfg, params, np.concatenate([PROMPT, STEPS])[None], steps=4)
     tmp = tmp_path_factory.mktemp("learned")
     return cfg, params, export_model(tmp, cfg, params), tmp
 
