@@ -14,7 +14,8 @@ What is the engine's own: the embedding and head on an int8 table (row blocks,
 embedding_int8) and the final transform before the head; experts on packed 2-bit
 ternary regions, (x·T)·scale via `kernels_pallas.ternary_matmul`, in row groups
 (prefill, batched decode) with a fence for the slot, or one fused
-expert-and-residual call (decode); route + next layer's guess in one call.
+expert-and-residual call (decode); route + next layer's guesses in one call; the
+head + the next token's layer-0 guess (learned heads) in one call.
 """
 
 from __future__ import annotations

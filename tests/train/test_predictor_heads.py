@@ -86,7 +86,7 @@ def test_heads_never_change_logits_or_lm_gradients(small_cfg):
             nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None],
                                        -1).mean()
             return nll + aux
-        return jax.grad(loss)(heads)
+        return jax.jit(jax.grad(loss))(heads)
 
     on, off = grads(1.0), grads(0.0)
     flat_on = dict((_path(p), a) for p, a in jax.tree_util.tree_flatten_with_path(on)[0])
