@@ -129,8 +129,12 @@ def test_next_token_guess_is_queued_with_the_tiers(headed):
 
 
 def test_auto_uses_the_learned_heads_among_its_candidates(headed):
+    """"auto" (the default) computes the learned guesses too; exact with a chunked
+    prefill (the layer-0 guess follows only the feed's last chunk) and a pinned tier."""
     cfg, params, path, _ = headed
-    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_slots=2))
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_slots=2,
+                                                 prefill_chunk=4,
+                                                 host_memory_kind="pinned_host"))
     assert engine.predictor.uses_learned and engine.predictor.uses_router
     ref = reference_logits(cfg, params, PROMPT, STEPS)
     assert_engine_matches(engine, ref, PROMPT, STEPS)
