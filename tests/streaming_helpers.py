@@ -121,3 +121,35 @@ def flip_bit(path, offset: int) -> None:
         byte = fh.read(1)
         fh.seek(offset)
         fh.write(bytes([byte[0] ^ 0x01]))
+
+
+def train_heads(cfg, params, tokens, steps: int = 60, lr: float = 0.05):
+    """params whose expert-predictor heads (only) took `steps` Adam steps on their loss
+    (`train.objective.predictor_terms`) over `tokens` [B, T], with the exported
+    expert values; the other parameters are returned unchanged."""
+    import optax
+    from perspective_jax.model.transformer import is_predictor_path
+    from perspective_jax.train.objective import predictor_terms
+    model = PerspectiveLM(cfg.model, cfg.moe)
+    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
+    mask = jax.tree_util.tree_map_with_path(
+        lambda p, _: is_predictor_path("/".join(str(k.key) for k in p)), used)
+
+    def loss(p):
+        _, state = model.apply({"params": p}, tokens, mutable=["aux"])
+        terms = predictor_terms(state["aux"], cfg)
+        return terms["layer_loss"] + terms["token_loss"]
+
+    tx = optax.masked(optax.adam(lr), mask)
+    opt = tx.init(used)
+
+    @jax.jit
+    def step(p, opt):
+        grads = jax.grad(loss)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt
+
+    for _ in range(steps):
+        used, opt = step(used, opt)
+    return jax.tree.map(lambda old, new, m: np.asarray(new) if m else old,
+                        params, used, mask)

@@ -105,6 +105,9 @@ def run(argv=None) -> int:
         print(f"routing: gini {r['gini']:.3f}, all experts reachable: {r['all_reachable']}, "
               f"adjacent-token switches same/neighbour/other "
               f"{r['switch_same']:.2f}/{r['switch_neighbour']:.2f}/{r['switch_other']:.2f}")
+        if "predictor_accuracy_layer" in r:
+            print(f"expert prediction: next layer {r['predictor_accuracy_layer']:.2f}, "
+                  f"next token's layer 0 {r['predictor_accuracy_token']:.2f}")
     if result.sample:
         print(f"sample: {result.sample!r}")
     return 0

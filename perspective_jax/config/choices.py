@@ -39,7 +39,7 @@ STAGES = (*CURRICULUM, SAFETY_STAGE, "all")
 ROUTED_STAGES = ("upcycle", "sparse", "ternary", "align")
 TERNARY_STAGES = ("ternary", "align")
 # streaming engine: prefetch predictors and expert-store read paths
-PREDICTORS = ("auto", "router", "previous")
+PREDICTORS = ("auto", "router", "previous", "learned")
 IO_MODES = ("mmap", "direct")
 # export: tied embedding/head storage
 EMBEDDING_FORMATS = ("float32", "int8")

@@ -144,6 +144,8 @@ class MoEConfig:
     # trit threshold are moved across it to agree with their lattice neighbours'
     # majority trit before the align fine-tune (moe/align.consensus_snap); 0 = off
     align_consensus: float = 0.0
+    # weight of the expert-predictor heads' cross-entropy (prefetch; 0 = not trained)
+    predictor_weight: float = 1.0
 
     def __post_init__(self):
         s = "moe"
@@ -155,7 +157,7 @@ class MoEConfig:
                  f"but num_experts={self.num_experts}; make them equal")
         for name in ("offset_init_scale", "balance_weight", "delta_weight",
                      "smoothness_weight", "locality_weight", "upcycle_noise",
-                     "route_init_scale"):
+                     "route_init_scale", "predictor_weight"):
             _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
         _require(self.delta_form in DELTA_FORMS, f"{s}.delta_form",
                  f"use one of {', '.join(DELTA_FORMS)}, got {self.delta_form!r}")

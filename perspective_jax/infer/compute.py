@@ -14,7 +14,8 @@ What is the engine's own: the embedding and head on an int8 table (row blocks,
 embedding_int8) and the final transform before the head; experts on packed 2-bit
 ternary regions, (x·T)·scale via `kernels_pallas.ternary_matmul`, in row groups
 (prefill, batched decode) with a fence for the slot, or one fused
-expert-and-residual call (decode); route + next layer's guess in one call.
+expert-and-residual call (decode); route + next layer's guesses in one call; the
+head + the next token's layer-0 guess (learned heads) in one call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from perspective_jax.quant import embedding_int8 as int8_embedding
 from perspective_jax.modeldir.format import RegionLayout
 from perspective_jax.model.extensions import Route
 from perspective_jax.model.layers import RMSNorm, dtype_of
-from perspective_jax.model.routed_ffn import gated_residual
+from perspective_jax.model.routed_ffn import PREDICTOR, gated_residual, predictor_logits
 from perspective_jax.model.transformer import ResidualBlock
 from perspective_jax.quant.ternary import quantize_activations_int8
 
@@ -68,15 +69,25 @@ def route(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int, lp, h,
     return _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def route_and_guess(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int,
-                    layer_next: int, lp, lp_next, h, segment_pos, period, period_next):
-    """Decode: `route(lp, h)` and the expert layer `lp_next`'s router applied to the
-    same h (the prefetch guess for the next expert layer, SPEC §3.5), in one call:
-    h [B, T, d] → (hn, expert [B, T], gate [B, T], guessed next expert [B, T])."""
+                    layer_next: int, kinds: tuple, lp, lp_next, h, segment_pos, period,
+                    period_next):
+    """Decode: `route(lp, h)` and the guesses `kinds` for the next expert layer's expert
+    (SPEC §3.5), in one call: "router" = the expert layer `lp_next`'s router applied
+    to the same h; "learned" = argmax of layer `lp`'s predictor head on hn (see
+    `infer.predictor`). h [B, T, d] → (hn, expert [B, T], gate [B, T],
+    guesses [len(kinds), B, T] in the order of `kinds`)."""
     hn, idx, gate = _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
-    guess = _route(cfg, moe, policy, layer_next, lp_next, h, segment_pos, period_next)[1]
-    return hn, idx, gate, guess
+    guesses = []
+    for kind in kinds:
+        if kind == "router":
+            guesses.append(_route(cfg, moe, policy, layer_next, lp_next, h, segment_pos,
+                                  period_next)[1])
+        else:
+            logits = predictor_logits(lp["ffn"][PREDICTOR]["w"], hn)
+            guesses.append(jnp.argmax(logits, -1).astype(idx.dtype))
+    return hn, idx, gate, jnp.stack(guesses)
 
 
 def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):
@@ -132,6 +143,21 @@ def dense_ffn(cfg: ModelConfig, kind: str, lp, h):
 def head(cfg: ModelConfig, final_norm, table, x):
     """x [B, d] → logits [B, V] (float32); `table` is [V, d] float or an `Int8Table`."""
     return tied_head(cfg, table, normed(cfg, final_norm, x))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def head_and_guess(cfg: ModelConfig, final_norm, table, w_next_token, x):
+    """x [B, d] → (logits [B, V], the next-token head's guess of the next token's
+    layer-0 expert [B]: argmax of `predictor_logits(w_next_token, RMSNorm(x))`)."""
+    xn = normed(cfg, final_norm, x)
+    return tied_head(cfg, table, xn), first_layer_guess(w_next_token, xn)
+
+
+@jax.jit
+def first_layer_guess(w_next_token, xn):
+    """xn [B, d] (the final normed state, before any final transform) → the next-token
+    head's guess of the next token's layer-0 expert [B]."""
+    return jnp.argmax(predictor_logits(w_next_token, xn), -1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

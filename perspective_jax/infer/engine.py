@@ -14,9 +14,11 @@ too — hard byte budget) → device (`DeviceSlots`, two or more
 expert-layer slots). During decode, as soon as layer j has routed its token the
 engine predicts layer j+1's expert (`predictor.Predictor`) and starts bringing it
 to a free slot on a background thread (disk read, checksum, host→device copy)
-while layer j's expert computes. Layer j's route and the router's guess for layer
-j+1 come from one jitted call (one host sync per expert layer), and the guess is
-queued behind layer j's own region before the engine waits for it. How a region
+while layer j's expert computes. Layer j's route and the guesses for layer j+1
+(the router's, the learned head's) come from one jitted call (one host sync per
+expert layer), and the guess is queued behind layer j's own region before the
+engine waits for it. With learned heads, the head call also guesses the next
+token's layer-0 expert from the final state, and that guess is queued at once. How a region
 is brought in ("same", "delta", "full") and what a misprediction costs:
 `perspective_jax.infer.expert_tiers`.
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perspective_jax.config import PerspectiveConfig
-from perspective_jax.config.param_layout import expert_layers
+from perspective_jax.config.param_layout import expert_layers, routed_positions
 from perspective_jax.config.loader import from_dict
 from perspective_jax.errors import UserError
 from perspective_jax.infer import compile_clock
@@ -60,6 +62,7 @@ from perspective_jax.modeldir.shared_weights import embedding_table, insert_kern
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.extensions import (NEAREST, Extensions, check_extensions,
                                               inject_after, layer_adapters)
+from perspective_jax.model.routed_ffn import NEXT_TOKEN_PREDICTOR, PREDICTOR
 from perspective_jax.model.transformer import init_cache
 
 
@@ -137,7 +140,10 @@ class StreamingEngine:
             self._init_tiers(model_dir, scales, on_device)
         else:
             self._check_device_budget()
-        self.predictor = Predictor(o.predictor, len(self.expert_layers))
+        self.token_head, self.learned_predictor = (self._learned_heads(tree, on_device)
+                                                   if self.routed else (None, "dense model"))
+        self.predictor = Predictor(o.predictor, len(self.expert_layers),
+                                   learned=self.token_head is not None, stats=self.stats)
 
     # ------------------------------------------------------------------ setup
     def _init_tiers(self, model_dir, scales, on_device):
@@ -181,6 +187,20 @@ class StreamingEngine:
                                  pin_before_transfer=self.pin_before_transfer,
                                  cancel_wrong_reads=o.cancel_wrong_reads,
                                  transfer_thread=o.transfer_thread)
+
+    def _learned_heads(self, tree: dict, on_device):
+        """(the next-token head [d, E] on the device, or None; what the --stats report
+        says of the learned predictor). Heads that are absent (an export from before
+        they existed) or all zero (never trained: a run made before them) are not
+        used: the router's guesses take their place."""
+        layer_heads = [tree["periods"][f"layer_{i}"]["ffn"].get(PREDICTOR, {}).get("w")
+                       for i in routed_positions(self.model)]
+        token = tree.get(NEXT_TOKEN_PREDICTOR, {}).get("w")
+        if token is None or any(w is None for w in layer_heads):
+            return None, "absent from the model directory (router guesses instead)"
+        if not (np.any(token) and any(np.any(w) for w in layer_heads)):
+            return None, "untrained (all zero; router guesses instead)"
+        return jax.device_put(token, on_device), "available"
 
     def _check_device_budget(self) -> None:
         """With a device budget: measure the largest call's temporaries, then check."""
@@ -238,7 +258,7 @@ class StreamingEngine:
             segment_pos = jnp.arange(pos, pos + chunk.size, dtype=jnp.int32)[None]
             chunk_ext = _chunk_extensions(ext, s, s + chunk.size, tokens.size, all_logits)
             logits = self._forward_chunk(chunk[None], segment_pos, layers, chunk_ext,
-                                         all_logits)
+                                         all_logits, guess_next=s + chunk.size == tokens.size)
             parts.append(logits)
             if chunk_ext is not None and chunk_ext.final_transform is not None:
                 infos.append(self.final_info)
@@ -279,7 +299,8 @@ class StreamingEngine:
         self.final_info = None
         layers = [list(r) for r in batch.layers]
         pos = batch.next_pos
-        logits = self._forward_chunk(tokens[:, None], jnp.asarray(pos)[:, None], layers, ext)
+        logits = self._forward_chunk(tokens[:, None], jnp.asarray(pos)[:, None], layers, ext,
+                                     guess_next=True)
         logits = np.asarray(logits)
         self._account(t0, c0, prefill=0, decode=batch.size)
         self.stats.batch_steps += 1
@@ -303,10 +324,13 @@ class StreamingEngine:
             check_extensions(ext, self.model)
 
     def _forward_chunk(self, tokens: np.ndarray, segment_pos, layers: list,
-                       ext: Optional[Extensions] = None, all_positions: bool = False):
+                       ext: Optional[Extensions] = None, all_positions: bool = False,
+                       guess_next: bool = False):
         """tokens [B, T] at positions segment_pos [B, T] through every layer, updating
         `layers[p][i]` in place; returns the last position's logits [B, V] (every
-        position's, [B·T, V], with `all_positions`)."""
+        position's, [B·T, V], with `all_positions`). `guess_next` (one sequence, the
+        feed's last chunk): prefetch the next token's layer-0 expert the learned
+        next-token head guesses, when the predictor uses it."""
         cfg, n = self.model, len(self.model.layer_pattern)
         scale = 1.0 if ext is None else ext.adapter_scale
         policy = NEAREST if ext is None else ext.route
@@ -322,9 +346,32 @@ class StreamingEngine:
                     x = L.dense_ffn(cfg, kind, lp, h)
                 x = inject_after(x, ext, p * n + i)
         last = x.reshape(-1, cfg.d_model) if all_positions else x[:, -1]
+        guess = (guess_next and not all_positions and tokens.shape[0] == 1 and self.prefetch
+                 and self.predictor.uses_learned)
         if ext is None or ext.final_transform is None:
-            return L.head(cfg, self.final_norm, self.embed_table, last)
-        return self._transformed_head(last, ext)
+            if not guess:
+                return L.head(cfg, self.final_norm, self.embed_table, last)
+            logits, first = jax.device_get(L.head_and_guess(
+                cfg, self.final_norm, self.embed_table, self.token_head, last))
+            self._prefetch_first(int(first[0]))
+            return logits
+        logits = self._transformed_head(last, ext)
+        if guess:
+            xn = L.normed(cfg, self.final_norm, last)
+            self._prefetch_first(int(np.asarray(L.first_layer_guess(self.token_head, xn))[0]))
+        return logits
+
+    def _prefetch_first(self, guess: int) -> None:
+        """Queue the next token's layer-0 expert `guess` as `ExpertTiers.ensure` queues a
+        `then=` guess: behind everything asked so far, keeping the last expert layer's
+        slot. Nothing is queued while another guess is pending."""
+        if self.tiers._pending is not None:
+            return
+        key = self.predictor.predict_first(guess)
+        if key is not None:
+            last = self.predictor.last[-1]
+            protect = (len(self.expert_layers) - 1, last if last is not None else -1)
+            self.tiers._start_prefetch(key, protect, io_idle=False)
 
     def _transformed_head(self, last, ext: Extensions):
         """The head with the final transform; its info ({name: [N]} numpy) is kept in
@@ -363,6 +410,7 @@ class StreamingEngine:
         p, i = self.expert_layers[j]
         hn, idx, gate = L.route(cfg, self.moe, policy, i, lp, h, segment_pos, np.int32(p))
         idx = np.asarray(idx).reshape(-1)
+        self.predictor.drop(j)                       # a guess for it goes unscored
         if b == 1:                                   # prefill: the previous token's expert
             self.predictor.last[j] = int(idx[-1])
         hn_flat = hn.reshape(b * t, cfg.d_model)
@@ -380,34 +428,40 @@ class StreamingEngine:
 
     def _routed_token(self, j: int, lp, h, segment_pos, policy=NEAREST):
         """Decode step of expert layer j: h [1, 1, d] → h + gate · expert(norm(h)).
-        Layer j's route and the router's guess for layer j+1 (its norm and router on
-        the same h, SPEC §3.5) come back in one host sync; the guess is queued behind
+        Layer j's route and the guesses for layer j+1 the predictor uses (the router's:
+        its norm and router on the same h; the learned head's on layer j's router
+        input; SPEC §3.5) come back in one host sync; the guess is queued behind
         layer j's region before the engine waits for that region."""
         cfg, nxt = self.model, j + 1
-        guess_router = (self.prefetch and nxt < len(self.expert_layers)
-                        and self.predictor.uses_router)
+        kinds = ()
+        if self.prefetch and nxt < len(self.expert_layers):
+            kinds = tuple(k for k, used in (("router", self.predictor.uses_router),
+                                            ("learned", self.predictor.uses_learned)) if used)
         p, i = self.expert_layers[j]
-        if guess_router:
+        if kinds:
             p2, i2 = self.expert_layers[nxt]
-            hn, idx, gate, idx_next = L.route_and_guess(
-                cfg, self.moe, policy, i, i2, lp, self.layer_params[p2][i2], h, segment_pos,
-                np.int32(p), np.int32(p2))
-            e, router_guess = (int(v.reshape(-1)[0]) for v in jax.device_get((idx, idx_next)))
+            hn, idx, gate, guessed = L.route_and_guess(
+                cfg, self.moe, policy, i, i2, kinds, lp, self.layer_params[p2][i2], h,
+                segment_pos, np.int32(p), np.int32(p2))
+            idx, guessed = jax.device_get((idx, guessed))
+            e = int(idx.reshape(-1)[0])
+            guesses = {k: int(g.reshape(-1)[0]) for k, g in zip(kinds, guessed)}
         else:
             hn, idx, gate = L.route(cfg, self.moe, policy, i, lp, h, segment_pos, np.int32(p))
-            e, router_guess = int(np.asarray(idx).reshape(-1)[0]), None
+            e, guesses = int(np.asarray(idx).reshape(-1)[0]), {}
         self._observe(j, e)
-        then = self._predict_next(j, h, router_guess) if self.prefetch else None
+        then = self._predict_next(j, h, guesses) if self.prefetch else None
         slot = self.tiers.ensure((j, e), then=then)
         return L.expert_token(cfg, self.activation_bits, h, hn, gate,
                               self.slots.arrays[slot], self.expert_scales,
                               np.int32(j), np.int32(e))
 
     # hooks around the predictor (tools/probe_prefetch.py wraps them)
-    def _predict_next(self, j: int, h, router_guess: Optional[int]):
-        """(j+1, expert) to prefetch; `h` (layer j's hidden state, which the router's
-        guess came from) is passed along for tools that inspect it."""
-        return self.predictor.predict(j, router_guess)
+    def _predict_next(self, j: int, h, guesses: dict):
+        """(j+1, expert) to prefetch from `guesses` ({"router": e, "learned": e}); `h`
+        (layer j's hidden state, which they came from) is passed along for tools that
+        inspect it."""
+        return self.predictor.predict(j, guesses)
 
     def _observe(self, j: int, expert: int) -> None:
         self.predictor.observe(j, expert)

@@ -6,7 +6,8 @@ Budgets: `host_budget_mb` (host tier, read buffers in flight included) and
 `device_budget_mb` (shared weights + `device_slots` regions + decode state + the
 largest call's temporaries; None = unchecked) are hard limits. `io`: "mmap" or
 "direct" (O_DIRECT, bypasses the page cache). `predictor`: how layer j+1's expert
-is guessed (PREDICTORS). `prefill_chunk`: tokens per prefill call.
+(and, with learned heads, the next token's layer-0 expert) is guessed
+(PREDICTORS, `infer.predictor`). `prefill_chunk`: tokens per prefill call.
 `host_memory_kind`: memory of the host tier — "pinned_host" on an accelerator,
 plain numpy on the CPU backend by default. `pin_before_transfer`: pin a fresh read
 into the host tier before sending it to the device (the old order; default is to

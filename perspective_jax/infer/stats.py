@@ -28,6 +28,12 @@ class Stats:
     #                             host→device bytes per kind (+ "wasted": wrong guesses)
     predictions: int = 0
     predicted_right: int = 0
+    # prefetch guesses scored by kind (`infer.predictor`): layer j+1's expert guessed
+    # during layer j, and the next token's layer-0 expert guessed after the final state
+    layer_guesses: int = 0
+    layer_guesses_right: int = 0
+    token_guesses: int = 0
+    token_guesses_right: int = 0
     stalls: int = 0
     stall_s: float = 0.0
     cancelled: int = 0          # wrong prefetches stopped part-way through their read
@@ -143,6 +149,21 @@ def tier_report(s: Stats, decoded: int) -> dict:
                                                if decoded else 0.0)}
 
 
+def guess_report(engine) -> dict:
+    """The prefetch predictor's part of the --stats report: which predictor, whether the
+    model's learned heads are used, and the share of right guesses for layer j+1 and
+    for the next token's layer 0 (0.0 when none was scored)."""
+    s = engine.stats
+    return {"predictor": engine.predictor_mode,
+            "learned_predictor": engine.learned_predictor,
+            "prefetch_accuracy_next_layer": (s.layer_guesses_right / s.layer_guesses
+                                             if s.layer_guesses else 0.0),
+            "prefetch_guesses_next_layer": s.layer_guesses,
+            "prefetch_accuracy_next_token_layer0": (s.token_guesses_right / s.token_guesses
+                                                    if s.token_guesses else 0.0),
+            "prefetch_guesses_next_token_layer0": s.token_guesses}
+
+
 def report(engine) -> dict:
     """The --stats statistics of `engine` (a StreamingEngine)."""
     s = engine.stats
@@ -183,6 +204,8 @@ def report(engine) -> dict:
             "device_expert_regions_peak": engine.slots.regions_peak,
             "warm_start_regions": engine.warmed,
         })
+    if engine.routed:
+        out.update(guess_report(engine))
     rss = peak_rss_bytes()
     if rss is not None:
         out["process_peak_rss_bytes"] = rss

@@ -14,6 +14,13 @@ perspectives of SPEC §3.6); `gated_residual` is the routed block's residual,
 shared with the streaming engine. Routing statistics and the
 balance/smoothness losses are sown into the "aux" collection.
 
+Expert prediction (SPEC §3.5, prefetch): each routed FFN also holds a linear
+head `predictor` on the router's input, logits over the *next* expert layer's
+experts; `PerspectiveLM` holds one on its final normed state (the next token's
+layer-0 experts). Both see sg(input), so they never change the LM's logits or
+gradients; they sow their logits and the chosen expert for the loss
+(`train.objective.predictor_terms`).
+
 activation_bits=8 (ternary stage, SPEC §3.4): the expert input h and the
 hidden activation are fake-quantised per token to int8 absmax (STE), as a
 BitNet b1.58 layer sees them.
@@ -87,6 +94,29 @@ def random_keys(seed: int, period, layer: int, segment_pos):
     return flat.reshape(segment_pos.shape)
 
 
+PREDICTOR = "predictor"                        # ffn/predictor/w: head (a), [d, E]
+NEXT_TOKEN_PREDICTOR = "next_token_predictor"  # /next_token_predictor/w: head (b)
+
+
+def predictor_logits(w, hn):
+    """Expert logits [..., E] = sg(hn) [..., d] · w [d, E], float32. The input's
+    gradient is stopped: a head learns from its own loss and moves nothing else."""
+    return flat_dot(jax.lax.stop_gradient(hn).astype(jnp.float32), w.astype(jnp.float32))
+
+
+class ExpertPredictor(nn.Module):
+    """hn [B, T, d] → logits [B, T, E] (`predictor_logits`); w starts at 0 (uniform
+    guesses), so a head added to a trained model changes nothing until it learns."""
+
+    n_experts: int
+
+    @nn.compact
+    def __call__(self, hn):
+        w = self.param("w", logical(nn.initializers.zeros, ("embed", None)),
+                       (hn.shape[-1], self.n_experts), jnp.float32)
+        return predictor_logits(w, hn)
+
+
 def routed_gate(moe: MoEConfig, log_p):
     """The factor the chosen expert's output is multiplied by, from ℓ = log g [B, T]:
     straight-through exp(ℓ − sg(ℓ)) (value exactly 1, gradient ∂g/g), or g itself."""
@@ -156,8 +186,10 @@ class TorusRouter(nn.Module):
 
 class RoutedFFN(nn.Module):
     """x: [B, T, d] → FFN_{e*}(x) · gate [B, T, d]; top-1 routed SwiGLU experts,
-    dropless. `route_only=True` creates no expert weights and returns the router's
-    (idx, gate) — what the streaming engine computes before it fetches an expert."""
+    dropless. `route_only=True` creates no expert weights (nor the predictor head) and
+    returns the router's (idx, gate) — what the streaming engine computes before it
+    fetches an expert. Sows, besides the routing statistics, "choice" (idx [B, T]) and
+    "next_logits" (the predictor head's logits for the next expert layer [B, T, E])."""
 
     cfg: ModelConfig
     moe: MoEConfig
@@ -187,6 +219,8 @@ class RoutedFFN(nn.Module):
         y = y * gate[..., None].astype(y.dtype)
         chex.assert_shape(y, (b, t, d))
         self._sow_statistics(idx, z, probs)
+        self.sow("aux", "choice", idx.astype(jnp.int32))
+        self.sow("aux", "next_logits", ExpertPredictor(e, name=PREDICTOR)(x))
         return y
 
     def _sow_statistics(self, idx, z, probs):

@@ -31,7 +31,8 @@ from perspective_jax.model.extensions import (NEAREST, Extensions, Route, final_
 from perspective_jax.model.extensions import NONE as NO_EXTENSIONS
 from perspective_jax.model.layers import RMSNorm, SwiGLU, constrain_batch, dtype_of, flat_dot
 from perspective_jax.model.pdr import PDRMixer, init_pdr_cache
-from perspective_jax.model.routed_ffn import RoutedFFN
+from perspective_jax.model.routed_ffn import (NEXT_TOKEN_PREDICTOR, PREDICTOR, ExpertPredictor,
+                                              RoutedFFN)
 
 MIXERS = {"pdr": PDRMixer, "gqa": WindowedGQA}
 _REMAT_POLICIES = {
@@ -159,7 +160,9 @@ class PerspectiveLM(nn.Module):
     `cfg.routed`; `activation_bits=8` fake-quantises expert inputs per token (ternary
     stage). `ext` (`extensions.Extensions`, per call) picks the routing perspective,
     transforms the final hidden state, injects into the residual stream, adds LoRA
-    adapters; None is the plain model."""
+    adapters; None is the plain model. A routed model also holds the next-token expert
+    head (`routed_ffn.ExpertPredictor` on the final normed state, before any final
+    transform), whose logits [B, T, E] it sows as aux "next_token_logits"."""
 
     cfg: ModelConfig
     moe: MoEConfig = MoEConfig()
@@ -194,7 +197,11 @@ class PerspectiveLM(nn.Module):
         x, period_cache = periods(x, segment_pos,
                                   None if cache is None else cache["periods"],
                                   jnp.arange(cfg.n_periods, dtype=jnp.int32), adapters)
-        xn, info = final_hidden(RMSNorm(cfg, name="final_norm")(x).astype(jnp.float32), ext)
+        xn = RMSNorm(cfg, name="final_norm")(x).astype(jnp.float32)
+        if cfg.routed:
+            self.sow("aux", "next_token_logits",
+                     ExpertPredictor(self.moe.num_experts, name=NEXT_TOKEN_PREDICTOR)(xn))
+        xn, info = final_hidden(xn, ext)
         if info:
             self.sow("intermediates", "final_info", info)
         logits = flat_dot(xn, embed.embedding.astype(jnp.float32).T)   # tied head
@@ -224,3 +231,27 @@ def logical_axes(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> dict:
     boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32)),
                            jax.random.key(0))
     return nn.get_partition_spec(boxed)["params"]
+
+
+def is_predictor_path(path: str) -> bool:
+    """Whether a '/'-joined parameter path is an expert-predictor head's weight."""
+    parts = path.split("/")
+    return parts[-2:] == [NEXT_TOKEN_PREDICTOR, "w"] or parts[-3:] == ["ffn", PREDICTOR, "w"]
+
+
+def fill_absent_predictors(params) -> tuple[dict, list[str]]:
+    """(params with every head still a `jax.ShapeDtypeStruct` — absent from a checkpoint
+    saved before the heads existed — set to its fresh value, zeros; the paths of any
+    *other* absent leaf, which the caller reports)."""
+    other = []
+
+    def fill(path, leaf):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not is_predictor_path(name):
+            other.append(name)
+            return leaf
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, params), other

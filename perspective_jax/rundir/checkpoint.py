@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 from perspective_jax.config import CheckpointConfig
 from perspective_jax.errors import UserError
 from perspective_jax.fileio import disk_error
+from perspective_jax.model.routed_ffn import NEXT_TOKEN_PREDICTOR
+from perspective_jax.model.transformer import fill_absent_predictors
 from perspective_jax.rundir import checkpoint_steps as steps
 from perspective_jax.rundir.checkpoint_failure import OrbaxErrorLog, save_failed
 
@@ -271,6 +273,12 @@ class Checkpointer:
             with _quiet_logs():
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as exc:  # damaged files: orbax/tensorstore raise many kinds
+            if _predates_predictors(exc):
+                raise UserError(
+                    f"{os.path.dirname(self.directory)} was saved before routed models had "
+                    "expert-predictor heads, so this version cannot resume it; finish it "
+                    "with the version that wrote it, or start the next stage from it "
+                    "(--init-from: the heads then start fresh)") from None
             raise _unreadable(self.directory, step, exc, None) from None
         return restored["state"], restored["meta"]
 
@@ -331,4 +339,17 @@ def restore_params(run_dir: str, params_like, source: str = "--init-from") -> An
         raise _unreadable(directory, step, exc, source) from None
     finally:
         manager.close()
-    return restored["state"]["params"]
+    # a leaf the checkpoint lacks comes back as its ShapeDtypeStruct: expert-predictor
+    # heads (a run saved before they existed) start fresh; anything else is an error
+    params, absent = fill_absent_predictors(restored["state"]["params"])
+    if absent:
+        raise UserError(f"{source} {run_dir}: its checkpoint at step {step} lacks "
+                        f"{len(absent)} parameters this model has ({', '.join(absent[:3])}"
+                        f"{', ...' if len(absent) > 3 else ''}); is it a run of this model?")
+    return params
+
+
+def _predates_predictors(exc: BaseException) -> bool:
+    """Whether a failed restore is a train state saved before the predictor heads."""
+    text = str(exc)
+    return "tree structures do not match" in text and NEXT_TOKEN_PREDICTOR in text

@@ -57,6 +57,9 @@ def evaluate(run, state: dict, step: int) -> dict:
     if stats:
         routing = routing_report(stats["counts"], stats["switches"],
                                  stats["entropy"] / len(run.val_windows))
+        for name in ("layer", "token"):          # expert-predictor heads: right / guesses
+            right, n = stats[f"predict_{name}"]
+            routing[f"predictor_accuracy_{name}"] = float(right / n) if n else 0.0
         record.update({k: v for k, v in routing.items() if k != "utilisation"})
         record["routing"] = routing
     return record

@@ -2,8 +2,9 @@
 
 Dense: token NLL only. Routed (`model.routed`): NLL + α·balance + β·delta +
 γ·smoothness + λ·locality (SPEC §3.3; `model.expert_sharing`,
-`routed_ffn.locality_loss`), with routing statistics collected from the "aux"
-collection the routed FFNs sow into.
+`routed_ffn.locality_loss`) + π·(CE_layer + CE_token) (the expert-predictor heads,
+`predictor_terms`; π = moe.predictor_weight), with routing statistics collected
+from the "aux" collection the routed FFNs sow into.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from perspective_jax.config import PerspectiveConfig
+from perspective_jax.config.param_layout import expert_layers, routed_ffns
 from perspective_jax.model.transformer import PerspectiveLM
 from perspective_jax.model.expert_sharing import delta_loss
 from perspective_jax.quant.ternary import quantize_experts, schedule_fraction
@@ -25,6 +27,41 @@ def stack_aux(aux) -> dict:
         name = [k for k in keys if isinstance(k, str)][-1]
         out.setdefault(name, []).append(value)
     return {k: jnp.concatenate(v, axis=0) for k, v in out.items()}
+
+
+def _sown(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def predictor_terms(aux, cfg: PerspectiveConfig) -> dict:
+    """The expert-predictor heads against the experts the model chose, from the "aux"
+    collection of a routed forward pass (L expert layers j in execution order):
+
+        CE_layer = mean_{j < L−1, b, t} −log softmax(a_j[b, t])[e_{j+1}[b, t]]
+        CE_token = mean_{b, t < T−1}   −log softmax(n[b, t])[e_0[b, t+1]]
+
+    a_j: layer j's head (logits over layer j+1's experts), n: the final state's head,
+    e_j: layer j's chosen expert. Returns {"layer_loss", "token_loss" (scalars),
+    "layer_right", "token_right" ([2]: right argmax guesses, guesses — summable)};
+    with one expert layer CE_layer is 0 over 0 guesses, likewise CE_token for T = 1."""
+    ffns = dict(routed_ffns(aux, cfg.model))
+    layers = expert_layers(cfg.model)
+    choice = [_sown(ffns[i]["choice"])[p] for p, i in layers]              # [B, T] each
+    guess = [_sown(ffns[i]["next_logits"])[p] for p, i in layers[:-1]]     # [B, T, E]
+    token = _sown(aux["next_token_logits"])[:, :-1]                         # [B, T-1, E]
+    pairs = [(g, c) for g, c in zip(guess, choice[1:])]
+    pairs_token = [(token, choice[0][:, 1:])]
+    out = {}
+    for name, group in (("layer", pairs), ("token", pairs_token)):
+        nll, right, n = jnp.float32(0.0), jnp.float32(0.0), 0
+        for logits, target in group:
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+            nll = nll - jnp.take_along_axis(logp, target[..., None], -1).sum()
+            right = right + (jnp.argmax(logits, -1) == target).sum()
+            n += target.size
+        out[f"{name}_loss"] = nll / max(n, 1)
+        out[f"{name}_right"] = jnp.stack([right, jnp.float32(n)])
+    return out
 
 
 def schedule_steps(cfg: PerspectiveConfig) -> int:
@@ -85,23 +122,34 @@ def make_apply_fns(cfg: PerspectiveConfig):
 
     def routed(params, inputs):
         (logits, _), state = model.apply({"params": params}, inputs, mutable=["aux"])
-        return logits, stack_aux(state["aux"])
+        return logits, stack_aux(state["aux"]), predictor_terms(state["aux"], cfg)
+
+    def predictor_loss(pred):
+        if moe.predictor_weight == 0:
+            return jnp.float32(0.0), {}
+        return (moe.predictor_weight * (pred["layer_loss"] + pred["token_loss"]),
+                {"predictor_layer_loss": pred["layer_loss"],
+                 "predictor_token_loss": pred["token_loss"]})
 
     def train_apply(params, inputs, context):
-        logits, stats = routed(effective_params(cfg, params, context["step"]), inputs)
+        logits, stats, pred = routed(effective_params(cfg, params, context["step"]), inputs)
         balance, smooth = stats["balance"].mean(), stats["smooth"].mean()
         local = stats["local"].mean()
         delta = delta_loss(params, cfg.model, moe, cfg.ternary.scale_granularity)
         aux_loss = (moe.balance_weight * balance + moe.delta_weight * delta
                     + moe.smoothness_weight * smooth + moe.locality_weight * local)
         kd, kd_metrics = distill(params, inputs, context, logits)
-        return logits, aux_loss + kd, {"balance_loss": balance, "delta_loss": delta,
-                                       "smoothness_loss": smooth, "locality_loss": local,
-                                       **kd_metrics}
+        heads, head_metrics = predictor_loss(pred)
+        return logits, aux_loss + kd + heads, {"balance_loss": balance, "delta_loss": delta,
+                                               "smoothness_loss": smooth,
+                                               "locality_loss": local, **kd_metrics,
+                                               **head_metrics}
 
     def eval_apply(params, inputs):
-        logits, stats = routed(params, inputs)
+        logits, stats, pred = routed(params, inputs)
         return logits, {"counts": stats["counts"], "switches": stats["switches"].sum(0),
-                        "entropy": stats["entropy"].mean()}
+                        "entropy": stats["entropy"].mean(),
+                        "predict_layer": pred["layer_right"],
+                        "predict_token": pred["token_right"]}
 
     return train_apply, eval_apply

@@ -25,6 +25,7 @@ from perspective_jax.config.param_layout import map_routed_ffns, routed_ffns
 from perspective_jax.data.tokenizer import copy_tokenizer
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
+from perspective_jax.moe.align import EXPERT_WEIGHTS
 from perspective_jax.model.transformer import abstract_params, init_params, logical_axes
 from perspective_jax.rundir.checkpoint import Checkpointer, latest_complete_step, restore_params
 from perspective_jax.train.plan import initial_state
@@ -81,15 +82,16 @@ def check_memory(stage: str, cfg: PerspectiveConfig, allow: bool = False) -> Non
 def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
                    rng: jax.Array) -> dict:
     """Routed params from dense ones: every PDR layer's FFN copied into its E
-    experts (+ noise of std moe.upcycle_noise × the weight's std); router and
-    offsets from `routed_init`; every other parameter copied unchanged."""
+    experts (+ noise of std moe.upcycle_noise × the weight's std); router, offsets
+    and the expert-predictor heads from `routed_init`; every other parameter copied
+    unchanged."""
     e = cfg.moe.num_experts
     routers = dict(routed_ffns(routed_init, cfg.model))
     key = [rng]                       # split one after another, as the upcycle always did
 
     def experts(i, src):
-        new = {"router": routers[i]["router"]}
-        for w in ("w_gate", "w_up", "w_down"):
+        new = {k: v for k, v in routers[i].items() if k not in EXPERT_WEIGHTS}
+        for w in EXPERT_WEIGHTS:
             base = src[w]["kernel"]                                          # [P, a, b]
             stacked = jnp.broadcast_to(base[:, None], (base.shape[0], e, *base.shape[1:]))
             key[0], sub = jax.random.split(key[0])
@@ -98,6 +100,7 @@ def upcycle_params(dense: dict, routed_init: dict, cfg: PerspectiveConfig,
         return new
 
     out = map_routed_ffns(dense, cfg.model, experts)
+    out = {**out, **{k: v for k, v in routed_init.items() if k not in out}}   # heads
     if jax.tree.structure(out) != jax.tree.structure(routed_init):
         raise UserError("upcycle: the dense checkpoint does not match this config's layers")
     return out
@@ -181,7 +184,11 @@ def reembed(cfg: PerspectiveConfig, ternary_run: str, out_dir: str) -> dict:
     """Write `out_dir` (a step-0 run) holding the ternary model with its experts
     permuted onto the lattice cells MDS assigns them (offsets reset to 0), then, with
     `moe.align_consensus` > 0, near-threshold weights snapped to their lattice
-    neighbours' majority trit (`moe.align.consensus_snap`)."""
+    neighbours' majority trit (`moe.align.consensus_snap`).
+
+    The routers are not permuted: a state routed to cell c before goes to cell c
+    after (now holding another expert's weights), so the expert-predictor heads,
+    whose classes are the router's cell indices, stay as they are."""
     import numpy as np
     from perspective_jax.moe.align import align_layer, consensus_snap, neighbour_trit_difference
     from perspective_jax.train.objective import effective_params

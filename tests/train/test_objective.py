@@ -124,6 +124,8 @@ def test_objective_adds_weighted_aux_terms_and_kd_of_student_to_teacher(small_cf
     expected = (moe.balance_weight * float(m["balance_loss"])
                 + moe.delta_weight * float(m["delta_loss"])
                 + moe.smoothness_weight * float(m["smoothness_loss"])
+                + moe.predictor_weight * (float(m["predictor_layer_loss"])
+                                          + float(m["predictor_token_loss"]))
                 + cfg.ternary.kd_weight * forward)
     np.testing.assert_allclose(float(aux_loss), expected, rtol=1e-4)
 
