@@ -96,6 +96,7 @@ def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool) -
     for t in tokens[PROMPT:]:
         state = eng.forward(np.asarray([t]), state)[1]
     after = snapshot(eng)
+    learned = eng.learned_predictor
     eng.close()
     n = len(tokens) - PROMPT
     out = {k: (after[k] - before[k]) / n for k in after if k.endswith("_bytes")
@@ -105,6 +106,7 @@ def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool) -
                         after[f"{name}_guesses"] - before[f"{name}_guesses"])
         out[f"prefetch_{name}"] = right / tried if tried else float("nan")
     out["host_regions"] = round(budget / entry, 1)
+    out["learned_heads"] = bool(learned)
     out["kinds"] = {k: after["kinds"][k] - before["kinds"].get(k, 0) for k in after["kinds"]}
     return out
 
@@ -114,8 +116,8 @@ def snapshot(eng) -> dict:
     s = eng.stats
     return {"disk_bytes": sum(s.disk_bytes.values()), "h2d_bytes": sum(s.bytes_moved.values()),
             "stalls": s.stalls,
-            "next_layer_right": s.predicted_right, "next_layer_guesses": s.predictions,
-            "next_token_right": s.next_token_right, "next_token_guesses": s.next_token_guesses,
+            "next_layer_right": s.layer_guesses_right, "next_layer_guesses": s.layer_guesses,
+            "next_token_right": s.token_guesses_right, "next_token_guesses": s.token_guesses,
             "kinds": dict(s.transfers)}
 
 
@@ -152,10 +154,15 @@ def print_table(rows, args) -> None:
               f"{' / '.join(f'{100 * v:.0f} %' for v in r['switch'])} | "
               f"{100 * r['trit_diff_neighbour']:.1f} % / {100 * r['trit_diff_other']:.1f} % | "
               f"{r['deltas_kept']}/{r['deltas_directed']} | {100 * r['delta_size']:.0f} % | "
-              f"{100 * ro['prefetch_next_layer']:.0f} % / {100 * lo['prefetch_next_layer']:.0f} % | "
-              f"{100 * ln['prefetch_next_token']:.0f} % | "
+              f"{100 * ro['prefetch_next_layer']:.0f} % / {pct(lo, 'prefetch_next_layer')} | "
+              f"{pct(ln, 'prefetch_next_token')} | "
               f"{ln_or(lo, 'disk_bytes')} → {ln_or(ln, 'disk_bytes')} | "
               f"{ln_or(lo, 'h2d_bytes')} → {ln_or(ln, 'h2d_bytes')} | {ln['stalls']:.2f} |")
+
+
+def pct(d: dict, key: str) -> str:
+    """A learned-predictor accuracy, or "no heads" when the model has none."""
+    return f"{100 * d[key]:.0f} %" if d["learned_heads"] else "no heads"
 
 
 def ln_or(d: dict, key: str) -> str:

@@ -132,10 +132,12 @@ class MoEConfig:
     dispatch_block: int = 128
     upcycle_noise: float = 0.01     # relative std of the noise added per expert
     balance_weight: float = 0.01
-    delta_weight: float = 0.001
+    # 10 with delta_form=ternary (its gradient per weight is ~1/(s·#weights), so a
+    # small weight does nothing); SPEC §3.3's β = 0.001 is for delta_form=float
+    delta_weight: float = 10.0
     # distance the delta loss measures between lattice-neighbour experts
     # (model/expert_sharing.py): float weights, or their ternary codes (trits, STE)
-    delta_form: str = "float"
+    delta_form: str = "ternary"
     smoothness_weight: float = 0.005
     # −log of the router mass token t+1 puts on token t's expert and its lattice
     # neighbours (model/routed_ffn.locality_loss): routing that stays local
@@ -143,7 +145,7 @@ class MoEConfig:
     # align stage: weights within this distance (in units of the ternary scale) of a
     # trit threshold are moved across it to agree with their lattice neighbours'
     # majority trit before the align fine-tune (moe/align.consensus_snap); 0 = off
-    align_consensus: float = 0.0
+    align_consensus: float = 0.05
     # weight of the expert-predictor heads' cross-entropy (prefetch; 0 = not trained)
     predictor_weight: float = 1.0
 

@@ -89,7 +89,7 @@ def test_routed_ffn_sows_switch_balance_and_wrapped_smoothness(small_cfg):
 
 def _ternary_cfg(small_cfg, kd_weight=0.5):
     return PerspectiveConfig(model=dataclasses.replace(small_cfg, routed=True),
-                             moe=MoEConfig(lattice=LATTICE),
+                             moe=MoEConfig(lattice=LATTICE, delta_form="float"),
                              ternary=TernaryConfig(enabled=True, kd_weight=kd_weight),
                              train=TrainConfig(steps=8, warmup_steps=0))
 
