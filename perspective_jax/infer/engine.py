@@ -365,13 +365,13 @@ class StreamingEngine:
         """Queue the next token's layer-0 expert `guess` as `ExpertTiers.ensure` queues a
         `then=` guess: behind everything asked so far, keeping the last expert layer's
         slot. Nothing is queued while another guess is pending."""
-        if self.tiers._pending is not None:
+        if self.tiers.pending():
             return
         key = self.predictor.predict_first(guess)
         if key is not None:
             last = self.predictor.last[-1]
             protect = (len(self.expert_layers) - 1, last if last is not None else -1)
-            self.tiers._start_prefetch(key, protect, io_idle=False)
+            self.tiers.prefetch(key, protect)
 
     def _transformed_head(self, last, ext: Extensions):
         """The head with the final transform; its info ({name: [N]} numpy) is kept in

@@ -345,6 +345,19 @@ class ExpertTiers:
             stats.stall_s += time.perf_counter() - t0
         return self.slots.find(key)
 
+    def pending(self) -> bool:
+        """Whether a guess is in flight (queued by `ensure`'s `then=` or `prefetch`)."""
+        return self._pending is not None
+
+    def prefetch(self, key, protect_key) -> bool:
+        """Queue `key` as a guess behind everything asked so far (as `ensure`'s `then=`
+        does), keeping `protect_key`'s slot; False (nothing queued) while another
+        guess is pending. The engine's next-token layer-0 guess comes this way."""
+        if self._pending is not None:
+            return False
+        self._start_prefetch(key, protect_key, io_idle=False)
+        return True
+
     def _start_prefetch(self, key, protect_key, io_idle: bool) -> None:
         self.stats.predictions += 1
         if io_idle and self.slots.find(key) is not None:    # resident: nothing to bring
