@@ -37,6 +37,7 @@ VARIANTS = {
     "consensus": [*BEFORE, "moe.align_consensus=0.2"],         # align's snap alone
     "ternary-delta": [*BEFORE, "moe.delta_form=ternary", "moe.delta_weight=10"],
     "after": [],                                               # today's defaults
+    "after-narrow-router": ["moe.route_init_scale=0.25", "moe.balance_weight=1.0"],
 }
 EXPERTS = {8: ["moe.num_experts=8", "moe.lattice=[2,2,2]"],
            64: ["moe.num_experts=64", "moe.lattice=[4,4,4]"]}
