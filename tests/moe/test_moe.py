@@ -10,7 +10,8 @@ import pytest
 from perspective_jax.config import MoEConfig
 from perspective_jax.moe.dispatch import IMPLS, dispatch_dense, expert_swiglu
 from perspective_jax.moe.metrics import gini, routing_report
-from perspective_jax.model.routed_ffn import RoutedFFN, TorusRouter, delta_loss, select_expert
+from perspective_jax.model.expert_sharing import delta_loss
+from perspective_jax.model.routed_ffn import RoutedFFN, TorusRouter, select_expert
 
 
 def expert_weights(e, d, f, seed=0):
