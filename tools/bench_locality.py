@@ -26,8 +26,9 @@ import subprocess
 import sys
 import time
 
+from bench_locality_measure import BIN, measure
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(os.path.dirname(sys.executable))
 
 # What every variant sets explicitly, so a table stays reproducible when defaults move.
 BEFORE = ["moe.delta_form=float", "moe.delta_weight=0.001", "moe.smoothness_weight=0.005",
@@ -77,13 +78,6 @@ def train(args) -> None:
               f"({', '.join(f'{k} {v:.0f}' for k, v in spent.items())})", flush=True)
 
 
-def last_eval(run_dir: str) -> dict:
-    """The last eval record of a run's metrics.jsonl."""
-    evals = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
-             if '"eval"' in line]
-    return evals[-1]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -101,10 +95,13 @@ def main(argv=None) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown and args.cmd == "train":
         p.error(f"unknown variant(s) {unknown}; use {sorted(VARIANTS)}")
+    missing = [v for v in args.variants
+               if not os.path.isdir(os.path.join(args.out, v, "align"))]
+    if missing and args.cmd == "measure":
+        p.error(f"no trained align run for {missing} under {args.out}: run `train` first")
     if args.cmd == "train":
         train(args)
     else:
-        from bench_locality_measure import measure       # noqa: E402 (JAX only here)
         measure(args)
     return 0
 

@@ -14,13 +14,21 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 
-from bench_locality import BIN, last_eval
+BIN = os.path.dirname(sys.executable)        # the environment's perspective-* commands
 
 HOST_SHARE = 0.10          # of all expert regions, as at the 1.05T scale
 PROMPT = 16
+
+
+def last_eval(run_dir: str) -> dict:
+    """The last eval record of a run's metrics.jsonl."""
+    evals = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
+             if '"eval"' in line]
+    return evals[-1]
 
 
 def export(run_root: str, out: str) -> None:
