@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec
 
 from kernels_pallas.ternary_matmul import DEQUANT_BLOCK_BYTES
 from perspective_jax.model import census
+from perspective_jax.model.routed_ffn import NEXT_TOKEN_PREDICTOR, PREDICTOR
 from perspective_jax.model.transformer import abstract_params, init_cache, logical_axes
 from perspective_jax.moe.torus import lattice_neighbours, neighbour_pairs
 from perspective_jax.quant import embedding_int8
@@ -43,6 +44,7 @@ from perspective_jax.quant import embedding_int8
 MIB, MB, GB = 2 ** 20, 1e6, 1e9
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 DESIGN_DEVICE_MB, DESIGN_RAM_MB, GATE_TOK_S = 2684, 26000, 12.0   # SPEC §3.5 / §5
+PREDICTOR_HEADS = "expert-predictor heads (float32)"
 EMBEDDING = {"float32": "embedding float32 (export --embedding float32)",
              "int8": "embedding int8 + row scale (SPEC §3.4)"}
 WIRE_FORMATS = ("2bit", "base3")
@@ -100,7 +102,8 @@ def weights(cfg, moe, a, granularity: str = "tensor"):
     ("row"); the engine keeps those of every expert on the device with the shared
     weights ("expert scales"), and an expert-layer's size includes its own."""
     shared = {"2-bit GPTQ codes": 0, "GPTQ group scale+zero": 0, EMBEDDING[a.embedding]: 0,
-              "norms, biases, routers (float32)": 0, "expert scales, all experts (float32)": 0}
+              "norms, biases, routers (float32)": 0, "expert scales, all experts (float32)": 0,
+              PREDICTOR_HEADS: 0}
     expert = {"2bit": 0, "base3": 0, "codes": 0, "matrices": 0, "trits": 0, "scales": 0}
     for path, shape, axes in _leaves(cfg, moe):
         if "expert" in axes and "router" not in path:          # one expert-layer's share
@@ -118,6 +121,8 @@ def weights(cfg, moe, a, granularity: str = "tensor"):
             n_blocks, rows = embedding_int8.block_shape(v, embedding_int8.BLOCK_ROWS)
             shared[EMBEDDING[a.embedding]] += 4 * v * d if a.embedding == "float32" \
                 else n_blocks * rows * (d + 4)          # the engine's padded blocks
+        elif f"'{PREDICTOR}'" in path or f"'{NEXT_TOKEN_PREDICTOR}'" in path:
+            shared[PREDICTOR_HEADS] += 4 * math.prod(shape)     # exported as they are
         elif "router" in path or len([x for x in axes if x != "layers"]) < 2:
             shared["norms, biases, routers (float32)"] += 4 * math.prod(shape)
         else:

@@ -14,11 +14,13 @@ import math
 import jax
 
 from perspective_jax.config import ModelConfig, MoEConfig
+from perspective_jax.model.routed_ffn import NEXT_TOKEN_PREDICTOR, PREDICTOR
 from perspective_jax.model.transformer import abstract_params
 
 DENSE_SLOT = "FFN after PDR (dense slot)"
 EXPERTS = "routed experts (after PDR)"
 ROUTER = "torus router"
+HEADS = "expert-predictor heads"      # per routed layer + the next-token head
 # Bits per weight of each storage format reported by the census.
 FORMAT_BITS = {"float32": 32.0, "bfloat16": 16.0, "2-bit": 2.0, "ternary": 8.0 / 5.0}
 
@@ -56,12 +58,15 @@ def census(cfg: ModelConfig, moe: MoEConfig = MoEConfig()) -> list[Component]:
         if kind == "pdr" and cfg.routed:
             ffn = dict(layer["ffn"])
             add(ROUTER, _size(ffn.pop("router")))
+            add(HEADS, _size(ffn.pop(PREDICTOR, {})))
             add(EXPERTS, _size(ffn))
         elif kind == "pdr":
             add(DENSE_SLOT, _size(layer["ffn"]))
         else:
             add("shared FFN (after GQA)", _size(layer["ffn"]))
-    counts = {"PDR mixer": cfg.n_pdr_layers, "GQA mixer": cfg.n_gqa_layers,
+    if NEXT_TOKEN_PREDICTOR in params:
+        add(HEADS, _size(params[NEXT_TOKEN_PREDICTOR]))
+    counts = {HEADS: cfg.n_pdr_layers + 1, "PDR mixer": cfg.n_pdr_layers, "GQA mixer": cfg.n_gqa_layers,
               "shared FFN (after GQA)": cfg.n_gqa_layers, DENSE_SLOT: cfg.n_pdr_layers,
               EXPERTS: cfg.n_pdr_layers, ROUTER: cfg.n_pdr_layers,
               "embedding (tied head)": 1, "norms": 2 * cfg.n_layers + 1}

@@ -97,7 +97,8 @@ def test_full_preset_per_device_parameters_by_hand():
     pdr = (P_ + P_ * E * 3 // 8 + P_ * D * 3 // 8 + 3 * P_ * E * D * F // 256 + 2 * P_ * D
            + P_ * D // 4 + 2 * P_ * D * R // 8 + 3 * P_ * D * D // 32)
     gqa = 3 * P_ * D * F // 32 + 2 * P_ * D + 2 * P_ * D * 8 * 128 // 32 + 2 * P_ * D * 4096 // 32
-    elements = V * D // 32 + D + 3 * pdr + gqa
+    heads = (3 * P_ + 1) * D * E // 8      # expert-predictor heads [d, E]: embed over fsdp
+    elements = V * D // 32 + D + 3 * pdr + gqa + heads
     assert p["state"]["parameters"] == 4 * elements                        # float32
     assert p["state"][OPT] == 2 * 4 * elements + 2 * 4                     # + two int32 counts
     assert p["step"]["gradients"] == 2 * 4 * elements

@@ -70,7 +70,7 @@ def test_ternary_delta_gradient_moves_only_differing_trits():
 
 def test_float_delta_loss_is_unchanged_by_the_form_field(small_cfg):
     cfg = dataclasses.replace(small_cfg, routed=True)
-    moe = MoEConfig(lattice=LATTICE)
+    moe = MoEConfig(lattice=LATTICE, delta_form="float")
     params = init_params(cfg, jax.random.key(0), moe=moe)
     i = routed_positions(cfg)[0]
     w = np.asarray(params["periods"][f"layer_{i}"]["ffn"]["w_up"], np.float64)
