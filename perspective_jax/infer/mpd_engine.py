@@ -10,7 +10,9 @@ across the views) on the token `fed` from the state `before` it. The trigger, th
 decision, the agreement and the views' extra expert bytes and rows are counted in
 the engine's stats (`mpd_*`). With a `guard` (infer.safety_guard.SafetyGuard) the
 views are projected as P0 is, with the flagged rows active after `tail` (the text
-through `fed`). Used by `infer.session.Conversation` and the server.
+through `fed`). Where the views find no majority and a memory is given, the memory
+is consulted (`recall_on_engine`, SPEC §3.7). Used by `infer.session.Conversation`
+and the server.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import numpy as np
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.infer.state import EngineState
 from perspective_jax.infer.stats import moved_bytes
+from perspective_jax.model.extensions import Extensions
 from perspective_jax.model.mpd import OTHER_VIEWS, PERSPECTIVES, MPDStep, mpd_step
 
 
 def mpd_on_engine(engine, logits: np.ndarray, sampled: int, step: int, cfg: MPDConfig,
                   spent: int, before: EngineState, fed: int, guard=None,
-                  tail: bytes = b"") -> MPDStep:
-    """MPD's decision on one decode step (module docstring); an MPDStep of batch 1."""
+                  tail: bytes = b"", recall=None, context=(), resample=None) -> MPDStep:
+    """MPD's decision on one decode step (module docstring); an MPDStep of batch 1.
+    With `recall` (memory.recall.MemoryRecall), `context` (the ids so far, `fed`
+    last) and `resample(logits [V]) → token` (the sequence's sampling rule at this
+    step): see `recall_on_engine`."""
     stats = engine.stats
     n_views = len(PERSPECTIVES) - 1
 
@@ -47,4 +53,32 @@ def mpd_on_engine(engine, logits: np.ndarray, sampled: int, step: int, cfg: MPDC
         stats.mpd_triggered += 1
         stats.mpd_kinds[int(info.kind[0])] += 1
         stats.mpd_agreements.append(float(info.agreement[0]))
+        if recall is not None and len(info.uncertain_rows()):
+            info = recall_on_engine(engine, info, recall, context, resample, before, fed,
+                                    guard, tail)
     return info
+
+
+def recall_on_engine(engine, info: MPDStep, recall, context, resample, before: EngineState,
+                     fed: int, guard=None, tail: bytes = b"") -> MPDStep:
+    """The views found no majority: query the memory with the context; on a hit run
+    the step again from `before` with the value's vector injected after
+    `recall.inject_layer` (`Extensions.inject`; projected as P0 is with a guard) and
+    emit `resample` of those logits. The sequence's state stays P0's own."""
+    stats = engine.stats
+    stats.memory_lookups += 1
+    got = recall(context)
+    if got is None:
+        return info
+    stats.memory_hits += 1
+    ext = Extensions(inject_layer=recall.inject_layer, inject=np.asarray(got.vector)[None])
+    if guard is not None:
+        ext = guard.extensions([tail], base=ext)
+    moved = moved_bytes(stats)
+    rows, _ = engine.step([before], [fed], ext, keep_states=False)
+    stats.mpd_view_rows += 1                   # an extra row of MPD's, not a token
+    stats.mpd_view_steps += 1
+    stats.mpd_extra_bytes += moved_bytes(stats) - moved
+    stats.memory_injections += 1
+    recall.injected()
+    return info.with_recalled([0], [int(resample(rows[0]))])

@@ -21,6 +21,11 @@ streamed by `infer.text_stream.TextStream`. A state file
 carries a format version and a sha256 over all its content (`cache_io.
 write_checked`): an edited position or step count, or any flipped byte, is a
 one-line error naming the file.
+
+With `memory=MemoryRecall(...)` (memory.recall; needs `mpd`) a token whose views
+found no majority is decided again with the value the memory recalls for the last
+ids fed (`context`, kept in the state file) injected into the residual stream
+(`infer.mpd_engine.recall_on_engine`, SPEC §3.7).
 """
 
 from __future__ import annotations
@@ -54,19 +59,21 @@ def sample_token(logits: np.ndarray, sampling: Sampling, seed: int, step: int,
 
 class TokenInfo(NamedTuple):
     """One generated token for `on_token`: its id, its text (the decoded text it
-    added), MPD's confidence, whether MPD triggered, and the decision kind
-    (model.mpd EMIT_P0 / EMIT_VOTE / UNCERTAIN)."""
+    added), MPD's confidence, whether MPD triggered, the decision kind
+    (model.mpd EMIT_P0 / EMIT_VOTE / UNCERTAIN), and whether the memory's value
+    decided it (`recalled`)."""
 
     id: int
     text: str
     confidence: float
     triggered: bool
     kind: int
+    recalled: bool = False
 
 
 class Conversation:
     def __init__(self, engine, tokenizer, sampling: Sampling = Sampling(), seed: int = 0,
-                 mpd: Optional[MPDConfig] = None, guard=None):
+                 mpd: Optional[MPDConfig] = None, guard=None, memory=None):
         self.engine, self.tokenizer, self.sampling, self.seed = engine, tokenizer, sampling, seed
         if mpd is not None and mpd.state != "forked":
             raise UserError(f"mpd.state={mpd.state!r}: the streaming engine runs MPD with "
@@ -79,6 +86,13 @@ class Conversation:
         self.steps = 0                       # tokens sampled so far (the sampler's position)
         self.guard = guard                   # infer.safety_guard.SafetyGuard, or None
         self.tail = b""                      # the text fed so far, its last bytes (guard)
+        if memory is not None and mpd is None:
+            raise UserError("a memory is consulted when MPD's perspectives disagree; turn "
+                            "MPD on (--mpd) to use --memory")
+        self.memory = memory                 # memory.recall.MemoryRecall, or None
+        self.context: list[int] = []         # the last ids fed (the memory's query)
+        if memory is not None:
+            engine.stats.memory_on = True
 
     def generate(self, prompt: str, max_tokens: int, stop: Sequence[str] = (),
                  eos_id: Optional[int] = None,
@@ -97,6 +111,7 @@ class Conversation:
             _, before = self.engine.forward(np.asarray(feed[:-1], np.int32), self.state)
         logits = self._feed(feed if self.mpd is None else feed[-1:], before, feed)
         fed = feed[-1]
+        steps0 = self.steps
         stream = TextStream(self.tokenizer, stop)
         said = ""
         while True:
@@ -104,8 +119,10 @@ class Conversation:
                                self.tokenizer.vocab_size)
             info = None
             if self.mpd is not None:
+                self._remember(feed if self.steps == steps0 else [fed])
                 info = mpd_on_engine(self.engine, logits, tok, self.steps, self.mpd,
-                                     self.mpd_spent, before, fed, self.guard, self.tail)
+                                     self.mpd_spent, before, fed, self.guard, self.tail,
+                                     self.memory, self.context, self._resampler())
                 tok = int(info.token[0])
                 self.mpd_spent += int(info.triggered[0])
             self.pending, self.steps = [tok], self.steps + 1   # sampled, not yet fed
@@ -119,13 +136,26 @@ class Conversation:
                         else float(info.confidence[0]))
                 on_token(TokenInfo(tok, piece, conf,
                                    info is not None and bool(info.triggered[0]),
-                                   0 if info is None else int(info.kind[0])))
+                                   0 if info is None else int(info.kind[0]),
+                                   info is not None and info.recalled is not None
+                                   and bool(info.recalled[0])))
             if on_text and delta:
                 on_text(delta)
             if stopped or last:
                 return stream.text
             before, fed = self.state, tok
             logits = self._feed([tok], self.state, [tok])
+
+    def _remember(self, ids) -> None:
+        """Extend the memory's context by the ids just fed (kept to its window)."""
+        if self.memory is not None:
+            self.context = (self.context + [int(t) for t in ids])[-self.memory.cfg.window:]
+
+    def _resampler(self):
+        """The sampling rule at this step (a token decided again with a memory value
+        is drawn with the same key as P0's)."""
+        steps, n = self.steps, self.tokenizer.vocab_size
+        return lambda logits: sample_token(logits, self.sampling, self.seed, steps, n)
 
     def _feed(self, tokens: list, state, text: list) -> np.ndarray:
         """Feed `tokens` from `state`; the conversation's text grows by `text` (the
@@ -148,13 +178,14 @@ class Conversation:
         tensors["pending"] = np.asarray(self.pending, np.int32)
         meta = {"format": STATE_FORMAT, "steps": str(self.steps), "seed": str(self.seed),
                 "mpd_spent": str(self.mpd_spent), "model": self.engine.identity,
+                "memory_context": json.dumps(self.context),
                 "text_tail": self.tail.hex()}
         write_checked(tensors, meta, path)
 
     @classmethod
     def load(cls, engine, tokenizer, path: str, sampling: Sampling = Sampling(),
              seed: Optional[int] = None, mpd: Optional[MPDConfig] = None,
-             guard=None) -> "Conversation":
+             guard=None, memory=None) -> "Conversation":
         if os.path.isdir(path):
             raise UserError(f"--resume-state {path} is a directory; give a state file")
         if not os.path.isfile(path):
@@ -174,7 +205,7 @@ class Conversation:
             raise UserError(f"{path}: its pending token is missing or invalid; the state "
                             "file is damaged")
         conv = cls(engine, tokenizer, sampling, saved_seed if seed is None else seed, mpd,
-                   guard)
+                   guard, memory)
         stacked = cache_from_tensors(tensors, engine.model, path, allowed_extra=("pending",))
         if stacked["next_pos"].shape != (1,):
             raise UserError(f"{path}: holds a batch of {stacked['next_pos'].shape[0]} "
@@ -189,6 +220,15 @@ class Conversation:
         except ValueError:
             raise UserError(f"{path}: its 'text_tail' field is invalid; the state file is "
                             "damaged") from None
+        try:                                 # the memory's context (files before it: none)
+            context = json.loads(meta.get("memory_context", "[]"))
+            if not (isinstance(context, list) and all(
+                    isinstance(t, int) and 0 <= t < engine.model.vocab_size for t in context)):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{path}: its 'memory_context' field is invalid; the state file "
+                            "is damaged") from None
+        conv.context = context
         return conv
 
 

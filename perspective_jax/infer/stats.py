@@ -47,7 +47,12 @@ class Stats:
     mpd_agreements: list = dataclasses.field(default_factory=list)   # JSD (nats) per trigger
     mpd_view_rows: int = 0      # rows the views added to batched steps (not emitted tokens)
     mpd_view_steps: int = 0
-    mpd_extra_bytes: int = 0    # expert bytes moved for the views
+    mpd_extra_bytes: int = 0    # expert bytes moved for the views (and memory injections)
+    # the memory consulted where MPD's views found no majority (SPEC §3.7)
+    memory_on: bool = False     # a memory is attached (its counts are reported)
+    memory_lookups: int = 0
+    memory_hits: int = 0        # values found at or above the similarity threshold
+    memory_injections: int = 0  # steps decided again with a value injected
     # the final-state transform (Extensions.final_transform, e.g. the safety projection)
     final_checked: int = 0      # states a transform with `moves` was checked on
     final_rows: int = 0         # states in the head calls where it moved some state
@@ -180,6 +185,9 @@ def report(engine) -> dict:
         out["batch_steps"] = s.batch_steps - s.mpd_view_steps
     if s.mpd_tokens:
         out["mpd"] = mpd_report(s)
+    if s.memory_on or s.memory_lookups:
+        out["memory"] = {"lookups": s.memory_lookups, "hits": s.memory_hits,
+                         "injections": s.memory_injections}
     if s.safety_tokens:
         out["safety"] = safety_report(s)
     if engine.routed:

@@ -12,7 +12,8 @@ distributions p_0..p_3 [4, B, V]:
                      → emit it, confidence = votes/4 · mean p_i(token) over
                        the perspectives that voted for it                  (EMIT_VOTE)
     else             → emit from P0, flagged uncertain, confidence 0       (UNCERTAIN;
-                       the hook for the memory fallback of SPEC §3.7)
+                       with a memory, SPEC §3.7: the value recalled for the context
+                       is injected and the token drawn from that step's logits)
 
 Those are SPEC's confidences (MPDConfig.confidence="agreement"); they measure how
 much the views agree, not how often the token is right (ECE 0.67 on the Quickstart
@@ -36,7 +37,7 @@ measured comparison is in docs/benchmarks.md (issue 20).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -189,13 +190,26 @@ def forked_views(cfg: ModelConfig, moe: MoEConfig, params, token: jax.Array, cac
 class MPDStep(NamedTuple):
     """What MPD made of one decode step, per sequence [B] (numpy): the emitted
     `token`, its `confidence`, whether MPD `triggered`, the decision `kind` (EMIT_P0
-    where it did not trigger) and the views' `agreement` (NaN where it did not)."""
+    where it did not trigger), the views' `agreement` (NaN where it did not), and
+    whether the token came from a step with a memory value injected (`recalled`,
+    None: no memory was consulted; `uncertain_rows`, `with_recalled`)."""
 
     token: np.ndarray
     confidence: np.ndarray
     triggered: np.ndarray
     kind: np.ndarray
     agreement: np.ndarray
+    recalled: Optional[np.ndarray] = None
+
+    def uncertain_rows(self) -> np.ndarray:
+        """Rows whose views ran and found no majority: where a memory is consulted."""
+        return np.flatnonzero(self.triggered & (self.kind == UNCERTAIN))
+
+    def with_recalled(self, rows, tokens) -> "MPDStep":
+        """This step with `tokens` emitted at `rows` (decided with a memory value)."""
+        token, recalled = self.token.copy(), np.zeros(self.token.shape, bool)
+        token[rows], recalled[rows] = tokens, True
+        return self._replace(token=token.astype(np.int32), recalled=recalled)
 
 
 def within_budget(spent, position, max_rate: float):
