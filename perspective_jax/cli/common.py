@@ -295,6 +295,35 @@ def mpd_from_args(a: argparse.Namespace):
                      h_max=a.mpd_h_max, confidence=a.mpd_confidence, max_rate=a.mpd_max_rate)
 
 
+def add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    """The hypervector memory's flags (`memory.recall.RecallConfig`), one definition
+    for perspective-infer and perspective-serve."""
+    from perspective_jax.memory.recall import RecallConfig
+    d = RecallConfig()
+    g = parser.add_argument_group("hypervector memory (consulted when MPD finds no majority)")
+    g.add_argument("--memory", metavar="FILE",
+                   help="a memory file (perspective-memory) built for this model")
+    g.add_argument("--memory-probes", type=int_in(1, 4096), default=d.probes,
+                   help="candidate banks a query unbinds from")
+    g.add_argument("--memory-min-similarity", type=float_in(0.5, 1.0),
+                   default=d.min_similarity,
+                   help="a value counts as found from this similarity (unrelated: 0.5)")
+    g.add_argument("--memory-window", type=int_in(1), default=d.window,
+                   help="the last tokens of the text a query is made of")
+    g.add_argument("--memory-scale", type=float_in(0.0, 100.0, open_low=True),
+                   default=d.inject_scale,
+                   help="scale of the value's vector added to the residual stream")
+    g.add_argument("--memory-layer", type=int_in(0), default=None,
+                   help="inject after this layer (default: the middle layer)")
+
+
+def recall_config_from_args(a: argparse.Namespace):
+    from perspective_jax.memory.recall import RecallConfig
+    return RecallConfig(probes=a.memory_probes, min_similarity=a.memory_min_similarity,
+                        window=a.memory_window, inject_scale=a.memory_scale,
+                        inject_layer=a.memory_layer)
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The streaming engine's flags (`infer.options.EngineOptions`), one definition for
     perspective-infer and perspective-serve."""
