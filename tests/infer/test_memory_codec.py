@@ -93,3 +93,26 @@ def test_a_memory_of_one_model_is_refused_for_another(exported, exported_distinc
     mf.model = None
     with pytest.raises(UserError, match="records no model"):
         check_model(mf, mc.identity, "facts.hdm")
+
+
+def test_a_text_centre_keeps_unrelated_texts_apart(exported):
+    """Centred on the vocabulary mean every text's mean row shares a large common part
+    and unrelated keys come out alike; centred on texts they are far less alike."""
+    from perspective_jax.memory import hypervector as hv
+    cfg, params, path = exported
+    mc = model_codec(path)
+    keys = ["the capital of Zorbin is", "the inventor of the glass piano was",
+            "the number of moons around Kessel", "the name of the captain's parrot",
+            "the colour of the royal banner", "the password for the old lighthouse"]
+    table = np.asarray(params["embed"]["embedding"], np.float32) * math.sqrt(32)
+    ref = np.mean([table[np.frombuffer(k.encode(), np.uint8)].mean(0) for k in keys], 0)
+    by_text = new_memory_file(mc.codec, PARAMS, mc.identity, mc.vocab_size, sample=keys)
+    np.testing.assert_allclose(by_text.centre, ref, rtol=1e-5, atol=1e-6)
+    by_vocab = new_memory_file(mc.codec, PARAMS, mc.identity, mc.vocab_size)
+
+    def alike(mf):
+        codec = codec_for(mf, mc.codec.tokenize, mc.codec.embed_rows)
+        k = np.stack([codec.encode(t) for t in keys])
+        sim = 1 - hv.hamming_table(k, k) / PARAMS.dim
+        return sim[~np.eye(len(keys), dtype=bool)].mean()
+    assert alike(by_text) < alike(by_vocab) - 0.1
