@@ -35,6 +35,7 @@ from perspective_jax.errors import UserError
 DEFAULT_DIM, DEFAULT_BANKS, DEFAULT_SEED = 10_000, 2000, 0
 ENCODE_BLOCK = 1024          # texts projected by the codebook at a time
 JSONL_FIELDS = ("key", "value", "confidence")
+LISTED_FIELDS = ("id", "time")   # what `list --json` adds: accepted, ignored
 CENTRES = ("texts", "vocabulary")
 
 
@@ -127,7 +128,8 @@ def _text(value, what: str, where: str) -> str:
 
 def read_jsonl(path: str, confidence: float) -> list[tuple[str, str, float]]:
     """(key, value, confidence) of every non-blank line of a JSONL file ('-': stdin);
-    a bad line is a one-line error naming FILE:LINE."""
+    a bad line is a one-line error naming FILE:LINE. Lines of `list --json` are
+    accepted as they are (their id and time are not kept)."""
     name = "<stdin>" if path == "-" else path
     try:
         raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
@@ -150,7 +152,7 @@ def read_jsonl(path: str, confidence: float) -> list[tuple[str, str, float]]:
             raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: not a JSON object with \"key\" and \"value\"")
-        extra = sorted(set(obj) - set(JSONL_FIELDS))
+        extra = sorted(set(obj) - set(JSONL_FIELDS) - set(LISTED_FIELDS))
         if extra:
             raise UserError(f"{where}: unknown field {extra[0]!r} (the fields are "
                             f"{', '.join(JSONL_FIELDS)})")
@@ -205,31 +207,30 @@ def _check_model_dir(a: argparse.Namespace, mf) -> None:
         check_model(mf, model_identity(read_manifest(a.model_dir)), a.memory)
 
 
-def _encode(codec, texts: list[str]) -> np.ndarray:
-    """Packed hypervectors [N, W] of `texts` (the codebook in blocks)."""
-    out = []
-    for i in range(0, len(texts), ENCODE_BLOCK):
-        reps = np.stack([codec.represent(t) for t in texts[i:i + ENCODE_BLOCK]])
-        out.append(codec.codebook.encode(reps))
-    return np.concatenate(out)
+def _encode(codebook, reps: np.ndarray) -> np.ndarray:
+    """Packed hypervectors [N, W] of representations [N, d] (in blocks)."""
+    return np.concatenate([codebook.encode(reps[i:i + ENCODE_BLOCK])
+                           for i in range(0, len(reps), ENCODE_BLOCK)])
 
 
 # ---------------------------------------------------------------------------- commands
 def _add(a: argparse.Namespace) -> int:
     entries = _entries(a)
-    from perspective_jax.infer.memory_codec import (check_model, codec_for, model_codec,
-                                                    new_centre)
+    from perspective_jax.infer.memory_codec import (centre_of, check_model, codebook_for,
+                                                    model_codec, new_centre)
     from perspective_jax.memory.store import MemoryParams
     from perspective_jax.memory.writer import memory_writer
 
     mc = model_codec(_model_dir(a))
+    keys, values, confs = map(list, zip(*entries))
+    rep = {t: mc.codec.represent(t) for t in dict.fromkeys(keys + values)}   # once a text
     params = centre = None
     if not os.path.exists(a.memory):
         params = MemoryParams(dim=DEFAULT_DIM if a.dim is None else a.dim,
                               n_banks=DEFAULT_BANKS if a.banks is None else a.banks,
                               seed=DEFAULT_SEED if a.seed is None else a.seed)
-        sample = None if a.centre == "vocabulary" else [t for e in entries for t in e[:2]]
-        centre = new_centre(mc.codec, mc.vocab_size, sample)
+        centre = (new_centre(mc.codec, mc.vocab_size) if a.centre == "vocabulary" else
+                  centre_of([rep[t] for t in keys + values]))    # = text_centre(texts)
     elif a.centre is not None:
         raise UserError(f"--centre {a.centre}: memory {a.memory} exists and keeps the centre "
                         "it was built with; leave the option out or start a new file")
@@ -242,9 +243,9 @@ def _add(a: argparse.Namespace) -> int:
             if given is not None and given != have:
                 raise UserError(f"{flag} {given}: memory {a.memory} was built with "
                                 f"{flag} {have}; leave the option out or start a new file")
-        codec = codec_for(mf, mc.codec.tokenize, mc.codec.embed_rows)
-        keys, values, confs = map(list, zip(*entries))
-        key_hvs, value_hvs = _encode(codec, keys), _encode(codec, values)
+        book = codebook_for(mf)
+        key_hvs = _encode(book, np.stack([rep[k] for k in keys]))
+        value_hvs = _encode(book, np.stack([rep[v] for v in values]))
         replaced = sum(mem.find(k) is not None for k in set(keys))
         replaced += len(keys) - len(set(keys))
         if not replaced and len(keys) > 1:        # a bulk load: the banks built once

@@ -120,6 +120,12 @@ def test_add_replace_list_remove_stats(filled, tmp_path, capsys):
     _ok(capsys, "--memory", mem, "remove", "--id", "1")
     assert "no entry with id 1" in _error(capsys, "--memory", mem, "remove", "--id", "1")
     assert load(mem).memory.find(FACTS[1][0]) is None
+    # what list --json prints is a JSONL another memory can be filled from
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(_ok(capsys, "--memory", mem, "list", "--json"), encoding="utf-8")
+    copy = str(tmp_path / "copy.hdm")
+    _ok(capsys, "--memory", copy, "--model-dir", model, "add", "--jsonl", listed)
+    assert load(copy).memory.texts == load(mem).memory.texts
     stats = json.loads(_ok(capsys, "--memory", mem, "stats", "--json"))
     assert stats["entries"] == 7 and stats["dim"] == 10000 and stats["banks"] == 2000
     assert stats["file_bytes"] == os.path.getsize(mem)
