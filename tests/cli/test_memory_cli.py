@@ -26,6 +26,7 @@ FACTS = [
 REWORDED = [("the capital city of Zorbin is", "Quartzville"),       # one word changed
             ("the colour of the royal flag", "deep emerald"),
             ("the name of the captain's dog", "Admiral Squawk"),
+            ("the inventor of the glass harp was", "Melinda Arkwright"),
             ("the number of moons around Tatooine", "seven")]
 
 

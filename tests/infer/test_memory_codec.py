@@ -116,3 +116,16 @@ def test_a_text_centre_keeps_unrelated_texts_apart(exported):
         sim = 1 - hv.hamming_table(k, k) / PARAMS.dim
         return sim[~np.eye(len(keys), dtype=bool)].mean()
     assert alike(by_text) < alike(by_vocab) - 0.1
+
+
+def test_a_damaged_model_directory_is_refused_before_its_embedding_is_read(
+        exported_writable):
+    from perspective_jax.modeldir import format as md
+    _, _, path = exported_writable
+    shared = f"{path}/{md.SHARED_FILE}"
+    data = bytearray(open(shared, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(shared, "wb").write(bytes(data))
+    with pytest.raises(UserError, match="fails its sha256 checksum") as err:
+        model_codec(path)
+    assert "\n" not in str(err.value)
