@@ -30,7 +30,6 @@ device once for the whole batch. Sequences join and leave between steps.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Optional
 
@@ -57,7 +56,8 @@ from perspective_jax.infer.stats import Stats, report
 from perspective_jax.modeldir import format as md
 from perspective_jax.data.byte_tokenizer import ByteTokenizer
 from perspective_jax.data.tokenizer import SentencePieceTokenizer
-from perspective_jax.modeldir.manifest import read_manifest, tokenizer_file, verified_path
+from perspective_jax.modeldir.manifest import (model_identity, read_manifest, tokenizer_file,
+                                               verified_path)
 from perspective_jax.modeldir.shared_weights import embedding_table, insert_kernels, load_shared
 from perspective_jax.model.cache_io import unflatten_paths
 from perspective_jax.model.extensions import (NEAREST, Extensions, check_extensions,
@@ -101,10 +101,7 @@ class StreamingEngine:
         self.cfg: PerspectiveConfig = (parsed if parsed is not None else
                                        from_dict(PerspectiveConfig, self.manifest["config"]))
         # what a saved conversation is tied to: the exact config, shared weights, experts
-        self.identity = md.sha256_bytes(json.dumps(
-            {"config": self.manifest["config"],
-             "files": {k: v["sha256"] for k, v in sorted(self.manifest["files"].items())}},
-            sort_keys=True).encode())
+        self.identity = model_identity(self.manifest)
         self.model, self.moe = self.cfg.model, self.cfg.moe
         self.routed = self.model.routed
         self.activation_bits = (self.cfg.ternary.activation_bits

@@ -1,6 +1,7 @@
 """Reading a model directory's manifest, and checking it against its config and files.
 
     manifest = read_manifest(model_dir)   # raises ModelDirError naming what is wrong
+    identity = model_identity(manifest)   # the config's and files' sha256, in one hash
 
 `read_manifest` checks the format, the version, the manifest's sha256 of its
 own content (format 5; older versions are refused: their config cannot be
@@ -105,6 +106,15 @@ def _parse(path: str) -> dict:
         raise md.ModelDirError(f"{path} is not a manifest (a JSON object); re-run "
                                "perspective-export")
     return manifest
+
+
+def model_identity(manifest: dict) -> str:
+    """What a saved conversation or a memory file is tied to: the sha256 (hex) of the
+    exact config and the sha256 of every file (shared weights, experts, tokenizer)."""
+    return md.sha256_bytes(json.dumps(
+        {"config": manifest["config"],
+         "files": {k: v["sha256"] for k, v in sorted(manifest["files"].items())}},
+        sort_keys=True).encode())
 
 
 def tokenizer_file(manifest: dict) -> str:

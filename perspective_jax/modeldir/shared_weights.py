@@ -5,6 +5,7 @@
         quantized: {kernel path: QuantizedKernel} (empty unless exported with --shared-bits)
     insert_kernels(layer_params, quantized, sharding)   # packed kernels into the layer trees
     table = embedding_table(flat, manifest, model_dir)  # [V, d] float, or an Int8Table
+    table = load_embedding(model_dir, manifest)         # the same, reading only its tensors
 
 `shared.safetensors` is checked against its manifest sha256 before it is loaded.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 
 import jax
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
 from perspective_jax.quant import embedding_int8
@@ -81,3 +82,16 @@ def embedding_table(flat: dict, manifest: dict, model_dir: str):
     if problem:
         raise md.ModelDirError(f"{file}: {problem}; re-run perspective-export")
     return embedding_int8.blocked(table, scale, embedding_int8.BLOCK_ROWS)
+
+
+def load_embedding(model_dir: str, manifest: dict):
+    """`embedding_table` without the rest of the shared weights: the file is checked
+    against its sha256, then only the embedding's tensors are read from it."""
+    path = verified_path(model_dir, manifest, manifest["shared"]["file"])
+    keys = (embedding_int8.EMBED_KEY, embedding_int8.SCALE_KEY)
+    try:
+        with safe_open(path, framework="numpy") as fh:
+            flat = {k: fh.get_tensor(k) for k in keys if k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise md.ModelDirError(f"{path}: not a readable safetensors file ({e})") from None
+    return embedding_table(flat, manifest, model_dir)

@@ -133,14 +133,15 @@ def _holder(path: str) -> str:
     return "another process"
 
 
-def _refusal(path: str, directory: str, shared: bool) -> UserError:
+def _refusal(path: str, directory: str, shared: bool, unit: str = "directory") -> UserError:
     holder = _holder(path)
     doing = "is being written by" if shared else "is in use by"
     return UserError(f"{directory} {doing} {holder}; wait for it to finish or stop it "
-                     "(one writer per directory)")
+                     f"(one writer per {unit})")
 
 
-def _open_locked(path: str, shared: bool, directory: str, optional: bool) -> Optional[int]:
+def _open_locked(path: str, shared: bool, directory: str, optional: bool,
+                 unit: str = "directory") -> Optional[int]:
     """An fd of `path` holding the flock, or None where the filesystem has no locks
     or, when `optional`, no lock file exists and none can be created."""
     op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
@@ -158,7 +159,7 @@ def _open_locked(path: str, shared: bool, directory: str, optional: bool) -> Opt
             fcntl.flock(fd, op)
         except BlockingIOError:
             os.close(fd)
-            raise _refusal(path, directory, shared) from None
+            raise _refusal(path, directory, shared, unit) from None
         except OSError as exc:
             os.close(fd)
             if exc.errno in _UNSUPPORTED:
@@ -202,17 +203,18 @@ def _release(path: str, fd: int, shared: bool) -> None:
 
 @contextlib.contextmanager
 def hold_lock_file(path: str, shared: bool = False, directory: Optional[str] = None,
-                   optional: bool = False) -> Iterator[None]:
+                   optional: bool = False, unit: str = "directory") -> Iterator[None]:
     """Hold the flock on `path` (created) for the body, or raise a one-line
-    `UserError` naming the holder. `directory` is what the message calls locked;
-    `optional`: go on unlocked where the lock file cannot be created (the caller's
-    own writes will report why)."""
+    `UserError` naming the holder. `directory` is what the message calls locked
+    (`unit`: what kind of thing, "one writer per <unit>"); `optional`: go on
+    unlocked where the lock file cannot be created (the caller's own writes will
+    report why)."""
     directory = directory or path
     key = os.path.realpath(path)
     if key in _held:                        # re-entered: the outer holder releases
         yield
         return
-    fd = _open_locked(path, shared, directory, optional)
+    fd = _open_locked(path, shared, directory, optional, unit)
     if fd is None:
         yield
         return
