@@ -3,11 +3,15 @@
     perspective-infer --model-dir models/tiny "def main(" --max-tokens 64 --stats
     perspective-infer --model-dir models/tiny "def main(" --mpd --show-confidence
     perspective-infer --model-dir models/tiny "import os" --safety --stats
+    perspective-infer --model-dir models/tiny "qv1 = \"" --mpd --memory facts.hdm --stats
 
 --show-confidence (with --mpd): on a terminal, tokens below --low-confidence are
 underlined in red; otherwise stdout is a JSON Lines stream, one object per token
-({"token", "id", "confidence", "mpd", "decision"}). --safety projects every token's
+({"token", "id", "confidence", "mpd", "decision", "memory"}). --safety projects every token's
 final state onto the model directory's safety polytope (SPEC §3.9; docs/inference.md).
+--memory FILE (with --mpd): where the perspectives find no majority, the value the
+memory recalls for the last tokens is injected and the token decided again (SPEC
+§3.7; docs/memory.md); --stats counts lookups, hits and injections.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import sys
 
 from perspective_jax.cli import compile_cache
 from perspective_jax.config.choices import TEMPERATURE_RANGE
-from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_mpd_flags,
-                                        check_output_file, cli_entry, engine_options_from_args,
-                                        exit_with, float_in, int_in, mpd_from_args)
+from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_memory_flags,
+                                        add_mpd_flags, check_output_file, cli_entry,
+                                        engine_options_from_args, exit_with, float_in, int_in,
+                                        mpd_from_args, recall_config_from_args)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 
@@ -43,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop before this text (repeatable)")
     add_engine_flags(p)
     add_mpd_flags(p, switch=True)
+    add_memory_flags(p)
     p.add_argument("--safety", action="store_true",
                    help="project every token's final state onto the model's safety "
                         "polytope, so flagged strings are not completed")
@@ -72,6 +78,9 @@ def run(argv=None) -> int:
     if a.show_confidence and not a.mpd:
         raise UserError("--show-confidence needs --mpd (the confidence comes from the "
                         "routing perspectives)")
+    if a.memory and not a.mpd:
+        raise UserError("--memory is consulted when MPD's perspectives disagree; add --mpd")
+    recall_cfg = recall_config_from_args(a)
     mpd = mpd_from_args(a) if a.mpd else None
     for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json)):
         if path:
@@ -97,12 +106,16 @@ def run(argv=None) -> int:
     try:
         guard = (None if polytope is None
                  else SafetyGuard.for_engine(polytope, engine, tokenizer))
+        memory = None
+        if a.memory:
+            from perspective_jax.infer.memory_codec import engine_recall
+            memory = engine_recall(engine, tokenizer, a.memory, recall_cfg)
         if a.resume_state:
             conv = Conversation.load(engine, tokenizer, a.resume_state, sampling,
-                                     seed=a.seed, mpd=mpd, guard=guard)
+                                     seed=a.seed, mpd=mpd, guard=guard, memory=memory)
         else:
             conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0, mpd=mpd,
-                                guard=guard)
+                                guard=guard, memory=memory)
     except BaseException:
         engine.close()
         raise
@@ -153,7 +166,8 @@ class _confidence_printer:
         else:
             sys.stdout.write(json.dumps({
                 "token": info.text, "id": info.id, "confidence": round(info.confidence, 6),
-                "mpd": info.triggered, "decision": self.DECISIONS[info.kind]}) + "\n")
+                "mpd": info.triggered, "decision": self.DECISIONS[info.kind],
+                "memory": info.recalled}) + "\n")
         sys.stdout.flush()
 
 

@@ -16,9 +16,10 @@ import os
 import sys
 
 from perspective_jax.cli import compile_cache
-from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_mpd_flags,
-                                        cli_entry, engine_options_from_args, exit_with,
-                                        int_in, megabytes, mpd_from_args)
+from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_memory_flags,
+                                        add_mpd_flags, cli_entry, engine_options_from_args,
+                                        exit_with, int_in, megabytes, mpd_from_args,
+                                        recall_config_from_args)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 
@@ -49,6 +50,7 @@ def _parser() -> OneLineParser:
                      help="largest request body")
     add_engine_flags(p)
     add_mpd_flags(p, switch=False)
+    add_memory_flags(p)
     p.add_argument("--safety", action="store_true",
                    help="project every request's tokens onto the model's safety polytope "
                         "(enforced: requests cannot turn it off; without this flag a "
@@ -115,7 +117,8 @@ def run(argv=None) -> int:
                         max_request_bytes=int(a.max_request_mb * 2**20))
     compile_cache.enable(a.compilation_cache)
     server = build_server(a.model_dir, engine_options_from_args(a), opts, a.max_batch,
-                          a.max_queue, mpd_from_args(a), safety=a.safety)
+                          a.max_queue, mpd_from_args(a), safety=a.safety, memory=a.memory,
+                          recall=recall_config_from_args(a))
     sock = bind(a.host, a.port)
     import uvicorn
     url = f"http://{a.host}:{sock.getsockname()[1]}"

@@ -39,8 +39,9 @@ from perspective_jax.errors import UserError
 from perspective_jax.infer import compute as L
 from perspective_jax.infer.engine import load_model_tokenizer
 from perspective_jax.memory.codebook import Codebook
-from perspective_jax.memory.memory_file import MemoryFile
-from perspective_jax.memory.recall import TextCodec, vocabulary_centre
+from perspective_jax.memory.memory_file import MemoryFile, load
+from perspective_jax.memory.recall import (MemoryRecall, RecallConfig, TextCodec,
+                                           vocabulary_centre)
 from perspective_jax.memory.store import HDMemory, MemoryParams
 from perspective_jax.modeldir.manifest import model_identity, read_manifest
 from perspective_jax.modeldir.shared_weights import load_embedding
@@ -142,3 +143,19 @@ def check_model(mf: MemoryFile, identity: str, path: str) -> None:
     raise UserError(f"memory {path} was built with another model; its keys are encoded "
                     f"by that model's embedding (model {mf.model[:12]}…, this one "
                     f"{identity[:12]}…) — use that model directory or build a new memory")
+
+
+def engine_recall(engine, tokenizer, path: str, cfg: RecallConfig) -> MemoryRecall:
+    """The recall `perspective-infer --memory` and `perspective-serve --memory` consult:
+    memory file `path` (checked against the engine's model), its codec on the engine's
+    own embedding, re-read by `MemoryRecall.refresh` when the file is replaced."""
+    mf = load(path)
+    check_model(mf, engine.identity, path)
+    codec = engine_codec(engine, tokenizer)
+    text = codec_for(mf, codec.codec.tokenize, codec.codec.embed_rows)
+
+    def reload(p: str) -> MemoryFile:
+        fresh = load(p)
+        check_model(fresh, engine.identity, p)
+        return fresh
+    return MemoryRecall(mf, text, cfg, codec.n_layers, path=path, reload=reload)

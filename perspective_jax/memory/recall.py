@@ -22,6 +22,8 @@ injections (`counts`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -92,6 +94,17 @@ def vocabulary_centre(embed_rows: Callable, vocab_size: int, block: int = 1024) 
     return (total / n).astype(np.float32)
 
 
+def _file_key(path: Optional[str]):
+    """(inode, size, mtime) of `path`, None when there is none."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class Recalled(NamedTuple):
     row: int
     value: str
@@ -101,8 +114,11 @@ class Recalled(NamedTuple):
 
 class MemoryRecall:
     def __init__(self, memory_file: MemoryFile, codec: TextCodec, cfg: RecallConfig,
-                 n_layers: int):
+                 n_layers: int, path: Optional[str] = None,
+                 reload: Optional[Callable[[str], MemoryFile]] = None):
         self.file, self.codec, self.cfg = memory_file, codec, cfg
+        self.path, self._reload = path, reload
+        self._seen = _file_key(path)
         layer = (n_layers - 1) // 2 if cfg.inject_layer is None else cfg.inject_layer
         if layer >= n_layers:
             raise UserError(f"memory inject_layer {layer}: the model has layers "
@@ -111,8 +127,27 @@ class MemoryRecall:
         self.counts = {"lookups": 0, "hits": 0, "injections": 0}
         self.last: Optional[Recalled] = None
 
+    def refresh(self) -> bool:
+        """Re-read the memory file when it was replaced since it was read (a writer
+        such as perspective-memory saves by rename); True when it was. A file that
+        cannot be read now (damaged, another model's) keeps the memory as it was, with
+        one warning on stderr."""
+        if self.path is None or self._reload is None:
+            return False
+        key = _file_key(self.path)
+        if key == self._seen:
+            return False
+        self._seen = key
+        try:
+            self.file = self._reload(self.path)
+        except UserError as exc:
+            print(f"warning: {exc}; the memory read before is kept", file=sys.stderr)
+            return False
+        return True
+
     def __call__(self, context_ids) -> Optional[Recalled]:
         """The value recalled for the last `window` tokens of `context_ids`, or None."""
+        self.refresh()
         ids = list(context_ids)[-self.cfg.window:]
         self.counts["lookups"] += 1
         self.last = None

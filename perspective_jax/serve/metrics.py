@@ -13,6 +13,8 @@
     perspective_mpd_trigger_rate                      gauge (MPD tokens that ran the views)
     perspective_safety_tokens_total                   counter (guarded positions projected)
     perspective_safety_projections_total              counter (of which the projection moved)
+    perspective_memory_lookups_total                  counter (memory queries on disagreement)
+    perspective_memory_injections_total               counter (tokens decided with a value)
 
 Engine values are read when scraped, from the engine's own counters.
 """
@@ -109,3 +111,7 @@ class _EngineCollector:
                 "the safety projection saw", value=float(s.safety_tokens))
         yield c("perspective_safety_projections", "Guarded positions the safety projection "
                 "moved (their state was outside the polytope)", value=float(s.safety_active))
+        yield c("perspective_memory_lookups", "Memory queries where MPD's views found no "
+                "majority", value=float(s.memory_lookups))
+        yield c("perspective_memory_injections", "Tokens decided again with a recalled "
+                "value injected", value=float(s.memory_injections))

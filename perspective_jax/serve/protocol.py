@@ -8,8 +8,10 @@ Fields: `model`, `max_tokens` (chat also `max_completion_tokens`), `temperature`
 (string or list), `n`, `stream`, `stream_options.include_usage`, `logprobs`
 (completions: the number of top log-probabilities per token; chat: a bool with
 `top_logprobs`), `echo` (completions), and the Perspective extension object
-`perspective: {"mpd": bool, "confidence": bool, "safety": bool}` that standard
-clients never send (`safety`: the safety projection, as `Limits.safety` allows).
+`perspective: {"mpd": bool, "confidence": bool, "safety": bool, "memory": bool}`
+that standard clients never send (`safety`: the safety projection, as
+`Limits.safety` allows; `memory`: with `mpd`, consult the server's memory where the
+perspectives find no majority).
 Sampling parameters that this server cannot honour (penalties, `logit_bias`,
 `best_of` > 1, `suffix`, a `response_format` other than text) are refused, never
 ignored. Completions' `prompt`: a string, a list of strings, a list of token ids
@@ -44,6 +46,7 @@ class Limits:
     max_n: int = 16
     vocab_size: int = 0                # the tokenizer's piece count (token-id prompts)
     safety: str = "unavailable"        # SAFETY_MODES (perspective-serve --safety: enforced)
+    memory: bool = False               # a memory is loaded (perspective-serve --memory)
 
     def __post_init__(self):
         if self.safety not in SAFETY_MODES:
@@ -64,6 +67,7 @@ class Decoding:
     mpd: bool = False                  # Perspective extension
     confidence: bool = False
     safety: bool = False               # the safety projection (infer.safety_guard)
+    memory: bool = False               # consult the server's memory where MPD is unsure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,12 +173,14 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, _boolean(opts, "include_usage")
 
 
-EXTENSION_KEYS = ("mpd", "confidence", "safety")
+EXTENSION_KEYS = ("mpd", "confidence", "safety", "memory")
 
 
-def _extension(body: dict, safety_mode: str) -> tuple[bool, bool, bool]:
-    """(mpd, confidence, safety) of the `perspective` object; safety as the server
-    allows: always on when enforced, a 400 when asked of a model without a polytope."""
+def _extension(body: dict, safety_mode: str, has_memory: bool = False
+               ) -> tuple[bool, bool, bool, bool]:
+    """(mpd, confidence, safety, memory) of the `perspective` object; safety as the
+    server allows: always on when enforced, a 400 when asked of a model without a
+    polytope; memory only with mpd and on a server started with --memory."""
     ext = body.get("perspective")
     if ext is None:
         ext = {}
@@ -194,8 +200,16 @@ def _extension(body: dict, safety_mode: str) -> tuple[bool, bool, bool]:
     if asked is False and safety_mode == "enforced":
         raise bad_field(where, "this server enforces the safety projection "
                                "(perspective-serve --safety); it cannot be turned off")
-    return (_boolean(ext, "mpd"), _boolean(ext, "confidence"),
-            safety_mode == "enforced" or bool(asked))
+    mpd, memory = _boolean(ext, "mpd"), _boolean(ext, "memory")
+    if memory and not has_memory:
+        raise bad_field("perspective.memory", "this server has no memory (start it with "
+                                              "perspective-serve --memory FILE)")
+    if memory and not mpd:
+        raise bad_field("perspective.memory", "the memory is consulted when MPD's "
+                                              "perspectives disagree; set perspective.mpd "
+                                              "to true as well")
+    return (mpd, _boolean(ext, "confidence"), safety_mode == "enforced" or bool(asked),
+            memory)
 
 
 def _decoding(body: dict, limits: Limits, default_max: int, max_tokens_key: str,
@@ -215,12 +229,12 @@ def _decoding(body: dict, limits: Limits, default_max: int, max_tokens_key: str,
     if seed is not None and not _is_int(seed):
         raise bad_field("seed", f"must be an integer, got {seed!r}")
     n = _integer(body, "n", 1, 1, limits.max_n)
-    mpd, confidence, safety = _extension(body, limits.safety)
+    mpd, confidence, safety, memory = _extension(body, limits.safety, limits.memory)
     return Decoding(max_tokens=max_tokens,
                     sampling=Sampling(temperature=temperature, top_k=max(top_k, 0), top_p=top_p),
                     seed=None if seed is None else seed % SEED_MODULUS, stop=_stop(body), n=n,
                     logprobs=logprobs, echo=echo, mpd=mpd, confidence=confidence,
-                    safety=safety)
+                    safety=safety, memory=memory)
 
 
 def _check_body(body) -> dict:

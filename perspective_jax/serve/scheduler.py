@@ -24,7 +24,10 @@ The safety projection (`perspective.safety`; `polytope` given) by
 `infer.safety_guard.SafetyGuard`, built on the engine once it is loaded: each
 guarded sequence keeps its text's tail, and a step whose batch holds any builds the
 [B, F] flag mask with the other rows (and the padding) not `enabled`, so their
-logits are the plain model's; a step without any runs as before.
+logits are the plain model's; a step without any runs as before. The memory
+(`perspective.memory`, with MPD; `memory` given) is consulted by the same
+`mpd_on_engine` where the views find no majority, each sequence keeping the last
+ids it fed as the query.
 
 Events (`serve.jobs`) go to `job.emit` from the scheduler thread.
 """
@@ -68,16 +71,19 @@ class _Seq:
     mpd_spent: int = 0
     row: Optional[int] = None          # its row in the scheduler's Batch
     tail: Optional[bytes] = None       # its text's tail when guarded (safety), else None
+    context: Optional[list] = None     # its last ids fed when it consults the memory
 
 
 class Scheduler:
     def __init__(self, load: Callable, max_batch: int = 16, max_queue: int = 64,
-                 mpd: MPDConfig = MPDConfig(), metrics=None, polytope=None):
+                 mpd: MPDConfig = MPDConfig(), metrics=None, polytope=None,
+                 memory: Optional[Callable] = None):
         if max_batch < 1 or max_queue < 1:
             raise UserError("the batch and the queue must each hold at least 1")
         self.load, self.max_batch, self.max_queue = load, max_batch, max_queue
         self.mpd_config, self.metrics, self.polytope = mpd, metrics, polytope
         self.engine = self.tokenizer = self.guard = None
+        self.memory, self.recall = memory, None   # memory(engine, tokenizer) → MemoryRecall
         self.ready = threading.Event()
         self.load_error: Optional[str] = None
         self.waiting: collections.deque = collections.deque()
@@ -135,6 +141,9 @@ class Scheduler:
             if self.polytope is not None:
                 self.guard = SafetyGuard.for_engine(self.polytope, self.engine,
                                                     self.tokenizer)
+            if self.memory is not None:
+                self.recall = self.memory(self.engine, self.tokenizer)
+                self.engine.stats.memory_on = True
         except BaseException as exc:                       # noqa: BLE001 — reported
             self.load_error = str(exc) or type(exc).__name__
             if self.engine is not None:
@@ -216,7 +225,7 @@ class Scheduler:
             for c in range(d.n):
                 seq = _Seq(job, p * d.n + c, state, last, before, fed,
                            TextStream(self.tokenizer, d.stop), (job.seed + c) % SEED_MODULUS,
-                           tail=tail)
+                           tail=tail, context=self._window(list(ids)) if d.memory else None)
                 if d.max_tokens == 0:                       # echo only: nothing to generate
                     self._finish(seq, "length")
                     continue
@@ -313,9 +322,12 @@ class Scheduler:
         info = None
         if d.mpd:
             before = seq.before if isinstance(seq.before, S.EngineState) else S.row(*seq.before)
+            recall = self.recall if d.memory else None
             info = mpd_on_engine(self.engine, seq.logits, tok, seq.steps, self.mpd_config,
                                  seq.mpd_spent, before, seq.fed,
-                                 None if seq.tail is None else self.guard, seq.tail)
+                                 None if seq.tail is None else self.guard, seq.tail,
+                                 recall, seq.context,
+                                 lambda logits: self._sample([seq], logits[None])[0])
             tok = int(info.token[0])
             seq.mpd_spent += int(info.triggered[0])
         seq.steps += 1
@@ -342,7 +354,13 @@ class Scheduler:
         seq.pending = tok
         if seq.tail is not None:                  # the text the next step is guarded after
             seq.tail = self.guard.extend(seq.tail, [tok])
+        if seq.context is not None:               # the memory's query after the next feed
+            seq.context = self._window(seq.context + [tok])
         return True
+
+    def _window(self, ids: list) -> list:
+        """The last ids a memory query is made of."""
+        return ids[-self.recall.cfg.window:] if self.recall is not None else ids
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         job = seq.job
