@@ -13,27 +13,28 @@ probability and log-probability without injection and with the recalled value's
 vector injected after the middle layer at every position that predicts a value
 token (scales 1–8), whether the first value token becomes the argmax, and whether
 the recalled value is the fact's own (retrieval accuracy from the prompt). A
-second table injects at other layers. Prints markdown tables.
+second table injects at other layers. First, the similarity threshold: the share of
+facts whose prompt recalls the right value, and of unrelated contexts (lines of
+standard-library source) that recall anything, at each `min_similarity`. Prints
+markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import textwrap
 import json
 import math
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
-from perspective_jax.infer import compute
 from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
 from perspective_jax.infer.options import EngineOptions
-from perspective_jax.memory.codebook import Codebook
-from perspective_jax.memory.memory_file import MemoryFile
-from perspective_jax.memory.recall import (MemoryRecall, RecallConfig, TextCodec,
-                                           vocabulary_centre)
-from perspective_jax.memory.store import HDMemory, MemoryParams
+from perspective_jax.infer.memory_codec import codec_for, engine_codec, new_memory_file
+from perspective_jax.memory.recall import MemoryRecall, RecallConfig
+from perspective_jax.memory.store import MemoryParams
 from perspective_jax.model.extensions import Extensions
 
 SYLLABLES = ("ka", "zo", "ri", "mu", "te", "xa", "vo", "pli", "qua", "nes", "dru", "wy")
@@ -45,22 +46,25 @@ def facts(n: int, seed: int) -> list:
     return [(f"qv{i}_{word(2)}", f"{word(3)}_{word(2)}") for i in range(n)]
 
 
-def score(engine, prompt_ids, value_ids, vector=None, layer=None):
-    """log p of each value token given the prompt (and the value tokens before it),
-    with `vector` injected after `layer` at every position predicting one."""
-    ext = None if vector is None else Extensions(inject_layer=layer,
-                                                 inject=np.asarray(vector)[None])
+def score(engine, prompt_ids, value_ids, vector_of=None, layer=None):
+    """log p of each value token given the prompt (and the value tokens before it);
+    `vector_of(context ids)` → the vector injected after `layer` at the position
+    predicting the next token (None: no injection there)."""
     state = engine.new_state()
     logits, state = engine.forward(np.asarray(prompt_ids[:-1], np.int32), state)
     out, first_top = [], None
-    feed = [prompt_ids[-1], *value_ids[:-1]]
-    for tok, want in zip(feed, value_ids):
-        logits, state = engine.forward(np.asarray([tok], np.int32), state, ext)
+    context = list(prompt_ids)
+    for want in value_ids:
+        vec = None if vector_of is None else vector_of(context)
+        ext = None if vec is None else Extensions(inject_layer=layer,
+                                                  inject=np.asarray(vec)[None])
+        logits, state = engine.forward(np.asarray(context[-1:], np.int32), state, ext)
         z = np.asarray(logits, np.float64)
         lp = z - z.max() - math.log(np.exp(z - z.max()).sum())
         out.append(float(lp[want]))
         if first_top is None:
             first_top = int(np.argmax(z)) == want
+        context.append(want)
     return np.asarray(out), first_top
 
 
@@ -76,26 +80,36 @@ def main():
     tok = load_model_tokenizer(a.model_dir)
     cfg = engine.model
     n_layers = cfg.n_periods * len(cfg.layer_pattern)
-    rows = lambda ids: np.asarray(compute.embed(cfg, engine.embed_table,   # noqa: E731
-                                                jnp.asarray(ids, jnp.int32)[None]))[0]
-    params = MemoryParams(seed=a.seed)
-    centre = vocabulary_centre(rows, tok.vocab_size)
-    codec = TextCodec(lambda t: tok.encode(t), rows,
-                      Codebook(cfg.d_model, params.dim, params.seed, centre))
-    mem = HDMemory.new(params)
+    model = engine_codec(engine, tok)
     pairs = facts(a.facts, a.seed)
+    mf = new_memory_file(model.codec, MemoryParams(seed=a.seed), model.identity,
+                         model.vocab_size, sample=[t for kv in pairs for t in kv])
+    codec = codec_for(mf, model.codec.tokenize, model.codec.embed_rows)
+    mem = mf.memory
     t0 = time.perf_counter()
     for key, value in pairs:
         mem.add(codec.encode(key), codec.encode(value), key=key, value=value)
     add_us = 1e6 * (time.perf_counter() - t0) / len(pairs)
-    recall = MemoryRecall(MemoryFile(mem, centre, None), codec, RecallConfig(), n_layers)
+    recall = MemoryRecall(mf, codec, RecallConfig(min_similarity=0.5), n_layers)
+    # unrelated contexts: lines of standard-library source (the corpus's kind of text)
+    lines = [ln.strip() for ln in inspect.getsource(textwrap).splitlines() if len(ln.strip()) > 20]
+    rng = np.random.default_rng(a.seed)
+    unrelated = [lines[i] for i in rng.choice(len(lines), size=min(200, len(lines)),
+                                              replace=False)]
+    fact_sims, other_sims = [], []
+    for key, value in pairs:
+        got = recall(tok.encode(f'{key} = "').tolist())
+        fact_sims.append(got.similarity if got is not None and got.value == value else 0.0)
+    for text in unrelated:
+        got = recall(tok.encode(text).tolist())
+        other_sims.append(0.0 if got is None else got.similarity)
     scales = [float(s) for s in a.scales.split(",")]
-    layers = sorted({recall.inject_layer, 0, n_layers - 2})
+    variants = [("mean", 4.0, None)] + [("next_token", sc, None) for sc in scales]
+    layers = sorted({0, n_layers - 1} - {recall.inject_layer})
+    variants += [("next_token", 4.0, layer) for layer in layers]
     res = {"base": [], "top_base": [], "found": 0, "sim": []}
-    for s in scales:
-        res[f"s{s}"], res[f"top{s}"] = [], []
-    for layer in layers:
-        res[f"l{layer}"] = []
+    for v in variants:
+        res[v], res[("top", v)] = [], []
     t0 = time.perf_counter()
     for key, value in pairs:
         prompt, val = tok.encode(f'{key} = "').tolist(), tok.encode(value).tolist()
@@ -103,22 +117,19 @@ def main():
         res["base"].append(base)
         res["top_base"].append(top)
         got = recall(prompt)
-        if got is None:
-            for s in scales:
-                res[f"s{s}"].append(base)
-                res[f"top{s}"].append(top)
-            for layer in layers:
-                res[f"l{layer}"].append(base)
-            continue
-        res["found"] += got.value == value
-        res["sim"].append(got.similarity)
-        unit = got.vector / recall.cfg.inject_scale
-        for s in scales:
-            lp, top = score(engine, prompt, val, s * unit, recall.inject_layer)
-            res[f"s{s}"].append(lp)
-            res[f"top{s}"].append(top)
-        for layer in layers:
-            res[f"l{layer}"].append(score(engine, prompt, val, 4 * unit, layer)[0])
+        if got is not None:
+            res["found"] += got.value == value
+            res["sim"].append(got.similarity)
+        for v in variants:
+            mode, sc, layer = v
+            r = MemoryRecall(mf, codec, RecallConfig(min_similarity=0.5, inject=mode,
+                                                     inject_scale=sc, window=64), n_layers)
+            lp, top = score(engine, prompt, val,
+                            lambda ctx, r=r: (lambda g: None if g is None else g.vector)(
+                                r(ctx)),
+                            recall.inject_layer if layer is None else layer)
+            res[v].append(lp)
+            res[("top", v)].append(top)
     wall = time.perf_counter() - t0
     engine.close()
 
@@ -128,6 +139,12 @@ def main():
         return (f"| {name} | {np.exp(cat).mean():.4f} | {cat.mean():.3f} | "
                 f"{np.exp(first):.4f} | "
                 + (f"{100 * np.mean(tops):.0f} % |" if tops is not None else "– |"))
+    print("| min_similarity | facts recalled (right value) | unrelated contexts with a hit |")
+    print("|---|---|---|")
+    for th in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8):
+        print(f"| {th:.2f} | {100 * np.mean(np.asarray(fact_sims) >= th):.0f} % | "
+              f"{100 * np.mean(np.asarray(other_sims) >= th):.0f} % |")
+    print()
     print(f"{len(pairs)} facts; recalled value is the fact's own: {res['found']}/{len(pairs)} "
           f"(mean similarity {np.mean(res['sim']) if res['sim'] else float('nan'):.3f}); "
           f"inject layer {recall.inject_layer} of 0..{n_layers - 1}; insert {add_us:.0f} µs "
@@ -136,17 +153,14 @@ def main():
           "first token argmax |")
     print("|---|---|---|---|---|")
     print(row("none", res["base"], res["top_base"]))
-    for s in scales:
-        print(row(f"scale {s:g}, layer {recall.inject_layer}", res[f"s{s}"], res[f"top{s}"]))
-    print("\n| injection (scale 4) | mean p(value token) | mean log p | p(first value token) | "
-          "first token argmax |")
-    print("|---|---|---|---|---|")
-    for layer in layers:
-        print(row(f"after layer {layer}", res[f"l{layer}"]))
+    for v in variants:
+        mode, sc, layer = v
+        where = recall.inject_layer if layer is None else layer
+        print(row(f"{mode}, scale {sc:g}, after layer {where}", res[v], res[("top", v)]))
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({k: ([np.asarray(x).tolist() for x in v] if isinstance(v, list) else v)
-                       for k, v in res.items()}, fh)
+            json.dump({str(k): ([np.asarray(x).tolist() for x in v] if isinstance(v, list)
+                                else v) for k, v in res.items()}, fh)
 
 
 if __name__ == "__main__":

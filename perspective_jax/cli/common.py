@@ -298,6 +298,7 @@ def mpd_from_args(a: argparse.Namespace):
 def add_memory_flags(parser: argparse.ArgumentParser) -> None:
     """The hypervector memory's flags (`memory.recall.RecallConfig`), one definition
     for perspective-infer and perspective-serve."""
+    from perspective_jax.config.choices import INJECT_MODES
     from perspective_jax.memory.recall import RecallConfig
     d = RecallConfig()
     g = parser.add_argument_group("hypervector memory (consulted when MPD finds no majority)")
@@ -315,13 +316,16 @@ def add_memory_flags(parser: argparse.ArgumentParser) -> None:
                    help="scale of the value's vector added to the residual stream")
     g.add_argument("--memory-layer", type=int_in(0), default=None,
                    help="inject after this layer (default: the middle layer)")
+    g.add_argument("--memory-inject", choices=INJECT_MODES, default=d.inject,
+                   help="next_token: the value's token that follows the text so far; "
+                        "mean: the value's mean embedding")
 
 
 def recall_config_from_args(a: argparse.Namespace):
     from perspective_jax.memory.recall import RecallConfig
     return RecallConfig(probes=a.memory_probes, min_similarity=a.memory_min_similarity,
                         window=a.memory_window, inject_scale=a.memory_scale,
-                        inject_layer=a.memory_layer)
+                        inject_layer=a.memory_layer, inject=a.memory_inject)
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,9 @@ ROUTE_MODES = ("nearest", "kth", "antipode", "random")
 MPD_STATES = ("forked", "persistent")
 # mpd.confidence: what MPD reports as a token's confidence (model/mpd.py)
 MPD_CONFIDENCES = ("ensemble", "agreement")
+# what a recalled memory value injects (memory.recall.RecallConfig.inject): the
+# embedding of the value token that follows the text so far, or the value's mean
+INJECT_MODES = ("next_token", "mean")
 # model.remat
 REMAT_POLICIES = ("none", "full", "dots")
 # ternary.scale_granularity

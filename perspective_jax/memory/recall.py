@@ -13,10 +13,18 @@ A text's representation is the mean of the model's input rows for its tokens
 
 `MemoryRecall` queries with the last `window` tokens of the context, takes the
 nearest value when its similarity is at least `min_similarity`, and returns the
-vector to inject: inject_scale · r(value), added to the residual stream of the
-decided position after `inject_layer` (default: the middle layer, (L − 1) // 2) —
-the value enters as a virtual token would. It counts lookups, hits and
-injections (`counts`).
+vector to inject, added to the residual stream of the decided position after
+`inject_layer` (default: the middle layer, (L − 1) // 2) — the value enters as a
+virtual token would:
+
+    inject = "next_token": inject_scale · embed_rows(v_k),  k = how much of the value
+             the context already ends with (`matched_prefix`), so a value is said
+             token by token; none once it is complete
+    inject = "mean":       inject_scale · r(value)
+
+"next_token" is the default: on the Quickstart model it raised the value tokens'
+probability far more than the mean (docs/benchmarks.md, issue 25). It counts
+lookups, hits and injections (`counts`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from perspective_jax.config.choices import INJECT_MODES
 from perspective_jax.errors import UserError
 from perspective_jax.memory.codebook import Codebook
 from perspective_jax.memory.memory_file import MemoryFile
@@ -36,17 +45,22 @@ from perspective_jax.memory.memory_file import MemoryFile
 @dataclasses.dataclass(frozen=True)
 class RecallConfig:
     """How decoding consults a memory: candidate banks (`probes`), the similarity a
-    value needs to count as found (`min_similarity`; unrelated ≈ 0.5), the context
-    tokens a query is made of (`window`), the injected vector's scale, and the layer
-    after which it is added (None: the middle layer)."""
+    value needs to count as found (`min_similarity`; unrelated ≈ 0.5, unrelated text
+    of the same kind up to ~0.6 on the Quickstart model: docs/benchmarks.md), the
+    context tokens a query is made of (`window`), the injected vector's scale, the
+    layer after which it is added (None: the middle layer), and what is injected
+    (`inject`, INJECT_MODES; module docstring)."""
 
     probes: int = 8
-    min_similarity: float = 0.53
+    min_similarity: float = 0.65
     window: int = 32
-    inject_scale: float = 1.0
+    inject_scale: float = 4.0
     inject_layer: Optional[int] = None
+    inject: str = "next_token"
 
     def __post_init__(self):
+        if self.inject not in INJECT_MODES:
+            raise UserError(f"memory inject {self.inject!r}: use one of {INJECT_MODES}")
         if not 1 <= self.probes <= 4096:
             raise UserError(f"memory probes {self.probes}: must lie in 1..4096")
         if not 0.5 <= self.min_similarity <= 1.0:
@@ -92,6 +106,16 @@ def vocabulary_centre(embed_rows: Callable, vocab_size: int, block: int = 1024) 
         total = rows.sum(0) if total is None else total + rows.sum(0)
         n += len(rows)
     return (total / n).astype(np.float32)
+
+
+def matched_prefix(context, value_ids) -> int:
+    """The longest k such that `context` ends with value_ids[:k] (how much of the
+    value the text has already said)."""
+    context = list(context)
+    for k in range(min(len(context), len(value_ids)), 0, -1):
+        if context[-k:] == list(value_ids[:k]):
+            return k
+    return 0
 
 
 def _file_key(path: Optional[str]):
@@ -158,8 +182,10 @@ class MemoryRecall:
             return None
         self.counts["hits"] += 1
         value = self.file.memory.texts[hit.row][1]
-        value_ids = self.codec.tokenize(value) if value else []
-        if len(value_ids) == 0:
+        value_ids = [int(t) for t in self.codec.tokenize(value)] if value else []
+        if self.cfg.inject == "next_token":
+            value_ids = value_ids[matched_prefix(ids, value_ids):][:1]
+        if len(value_ids) == 0:                    # nothing (left) to inject
             return None
         vec = self.cfg.inject_scale * self.codec.represent_ids(value_ids)
         self.last = Recalled(hit.row, value, hit.similarity, vec.astype(np.float32))

@@ -20,7 +20,8 @@ from perspective_jax.infer.options import EngineOptions
 from perspective_jax.infer.session import Conversation
 from perspective_jax.memory.codebook import Codebook
 from perspective_jax.memory.memory_file import MemoryFile
-from perspective_jax.memory.recall import MemoryRecall, RecallConfig, TextCodec
+from perspective_jax.memory.recall import (MemoryRecall, RecallConfig, TextCodec,
+                                           matched_prefix)
 from perspective_jax.memory.store import HDMemory, MemoryParams
 from perspective_jax.model.extensions import Extensions
 from perspective_jax.model.generate import generate_mpd
@@ -41,11 +42,12 @@ def _recall(cfg, embed_rows, scale=4.0):
     book = Codebook(cfg.model.d_model, params.dim, params.seed)
     codec = TextCodec(lambda t: tok.encode(t), embed_rows, book)
     mem = HDMemory.new(params)
-    mem.add(codec.encode("MPD: "), codec.encode("zzzz"), key="MPD: ", value="zzzz")
+    mem.add(codec.encode("MPD: "), codec.encode("zqx"), key="MPD: ", value="zqx")
     mf = MemoryFile(mem, book.centre, None)
     n_layers = cfg.model.n_periods * len(cfg.model.layer_pattern)
     return MemoryRecall(mf, codec, RecallConfig(min_similarity=0.5, inject_scale=scale,
                                                 window=6), n_layers)
+    # (window 6: the reference below re-derives the context from the last 6 ids)
 
 
 def _in_memory(cfg, params):
@@ -118,7 +120,38 @@ def test_recalled_token_is_the_argmax_of_the_injected_step(exported_distinct):
     plain, _ = model.apply({"params": used}, jnp.asarray(text[:, -1:]), cache=cache)
     assert not np.allclose(np.asarray(plain), np.asarray(logits))   # the value mattered
     assert recall.inject_layer == (cfg.model.n_periods * len(cfg.model.layer_pattern) - 1) // 2
-    np.testing.assert_allclose(vec, 4.0 * rows(ByteTokenizer().encode("zzzz")).mean(0),
+    value = ByteTokenizer().encode("zqx")
+    said = matched_prefix(text[0, -6:].tolist(), value.tolist())
+    np.testing.assert_allclose(vec, 4.0 * rows(value[said:said + 1])[0], rtol=1e-6)
+
+
+def test_next_token_injection_follows_the_value():
+    """matched_prefix against a sequential reference; the recall injects the value's
+    next token, then none once the value is complete; "mean" injects the mean."""
+    assert matched_prefix([5, 1, 2], [1, 2, 3]) == 2
+    assert matched_prefix([1, 2, 3], [1, 2, 3]) == 3
+    assert matched_prefix([9, 9], [1, 2]) == 0
+    assert matched_prefix([1, 1], [1, 1, 2]) == 2
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ctx, val = rng.integers(0, 3, 6).tolist(), rng.integers(0, 3, 4).tolist()
+        ref = max([k for k in range(0, 5) if k <= len(ctx) and ctx[len(ctx) - k:] == val[:k]])
+        assert matched_prefix(ctx, val) == ref
+    table = np.random.default_rng(1).normal(size=(259, 8)).astype(np.float32)
+    rows = lambda ids: table[np.asarray(ids)]                        # noqa: E731
+    tok = ByteTokenizer()
+    book = Codebook(8, 256, 0)
+    codec = TextCodec(lambda t: tok.encode(t), rows, book)
+    mem = HDMemory.new(MemoryParams(dim=256, n_banks=1))
+    mem.add(codec.encode("k"), codec.encode("abc"), key="k", value="abc")
+    mf = MemoryFile(mem, book.centre, None)
+    nxt = MemoryRecall(mf, codec, RecallConfig(min_similarity=0.5, inject_scale=2.0), 4)
+    ids = lambda t: tok.encode(t).tolist()                           # noqa: E731
+    np.testing.assert_allclose(nxt(ids("k=")).vector, 2 * table[ids("a")[0]])
+    np.testing.assert_allclose(nxt(ids("k=ab")).vector, 2 * table[ids("c")[0]])
+    assert nxt(ids("k=abc")) is None and nxt.counts["hits"] == 3
+    mean = MemoryRecall(mf, codec, RecallConfig(min_similarity=0.5, inject="mean"), 4)
+    np.testing.assert_allclose(mean(ids("k=ab")).vector, 4 * table[ids("abc")].mean(0),
                                rtol=1e-6)
 
 
