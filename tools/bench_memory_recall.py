@@ -25,17 +25,16 @@ import argparse
 import inspect
 import textwrap
 import json
-import math
 import time
 
 import numpy as np
 
+from perspective_jax.evaluate.memory import value_logprobs
 from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
 from perspective_jax.infer.options import EngineOptions
 from perspective_jax.infer.memory_codec import codec_for, engine_codec, new_memory_file
 from perspective_jax.memory.recall import MemoryRecall, RecallConfig
 from perspective_jax.memory.store import MemoryParams
-from perspective_jax.model.extensions import Extensions
 
 SYLLABLES = ("ka", "zo", "ri", "mu", "te", "xa", "vo", "pli", "qua", "nes", "dru", "wy")
 
@@ -47,25 +46,13 @@ def facts(n: int, seed: int) -> list:
 
 
 def score(engine, prompt_ids, value_ids, vector_of=None, layer=None):
-    """log p of each value token given the prompt (and the value tokens before it);
-    `vector_of(context ids)` → the vector injected after `layer` at the position
-    predicting the next token (None: no injection there)."""
-    state = engine.new_state()
-    logits, state = engine.forward(np.asarray(prompt_ids[:-1], np.int32), state)
-    out, first_top = [], None
-    context = list(prompt_ids)
-    for want in value_ids:
-        vec = None if vector_of is None else vector_of(context)
-        ext = None if vec is None else Extensions(inject_layer=layer,
-                                                  inject=np.asarray(vec)[None])
-        logits, state = engine.forward(np.asarray(context[-1:], np.int32), state, ext)
-        z = np.asarray(logits, np.float64)
-        lp = z - z.max() - math.log(np.exp(z - z.max()).sum())
-        out.append(float(lp[want]))
-        if first_top is None:
-            first_top = int(np.argmax(z)) == want
-        context.append(want)
-    return np.asarray(out), first_top
+    """(log p of each value token, whether the first is the argmax): the scorer of
+    perspective-eval --memory (`evaluate.memory.value_logprobs`); the argmax from
+    the first position's log-probability against every other token's."""
+    lp = value_logprobs(engine, prompt_ids, value_ids, vector_of, layer)
+    first = value_logprobs(engine, prompt_ids, value_ids[:1], vector_of, layer,
+                           all_tokens=True)
+    return lp, bool(first.argmax() == value_ids[0])
 
 
 def main():

@@ -17,8 +17,9 @@ import json
 import sys
 
 from perspective_jax.cli import compile_cache
-from perspective_jax.cli.common import (OneLineParser, add_mpd_flags, cli_entry, exit_with,
-                                        int_in, megabytes, mpd_from_args)
+from perspective_jax.cli.common import (OneLineParser, add_memory_flags, add_mpd_flags,
+                                        cli_entry, exit_with, int_in, megabytes, mpd_from_args,
+                                        recall_config_from_args)
 from perspective_jax.errors import UserError
 
 
@@ -48,6 +49,9 @@ def _parser() -> OneLineParser:
                         "Lines with 'prompt'), added to the contexts cut from --data")
     s.add_argument("--safety-contexts", type=int_in(1), default=48, metavar="N",
                    help="red-team and safe contexts each cut from --data (default 48)")
+    add_memory_flags(p)
+    p.add_argument("--memory-entries", type=int_in(1), default=64, metavar="N",
+                   help="stored entries scored for memory.* (with --memory)")
     h = p.add_argument_group("lm-evaluation-harness (pip install 'perspective-jax[eval]')")
     h.add_argument("--lm-eval", metavar="TASK[,TASK]",
                    help="harness tasks to run in process (lm_eval's, or YAML tasks under "
@@ -78,6 +82,8 @@ def run(argv=None) -> int:
         raise UserError("--gates checks the metrics measured on --data; give --data")
     if (a.safety or a.red_team) and not a.data:
         raise UserError("--safety measures on held-out --data; give --data")
+    if a.memory and not a.data:
+        raise UserError("--memory measures against held-out --data; give --data")
     if a.red_team and not a.safety:
         raise UserError("--red-team goes with --safety")
     if (a.lm_eval_include or a.lm_eval_limit) and not a.lm_eval:
@@ -89,6 +95,7 @@ def run(argv=None) -> int:
                                                  text_table, verdicts_json, write_report)
     from perspective_jax.evaluate.run import EvalOptions, EvalResult, evaluate_model
     from perspective_jax.evaluate.safety import SafetyEvalOptions, read_prompts
+    from perspective_jax.evaluate.memory import MemoryEvalOptions
     safety = None
     if a.safety:
         safety = SafetyEvalOptions(red_team=a.safety_contexts, safe=a.safety_contexts,
@@ -97,7 +104,9 @@ def run(argv=None) -> int:
     opts = EvalOptions(segment_len=a.segment_len, max_segments=a.max_segments,
                        decode_tokens=a.decode_tokens, mpd=mpd, persistent=not a.no_persistent,
                        host_budget_mb=a.host_budget_mb, device_slots=a.device_slots,
-                       safety=safety)
+                       safety=safety,
+                       memory=None if not a.memory else MemoryEvalOptions(
+                           a.memory, recall_config_from_args(a), a.memory_entries))
     log = (lambda msg: print(msg, file=sys.stderr))
     tasks = manager = None
     if a.lm_eval:                            # unknown tasks fail before any model work

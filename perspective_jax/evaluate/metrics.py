@@ -86,3 +86,14 @@ register("spp_active_rate", "", "lower",
 register("spp_ms_per_token", "ms", "lower", "the projection's time per decoded token")
 register("spp_step_share", "", "lower",
          "the projection's time per token / the decode step's time per token")
+# the hypervector memory (evaluate.memory, perspective-eval --memory)
+register("memory.recall_accuracy", "", "higher",
+         "share of stored keys that recall their own value")
+register("memory.false_hit_rate", "", "lower",
+         "share of unrelated held-out contexts that recall a value")
+register("memory.value_prob", "", "none",
+         "mean p(value token | key, value so far) without the memory")
+register("memory.value_prob_injected", "", "higher",
+         "the same with the recalled value injected at each value position")
+register("memory.value_prob_gain", "", "higher", "value_prob_injected / value_prob")
+register("memory.query_us", "µs", "lower", "one recall: encode the context, query, vector")

@@ -23,6 +23,8 @@ from perspective_jax.config.schema import MPDConfig
 from perspective_jax.data.corpus import expand_paths, read_documents
 from perspective_jax.errors import UserError
 from perspective_jax.evaluate import confidence as C
+from perspective_jax.evaluate import memory as memory_eval
+from perspective_jax.evaluate.memory import MemoryEvalOptions
 from perspective_jax.evaluate.safety import SafetyEvalOptions, measure
 from perspective_jax.evaluate.teacher_forced import score, segments
 from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
@@ -51,6 +53,7 @@ class EvalOptions:
     host_budget_mb: float = 1024.0
     device_slots: int = 2
     safety: Optional[SafetyEvalOptions] = None     # measure the safety projection
+    memory: Optional[MemoryEvalOptions] = None     # measure a hypervector memory
 
     def __post_init__(self):
         for name, lo in (("segment_len", 2), ("max_segments", 2), ("decode_tokens", 2),
@@ -147,6 +150,13 @@ def evaluate_model(model_dir: str, data: list, opts: EvalOptions = EvalOptions()
             spp, details = measure(engine, tokenizer, guard, text, opts.safety, log)
             values.update(spp)
             fitted["safety"] = details
+        if opts.memory is not None:
+            m = opts.memory
+            width = m.recall.window
+            starts = np.linspace(0, max(0, ids.size - width), m.contexts).astype(int)
+            contexts = [ids[s:s + width].tolist() for s in starts]
+            values.update(memory_eval.measure(engine, tokenizer, m.path, m.recall, contexts,
+                                              m.entries, log))
         rss = peak_rss_bytes()
         if rss is not None:
             values["peak_host_bytes"] = float(rss)
