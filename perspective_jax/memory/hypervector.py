@@ -10,10 +10,10 @@ are always 0. Every operation works on [..., W] arrays:
 
 `hamming_table(q [Q, W], x [N, W]) → [Q, N]` compares many queries with many
 vectors: NumPy (`np.bitwise_count`) for a small table, a jitted JAX program
-(uint32 halves, `lax.population_count`, run on blocks of `JAX_BLOCK` queries so one
-compiled program serves every Q) from `JAX_MIN_CELLS` cells up — the one rule that
-picks between them. The packed store holds 1,250 bytes per 10,000-bit
-vector, 8× less than a bool per element.
+(uint32 halves, `lax.population_count`, on blocks of `JAX_BLOCK` queries, a smaller
+one padded to a power of 2, so a few compiled programs serve every Q) from
+`JAX_MIN_CELLS` cells up — the one rule that picks between them. The packed store holds 1,256 bytes (157 words) per 10,000-bit
+vector, 7.96× less than a bool per element (the last word's 48 spare bits).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ WORD_BITS = 64
 # Q × N × W word comparisons from which the batched JAX path is used (measured on 2
 # CPU cores: below it NumPy's popcount is faster than a jitted call's overhead)
 JAX_MIN_CELLS = 1 << 22
-JAX_BLOCK = 256          # queries per call of the JAX program (the last block padded)
+JAX_BLOCK = 256          # queries per call of the JAX program (fewer: padded to 2^k)
 
 
 def words(dim: int) -> int:
@@ -129,9 +129,10 @@ def _hamming_table_jax(q, x):
     return jax.lax.map(one, q)
 
 
-def hamming_table(q: np.ndarray, x: np.ndarray, use_jax=None) -> np.ndarray:
+def hamming_table(q: np.ndarray, x: np.ndarray, use_jax=None, xt=None) -> np.ndarray:
     """Differing bits of every query q [Q, W] with every vector x [N, W] → [Q, N].
-    `use_jax` None: the JAX path from JAX_MIN_CELLS word comparisons up."""
+    `use_jax` None: the JAX path from JAX_MIN_CELLS word comparisons up. `xt`: x
+    word-major [W, N] where the caller keeps it (NumPy's path for W ≤ 32 uses it)."""
     q, x = np.atleast_2d(q), np.atleast_2d(x)
     if q.shape[-1] != x.shape[-1]:
         raise UserError(f"hypervectors of {q.shape[-1]} and {x.shape[-1]} words cannot "
@@ -145,8 +146,9 @@ def hamming_table(q: np.ndarray, x: np.ndarray, use_jax=None) -> np.ndarray:
         for i in range(0, n_q, JAX_BLOCK):
             block = q32[i:i + JAX_BLOCK]
             rows = len(block)
-            if rows < JAX_BLOCK and n_q > JAX_BLOCK // 4:    # pad: one program for all Q
-                block = np.concatenate([block, np.zeros((JAX_BLOCK - rows, block.shape[1]),
+            size = min(JAX_BLOCK, 1 << (rows - 1).bit_length())   # pad to a power of 2:
+            if size > rows:                                       # few programs for all Q
+                block = np.concatenate([block, np.zeros((size - rows, block.shape[1]),
                                                         np.uint32)])
             out[i:i + rows] = np.asarray(_hamming_table_jax(block, x32))[:rows]
         return out
@@ -154,7 +156,8 @@ def hamming_table(q: np.ndarray, x: np.ndarray, use_jax=None) -> np.ndarray:
     if w <= 32:
         # few words (a prefix of the vectors): x word-major [W, N], so the sum over
         # words adds whole rows instead of reducing many short ones
-        xt, dt = np.ascontiguousarray(x.T), _count_dtype(w)
+        xt = np.ascontiguousarray(x.T) if xt is None else xt
+        dt = _count_dtype(w)
         for i in range(0, n_q, step):
             out[i:i + step] = np.bitwise_count(
                 np.bitwise_xor(q[i:i + step, :, None], xt[None])).sum(axis=1, dtype=dt)

@@ -106,6 +106,17 @@ def test_hamming_table_picks_the_jax_path_from_the_threshold(monkeypatch):
     assert len(calls) == 2048 // hv.JAX_BLOCK
 
 
+def test_jax_path_compiles_a_few_programs_for_any_number_of_queries():
+    rng = np.random.default_rng(9)
+    x = hv.random(rng, 37, 320)                           # a shape no other test uses
+    before = hv._hamming_table_jax._cache_size()
+    for q in range(1, 600, 7):                            # 86 different Q
+        a = hv.random(rng, q, 320)
+        np.testing.assert_array_equal(hv.hamming_table(a, x, use_jax=True),
+                                      hv.hamming_table(a, x, use_jax=False))
+    assert hv._hamming_table_jax._cache_size() - before <= 9   # blocks of 1, 2, 4 … 256
+
+
 def test_hamming_table_one_vector_each_and_word_mismatch():
     rng = np.random.default_rng(6)
     a, b = hv.random(rng, 1, 1000)[0], hv.random(rng, 1, 1000)[0]
