@@ -33,7 +33,6 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THRESHOLD = 0.53                 # RecallConfig.min_similarity's default
 NOISES = (0.0, 0.1, 0.2, 0.3)
 
@@ -329,7 +328,6 @@ def main(argv=None) -> int:
         results["torchhd"] = r
         return _dump(args, results)
 
-    sys.path.insert(0, REPO)
     from perspective_jax.memory import hypervector as hv
     from perspective_jax.memory import memory_file as mfile
     from perspective_jax.memory import store
