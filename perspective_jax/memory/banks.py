@@ -75,18 +75,25 @@ class Banks:
     @classmethod
     def rebuild(cls, n_banks: int, dim: int, tie: np.ndarray, bank_of: np.ndarray,
                 bound: np.ndarray) -> "Banks":
-        """Banks from scratch: vector i [W] of `bound` [N, W] into bank `bank_of[i]`."""
+        """Banks from scratch: vector i [W] of `bound` [N, W] into bank `bank_of[i]`
+        (counters only for the banks used; an empty bank is the tie vector)."""
         out = cls(n_banks, dim, tie)
         bank_of = np.asarray(bank_of, np.int64)
         out.sizes = np.bincount(bank_of, minlength=n_banks).astype(np.int64)
-        counts = np.zeros((n_banks, dim), np.int32)
+        used = np.flatnonzero(out.sizes)
+        slot = np.zeros(n_banks, np.int64)
+        slot[used] = np.arange(len(used))
+        counts = np.zeros((len(used), dim), np.int32)
         order = np.argsort(bank_of, kind="stable")
-        step = 4096
-        for i in range(0, len(order), step):          # rows sorted by bank, summed per run
+        step = 1024
+        for i in range(0, len(order), step):      # rows sorted by bank: a run per bank
             rows = order[i:i + step]
             b = bank_of[rows]
-            starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-            bits = hv.unpack(bound[rows], dim).astype(np.int32)
-            counts[b[starts]] += np.add.reduceat(bits, starts, axis=0)
-        out.packed = majority(counts, out.sizes, tie, dim)
+            ends = np.flatnonzero(np.r_[b[1:] != b[:-1], True])      # last row of a run
+            total = np.cumsum(hv.unpack(bound[rows], dim), axis=0, dtype=np.int32)
+            run = total[ends]
+            run[1:] -= total[ends[:-1]]
+            counts[slot[b[ends]]] += run
+        if len(used):
+            out.packed[used] = majority(counts, out.sizes[used], tie, dim)
         return out

@@ -143,9 +143,12 @@ def load(path: str) -> MemoryFile:
                 shape).astype(np.dtype(dtype).newbyteorder("="))
         s = header["sections"]["texts"]
         off = start + int(s["offset"])
-        lines = data[off:off + int(s["nbytes"])].decode("utf-8").splitlines()
-        texts = [tuple(json.loads(line)) for line in lines]
-        if len(texts) != n or any(len(t) != 2 for t in texts):
+        if off + int(s["nbytes"]) > end:
+            raise ValueError("section texts")
+        # one JSON array per "\n" (not str.splitlines: U+2028, U+0085 … are text)
+        lines = data[off:off + int(s["nbytes"])].decode("utf-8").split("\n")
+        texts = [tuple(json.loads(line)) for line in lines[:-1]]
+        if lines[-1] or len(texts) != n or any(len(t) != 2 for t in texts):
             raise ValueError("texts")
     except UserError:
         raise
