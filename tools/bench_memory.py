@@ -33,7 +33,8 @@ import time
 
 import numpy as np
 
-THRESHOLD = 0.53                 # RecallConfig.min_similarity's default
+THRESHOLD = 0.53                 # a threshold for random hypervectors (best unrelated ≈ 0.515); text
+                                 # queries from a model use RecallConfig.min_similarity (0.65)
 NOISES = (0.0, 0.1, 0.2, 0.3)
 
 
