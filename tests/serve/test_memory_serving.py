@@ -19,8 +19,8 @@ from perspective_jax.memory.recall import RecallConfig
 from perspective_jax.serve.server import build_server
 from serve_helpers import MODEL, running
 
-# every step triggers; anything short of four equal argmaxes is "no majority"
-UNSURE = MPDConfig(every_k=1, p_min=0.0, h_max=100.0, tau=1e-5, min_votes=4, max_rate=1.0)
+# every step triggers (what MPD_FLAGS give perspective-infer; min_votes stays 3)
+UNSURE = MPDConfig(every_k=1, p_min=0.0, h_max=100.0, tau=1e-5, max_rate=1.0)
 FOUND = RecallConfig(min_similarity=0.5)          # any stored value counts as found
 PROMPT, N = "The ", 8
 MPD_FLAGS = ["--mpd", "--mpd-every-k", "1", "--mpd-p-min", "0", "--mpd-h-max", "100",
