@@ -6,7 +6,8 @@ to the model they were trained on (SPEC §3.8).
 
 Safetensors with the checksummed metadata of `model.cache_io.write_checked`
 (format "perspective-adapter/1"): tensors `periods/layer_i/w_p/a` [P, d_in, r] and
-`…/b` [P, r, d_out] (any targets), optional `coords/layer_i` [E, 3]; metadata: the
+`…/b` [P, r, d_out] (any targets), optional `coords/layer_i` [P, E, 3] (expert
+positions of the routed layers, `adapt.coords`); metadata: the
 model's identity (`modeldir.manifest.model_identity`), rank, targets, scale. A file
 of another model, another shape, non-finite values, or any changed byte is a
 one-line error naming it.
@@ -21,7 +22,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from perspective_jax.config import ModelConfig
+from perspective_jax.adapt.coords import check_positions
+from perspective_jax.config import PerspectiveConfig
 from perspective_jax.errors import UserError
 from perspective_jax.model.cache_io import (flatten_cache, read_checked, unflatten_paths,
                                             write_checked)
@@ -48,7 +50,7 @@ class AdapterSpec:
 
 def save_adapters(path: str, adapters: dict, identity: str, spec: AdapterSpec,
                   coords: Optional[dict] = None) -> None:
-    """Write `adapters` (init_lora's tree) and `coords` ({layer_i: [E, 3]}) atomically."""
+    """Write `adapters` (init_lora's tree) and `coords` ({layer_i: [P, E, 3]}) atomically."""
     tensors = flatten_cache(adapters)
     for name, z in (coords or {}).items():
         tensors[f"coords/{name}"] = np.asarray(z, np.float32)
@@ -57,10 +59,10 @@ def save_adapters(path: str, adapters: dict, identity: str, spec: AdapterSpec,
     write_checked({k: np.asarray(v, np.float32) for k, v in tensors.items()}, meta, path)
 
 
-def load_adapters(path: str, identity: str, cfg: ModelConfig
+def load_adapters(path: str, identity: str, cfg: PerspectiveConfig
                   ) -> tuple[dict, AdapterSpec, dict]:
-    """(adapters tree, its spec, coords {layer_i: [E, 3]}) of an adapter file made for
-    the model `identity` with config `cfg` (module docstring)."""
+    """(adapters tree, its spec, coords {layer_i: [P, E, 3]}, {} when the file has
+    none) of an adapter file made for the model `identity` with config `cfg`."""
     tensors, meta = read_checked(path, FORMAT, "an adapter file", (),
                                  "train the adapter again (perspective-adapt)")
     if meta.get("model") != identity:
@@ -75,11 +77,15 @@ def load_adapters(path: str, identity: str, cfg: ModelConfig
     if any(not np.isfinite(v).all() for v in tensors.values()):
         raise UserError(f"{path}: holds non-finite values; the adapter file is damaged")
     coords = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("coords/")}
-    if any(z.ndim != 2 or z.shape[1] != 3 or z.min() < 0 or z.max() >= 1
-           for z in coords.values()):
-        raise UserError(f"{path}: its expert coordinates are not [E, 3] points of [0, 1)³")
+    if coords:
+        try:
+            check_positions(coords, cfg)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        if any(z.min() < 0 or z.max() >= 1 for z in coords.values()):
+            raise UserError(f"{path}: its expert coordinates are not points of [0, 1)³")
     lora = unflatten_paths({k: v for k, v in tensors.items() if not k.startswith("coords/")})
-    shapes = jax.eval_shape(lambda: init_lora(cfg, jax.random.key(0), spec.rank,
+    shapes = jax.eval_shape(lambda: init_lora(cfg.model, jax.random.key(0), spec.rank,
                                               spec.targets))
     want = {"/".join(str(getattr(p, "key", p)) for p in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}

@@ -57,13 +57,26 @@ def centred_ranks(f: jax.Array) -> jax.Array:
     return ranks.astype(jnp.float32) / (f.shape[0] - 1) - 0.5
 
 
-def nes_step(fitness: Callable, z: jax.Array, z0: jax.Array, key: jax.Array,
-             cfg: NESConfig = NESConfig()) -> jax.Array:
-    """One NES update of z [..., 3] (module docstring); `fitness(z) → scalar`."""
+def perturbations(key: jax.Array, z: jax.Array, cfg: NESConfig = NESConfig()) -> jax.Array:
+    """ε [M, *z.shape]: M/2 Gaussian draws and their negatives (antithetic pairs)."""
     half = jax.random.normal(key, (cfg.population // 2, *z.shape), jnp.float32)
-    eps = jnp.concatenate([half, -half])
-    f = jax.vmap(lambda e: fitness(wrap(z + cfg.sigma * e)))(eps)
-    u = centred_ranks(f)
+    return jnp.concatenate([half, -half])
+
+
+def nes_update(z: jax.Array, z0: jax.Array, eps: jax.Array, fitness_values,
+               cfg: NESConfig = NESConfig()) -> jax.Array:
+    """z after one update from the fitness f_i of wrap(z + σ ε_i) (module docstring)."""
+    u = centred_ranks(jnp.asarray(fitness_values, jnp.float32))
     grad = jnp.tensordot(u, eps, axes=1) / (cfg.population * cfg.sigma)
     step = cfg.lr * grad - cfg.lr * 2.0 * cfg.anchor * signed_step(z0, z)
     return fold_step(z, step)
+
+
+def nes_step(fitness: Callable, z: jax.Array, z0: jax.Array, key: jax.Array,
+             cfg: NESConfig = NESConfig()) -> jax.Array:
+    """One NES update of z [..., 3] (module docstring); `fitness(z) → scalar` a JAX
+    function (vmapped over the population; `perturbations` + `nes_update` take
+    fitness values computed any other way, e.g. on the streaming engine)."""
+    eps = perturbations(key, z, cfg)
+    f = jax.vmap(lambda e: fitness(wrap(z + cfg.sigma * e)))(eps)
+    return nes_update(z, z0, eps, f, cfg)

@@ -23,6 +23,9 @@ MPD_CONFIDENCES = ("ensemble", "agreement")
 # what a recalled memory value injects (memory.recall.RecallConfig.inject): the
 # embedding of the value token that follows the text so far, or the value's mean
 INJECT_MODES = ("next_token", "mean")
+# forward-gradient directions (adapt.forward_grad) and the adapter optimiser (adapt.loop)
+FG_ESTIMATORS = ("plain", "orthogonal", "antithetic")
+ADAPT_OPTIMIZERS = ("adam", "sgd")
 # model.remat
 REMAT_POLICIES = ("none", "full", "dots")
 # ternary.scale_granularity

@@ -127,6 +127,13 @@ def expert_token(cfg: ModelConfig, activation_bits: int, h, hn, gate, codes, sca
     return gated_residual(h, y, gate)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def expert_out(cfg: ModelConfig, activation_bits: int, x, codes, scales, j, e):
+    """x [M, d] → expert e of expert layer j applied to it [M, d] (no residual, no
+    fence: what the adaptation walk differentiates, `infer.tangent_walk`)."""
+    return _expert_swiglu(cfg, activation_bits, codes, _scales_at(scales, j, e), x)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def combine(cfg: ModelConfig, h, y, gate):
     """h [B, T, d] + y [B·T, d] · gate [B, T]: the routed block's residual."""

@@ -1,0 +1,99 @@
+"""The adaptation loop: with K = dim orthogonal directions the forward gradient is
+the backprop gradient exactly (in memory and streamed); updates lower the loss of
+what they are fed; NES moves coordinates within the anchor's reach; a round that
+goes off the rails is rolled back to the exact adapters, optimiser state and
+coordinates, and reported."""
+
+import jax
+import numpy as np
+import pytest
+
+from perspective_jax.adapt.loop import AdaptConfig, Adaptation, mpd_agreement
+from perspective_jax.adapt.nes import NESConfig
+from perspective_jax.adapt.rails import RailsConfig
+from perspective_jax.adapt.target import InMemoryTarget, StreamedTarget
+from perspective_jax.errors import UserError
+from perspective_jax.export.exporter import with_ternary_experts
+from perspective_jax.infer.engine import StreamingEngine
+from perspective_jax.infer.options import EngineOptions
+from perspective_jax.moe.torus import signed_step
+
+
+@pytest.fixture(scope="module")
+def targets(exported):
+    cfg, params, path = exported
+    engine = StreamingEngine(path, EngineOptions(host_budget_mb=1, device_slots=2))
+    used = with_ternary_experts(jax.tree.map(np.asarray, params), cfg)
+    yield cfg, InMemoryTarget(cfg, used), StreamedTarget(engine)
+    engine.close()
+
+
+def _windows(cfg, seed, b=2, t=9):
+    return np.random.default_rng(seed).integers(0, cfg.model.vocab_size, (b, t))
+
+
+def test_forward_gradient_with_all_orthogonal_directions_is_the_gradient(targets):
+    """(In memory: the streamed derivatives equal these, test_streamed_tangents.py.)"""
+    cfg, mem = targets[0], targets[1]
+    target = mem
+    run = Adaptation(target, AdaptConfig(rank=1, directions=8, estimator="orthogonal"))
+    run.lora = jax.tree.map(lambda a: a + 0.1, run.lora)            # B ≠ 0: A matters too
+    run = Adaptation(target, AdaptConfig(rank=1, directions=run.dim,
+                                         estimator="orthogonal"), lora=run.lora)
+    windows = _windows(cfg, 1, b=1, t=6)
+    loss, g = run.gradient(windows)
+    ref = jax.grad(lambda a: mem.loss_fn(mem.params, windows, a))(run.lora)
+    np.testing.assert_allclose(loss, mem.loss(windows, run.lora), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+
+
+def test_updates_lower_the_loss_they_are_fed_and_nes_stays_anchored(targets):
+    cfg, mem, _ = targets
+    windows = _windows(cfg, 2, b=4, t=12)
+    nes = NESConfig(population=8, sigma=0.02, lr=0.002, anchor=0.1)
+    run = Adaptation(mem, AdaptConfig(directions=16, lr=1e-2, nes=nes))
+    before = mem.loss(windows, run.lora, run.coords)
+    for _ in range(30):
+        run.step(windows)
+    after = mem.loss(windows, run.lora, run.coords)
+    assert after < before - 0.05
+    moved = max(np.abs(signed_step(run.trained[k], run.coords[k])).max() for k in run.coords)
+    assert 0 < moved < 30 * 0.3 * nes.lr / nes.sigma + 1e-6        # bounded per update
+    assert run.updates == 30 and run.update_s > 0
+
+
+def test_a_round_off_the_rails_is_rolled_back_exactly(targets):
+    cfg, mem, _ = targets
+    train, held = _windows(cfg, 3, b=3), _windows(cfg, 4, b=3)
+    good = Adaptation(mem, AdaptConfig(directions=8, lr=1e-3))
+    rails = good.rails(held)
+    assert 0 <= rails.baseline_agreement <= 1
+    report = good.round([train], held, rails)
+    assert report["rolled_back"] is None and good.rollbacks == []
+    bad = Adaptation(mem, AdaptConfig(directions=8, optimizer="sgd", lr=9.0,
+                                      rails=RailsConfig(max_loss_rise=0.01)),
+                     lora=good.lora)
+    rails = bad.rails(held)
+    saved = jax.tree.map(np.array, bad.state())
+    report = bad.round([train] * 3, held, rails)
+    assert report["rolled_back"] and "loss" in report["rolled_back"]
+    for a, b in zip(jax.tree.leaves(bad.state()), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert bad.target.loss(held, bad.lora) == pytest.approx(rails.baseline_loss, rel=1e-6)
+
+
+def test_agreement_is_the_same_in_memory_and_streamed(targets):
+    cfg, mem, streamed = targets
+    held = _windows(cfg, 5, b=2)
+    assert mpd_agreement(mem, held, None) == pytest.approx(
+        mpd_agreement(streamed, held, None), abs=0.07)
+
+
+def test_bad_settings_are_one_line_errors():
+    for kw, word in (({"estimator": "fancy"}, "estimator"), ({"optimizer": "lbfgs"},
+                     "optimizer"), ({"directions": 0}, "directions"),
+                     ({"estimator": "antithetic", "directions": 3}, "pairs"),
+                     ({"lr": 0.0}, "lr")):
+        with pytest.raises(UserError, match=word):
+            AdaptConfig(**kw)
