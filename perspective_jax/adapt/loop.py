@@ -7,10 +7,11 @@ model and the streaming engine (`adapt.target`).
     report = run.round(train_windows, heldout_windows, steps=10)   # rails around it
 
 One update (`step`) on windows [B, T+1]:
-  1. K directions v_k over the adapters (`forward_grad.directions`: plain, orthogonal
-     or antithetic), d_k = ∇L · v_k from the target (one linearised forward pass,
-     K tangents; on the engine layer by layer as the experts stream), ĝ = mean d_k v_k,
-     then Adam (default) or SGD on the adapters; no backward pass.
+  1. K directions v_k over the adapters (`forward_grad`: plain, orthogonal,
+     antithetic, or guided by the run's recent estimates), d_k = ∇L · v_k from the
+     target (one linearised forward pass, K tangents; on the engine layer by layer as
+     the experts stream), ĝ = Σ_k w_k d_k v_k, then Adam (default) or SGD on the
+     adapters; no backward pass.
   2. NES (if on): M perturbed copies of every routed layer's coordinates z [P, E, 3],
      fitness −L of each (M forward passes), centred ranks, wrapped update with the
      elastic anchor toward the trained positions (`nes`).
@@ -32,7 +33,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from perspective_jax.adapt.forward_grad import directions
+from perspective_jax.adapt.forward_grad import directions, guided_directions
 from perspective_jax.adapt.nes import NESConfig, nes_update, perturbations
 from perspective_jax.adapt.rails import Rails, RailsConfig
 from perspective_jax.config.choices import ADAPT_OPTIMIZERS, FG_ESTIMATORS
@@ -41,6 +42,8 @@ from perspective_jax.errors import UserError
 from perspective_jax.model.extensions import init_lora
 from perspective_jax.model.mpd import PERSPECTIVES, UNCERTAIN, decide
 from perspective_jax.moe.torus import wrap
+
+GUIDE_DECAY = 0.9          # the guided estimator's running mean of its estimates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,7 @@ class Adaptation:
         flat, self._unravel = ravel_pytree(self.lora)
         self.dim = int(flat.size)
         self.updates, self.update_s, self.rollbacks = 0, 0.0, []
+        self._ema, self._recent = None, []
         self._apply = jax.jit(lambda g, s, p: self._apply_update(g, s, p))
 
     def _apply_update(self, g, state, params):
@@ -122,14 +126,35 @@ class Adaptation:
         self.key, sub = jax.random.split(self.key)
         return sub
 
+    def _directions(self):
+        """(directions [K, dim], weights [K]) of the configured estimator."""
+        cfg, key = self.cfg, self._next_key()
+        if cfg.estimator == "guided":
+            return guided_directions(key, cfg.directions, self._guides())
+        v = directions(key, cfg.directions, self.dim, cfg.estimator == "orthogonal",
+                       cfg.estimator == "antithetic")
+        return v, jnp.full((cfg.directions,), 1.0 / cfg.directions, jnp.float32)
+
+    def _guides(self) -> jax.Array:
+        """The guided estimator's guides: the running mean of the estimates and the
+        latest K/2 − 1 estimates (none before the first update)."""
+        if self._ema is None:
+            return jnp.zeros((0, self.dim), jnp.float32)
+        return jnp.stack([self._ema, *self._recent])
+
+    def _remember(self, g: jax.Array) -> None:
+        self._ema = g if self._ema is None else GUIDE_DECAY * self._ema + (1 - GUIDE_DECAY) * g
+        self._recent = (self._recent + [g])[-(self.cfg.directions // 2 - 1):] \
+            if self.cfg.directions >= 4 else []
+
     def gradient(self, windows) -> tuple[float, dict]:
         """(L, ĝ): the forward-gradient estimate on `windows` (module docstring, 1)."""
-        cfg = self.cfg
-        v = directions(self._next_key(), cfg.directions, self.dim,
-                       cfg.estimator == "orthogonal", cfg.estimator == "antithetic")
+        v, weights = self._directions()
         tangents = jax.vmap(self._unravel)(v)
         loss, d = self.target.loss_and_derivatives(windows, self.lora, tangents, self.coords)
-        g = jnp.mean(jnp.asarray(d)[:, None] * v, axis=0)
+        g = jnp.sum((weights * jnp.asarray(d))[:, None] * v, axis=0)
+        if self.cfg.estimator == "guided":
+            self._remember(g)
         return loss, self._unravel(g)
 
     def nes(self, windows) -> None:

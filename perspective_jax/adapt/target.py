@@ -91,10 +91,16 @@ class InMemoryTarget:
 
 class StreamedTarget:
     """The streaming engine (`infer.engine.StreamingEngine`): weights as exported,
-    experts brought in layer by layer; `scale` the LoRA scale."""
+    experts brought in layer by layer; `scale` the LoRA scale. Derivatives are taken
+    `rows_per_pass` windows at a time and averaged (all windows have T targets), so
+    what an update holds on the device beyond decoding's weights is one pass's x and
+    K tangents [K, rows, T, d] and its logits, whatever the batch."""
 
-    def __init__(self, engine, scale: float = 1.0):
-        self.engine, self.scale = engine, scale
+    def __init__(self, engine, scale: float = 1.0, rows_per_pass: int = 1):
+        if rows_per_pass < 1:
+            raise UserError(f"rows_per_pass {rows_per_pass}: must be >= 1")
+        self.engine, self.scale, self.rows_per_pass = engine, scale, rows_per_pass
+        self.on_layer = None                # tools: called after each layer of a pass
         self.cfg = engine.cfg
         self.vocab_size = engine.model.vocab_size
         self._trained = C.engine_positions(engine)
@@ -134,7 +140,13 @@ class StreamedTarget:
 
     def loss_and_derivatives(self, windows, lora, tangents, coords=None):
         windows = check_windows(windows, self.vocab_size)
+        losses, ds = [], []
         with self._routed_by(coords) as layer_params:
-            return window_loss_and_tangents(self.engine, windows, lora, tangents, self.scale,
-                                            layer_params)
+            for s in range(0, len(windows), self.rows_per_pass):
+                part = windows[s: s + self.rows_per_pass]
+                loss, d = window_loss_and_tangents(self.engine, part, lora, tangents,
+                                                   self.scale, layer_params, self.on_layer)
+                losses.append(loss * len(part))
+                ds.append(d * len(part))
+        return float(sum(losses) / len(windows)), np.sum(ds, 0) / len(windows)
 

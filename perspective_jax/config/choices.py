@@ -24,7 +24,7 @@ MPD_CONFIDENCES = ("ensemble", "agreement")
 # embedding of the value token that follows the text so far, or the value's mean
 INJECT_MODES = ("next_token", "mean")
 # forward-gradient directions (adapt.forward_grad) and the adapter optimiser (adapt.loop)
-FG_ESTIMATORS = ("plain", "orthogonal", "antithetic")
+FG_ESTIMATORS = ("plain", "orthogonal", "antithetic", "guided")
 ADAPT_OPTIMIZERS = ("adam", "sgd")
 # model.remat
 REMAT_POLICIES = ("none", "full", "dots")

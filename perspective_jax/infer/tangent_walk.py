@@ -23,7 +23,7 @@ empty state (no cache): what `PerspectiveLM` computes on them in training mode.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -85,10 +85,13 @@ def _routed(engine, j: int, lp, h, th, segment_pos, p: int, i: int):
 
 
 def window_loss_and_tangents(engine, windows, adapters: Optional[dict], tangents,
-                             scale: float = 1.0, layer_params=None):
+                             scale: float = 1.0, layer_params=None,
+                             on_layer: Optional[Callable[[], None]] = None):
     """(mean next-token loss of `windows` [B, T+1], d [K]) on the streamed model with
     LoRA `adapters` (module docstring). `layer_params` ([p][i] trees, default the
-    engine's) lets a caller route with other expert coordinates."""
+    engine's) lets a caller route with other expert coordinates; `on_layer()` is
+    called after each layer and after the head (tools measure live memory there)."""
+    on_layer = on_layer or (lambda: None)
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise UserError(f"adaptation windows must be [B, T+1] with T >= 1; got "
@@ -118,8 +121,10 @@ def window_loss_and_tangents(engine, windows, adapters: Optional[dict], tangents
                                 p, i)
             else:
                 x, tx = _linear(lambda h_: L.dense_ffn(cfg, kind, lp, h_), (h,), (th,))
+            on_layer()
     logits, t_logits = _linear(
         lambda x_: L.head(cfg, engine.final_norm, engine.embed_table, x_.reshape(b * t, -1)),
         (x,), (tx,))
+    on_layer()
     loss, d = _tangent_loss(logits, t_logits, targets.reshape(-1))
     return float(loss), np.asarray(d)
