@@ -95,23 +95,20 @@ def train(method, target, lr, args, train_w, held_w):
 
 
 def update_memory(target, args, batch):
-    """XLA temporaries (bytes) of one forward-gradient pass vs one backprop gradient."""
+    """XLA temporaries (bytes) of one forward-gradient pass (the target's own, with
+    all K tangents at once and one at a time) vs one backprop gradient."""
     run = Adaptation(target, AdaptConfig(directions=args.directions))
     v = directions(jax.random.key(0), args.directions, run.dim)
     tangents = jax.vmap(run._unravel)(v)
     params = target.params
 
-    def fg(lora, t, b):
-        value, lin = jax.linearize(lambda a: target.loss_fn(params, b, a), lora)
-        return value, jax.vmap(lin)(t)
-
-    def bp(lora, b):
-        return jax.value_and_grad(lambda a: target.loss_fn(params, b, a))(lora)
-
-    def temp(f, *a):
-        stats = jax.jit(f).lower(*a).compile().memory_analysis()
-        return int(stats.temp_size_in_bytes)
-    return temp(fg, run.lora, tangents, batch), temp(bp, run.lora, batch)
+    def temp(jitted, *a):
+        return int(jitted.lower(*a).compile().memory_analysis().temp_size_in_bytes)
+    one = InMemoryTarget(target.cfg, params, tangents_per_pass=1)
+    bp = jax.jit(jax.value_and_grad(lambda a, b: target.loss_fn(params, b, a)))
+    return (temp(target._derivatives, params, batch, run.lora, tangents),
+            temp(one._derivatives, params, batch, run.lora, tangents),
+            temp(bp, run.lora, batch))
 
 
 def streamed(args, train_w):
@@ -128,7 +125,8 @@ def streamed(args, train_w):
     run = Adaptation(target, AdaptConfig(directions=args.directions, lr=args.stream_lr))
     times = []
     for s in range(args.stream_updates):
-        batch = train_w[s * args.batch: (s + 1) * args.batch]
+        batch = np.take(train_w, np.arange(s * args.batch, (s + 1) * args.batch), axis=0,
+                        mode="wrap")
         t0 = time.perf_counter()
         run.step(batch)
         times.append(time.perf_counter() - t0)
@@ -138,7 +136,7 @@ def streamed(args, train_w):
     for tok in train_w[0, 32:96]:
         _, state = engine.forward(np.array([tok]), state)
     decode_s = (time.perf_counter() - t0) / 64
-    budget = engine.budget()
+    budget = engine.budget
     engine.close()
     return {"update_s": float(np.median(times[1:])) if len(times) > 1 else times[0],
             "peak_extra_mb": peak[0] / MB, "decode_budget_mb": budget.needed / MB,
@@ -196,11 +194,13 @@ def main(argv=None):
     for m, lr, after, gain, sec in rows:
         share = f"{gain / bp_gain:.0%}" if bp_gain else "–"
         print(f"| {m} | {lr:g} | {after:.4f} | {gain:.4f} | {share} | {sec * 1e3:.0f} |")
-    fg_tmp, bp_tmp = update_memory(target, args, jnp.asarray(train_w[: args.batch]))
-    out["memory"] = {"forward_temp_mb": fg_tmp / MB, "backprop_temp_mb": bp_tmp / MB}
-    print(f"\nupdate temporaries (XLA memory analysis, batch {args.batch}): forward "
-          f"{fg_tmp / MB:.2f} MB vs backprop {bp_tmp / MB:.2f} MB "
-          f"({fg_tmp / bp_tmp:.2f}×)")
+    fg_tmp, fg1_tmp, bp_tmp = update_memory(target, args, jnp.asarray(train_w[: args.batch]))
+    out["memory"] = {"forward_temp_mb": fg_tmp / MB, "forward_one_tangent_temp_mb":
+                     fg1_tmp / MB, "backprop_temp_mb": bp_tmp / MB}
+    print(f"\nupdate temporaries (XLA memory analysis, batch {args.batch}, in memory): "
+          f"forward, {args.directions} tangents per pass {fg_tmp / MB:.2f} MB "
+          f"({fg_tmp / bp_tmp:.2f}×), 1 tangent per pass {fg1_tmp / MB:.2f} MB "
+          f"({fg1_tmp / bp_tmp:.2f}×); backprop {bp_tmp / MB:.2f} MB")
     s = streamed(args, train_w)
     out["streamed"] = s
     print(f"streamed forward-gradient update (batch {args.batch}, {args.rows_per_pass} "

@@ -32,8 +32,8 @@ from perspective_jax.model.transformer import PerspectiveLM
 
 def check_windows(windows, vocab_size: int) -> np.ndarray:
     windows = np.asarray(windows, np.int32)
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise UserError(f"adaptation windows must be [B, T+1] with T >= 1; got "
+    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise UserError(f"adaptation windows must be [B, T+1] with B, T >= 1; got "
                         f"{windows.shape}")
     if windows.min() < 0 or windows.max() >= vocab_size:
         raise UserError(f"token ids must lie in [0, {vocab_size})")
@@ -41,9 +41,13 @@ def check_windows(windows, vocab_size: int) -> np.ndarray:
 
 
 class InMemoryTarget:
-    """PerspectiveLM with `params` (every weight in memory); `scale` the LoRA scale."""
+    """PerspectiveLM with `params` (every weight in memory); `scale` the LoRA scale.
+    Derivatives are forward mode through the whole model, `tangents_per_pass`
+    directions at a time (default all K): jvp, not linearize, so nothing is stored
+    across layers — what is alive is one layer's primal values and its tangents."""
 
-    def __init__(self, cfg: PerspectiveConfig, params, scale: float = 1.0):
+    def __init__(self, cfg: PerspectiveConfig, params, scale: float = 1.0,
+                 tangents_per_pass: int = 0):
         self.cfg, self.params, self.scale = cfg, params, scale
         bits = cfg.ternary.activation_bits if cfg.ternary.enabled else 0
         self.model = PerspectiveLM(cfg.model, cfg.moe, activation_bits=bits)
@@ -58,8 +62,19 @@ class InMemoryTarget:
             return next_token_loss(out.reshape(-1, out.shape[-1]), windows[:, 1:].reshape(-1))
 
         def derivatives(params, windows, lora, tangents):
-            value, lin = jax.linearize(lambda a: loss(params, windows, a), lora)
-            return value, jax.vmap(lin)(tangents)
+            along = jax.vmap(lambda t: jax.jvp(lambda a: loss(params, windows, a),
+                                               (lora,), (t,)))
+            k = jax.tree.leaves(tangents)[0].shape[0]
+            per = k if tangents_per_pass <= 0 else min(tangents_per_pass, k)
+            if k % per:
+                raise UserError(f"{k} directions do not split into passes of {per}")
+            if per == k:
+                values, d = along(tangents)
+            else:
+                chunks = jax.tree.map(lambda a: a.reshape(k // per, per, *a.shape[1:]),
+                                      tangents)
+                values, d = jax.lax.map(along, chunks)
+            return values.reshape(-1)[0], d.reshape(-1)
 
         self._logits = jax.jit(logits, static_argnums=(3,))
         self._loss = jax.jit(loss)
