@@ -210,3 +210,13 @@ def test_a_wrong_adapter_is_refused_at_startup_in_one_line(setup, tmp_path, caps
     assert serve_cli.run(["--model-dir", path, "--adapter", str(damaged), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(damaged) in err and err.count("\n") == 1
+
+
+@pytest.mark.slow                      # compiles MPD's 3-row view steps with the adapters
+def test_mpd_runs_its_views_on_the_adapted_model(server):
+    """MPD's views go through the adapted engine (`engine.step` with its keywords)."""
+    r = _completion(server, None, max_tokens=3,
+                    perspective={"mpd": True, "confidence": True})
+    assert r.status_code == 200, r.text
+    ext = r.json()["choices"][0]["perspective"]
+    assert len(ext["confidence"]) == 3 and any(ext["mpd"])
