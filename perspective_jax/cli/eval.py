@@ -52,6 +52,9 @@ def _parser() -> OneLineParser:
     add_memory_flags(p)
     p.add_argument("--memory-entries", type=int_in(1), default=64, metavar="N",
                    help="stored entries scored for memory.* (with --memory)")
+    p.add_argument("--adapter", metavar="FILE",
+                   help="an adapter file (perspective-adapt) of this model: adapter.* "
+                        "metrics, the test segments' loss without and with it")
     h = p.add_argument_group("lm-evaluation-harness (pip install 'perspective-jax[eval]')")
     h.add_argument("--lm-eval", metavar="TASK[,TASK]",
                    help="harness tasks to run in process (lm_eval's, or YAML tasks under "
@@ -84,6 +87,8 @@ def run(argv=None) -> int:
         raise UserError("--safety measures on held-out --data; give --data")
     if a.memory and not a.data:
         raise UserError("--memory measures against held-out --data; give --data")
+    if a.adapter and not a.data:
+        raise UserError("--adapter measures on held-out --data; give --data")
     if a.red_team and not a.safety:
         raise UserError("--red-team goes with --safety")
     if (a.lm_eval_include or a.lm_eval_limit) and not a.lm_eval:
@@ -106,7 +111,8 @@ def run(argv=None) -> int:
                        host_budget_mb=a.host_budget_mb, device_slots=a.device_slots,
                        safety=safety,
                        memory=None if not a.memory else MemoryEvalOptions(
-                           a.memory, recall_config_from_args(a), a.memory_entries))
+                           a.memory, recall_config_from_args(a), a.memory_entries),
+                       adapter=a.adapter)
     log = (lambda msg: print(msg, file=sys.stderr))
     tasks = manager = None
     if a.lm_eval:                            # unknown tasks fail before any model work
@@ -124,6 +130,8 @@ def run(argv=None) -> int:
                                     device_slots=a.device_slots)
     verdicts = check(gates, result.values)
     header = {"model_dir": a.model_dir, "data": a.data, "title": a.model_dir}
+    if a.adapter:
+        header["adapter"] = a.adapter
     if a.out:
         for path in write_report(a.out, header, result.values, verdicts, result.confidences,
                                  result.fitted, lm_eval):

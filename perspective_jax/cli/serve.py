@@ -51,6 +51,9 @@ def _parser() -> OneLineParser:
     add_engine_flags(p)
     add_mpd_flags(p, switch=False)
     add_memory_flags(p)
+    p.add_argument("--adapter", metavar="FILE",
+                   help="an adapter file (perspective-adapt) of this model: requests decode "
+                        "with it unless they set perspective.adapter to false")
     p.add_argument("--safety", action="store_true",
                    help="project every request's tokens onto the model's safety polytope "
                         "(enforced: requests cannot turn it off; without this flag a "
@@ -118,12 +121,13 @@ def run(argv=None) -> int:
     compile_cache.enable(a.compilation_cache)
     server = build_server(a.model_dir, engine_options_from_args(a), opts, a.max_batch,
                           a.max_queue, mpd_from_args(a), safety=a.safety, memory=a.memory,
-                          recall=recall_config_from_args(a))
+                          recall=recall_config_from_args(a), adapter=a.adapter)
     sock = bind(a.host, a.port)
     import uvicorn
     url = f"http://{a.host}:{sock.getsockname()[1]}"
+    adapter = f", adapter {a.adapter}" if a.adapter else ""
     print(f"perspective-serve: {url}/v1 serving {name!r} (chat template: "
-          f"{server.template_source}); loading the model — GET /health says when it is "
+          f"{server.template_source}{adapter}); loading the model — GET /health says when it is "
           "ready", file=sys.stderr, flush=True)
     server.scheduler.start()
     uv = uvicorn.Server(uvicorn.Config(server.app, log_level=a.log_level, lifespan="off"))

@@ -97,3 +97,10 @@ register("memory.value_prob_injected", "", "higher",
          "the same with the recalled value injected at each value position")
 register("memory.value_prob_gain", "", "higher", "value_prob_injected / value_prob")
 register("memory.query_us", "µs", "lower", "one recall: encode the context, query, vector")
+# a trained adapter (evaluate.adapter, perspective-eval --adapter)
+register("adapter.loss_base", "nats/token", "none",
+         "next-token loss of the test segments without the adapter (StreamedTarget.loss)")
+register("adapter.loss", "nats/token", "lower",
+         "next-token loss of the same segments with the adapter")
+register("adapter.loss_gain", "nats/token", "higher", "adapter.loss_base − adapter.loss")
+register("adapter.rank", "", "none", "the adapter's LoRA rank")

@@ -1,5 +1,5 @@
 """One evaluation of a streamed model (`perspective-eval`): loss, calibration, decode
-speed with and without MPD, memory — every value a registered metric.
+speed with and without MPD, memory, an adapter — every value a registered metric.
 
     result = evaluate_model("models/tiny", ["held_out/"], EvalOptions())
     result.values["ece.temperature"], result.confidences["softmax"]
@@ -7,7 +7,9 @@ speed with and without MPD, memory — every value a registered metric.
 The text is tokenized with the model's own tokenizer and cut into evenly spread
 segments (`teacher_forced.segments`); even segments form the validation split
 (the temperature and the logistic calibrator are fitted there), odd ones the test
-split every reported number comes from.
+split every reported number comes from. With an adapter, `adapter.*` compares the
+test split's loss without and with it (`evaluate.adapter`); the other metrics are
+the model's own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.data.corpus import expand_paths, read_documents
 from perspective_jax.errors import UserError
+from perspective_jax.evaluate import adapter as adapter_eval
 from perspective_jax.evaluate import confidence as C
 from perspective_jax.evaluate import memory as memory_eval
 from perspective_jax.evaluate.memory import MemoryEvalOptions
@@ -54,6 +57,7 @@ class EvalOptions:
     device_slots: int = 2
     safety: Optional[SafetyEvalOptions] = None     # measure the safety projection
     memory: Optional[MemoryEvalOptions] = None     # measure a hypervector memory
+    adapter: Optional[str] = None                  # measure an adapter file (adapter.*)
 
     def __post_init__(self):
         for name, lo in (("segment_len", 2), ("max_segments", 2), ("decode_tokens", 2),
@@ -98,6 +102,8 @@ def evaluate_model(model_dir: str, data: list, opts: EvalOptions = EvalOptions()
     manifest = read_manifest(model_dir)
     if opts.safety is not None:              # no polytope: one line before any work
         model_polytope(model_dir, manifest, required=True)
+    if opts.adapter is not None:             # another model's or damaged: the same
+        adapter_eval.check(manifest, opts.adapter)
     text = read_text(data)
     engine = StreamingEngine(model_dir, EngineOptions(host_budget_mb=opts.host_budget_mb,
                                                       device_slots=opts.device_slots),
@@ -157,6 +163,8 @@ def evaluate_model(model_dir: str, data: list, opts: EvalOptions = EvalOptions()
             contexts = [ids[s:s + width].tolist() for s in starts]
             values.update(memory_eval.measure(engine, tokenizer, m.path, m.recall, contexts,
                                               m.entries, log))
+        if opts.adapter is not None:
+            values.update(adapter_eval.measure(engine, opts.adapter, segs[1::2], log))
         rss = peak_rss_bytes()
         if rss is not None:
             values["peak_host_bytes"] = float(rss)

@@ -2,7 +2,8 @@
 
     app = create_app(ServeOptions(model_name="tiny"), scheduler, tokenizer, template)
 
-GET /health (no key; 503 while loading), GET /v1/models, POST /v1/completions,
+GET /health (no key; 503 while loading; with the attached adapter's path, rank,
+targets, scale when the server has one), GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET /tokenizer_info,
 GET /metrics (Prometheus). Every other endpoint needs `Authorization: Bearer KEY`
 when the server has a key. Errors are OpenAI-shaped (`serve.api_errors`); a body
@@ -109,7 +110,9 @@ def create_app(opts: ServeOptions, scheduler: Scheduler, tokenizer, template: Ch
             raise APIError(503, f"the model failed to load: {scheduler.load_error}")
         if not scheduler.ready.is_set():
             raise APIError(503, "the model is loading", code="loading")
-        return {"status": "ok"}
+        served = scheduler.served
+        return {"status": "ok"} if served is None else {"status": "ok",
+                                                        "adapter": served.info()}
 
     def model_card() -> dict:
         return {"id": opts.model_name, "object": "model", "created": int(time.time()),

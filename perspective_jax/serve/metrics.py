@@ -15,6 +15,8 @@
     perspective_safety_projections_total              counter (of which the projection moved)
     perspective_memory_lookups_total                  counter (memory queries on disagreement)
     perspective_memory_injections_total               counter (tokens decided with a value)
+    perspective_adapter_requests_total                counter (requests decoded with the
+                                                      adapter, perspective-serve --adapter)
 
 Engine values are read when scraped, from the engine's own counters.
 """
@@ -49,6 +51,9 @@ class ServerMetrics:
         self.tpot = Histogram("perspective_time_per_output_token_seconds", "One batched "
                               "decode step (each running sequence gains a token)",
                               buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.adapter_requests = Counter("perspective_adapter_requests", "Requests decoded "
+                                        "with the server's adapter (perspective.adapter)",
+                                        registry=self.registry)
         self._recent: collections.deque = collections.deque()     # (time, tokens)
         self._lock = threading.Lock()
         self.registry.register(_EngineCollector(self))
@@ -61,6 +66,9 @@ class ServerMetrics:
             self._recent.append((now, rows))
             while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
                 self._recent.popleft()
+
+    def adapter_request(self) -> None:
+        self.adapter_requests.inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

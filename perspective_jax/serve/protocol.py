@@ -8,10 +8,11 @@ Fields: `model`, `max_tokens` (chat also `max_completion_tokens`), `temperature`
 (string or list), `n`, `stream`, `stream_options.include_usage`, `logprobs`
 (completions: the number of top log-probabilities per token; chat: a bool with
 `top_logprobs`), `echo` (completions), and the Perspective extension object
-`perspective: {"mpd": bool, "confidence": bool, "safety": bool, "memory": bool}`
-that standard clients never send (`safety`: the safety projection, as
-`Limits.safety` allows; `memory`: with `mpd`, consult the server's memory where the
-perspectives find no majority).
+`perspective: {"mpd": bool, "confidence": bool, "safety": bool, "memory": bool,
+"adapter": bool}` that standard clients never send (`safety`: the safety
+projection, as `Limits.safety` allows; `memory`: with `mpd`, consult the server's
+memory where the perspectives find no majority; `adapter`: decode with the server's
+adapter, on by default when it has one — false for the plain model).
 Sampling parameters that this server cannot honour (penalties, `logit_bias`,
 `best_of` > 1, `suffix`, a `response_format` other than text) are refused, never
 ignored. Completions' `prompt`: a string, a list of strings, a list of token ids
@@ -47,6 +48,7 @@ class Limits:
     vocab_size: int = 0                # the tokenizer's piece count (token-id prompts)
     safety: str = "unavailable"        # SAFETY_MODES (perspective-serve --safety: enforced)
     memory: bool = False               # a memory is loaded (perspective-serve --memory)
+    adapter: bool = False              # an adapter is attached (perspective-serve --adapter)
 
     def __post_init__(self):
         if self.safety not in SAFETY_MODES:
@@ -68,6 +70,7 @@ class Decoding:
     confidence: bool = False
     safety: bool = False               # the safety projection (infer.safety_guard)
     memory: bool = False               # consult the server's memory where MPD is unsure
+    adapter: bool = False              # decode with the server's adapter (serve.adapter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +176,29 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, _boolean(opts, "include_usage")
 
 
-EXTENSION_KEYS = ("mpd", "confidence", "safety", "memory")
+EXTENSION_KEYS = ("mpd", "confidence", "safety", "memory", "adapter")
 
 
-def _extension(body: dict, safety_mode: str, has_memory: bool = False
-               ) -> tuple[bool, bool, bool, bool]:
-    """(mpd, confidence, safety, memory) of the `perspective` object; safety as the
-    server allows: always on when enforced, a 400 when asked of a model without a
-    polytope; memory only with mpd and on a server started with --memory."""
+def _adapter(ext: dict, has_adapter: bool) -> bool:
+    """`perspective.adapter`: on by default on a server with an adapter; asking for it
+    on a server without one is a 400."""
+    where, asked = "perspective.adapter", ext.get("adapter")
+    if asked is None:
+        return has_adapter
+    if not isinstance(asked, bool):
+        raise bad_field(where, f"must be true or false, got {asked!r}")
+    if asked and not has_adapter:
+        raise bad_field(where, "this server has no adapter (start it with perspective-serve "
+                               "--adapter FILE, made by perspective-adapt)")
+    return asked
+
+
+def _extension(body: dict, safety_mode: str, has_memory: bool = False,
+               has_adapter: bool = False) -> tuple[bool, bool, bool, bool, bool]:
+    """(mpd, confidence, safety, memory, adapter) of the `perspective` object; safety
+    as the server allows: always on when enforced, a 400 when asked of a model
+    without a polytope; memory only with mpd and on a server started with --memory;
+    adapter as `_adapter`."""
     ext = body.get("perspective")
     if ext is None:
         ext = {}
@@ -209,7 +227,7 @@ def _extension(body: dict, safety_mode: str, has_memory: bool = False
                                               "perspectives disagree; set perspective.mpd "
                                               "to true as well")
     return (mpd, _boolean(ext, "confidence"), safety_mode == "enforced" or bool(asked),
-            memory)
+            memory, _adapter(ext, has_adapter))
 
 
 def _decoding(body: dict, limits: Limits, default_max: int, max_tokens_key: str,
@@ -229,12 +247,13 @@ def _decoding(body: dict, limits: Limits, default_max: int, max_tokens_key: str,
     if seed is not None and not _is_int(seed):
         raise bad_field("seed", f"must be an integer, got {seed!r}")
     n = _integer(body, "n", 1, 1, limits.max_n)
-    mpd, confidence, safety, memory = _extension(body, limits.safety, limits.memory)
+    mpd, confidence, safety, memory, adapter = _extension(body, limits.safety, limits.memory,
+                                                          limits.adapter)
     return Decoding(max_tokens=max_tokens,
                     sampling=Sampling(temperature=temperature, top_k=max(top_k, 0), top_p=top_p),
                     seed=None if seed is None else seed % SEED_MODULUS, stop=_stop(body), n=n,
                     logprobs=logprobs, echo=echo, mpd=mpd, confidence=confidence,
-                    safety=safety, memory=memory)
+                    safety=safety, memory=memory, adapter=adapter)
 
 
 def _check_body(body) -> dict:

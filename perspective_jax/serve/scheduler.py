@@ -28,6 +28,13 @@ logits are the plain model's; a step without any runs as before. The memory
 (`perspective.memory`, with MPD; `memory` given) is consulted by the same
 `mpd_on_engine` where the views find no majority, each sequence keeping the last
 ids it fed as the query.
+The adapter (`adapter` given: `perspective-serve --adapter`; `perspective.adapter`,
+on by default) runs through `serve.adapter.ServedAdapter`: a sequence with it makes
+every engine call — prefill, its MPD views, a memory injection — on the adapted
+view of the engine, one without on the engine itself. A step whose batch holds
+both kinds runs each kind's rows as a batch of its own (padded to `batch_bucket`),
+then puts the rows back in their order, so each row gets the model it asked for;
+a step of one kind runs as before.
 
 Events (`serve.jobs`) go to `job.emit` from the scheduler thread.
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 import time
 from typing import Callable, Optional
@@ -77,13 +85,14 @@ class _Seq:
 class Scheduler:
     def __init__(self, load: Callable, max_batch: int = 16, max_queue: int = 64,
                  mpd: MPDConfig = MPDConfig(), metrics=None, polytope=None,
-                 memory: Optional[Callable] = None):
+                 memory: Optional[Callable] = None, adapter: Optional[Callable] = None):
         if max_batch < 1 or max_queue < 1:
             raise UserError("the batch and the queue must each hold at least 1")
         self.load, self.max_batch, self.max_queue = load, max_batch, max_queue
         self.mpd_config, self.metrics, self.polytope = mpd, metrics, polytope
         self.engine = self.tokenizer = self.guard = None
         self.memory, self.recall = memory, None   # memory(engine, tokenizer) → MemoryRecall
+        self.adapter, self.served = adapter, None  # adapter(engine) → ServedAdapter
         self.ready = threading.Event()
         self.load_error: Optional[str] = None
         self.waiting: collections.deque = collections.deque()
@@ -144,6 +153,8 @@ class Scheduler:
             if self.memory is not None:
                 self.recall = self.memory(self.engine, self.tokenizer)
                 self.engine.stats.memory_on = True
+            if self.adapter is not None:
+                self.served = self.adapter(self.engine)
         except BaseException as exc:                       # noqa: BLE001 — reported
             self.load_error = str(exc) or type(exc).__name__
             if self.engine is not None:
@@ -197,10 +208,16 @@ class Scheduler:
 
     def _start(self, job: Job) -> None:
         """Prefill each prompt, then sample each choice's first token."""
-        engine, d, guard = self.engine, job.decoding, self.guard
+        d, guard = job.decoding, self.guard
         if d.safety and guard is None:
             raise APIError(400, "perspective.safety: this server has no safety polytope",
                            param="perspective.safety")
+        if d.adapter and self.served is None:
+            raise APIError(400, "perspective.adapter: this server has no adapter",
+                           param="perspective.adapter")
+        engine = self._engine_for(d)
+        if d.adapter and self.metrics is not None:
+            self.metrics.adapter_request()
         for p, ids in enumerate(job.prompts):
             tokens = np.asarray(ids, np.int32)
             state0 = engine.new_state()
@@ -212,16 +229,16 @@ class Scheduler:
                     tail = guard.extend(b"", ids)
                     ext = guard.extensions([tail])
             if d.echo:
-                every, state = self._feed(tokens, state0, ext, all_logits=True)
+                every, state = self._feed(engine, tokens, state0, ext, all_logits=True)
                 job.emit(self._prompt_event(p, ids, every, d.logprobs))
                 last = every[-1]
             before, fed = state0, int(tokens[-1])
             if d.mpd and tokens.size > 1:
                 _, before = engine.forward(tokens[:-1], state0)
                 if not d.echo:
-                    last, state = self._feed(tokens[-1:], before, ext)
+                    last, state = self._feed(engine, tokens[-1:], before, ext)
             elif not d.echo:
-                last, state = self._feed(tokens, state0, ext)
+                last, state = self._feed(engine, tokens, state0, ext)
             for c in range(d.n):
                 seq = _Seq(job, p * d.n + c, state, last, before, fed,
                            TextStream(self.tokenizer, d.stop), (job.seed + c) % SEED_MODULUS,
@@ -233,9 +250,13 @@ class Scheduler:
                     self.running.append(seq)
                     self.dirty = True
 
-    def _feed(self, tokens, state, ext, all_logits: bool = False):
+    def _engine_for(self, d: Decoding):
+        """The engine a request's calls go to: the adapted view or the plain engine."""
+        return self.engine if not d.adapter else self.served.engine_for(True)
+
+    def _feed(self, engine, tokens, state, ext, all_logits: bool = False):
         """engine.forward; with `ext` (the guard's), its projections are counted."""
-        out = self.engine.forward(tokens, state, ext, all_logits=all_logits)
+        out = engine.forward(tokens, state, ext, all_logits=all_logits)
         if ext is not None:
             self.guard.observe(self.engine)
         return out
@@ -266,15 +287,11 @@ class Scheduler:
             if self.dirty or self.batch is None:
                 self._rebuild()
             rows = self.running
-            pad = self.batch.size - len(rows)
-            guarded = [r for r, s in enumerate(rows) if s.tail is not None]
-            ext = (None if not guarded else self.guard.extensions(
-                [s.tail or b"" for s in rows] + [b""] * pad,
-                enabled=[s.tail is not None for s in rows] + [False] * pad))
-            logits, batch = self.engine.step_batch(
-                self.batch, [s.pending for s in rows] + [rows[0].pending] * pad, ext)
-            if guarded:
-                self.guard.observe(self.engine, guarded)
+            kinds = [s.job.decoding.adapter for s in rows]
+            if all(k == kinds[0] for k in kinds):
+                logits, batch = self._step_rows(self.batch, rows)
+            else:
+                logits, batch = self._step_split(rows, kinds)
         except Exception as exc:                            # noqa: BLE001 — reported
             for job in {id(s.job): s.job for s in self.running}.values():
                 self._fail(job, exc)
@@ -293,6 +310,40 @@ class Scheduler:
         if len(keep) != len(rows):
             self.dirty = True
         self.running = keep
+
+    def _step_rows(self, batch: S.Batch, rows: list):
+        """One engine step of `batch`, whose first rows are `rows` (all with the adapter
+        or all without) and the rest padding: (logits [B, V], the next Batch)."""
+        engine = self._engine_for(rows[0].job.decoding)
+        pad = batch.size - len(rows)
+        guarded = [r for r, s in enumerate(rows) if s.tail is not None]
+        ext = (None if not guarded else self.guard.extensions(
+            [s.tail or b"" for s in rows] + [b""] * pad,
+            enabled=[s.tail is not None for s in rows] + [False] * pad))
+        logits, batch = engine.step_batch(
+            batch, [s.pending for s in rows] + [rows[0].pending] * pad, ext)
+        if guarded:
+            self.guard.observe(self.engine, guarded)
+        return logits, batch
+
+    def _step_split(self, rows: list, kinds: list):
+        """`_step_rows` on the rows with the adapter and on those without, each taken
+        out of the batch (padded to `batch_bucket`); the results put back in the
+        batch's row order (its padding again repeats row 0)."""
+        parts, outs, where, offset = [], [], {}, 0
+        for kind in (True, False):
+            idx = [r for r, k in enumerate(kinds) if k == kind]
+            size = batch_bucket(len(idx), self.max_batch)
+            sub = S.take_rows(self.batch, idx + [idx[0]] * (size - len(idx)))
+            logits, batch = self._step_rows(sub, [rows[r] for r in idx])
+            where.update({r: offset + j for j, r in enumerate(idx)})
+            offset += size
+            parts.append(batch)
+            outs.append(np.asarray(logits))
+        order = [where[r] for r in range(len(rows))]
+        order += [where[0]] * (self.batch.size - len(rows))
+        return np.concatenate(outs)[order], S.take_rows(functools.reduce(S.concat, parts),
+                                                        order)
 
     def _sample(self, rows: list, logits: np.ndarray) -> list:
         """Each row's next token from logits [≥ len(rows), V] (padding rows beyond):
@@ -323,7 +374,7 @@ class Scheduler:
         if d.mpd:
             before = seq.before if isinstance(seq.before, S.EngineState) else S.row(*seq.before)
             recall = self.recall if d.memory else None
-            info = mpd_on_engine(self.engine, seq.logits, tok, seq.steps, self.mpd_config,
+            info = mpd_on_engine(self._engine_for(d), seq.logits, tok, seq.steps, self.mpd_config,
                                  seq.mpd_spent, before, seq.fed,
                                  None if seq.tail is None else self.guard, seq.tail,
                                  recall, seq.context,

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Optional
 
+from perspective_jax.adapt.adapter_file import load_adapters
 from perspective_jax.config.schema import MPDConfig
 from perspective_jax.errors import UserError
 from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
@@ -28,6 +29,7 @@ from perspective_jax.memory.memory_file import load as load_memory
 from perspective_jax.memory.recall import RecallConfig
 from perspective_jax.modeldir.chat_template import read_chat_template
 from perspective_jax.modeldir.manifest import model_identity, read_manifest
+from perspective_jax.serve.adapter import ServedAdapter
 from perspective_jax.serve.app import ServeOptions, create_app
 from perspective_jax.serve.chat import ChatTemplate
 from perspective_jax.serve.metrics import ServerMetrics
@@ -45,21 +47,27 @@ def build_server(model_dir: str, engine_options: EngineOptions = EngineOptions()
                  opts: ServeOptions = ServeOptions(), max_batch: int = 16,
                  max_queue: int = 64, mpd: MPDConfig = MPDConfig(),
                  engine_factory=None, safety: bool = False, memory: Optional[str] = None,
-                 recall: RecallConfig = RecallConfig()) -> Server:
+                 recall: RecallConfig = RecallConfig(), adapter: Optional[str] = None
+                 ) -> Server:
     """The app and its scheduler (not started). `engine_factory(model_dir, options,
     manifest)` makes the engine (default: StreamingEngine). The model directory's
     safety polytope, when it has one, lets requests ask for the projection
     (`perspective.safety`); `safety=True` applies it to every request (and needs one).
     `memory`: a memory file of this model, consulted by requests that ask for it
-    (`perspective.memory` with `perspective.mpd`), re-read when a writer replaces it."""
+    (`perspective.memory` with `perspective.mpd`), re-read when a writer replaces it.
+    `adapter`: an adapter file of this model (perspective-adapt), attached when the
+    engine loads; requests decode with it unless they ask `perspective.adapter: false`
+    (`serve.adapter`)."""
     manifest = read_manifest(model_dir)
     tokenizer = load_model_tokenizer(model_dir, manifest)
     polytope = model_polytope(model_dir, manifest, required=safety)
     mode = "enforced" if safety else "optional" if polytope is not None else "unavailable"
     if memory is not None:                      # one-line errors before the model loads
         check_model(load_memory(memory), model_identity(manifest), memory)
+    if adapter is not None:
+        load_adapters(adapter, model_identity(manifest), manifest.config)
     opts = dataclasses.replace(opts, limits=dataclasses.replace(
-        opts.limits, safety=mode, memory=memory is not None))
+        opts.limits, safety=mode, memory=memory is not None, adapter=adapter is not None))
     text, source = read_chat_template(model_dir, manifest)
     template = ChatTemplate(text, where=f"{model_dir}: chat template")
     make = engine_factory or StreamingEngine
@@ -69,7 +77,9 @@ def build_server(model_dir: str, engine_options: EngineOptions = EngineOptions()
     scheduler = Scheduler(load, max_batch=max_batch, max_queue=max_queue, mpd=mpd,
                           polytope=polytope,
                           memory=None if memory is None else (
-                              lambda engine, tok: engine_recall(engine, tok, memory, recall)))
+                              lambda engine, tok: engine_recall(engine, tok, memory, recall)),
+                          adapter=None if adapter is None else (
+                              lambda engine: ServedAdapter.attach(engine, adapter)))
     metrics = ServerMetrics(lambda: scheduler)
     scheduler.metrics = metrics
     app = create_app(opts, scheduler, tokenizer, template, metrics)
