@@ -23,6 +23,7 @@ empty state (no cache): what `PerspectiveLM` computes on them in training mode.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -40,11 +41,19 @@ def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], -1))
 
 
-@jax.jit
-def _tangent_loss(logits, t_logits, targets):
-    loss, d = jax.vmap(lambda t: jax.jvp(lambda z: next_token_loss(z, targets),
-                                         (logits,), (t,)))(t_logits)
-    return loss[0], d
+HEAD_ROWS = 32             # tokens per head pass: K tangent logits [K, 32, V] at a time
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _head_loss(cfg, final_norm, table, x, tx, targets):
+    """(Σ cross-entropy of x [N, d]'s logits for targets [N], its K directional
+    derivatives [K]) along tx [K, N, d]: the head and the loss in forward mode."""
+    def total(x_):
+        logits = L.head(cfg, final_norm, table, x_)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        return -jnp.sum(jnp.take_along_axis(logp, targets[:, None], -1))
+    values, d = jax.vmap(lambda t: jax.jvp(total, (x,), (t,)))(tx)
+    return values[0], d
 
 
 def _layer_slice(tree: Optional[dict], p: int, i: int, axis: int) -> Optional[dict]:
@@ -122,9 +131,14 @@ def window_loss_and_tangents(engine, windows, adapters: Optional[dict], tangents
             else:
                 x, tx = _linear(lambda h_: L.dense_ffn(cfg, kind, lp, h_), (h,), (th,))
             on_layer()
-    logits, t_logits = _linear(
-        lambda x_: L.head(cfg, engine.final_norm, engine.embed_table, x_.reshape(b * t, -1)),
-        (x,), (tx,))
-    on_layer()
-    loss, d = _tangent_loss(logits, t_logits, targets.reshape(-1))
+    x, tx = x.reshape(b * t, -1), tx.reshape(k, b * t, -1)
+    targets = targets.reshape(-1)
+    loss, d = 0.0, 0.0
+    for s in range(0, b * t, HEAD_ROWS):
+        part, dpart = _head_loss(cfg, engine.final_norm, engine.embed_table,
+                                 x[s: s + HEAD_ROWS], tx[:, s: s + HEAD_ROWS],
+                                 targets[s: s + HEAD_ROWS])
+        loss, d = loss + part, d + dpart
+        on_layer()
+    loss, d = loss / (b * t), d / (b * t)
     return float(loss), np.asarray(d)
