@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from perspective_jax.adapt.forward_grad import directions, guided_directions
 from perspective_jax.adapt.nes import NESConfig, nes_update, perturbations
@@ -49,7 +48,9 @@ GUIDE_DECAY = 0.9          # the guided estimator's running mean of its estimate
 @dataclasses.dataclass(frozen=True)
 class AdaptConfig:
     """LoRA (rank, target projections, scale), the forward-gradient update (directions
-    K, estimator, optimiser, learning rate), NES on coordinates (None: off), rails."""
+    K, estimator, optimiser, learning rate; `adapt_a` False trains B alone, A frozen at
+    its small random start — measured worse, docs/benchmarks.md issue 26), NES on
+    coordinates (None: off), rails."""
 
     rank: int = 4
     targets: tuple = ("w_p",)
@@ -57,7 +58,8 @@ class AdaptConfig:
     directions: int = 8
     estimator: str = "plain"
     optimizer: str = "adam"
-    lr: float = 3e-3
+    lr: float = 3e-2
+    adapt_a: bool = True
     nes: Optional[NESConfig] = None
     rails: RailsConfig = RailsConfig()
     seed: int = 0
@@ -97,6 +99,25 @@ def _stack(coords: dict) -> tuple[list, jax.Array]:
     return names, jnp.stack([jnp.asarray(coords[n], jnp.float32) for n in names])
 
 
+def trainable_unravel(lora: dict, adapt_a: bool):
+    """(unravel: a vector over the trained adapter entries → a full LoRA-shaped tree
+    with zeros on the frozen ones, the vector's length). With `adapt_a` False only the
+    B matrices are trained: A stays at its random start (as in LoRA-FA), and the
+    directions are spent where the gradient is (∂L/∂A = 0 while B = 0)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora)
+    trained = [adapt_a or getattr(path[-1], "key", None) == "b" for path, _ in leaves]
+    shapes = [leaf.shape for _, leaf in leaves]
+    sizes = [int(np.prod(s)) if t else 0 for s, t in zip(shapes, trained)]
+    cuts = np.cumsum(sizes)[:-1]
+
+    def unravel(v):
+        parts = jnp.split(v, cuts)
+        out = [p.reshape(s) if t else jnp.zeros(s, v.dtype)
+               for p, s, t in zip(parts, shapes, trained)]
+        return jax.tree.unflatten(treedef, out)
+    return unravel, int(sum(sizes))
+
+
 class Adaptation:
     """Adapters, coordinates and optimiser state of one adaptation run on `target`."""
 
@@ -112,8 +133,7 @@ class Adaptation:
         self.trained = target.positions()
         self.coords = dict(coords) if coords else (
             {k: v.copy() for k, v in self.trained.items()} if cfg.nes else None)
-        flat, self._unravel = ravel_pytree(self.lora)
-        self.dim = int(flat.size)
+        self._unravel, self.dim = trainable_unravel(self.lora, cfg.adapt_a)
         self.updates, self.update_s, self.rollbacks = 0, 0.0, []
         self._ema, self._recent = None, []
         self._apply = jax.jit(lambda g, s, p: self._apply_update(g, s, p))

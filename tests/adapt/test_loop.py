@@ -33,19 +33,22 @@ def _windows(cfg, seed, b=2, t=9):
 
 
 def test_forward_gradient_with_all_orthogonal_directions_is_the_gradient(targets):
-    """(In memory: the streamed derivatives equal these, test_streamed_tangents.py.)"""
+    """(In memory: the streamed derivatives equal these, test_streamed_tangents.py.)
+    With A trained too, all of it; with A frozen (the default), B's part, A's zero."""
     cfg, mem = targets[0], targets[1]
-    target = mem
-    run = Adaptation(target, AdaptConfig(rank=1, directions=8, estimator="orthogonal"))
-    run.lora = jax.tree.map(lambda a: a + 0.1, run.lora)            # B ≠ 0: A matters too
-    run = Adaptation(target, AdaptConfig(rank=1, directions=run.dim,
-                                         estimator="orthogonal"), lora=run.lora)
+    lora = jax.tree.map(lambda a: a + 0.1, Adaptation(mem, AdaptConfig(rank=1)).lora)
     windows = _windows(cfg, 1, b=1, t=6)
-    loss, g = run.gradient(windows)
-    ref = jax.grad(lambda a: mem.loss_fn(mem.params, windows, a))(run.lora)
-    np.testing.assert_allclose(loss, mem.loss(windows, run.lora), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    ref = jax.grad(lambda a: mem.loss_fn(mem.params, windows, a))(lora)
+    for adapt_a in (True, False):
+        probe = Adaptation(mem, AdaptConfig(rank=1, adapt_a=adapt_a), lora=lora)
+        run = Adaptation(mem, AdaptConfig(rank=1, directions=probe.dim, adapt_a=adapt_a,
+                                          estimator="orthogonal"), lora=lora)
+        loss, g = run.gradient(windows)
+        np.testing.assert_allclose(loss, mem.loss(windows, lora), rtol=1e-5)
+        flat_g = jax.tree_util.tree_flatten_with_path(g)[0]
+        for (path, a), b in zip(flat_g, jax.tree.leaves(ref)):
+            want = b if adapt_a or path[-1].key == "b" else np.zeros_like(b)
+            np.testing.assert_allclose(a, want, rtol=2e-3, atol=2e-5)
 
 
 def test_updates_lower_the_loss_they_are_fed_and_nes_stays_anchored(targets):
