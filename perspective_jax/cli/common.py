@@ -359,3 +359,24 @@ def engine_options_from_args(a: argparse.Namespace):
                          use_deltas=not a.no_deltas, warm_start=not a.no_warm_start, io=a.io,
                          predictor=a.predictor, prefill_chunk=a.prefill_chunk,
                          transfer_thread=a.transfer_thread)
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser, online: bool = False) -> None:
+    """An adapter file (perspective-adapt) on the model; `online` adds
+    perspective-infer's --adapt-online and its settings (`adapt.loop.AdaptConfig`)."""
+    g = parser.add_argument_group("adapters (forward-mode adaptation, perspective-adapt)")
+    g.add_argument("--adapter", metavar="FILE",
+                   help="LoRA adapters (and expert coordinates) trained for this model")
+    if not online:
+        return
+    from perspective_jax.adapt.loop import AdaptConfig
+    d = AdaptConfig()
+    g.add_argument("--adapt-online", action="store_true",
+                   help="after generating, one adaptation round on the prompt's text, "
+                        "saved back to --adapter (a new file when it does not exist)")
+    g.add_argument("--adapt-seq-len", type=int_in(1, 65536), default=128,
+                   help="tokens an online window predicts")
+    g.add_argument("--adapt-directions", type=int_in(1, 4096), default=d.directions,
+                   help="tangent directions per online update")
+    g.add_argument("--adapt-lr", type=float_in(0.0, 10.0, open_low=True), default=d.lr,
+                   help="learning rate of the online updates")

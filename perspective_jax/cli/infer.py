@@ -12,20 +12,26 @@ final state onto the model directory's safety polytope (SPEC §3.9; docs/inferen
 --memory FILE (with --mpd): where the perspectives find no majority, the value the
 memory recalls for the last tokens is injected and the token decided again (SPEC
 §3.7; docs/memory.md); --stats counts lookups, hits and injections.
+--adapter FILE: LoRA adapters written by perspective-adapt ride on every forward and
+step, composed with the other extensions; --adapt-online then runs one adaptation
+round on the prompt's text after generating and saves the adapters back to FILE
+(SPEC §3.8; docs/inference.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from perspective_jax.cli import compile_cache
 from perspective_jax.config.choices import TEMPERATURE_RANGE
-from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_memory_flags,
-                                        add_mpd_flags, check_output_file, cli_entry,
-                                        engine_options_from_args, exit_with, float_in, int_in,
-                                        mpd_from_args, recall_config_from_args)
+from perspective_jax.cli.common import (OneLineParser, add_adapter_flags, add_engine_flags,
+                                        add_memory_flags, add_mpd_flags, check_output_file,
+                                        cli_entry, engine_options_from_args, exit_with,
+                                        float_in, int_in, mpd_from_args,
+                                        recall_config_from_args)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 
@@ -49,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     add_engine_flags(p)
     add_mpd_flags(p, switch=True)
     add_memory_flags(p)
+    add_adapter_flags(p, online=True)
     p.add_argument("--safety", action="store_true",
                    help="project every token's final state onto the model's safety "
                         "polytope, so flagged strings are not completed")
@@ -82,7 +89,16 @@ def run(argv=None) -> int:
         raise UserError("--memory is consulted when MPD's perspectives disagree; add --mpd")
     recall_cfg = recall_config_from_args(a)
     mpd = mpd_from_args(a) if a.mpd else None
-    for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json)):
+    if a.adapt_online and not a.adapter:
+        raise UserError("--adapt-online needs --adapter FILE: where the adapters are kept "
+                        "(a new file when it does not exist)")
+    if a.adapter and os.path.isdir(a.adapter):
+        raise UserError(f"--adapter {a.adapter} is a directory; give an adapter file")
+    if a.adapter and not a.adapt_online and not os.path.isfile(a.adapter):
+        raise UserError(f"--adapter {a.adapter}: no such file; write one with "
+                        "perspective-adapt (or add --adapt-online to start one)")
+    for flag, path in (("--save-state", a.save_state), ("--stats-json", a.stats_json),
+                       ("--adapter", a.adapter if a.adapt_online else None)):
         if path:
             check_output_file(path, flag)
     from perspective_jax.model.sampling import Sampling
@@ -103,13 +119,19 @@ def run(argv=None) -> int:
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     options = engine_options_from_args(a)
     engine = StreamingEngine(a.model_dir, options, manifest=manifest)
+    base, adapter = engine, None
     try:
+        if a.adapter and os.path.exists(a.adapter):
+            from perspective_jax.adapt.attach import attach_adapter
+            from perspective_jax.cli.adapt import AdaptedEngine
+            adapter = attach_adapter(base, a.adapter)
+            engine = AdaptedEngine(base, adapter)
         guard = (None if polytope is None
-                 else SafetyGuard.for_engine(polytope, engine, tokenizer))
+                 else SafetyGuard.for_engine(polytope, base, tokenizer))
         memory = None
         if a.memory:
             from perspective_jax.infer.memory_codec import engine_recall
-            memory = engine_recall(engine, tokenizer, a.memory, recall_cfg)
+            memory = engine_recall(base, tokenizer, a.memory, recall_cfg)
         if a.resume_state:
             conv = Conversation.load(engine, tokenizer, a.resume_state, sampling,
                                      seed=a.seed, mpd=mpd, guard=guard, memory=memory)
@@ -117,36 +139,58 @@ def run(argv=None) -> int:
             conv = Conversation(engine, tokenizer, sampling, seed=a.seed or 0, mpd=mpd,
                                 guard=guard, memory=memory)
     except BaseException:
-        engine.close()
+        base.close()
         raise
     shower = _confidence_printer(a.low_confidence) if a.show_confidence else None
     if not a.resume_state and (shower is None or shower.terminal):
         sys.stdout.write(prompt)
     on_text = None if shower else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     try:
-        conv.generate(prompt, a.max_tokens, stop=a.stop, eos_id=getattr(tokenizer, "eos_id", None),
-                      on_text=on_text, on_token=shower)
-    except BaseException:                     # Ctrl-C, an unreadable expert: the state is
-        if a.save_state:                      # that before the feed that failed — keep it
+        try:
+            conv.generate(prompt, a.max_tokens, stop=a.stop,
+                          eos_id=getattr(tokenizer, "eos_id", None), on_text=on_text,
+                          on_token=shower)
+        except BaseException:                 # Ctrl-C, an unreadable expert: the state is
+            if a.save_state:                  # that before the feed that failed — keep it
+                conv.save(a.save_state)
+                print(f"\nconversation so far saved to {a.save_state}", file=sys.stderr)
+            _warn_damaged_deltas(base.stats.damaged_deltas)
+            raise
+        if shower is None or shower.terminal:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        _warn_damaged_deltas(base.stats.damaged_deltas)
+        if a.save_state:
             conv.save(a.save_state)
-            print(f"\nconversation so far saved to {a.save_state}", file=sys.stderr)
-        _warn_damaged_deltas(engine.stats.damaged_deltas)
-        raise
+        report = base.report()                # generation's own, before any adaptation
+        if a.adapt_online:
+            report["adaptation"] = _adapt_online(a, base, adapter, tokenizer, prompt,
+                                                 conv.steps)
     finally:
-        engine.close()
-    if shower is None or shower.terminal:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
-    _warn_damaged_deltas(engine.stats.damaged_deltas)
-    if a.save_state:
-        conv.save(a.save_state)
-    report = engine.report()
+        base.close()
     if a.stats:
         print(describe(report), file=sys.stderr)
     if a.stats_json:
         with open(a.stats_json, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0
+
+
+def _adapt_online(a, engine, adapter, tokenizer, prompt: str, turn_seed: int) -> dict:
+    """--adapt-online: one round on the prompt's tokens, saved to --adapter (the
+    directions seeded by the conversation's step count, so each turn draws anew)."""
+    from perspective_jax.adapt.adapter_file import AdapterSpec
+    from perspective_jax.adapt.loop import AdaptConfig
+    from perspective_jax.cli.adapt import adapt_online
+    spec = adapter.spec if adapter is not None else AdapterSpec()
+    cfg = AdaptConfig(rank=spec.rank, targets=spec.targets, scale=spec.scale,
+                      directions=a.adapt_directions, lr=a.adapt_lr, seed=turn_seed)
+    ids = tokenizer.encode(prompt) if prompt else []
+    block = adapt_online(engine, a.adapter, adapter, ids, a.adapt_seq_len, cfg)
+    if "skipped" in block:
+        print(f"note: --adapt-online: {block['skipped']}; nothing written to {a.adapter}",
+              file=sys.stderr)
+    return block
 
 
 class _confidence_printer:

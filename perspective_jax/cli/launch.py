@@ -2,8 +2,8 @@
 needs a re-execution before anything heavy is imported, then run the command.
 `perspective-train` and `perspective-export` get the faster allocator on CPU; a
 `perspective-train` that is one of several processes runs under `cli.supervisor`;
-`perspective-infer`, `-serve`, `-eval`, `-info`, `-budget`, `-agent` and `-memory`
-run as they are.
+`perspective-infer`, `-serve`, `-eval`, `-info`, `-budget`, `-agent`, `-memory` and
+`-adapt` run as they are.
 
 pyproject.toml maps `perspective-train` to `launch:train` and so on; the command
 modules themselves (`python -m perspective_jax.cli.train`) run without it. Each
@@ -70,4 +70,10 @@ def agent() -> None:
 
 def memory() -> None:
     from perspective_jax.cli.memory import main
+    main()
+
+
+def adapt() -> None:
+    # the streaming engine's RSS-budgeted host tier, as perspective-infer
+    from perspective_jax.cli.adapt import main
     main()
