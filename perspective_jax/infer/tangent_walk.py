@@ -12,9 +12,10 @@ d [K] = ∇L · v_k for each direction, what `adapt.forward_grad` turns into ĝ.
 The walk is the engine's own (`StreamingEngine._forward_chunk`): embed, for every
 layer the block's "mix" part (with the layer's adapter), then its routed experts
 (brought in through the engine's tiers, one expert at a time) or its dense FFN; the
-head. Each part is linearised where it runs (`jax.linearize`: one primal pass,
-then the K tangents through the linear map, `jax.vmap`-batched), so only one
-layer's residuals are alive at a time: no activations are stored for a backward
+head (HEAD_ROWS tokens at a time, so the K tangent logits are never whole). Each part
+is one jitted forward-mode call where it runs (`jax.jvp` vmapped over the K tangents;
+the primal, which does not depend on them, is computed once), so only one layer's
+values are alive at a time: no activations are stored for a backward
 pass, and the device holds the engine's slots, x [B, T, d] and the K tangents
 [K, B, T, d]. Routing is piecewise constant: the expert chosen for a row has no
 derivative (its gate does), as in the in-memory model. Whole windows run from an
@@ -64,33 +65,70 @@ def _layer_slice(tree: Optional[dict], p: int, i: int, axis: int) -> Optional[di
     return None if layer is None else jax.tree.map(lambda a: a.take(p, axis=axis), layer)
 
 
-def _linear(fn, primals: tuple, tangents: tuple):
-    """(fn(*primals), the K tangent outputs): one linearisation, tangents vmapped."""
-    out, lin = jax.linearize(fn, *primals)
-    return out, jax.vmap(lin)(*tangents)
+def _jvps(fn, primals: tuple, tangents: tuple):
+    """(fn(*primals), its K tangent outputs): jvp vmapped over the tangents' leading
+    axis (the primal does not depend on them, so it is computed once)."""
+    out, t_out = jax.vmap(lambda *t: jax.jvp(fn, primals, t))(*tangents)
+    return jax.tree.map(lambda o: o[0], out), t_out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _mix(cfg, kind: str, scale: float, lp, x, segment_pos, a, tx, ta):
+    """The block's "mix" part with the layer's adapter (or None) and K tangents."""
+    if a is None:
+        return _jvps(lambda x_: L.mixer(cfg, kind, scale, lp, x_, segment_pos, None)[0],
+                     (x,), (tx,))
+    return _jvps(lambda x_, a_: L.mixer(cfg, kind, scale, lp, x_, segment_pos, None, a_)[0],
+                 (x, a), (tx, ta))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dense(cfg, kind: str, lp, h, th):
+    return _jvps(lambda h_: L.dense_ffn(cfg, kind, lp, h_), (h,), (th,))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _route(cfg, moe, layer: int, lp, h, th, segment_pos, period):
+    """(expert [B, T], (hn, gate), their K tangents) of the router on h."""
+    idx = L.route(cfg, moe, NEAREST, layer, lp, h, segment_pos, period)[1]
+    out, t_out = _jvps(lambda h_: (lambda r: (r[0], r[2]))(
+        L.route(cfg, moe, NEAREST, layer, lp, h_, segment_pos, period)), (h,), (th,))
+    return idx, out, t_out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _expert(cfg, bits: int, codes, scales, j, e, x, tx):
+    return _jvps(lambda x_: L.expert_out(cfg, bits, x_, codes, scales, j, e), (x,), (tx,))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _combine(cfg, h, y, gate, th, ty, tgate):
+    return _jvps(lambda h_, y_, g_: L.combine(cfg, h_, y_, g_), (h, y, gate), (th, ty, tgate))
 
 
 def _routed(engine, j: int, lp, h, th, segment_pos, p: int, i: int):
-    """Expert layer j: h + gate · expert(RMSNorm(h)) and its K tangents."""
+    """Expert layer j: h + gate · expert(RMSNorm(h)) and its K tangents; each expert
+    the rows need is brought in once (rows padded to a power of two, as the engine's
+    prefill does, so the compiled shapes are few)."""
     cfg = engine.model
-    route = lambda h_: L.route(cfg, engine.moe, NEAREST, i, lp, h_, segment_pos, np.int32(p))
-    idx = np.asarray(route(h)[1]).reshape(-1)
-    (hn, gate), (thn, tgate) = _linear(lambda h_: (lambda r: (r[0], r[2]))(route(h_)),
-                                       (h,), (th,))
-    n, d = idx.size, cfg.d_model
-    hn_flat, thn_flat = hn.reshape(n, d), thn.reshape(thn.shape[0], n, d)
-    y, ty = jnp.zeros((n, d), hn.dtype), jnp.zeros((thn.shape[0], n, d), thn.dtype)
+    idx, (hn, gate), (thn, tgate) = _route(cfg, engine.moe, i, lp, h, th, segment_pos,
+                                           np.int32(p))
+    idx = np.asarray(idx).reshape(-1)
+    n, d, k = idx.size, cfg.d_model, th.shape[0]
+    hn_flat, thn_flat = hn.reshape(n, d), thn.reshape(k, n, d)
+    y, ty = jnp.zeros((n, d), hn.dtype), jnp.zeros((k, n, d), thn.dtype)
     for e in np.unique(idx):
         slot = engine.tiers.ensure((j, int(e)))
-        rows = jnp.asarray(np.flatnonzero(idx == e))
-        codes = engine.slots.arrays[slot]
-        out, t_out = _linear(
-            lambda x_: L.expert_out(cfg, engine.activation_bits, x_, codes,
-                                    engine.expert_scales, np.int32(j), np.int32(e)),
-            (hn_flat[rows],), (thn_flat[:, rows],))
+        rows = np.flatnonzero(idx == e)
+        padded = np.full(1 << max(len(rows) - 1, 0).bit_length(), rows[0], np.int32)
+        padded[: len(rows)] = rows
+        take = jnp.asarray(padded)
+        out, t_out = _expert(cfg, engine.activation_bits, engine.slots.arrays[slot],
+                             engine.expert_scales, np.int32(j), np.int32(e),
+                             hn_flat[take], thn_flat[:, take])
         engine.slots.fence(slot, out[0, 0])
-        y, ty = y.at[rows].set(out), ty.at[:, rows].set(t_out)
-    return _linear(lambda h_, y_, g_: L.combine(cfg, h_, y_, g_), (h, y, gate), (th, ty, tgate))
+        y, ty = y.at[take].set(out), ty.at[:, take].set(t_out)
+    return _combine(cfg, h, y, gate, th, ty, tgate)
 
 
 def window_loss_and_tangents(engine, windows, adapters: Optional[dict], tangents,
@@ -119,17 +157,12 @@ def window_loss_and_tangents(engine, windows, adapters: Optional[dict], tangents
         for i, kind in enumerate(cfg.layer_pattern):
             lp = layer_params[p][i]
             a, ta = _layer_slice(adapters, p, i, 0), _layer_slice(tangents, p, i, 1)
-            if a is None:
-                h, th = _linear(lambda x_: L.mixer(cfg, kind, scale, lp, x_, segment_pos,
-                                                   None)[0], (x,), (tx,))
-            else:
-                h, th = _linear(lambda x_, a_: L.mixer(cfg, kind, scale, lp, x_, segment_pos,
-                                                       None, a_)[0], (x, a), (tx, ta))
+            h, th = _mix(cfg, kind, scale, lp, x, segment_pos, a, tx, ta)
             if engine.routed and kind == "pdr":
                 x, tx = _routed(engine, engine.layer_index[(p, i)], lp, h, th, segment_pos,
                                 p, i)
             else:
-                x, tx = _linear(lambda h_: L.dense_ffn(cfg, kind, lp, h_), (h,), (th,))
+                x, tx = _dense(cfg, kind, lp, h, th)
             on_layer()
     x, tx = x.reshape(b * t, -1), tx.reshape(k, b * t, -1)
     targets = targets.reshape(-1)
