@@ -13,6 +13,7 @@ updates), rank-4 LoRA on W_p, and keeps its best learning rate of `--lrs`:
   forward    K jvp directions (`--directions`; forward@K: K), ĝ = mean (∇L·v) v, Adam
              (no backward pass)
   guided     forward, half the directions on the run's recent estimates
+  forward-b  forward on the B matrices alone (A frozen at its random start)
   nes        NES on the routed layers' expert coordinates alone (no adapters)
 
 In memory: the run's weights with the exported (ternary) expert values. Prints the
@@ -70,7 +71,8 @@ def train(method, target, lr, args, train_w, held_w):
                           seed=args.seed)
     else:
         cfg = AdaptConfig(lr=lr, directions=k, seed=args.seed,
-                          estimator="guided" if method == "guided" else "plain")
+                          estimator="guided" if method == "guided" else "plain",
+                          adapt_a=method != "forward-b")
     run = Adaptation(target, cfg)
     grad = jax.jit(jax.grad(lambda a, b: target.loss_fn(target.params, b, a)))
     seconds, updates, curve = 0.0, 0, []
@@ -158,7 +160,7 @@ def main(argv=None):
     p.add_argument("--methods", default="backprop,forward,forward@32,guided,nes",
                    help="forward@K: K directions instead of --directions")
     p.add_argument("--lrs", default="backprop=3e-3,1e-2,3e-2;forward=1e-2,3e-2;"
-                   "forward@32=3e-2;guided=1e-2,3e-2;nes=2e-4,2e-3")
+                   "forward@32=3e-2;forward-b=3e-2;guided=1e-2,3e-2;nes=2e-4,2e-3")
     p.add_argument("--host-budget-mb", type=float, default=0.5)
     p.add_argument("--rows-per-pass", type=int, default=1)
     p.add_argument("--stream-updates", type=int, default=4)
