@@ -48,7 +48,8 @@ GUIDE_DECAY = 0.9          # the guided estimator's running mean of its estimate
 @dataclasses.dataclass(frozen=True)
 class AdaptConfig:
     """LoRA (rank, target projections, scale), the forward-gradient update (directions
-    K, estimator, optimiser, learning rate; `adapt_a` False trains B alone, A frozen at
+    K, estimator, optimiser, learning rate — constant, or cosine-decayed to a tenth
+    over `decay_steps` updates; `adapt_a` False trains B alone, A frozen at
     its small random start — measured worse, docs/benchmarks.md issue 26), NES on
     coordinates (None: off), rails."""
 
@@ -59,6 +60,7 @@ class AdaptConfig:
     estimator: str = "plain"
     optimizer: str = "adam"
     lr: float = 3e-2
+    decay_steps: int = 0
     adapt_a: bool = True
     nes: Optional[NESConfig] = None
     rails: RailsConfig = RailsConfig()
@@ -78,10 +80,15 @@ class AdaptConfig:
             raise UserError(f"optimizer {self.optimizer!r}: use one of {ADAPT_OPTIMIZERS}")
         if not 0.0 < self.lr < 10.0:
             raise UserError(f"adaptation lr {self.lr}: must lie in (0, 10)")
+        if self.decay_steps < 0:
+            raise UserError(f"adaptation decay_steps {self.decay_steps}: must be >= 0")
 
 
 def optimizer(cfg: AdaptConfig) -> optax.GradientTransformation:
-    return optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
+    """Adam or SGD at `lr`, constant, or cosine-decayed to lr/10 over `decay_steps`."""
+    lr = (optax.cosine_decay_schedule(cfg.lr, cfg.decay_steps, alpha=0.1)
+          if cfg.decay_steps else cfg.lr)
+    return optax.adam(lr) if cfg.optimizer == "adam" else optax.sgd(lr)
 
 
 def mpd_agreement(target, windows, lora, coords=None, cfg: MPDConfig = MPDConfig()

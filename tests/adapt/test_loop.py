@@ -93,10 +93,25 @@ def test_agreement_is_the_same_in_memory_and_streamed(targets):
         mpd_agreement(streamed, held, None), abs=0.07)
 
 
+def test_the_cosine_schedule_ends_at_a_tenth():
+    from perspective_jax.adapt.loop import optimizer
+    import jax.numpy as jnp
+    opt = optimizer(AdaptConfig(optimizer="sgd", lr=0.5, decay_steps=10))
+    params = {"w": jnp.zeros(())}
+    state = opt.init(params)
+    steps = []
+    for _ in range(12):
+        upd, state = opt.update({"w": jnp.ones(())}, state, params)
+        steps.append(-float(upd["w"]))
+    np.testing.assert_allclose(steps[0], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(steps[10:], 0.05, rtol=1e-5)
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+
+
 def test_bad_settings_are_one_line_errors():
     for kw, word in (({"estimator": "fancy"}, "estimator"), ({"optimizer": "lbfgs"},
                      "optimizer"), ({"directions": 0}, "directions"),
                      ({"estimator": "antithetic", "directions": 3}, "pairs"),
-                     ({"lr": 0.0}, "lr")):
+                     ({"lr": 0.0}, "lr"), ({"decay_steps": -1}, "decay_steps")):
         with pytest.raises(UserError, match=word):
             AdaptConfig(**kw)
