@@ -211,11 +211,8 @@ def run(argv=None) -> int:
     from perspective_jax.modeldir.manifest import read_manifest
 
     manifest = read_manifest(a.model_dir)
-    machine = footprint.probe_machine()
-    footprint.refuse_oversize(footprint.infer_need(
-        manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
-        manifest["experts"].get("region_bytes", 0), a.host_budget_mb, a.device_slots,
-        a.prefill_chunk), machine, a.allow_oversize)
+    footprint.refuse_oversize_engine(manifest, a.host_budget_mb, a.device_slots,
+                                     a.prefill_chunk, a.allow_oversize)
     tokenizer = load_model_tokenizer(a.model_dir, manifest)
     train, held = draw_windows([tokenizer.encode(t) for t in texts], a.seq_len, a.examples,
                                a.heldout, a.seed, names=a.data)

@@ -109,11 +109,8 @@ def run(argv=None) -> int:
 
     manifest = read_manifest(a.model_dir)      # clear errors before any heavy work; read once
     polytope = model_polytope(a.model_dir, manifest, required=True) if a.safety else None
-    machine = footprint.probe_machine()
-    footprint.refuse_oversize(footprint.infer_need(
-        manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
-        manifest["experts"].get("region_bytes", 0), a.host_budget_mb, a.device_slots,
-        a.prefill_chunk), machine, a.allow_oversize)
+    footprint.refuse_oversize_engine(manifest, a.host_budget_mb, a.device_slots,
+                                     a.prefill_chunk, a.allow_oversize)
     tokenizer = load_model_tokenizer(a.model_dir, manifest)    # checked against its sha256
     compile_cache.enable(a.compilation_cache)
     sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)

@@ -105,11 +105,8 @@ def run(argv=None) -> int:
     from perspective_jax.serve.protocol import Limits
     from perspective_jax.serve.server import bind, build_server
     manifest = read_manifest(a.model_dir)
-    machine = footprint.probe_machine()
-    footprint.refuse_oversize(footprint.infer_need(
-        manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
-        manifest["experts"].get("region_bytes", 0), a.host_budget_mb, a.device_slots,
-        a.prefill_chunk), machine, a.allow_oversize)
+    footprint.refuse_oversize_engine(manifest, a.host_budget_mb, a.device_slots,
+                                     a.prefill_chunk, a.allow_oversize)
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model_dir))
     opts = ServeOptions(model_name=name, api_key=key,
                         limits=Limits(max_tokens=a.max_tokens_limit,

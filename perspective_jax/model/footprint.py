@@ -388,3 +388,15 @@ def refuse_oversize(needs: list[Need], machine: Machine, allow: bool = False) ->
         available = machine.host_bytes if need.memory == "host" else machine.device_bytes
         if available is not None and need.total > available and not allow:
             raise UserError(describe(need, available))
+
+
+def refuse_oversize_engine(manifest, host_budget_mb: float, device_slots: int,
+                           prefill_chunk: int, allow: bool) -> None:
+    """`refuse_oversize` for a streaming engine on the model directory of `manifest`
+    (a `modeldir.manifest.Manifest`): what perspective-infer / -serve / -adapt check
+    before loading anything."""
+    machine = probe_machine()
+    refuse_oversize(infer_need(
+        manifest.config, machine, manifest["files"][manifest["shared"]["file"]]["bytes"],
+        manifest["experts"].get("region_bytes", 0), host_budget_mb, device_slots,
+        prefill_chunk), machine, allow)
