@@ -1,4 +1,4 @@
-"""Forward-Mode Evolutionary Adaptation (SPEC §3.8), being built (issue 26): the
-forward-gradient estimator (`forward_grad`), NES on expert coordinates (`nes`), the
-adapter file (`adapter_file`) and the rollback rails (`rails`). The update loop on
-the in-memory model and the streaming engine, and `perspective-adapt`, are to come."""
+"""Forward-Mode Evolutionary Adaptation (SPEC §3.8): forward-gradient estimators
+(`forward_grad`), NES on expert coordinates (`nes`, `coords`), the update loop with
+rails (`loop`, `rails`) over the in-memory model or the streaming engine (`target`),
+the adapter file and attaching it to an engine (`adapter_file`, `attach`)."""
