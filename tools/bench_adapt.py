@@ -28,26 +28,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax                                                        # noqa: E402
-import jax.numpy as jnp                                           # noqa: E402
-import numpy as np                                                # noqa: E402
-
-from perspective_jax.adapt.forward_grad import directions         # noqa: E402
-from perspective_jax.adapt.loop import AdaptConfig, Adaptation    # noqa: E402
-from perspective_jax.adapt.nes import NESConfig                   # noqa: E402
-from perspective_jax.adapt.target import InMemoryTarget, StreamedTarget   # noqa: E402
-from perspective_jax.export.exporter import with_ternary_experts  # noqa: E402
-from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer  # noqa: E402
-from perspective_jax.infer.options import EngineOptions           # noqa: E402
-from perspective_jax.model.transformer import abstract_params     # noqa: E402
-from perspective_jax.rundir.checkpoint import restore_params      # noqa: E402
-from perspective_jax.rundir.layout import load_run_config         # noqa: E402
+from perspective_jax.adapt.forward_grad import directions
+from perspective_jax.adapt.loop import AdaptConfig, Adaptation
+from perspective_jax.adapt.nes import NESConfig
+from perspective_jax.adapt.target import InMemoryTarget, StreamedTarget
+from perspective_jax.export.exporter import with_ternary_experts
+from perspective_jax.infer.engine import StreamingEngine, load_model_tokenizer
+from perspective_jax.infer.options import EngineOptions
+from perspective_jax.model.transformer import abstract_params
+from perspective_jax.rundir.checkpoint import restore_params
+from perspective_jax.rundir.layout import load_run_config
 
 MB = 1 << 20
 
