@@ -143,6 +143,7 @@ class Adaptation:
         self._unravel, self.dim = trainable_unravel(self.lora, cfg.adapt_a)
         self.updates, self.update_s, self.rollbacks = 0, 0.0, []
         self._ema, self._recent = None, []
+        self._kept = (float("nan"), float("nan"))
         self._apply = jax.jit(lambda g, s, p: self._apply_update(g, s, p))
 
     def _apply_update(self, g, state, params):
@@ -225,6 +226,7 @@ class Adaptation:
     def rails(self, heldout) -> Rails:
         """Rails whose baselines are the held-out loss and agreement now."""
         loss, agree = self.judge_on(heldout)
+        self._kept = (loss, agree)            # what the state a rollback returns scores
         return Rails(self.cfg.rails, baseline_agreement=agree, baseline_loss=loss)
 
     def round(self, batches, heldout, rails: Rails) -> dict:
@@ -237,8 +239,9 @@ class Adaptation:
         if why is not None:
             self.restore(kept)
             self.rollbacks.append(why)
-            loss, agree = rails.baseline_loss, rails.baseline_agreement
+            loss, agree = self._kept
         else:                 # the loss baseline only ratchets down; agreement's stays
             rails.baseline_loss = min(rails.baseline_loss, loss)
+            self._kept = (loss, agree)
         return {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                 "heldout_loss": loss, "agreement": agree, "rolled_back": why}
