@@ -32,13 +32,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What every variant sets explicitly, so a table stays reproducible when defaults move.
 BEFORE = ["moe.delta_form=float", "moe.delta_weight=0.001", "moe.smoothness_weight=0.005",
-          "moe.locality_weight=0", "moe.align_consensus=0"]
+          "moe.locality_weight=0", "moe.align_consensus=0", "moe.route_smoothing=0"]
 VARIANTS = {
     "before": BEFORE,                                          # the defaults until issue 24
     "consensus": [*BEFORE, "moe.align_consensus=0.2"],         # align's snap alone
     "ternary-delta": [*BEFORE, "moe.delta_form=ternary", "moe.delta_weight=10"],
+    # delta-aware training and trained heads, routes from each token's own state
+    "delta": ["moe.route_smoothing=0"],
+    "delta-narrow-router": ["moe.route_smoothing=0", "moe.route_init_scale=0.25",
+                            "moe.balance_weight=1.0"],
     "after": [],                                               # today's defaults
-    "after-narrow-router": ["moe.route_init_scale=0.25", "moe.balance_weight=1.0"],
+    "after-0.99": ["moe.route_smoothing=0.99"],
 }
 EXPERTS = {8: ["moe.num_experts=8", "moe.lattice=[2,2,2]"],
            64: ["moe.num_experts=64", "moe.lattice=[4,4,4]"]}

@@ -4,7 +4,7 @@ Per variant: validation loss and switch shares (the align run's last evaluation)
 neighbour / non-neighbour trit difference and deltas kept (the exported regions and
 manifest); then a teacher-forced streamed decode of `--tokens` tokens of held-out
 text per engine setting: prefetch accuracy (layer ℓ+1 guesses, next-token layer-0
-guesses), disk and host→device bytes per decode token with deltas on and off at a
+guesses) per predictor (router, learned, auto), disk and host→device bytes (auto) per decode token with deltas on and off at a
 host budget holding ~10 % of the expert regions, and stalls per token.
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 
 BIN = os.path.dirname(sys.executable)        # the environment's perspective-* commands
 
+PREDICTORS = ("router", "learned", "auto")   # bytes and stalls are read under "auto"
 HOST_SHARE = 0.10          # of all expert regions, as at the 1.05T scale
 PROMPT = 16
 
@@ -62,15 +63,23 @@ def trit_differences(model_dir: str) -> dict:
         for a, b in itertools.combinations(range(e), 2):
             share = _trit_fields_differ(regions[a], regions[b]) / trits
             (near if adj[a, b] else far).append(share)
-    kept = sum(len(layer["deltas"]) for layer in store.layers)
+    kept = sum(adj[d["src"], d["dst"]] for layer in store.layers for d in layer["deltas"])
+    hub_deltas = sum(not adj[d["src"], d["dst"]] for layer in store.layers
+                     for d in layer["deltas"])
     directed = 2 * len(torus.neighbour_pairs(lattice)) * len(store.layers)
     sizes = [store.delta_bytes(j, d["src"], d["dst"]) / store.region_bytes
-             for j, layer in enumerate(store.layers) for d in layer["deltas"]]
+             for j, layer in enumerate(store.layers) for d in layer["deltas"]
+             if adj[d["src"], d["dst"]]]
+    hub_sizes = [store.delta_bytes(j, d["src"], d["dst"]) / store.region_bytes
+                 for j, layer in enumerate(store.layers) for d in layer["deltas"]
+                 if not adj[d["src"], d["dst"]]]
     store.close()
     return {"trit_diff_neighbour": float(np.mean(near)),
             "trit_diff_other": float(np.mean(far)) if far else float("nan"),
-            "deltas_kept": kept, "deltas_directed": directed,
-            "delta_size": float(np.mean(sizes)) if sizes else float("nan")}
+            "deltas_kept": int(kept), "deltas_directed": directed,
+            "hub_deltas": int(hub_deltas),
+            "delta_size": float(np.mean(sizes)) if sizes else float("nan"),
+            "hub_delta_size": float(np.mean(hub_sizes)) if hub_sizes else float("nan")}
 
 
 def held_out_tokens(model_dir: str, n: int) -> np.ndarray:
@@ -114,6 +123,7 @@ def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool) -
                         after[f"{name}_guesses"] - before[f"{name}_guesses"])
         out[f"prefetch_{name}"] = right / tried if tried else float("nan")
     out["host_regions"] = round(budget / entry, 1)
+    out["hubs_pinned"] = eng.hubs_pinned
     out["learned_heads"] = bool(learned)
     out["kinds"] = {k: after["kinds"][k] - before["kinds"].get(k, 0) for k in after["kinds"]}
     return out
@@ -140,7 +150,7 @@ def measure(args) -> None:
                "switch": (ev["switch_same"], ev["switch_neighbour"], ev["switch_other"]),
                **trit_differences(model_dir)}
         tokens = held_out_tokens(model_dir, args.tokens)
-        for predictor in ("router", "learned"):
+        for predictor in PREDICTORS:
             for deltas in (False, True):
                 row[(predictor, deltas)] = streamed(model_dir, tokens, predictor, deltas)
         rows.append(row)
@@ -152,20 +162,22 @@ def measure(args) -> None:
 def print_table(rows, args) -> None:
     print(f"\n{args.experts} experts, {args.tokens} teacher-forced decode tokens")
     print("| variant | val loss | switches same / nbr / other | trit diff nbr / other "
-          "| deltas kept | delta size | prefetch ℓ+1 router / learned | next-token layer 0 "
+          "| deltas kept | delta size | prefetch ℓ+1 router / learned / auto "
+          "| next-token layer 0 learned / auto "
           "| disk B/tok deltas off → on | host→device B/tok off → on | stalls/tok |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ro, rn, lo, ln = (r[("router", False)], r[("router", True)],
-                          r[("learned", False)], r[("learned", True)])
+        ro, lo, ao, an = (r[("router", False)], r[("learned", False)], r[("auto", False)],
+                          r[("auto", True)])
         print(f"| {r['variant']} | {r['val_loss']:.4f} | "
               f"{' / '.join(f'{100 * v:.0f} %' for v in r['switch'])} | "
               f"{100 * r['trit_diff_neighbour']:.1f} % / {100 * r['trit_diff_other']:.1f} % | "
               f"{r['deltas_kept']}/{r['deltas_directed']} | {100 * r['delta_size']:.0f} % | "
-              f"{100 * ro['prefetch_next_layer']:.0f} % / {pct(lo, 'prefetch_next_layer')} | "
-              f"{pct(ln, 'prefetch_next_token')} | "
-              f"{ln_or(lo, 'disk_bytes')} → {ln_or(ln, 'disk_bytes')} | "
-              f"{ln_or(lo, 'h2d_bytes')} → {ln_or(ln, 'h2d_bytes')} | {ln['stalls']:.2f} |")
+              f"{100 * ro['prefetch_next_layer']:.0f} % / {pct(lo, 'prefetch_next_layer')} / "
+              f"{100 * ao['prefetch_next_layer']:.0f} % | "
+              f"{pct(lo, 'prefetch_next_token')} / {100 * ao['prefetch_next_token']:.0f} % | "
+              f"{ln_or(ao, 'disk_bytes')} → {ln_or(an, 'disk_bytes')} | "
+              f"{ln_or(ao, 'h2d_bytes')} → {ln_or(an, 'h2d_bytes')} | {an['stalls']:.2f} |")
 
 
 def pct(d: dict, key: str) -> str:

@@ -124,6 +124,11 @@ class MoEConfig:
     learn_temperature: bool = True
     # std of W_route entries × √d: z = h·W_route spreads over ~this many torus turns
     route_init_scale: float = 1.0
+    # λ of the router's context average: z_t = wrap(Σ_s λ^{t-s} W h_s / Σ_s λ^{t-s}),
+    # restarted where segment_pos is 0 (model/routed_ffn.context_average). 0 routes
+    # each token on its own state; near 1 the route follows the context, so adjacent
+    # tokens stay on the same or a neighbouring expert (streaming, SPEC §3.5)
+    route_smoothing: float = 0.0
     offset_init_scale: float = 0.01
     # straight_through: gate value 1 in the forward pass (upcycling is exact),
     # gradient of g to the router; softmax: output scaled by g itself.
@@ -161,6 +166,9 @@ class MoEConfig:
                      "smoothness_weight", "locality_weight", "upcycle_noise",
                      "route_init_scale", "predictor_weight"):
             _require(getattr(self, name) >= 0, f"{s}.{name}", "must be >= 0")
+        _require(0.0 <= self.route_smoothing < 1.0, f"{s}.route_smoothing",
+                 f"must be in [0, 1) (the context average's decay), "
+                 f"got {self.route_smoothing}")
         _require(self.delta_form in DELTA_FORMS, f"{s}.delta_form",
                  f"use one of {', '.join(DELTA_FORMS)}, got {self.delta_form!r}")
         _require(0.0 <= self.align_consensus <= 0.5, f"{s}.align_consensus",

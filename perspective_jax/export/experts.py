@@ -11,9 +11,12 @@ output feature; `quant.ternary.ternary_codes`), computed one expert matrix [K, N
 at a time, so the working memory is one matrix whatever the layer's size, and
 export and its references (`exporter.with_ternary_experts`) agree bit for bit.
 A layer's regions are written to experts/layer_j.bin; the neighbour deltas between
-its lattice neighbours go to deltas/layer_j.bin, each in the smaller of its two
-encodings (`modeldir.format`: positions or byte-change bitmap) and kept when that
-record is at most `delta_max_share` of a region.
+its lattice neighbours go to deltas/layer_j.bin, and so do the deltas from the
+layer's hub (`hub_expert`: the expert closest to all the others, which the engine's
+host cache pins) to every other expert, so any load can read a delta rather than a
+region; each in the smaller of its two encodings (`modeldir.format`: positions or
+byte-change bitmap) and kept when that record is at most `delta_max_share` of a
+region.
 """
 
 from __future__ import annotations
@@ -69,6 +72,19 @@ def ternary_layer(ffn: dict, granularity: str, layout: md.RegionLayout):
     return regions, scales
 
 
+HUB_SAMPLE_BYTES = 1 << 16      # bytes of each region compared to choose the hub
+
+
+def hub_expert(regions) -> int:
+    """The medoid of a layer's regions: argmin_a Σ_b #bytes where a and b differ, over
+    an evenly strided sample of at most HUB_SAMPLE_BYTES bytes (every byte of a
+    smaller region), so the choice costs E² small compares at any model size."""
+    step = max(1, -(-regions[0].size // HUB_SAMPLE_BYTES))
+    sample = np.stack([np.asarray(r)[::step] for r in regions])          # [E, S]
+    cost = [int((sample != sample[a]).sum()) for a in range(len(regions))]
+    return int(np.argmin(cost))
+
+
 class ExpertWriter:
     """Writes experts/ and deltas/ one expert layer at a time (`layer`)."""
 
@@ -81,10 +97,11 @@ class ExpertWriter:
             with naming(os.path.join(out, sub)):
                 os.makedirs(os.path.join(out, sub))
         self.n_layers = self.n_experts = self.n_deltas = self.delta_bytes = self.bitmaps = 0
+        self.hub_deltas = 0
 
     def layer(self, j: int, regions) -> dict:
-        """Write layer j's regions (E flat uint8 arrays) and their neighbour deltas;
-        returns its manifest index entry."""
+        """Write layer j's regions (E flat uint8 arrays), their neighbour deltas and the
+        deltas from the hub; returns its manifest index entry."""
         layout, entries = self.layout, []
         path = os.path.join(self.out, md.expert_file(j))
         with naming(path), open(path, "wb") as fh:
@@ -92,11 +109,14 @@ class ExpertWriter:
                 entries.append({"expert": x, "offset": x * layout.stride,
                                 md.REGION_CHECKSUM: md.region_digest(region)})
                 fh.write(region.tobytes() + b"\0" * (layout.stride - layout.nbytes))
-        deltas = []
+        deltas, from_hub = [], 0
+        hub = hub_expert(regions)
+        pairs = self.directed + [(hub, b) for b in range(len(regions))
+                                 if b != hub and (hub, b) not in self.directed]
         path = os.path.join(self.out, md.delta_file(j))
         with naming(path), open(path, "wb") as fh:
             at = 0
-            for a, b in self.directed:
+            for a, b in pairs:
                 count = int(np.count_nonzero(regions[a] != regions[b]))
                 encoding = md.smaller_encoding(count, layout.nbytes)
                 size = md.delta_record_bytes(encoding, count, layout.nbytes)
@@ -111,16 +131,19 @@ class ExpertWriter:
                 at += len(rec)
                 self.delta_bytes += len(rec)
                 self.bitmaps += encoding == md.DELTA_BITMAP
-        self.n_deltas += len(deltas)
+                from_hub += a == hub and (a, b) not in self.directed
+        self.n_deltas += len(deltas) - from_hub
+        self.hub_deltas += from_hub
         self.n_layers, self.n_experts = self.n_layers + 1, len(regions)
         return {"layer": j, "file": md.expert_file(j), "regions": entries,
-                "delta_file": md.delta_file(j), "deltas": deltas}
+                "delta_file": md.delta_file(j), "deltas": deltas, "hub": hub}
 
     def summary(self, log=print) -> None:
         log(f"experts: {self.n_layers} layers × {self.n_experts} experts, "
             f"{self.layout.nbytes / 1e6:.3f} MB per region; {self.n_deltas} of "
-            f"{self.n_layers * len(self.directed)} neighbour deltas kept "
-            f"({self.delta_bytes / 1e6:.3f} MB, {self.bitmaps} as byte-change bitmaps)")
+            f"{self.n_layers * len(self.directed)} neighbour deltas kept, plus "
+            f"{self.hub_deltas} from the layers' hubs ({self.delta_bytes / 1e6:.3f} MB, "
+            f"{self.bitmaps} as byte-change bitmaps)")
 
 
 def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice,

@@ -56,38 +56,42 @@ def mixer(cfg: ModelConfig, kind: str, adapter_scale: float, lp, x, segment_pos,
 
 
 def _route(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int, lp, h,
-           segment_pos, period):
+           segment_pos, period, cache=None):
     return ResidualBlock(cfg, "pdr", moe, policy=policy, layer=layer).apply(
-        {"params": lp}, h, segment_pos, None, period, part="route")
+        {"params": lp}, h, segment_pos, cache, period, part="route")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def route(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int, lp, h,
-          segment_pos, period):
-    """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T]): the block's part
-    "route" of layer `layer` of period `period` (both seed the random policy)."""
-    return _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
+          segment_pos, period, cache=None):
+    """h [B, T, d] → (hn [B, T, d], expert [B, T], gate [B, T], cache): the block's part
+    "route" of layer `layer` of period `period` (both seed the random policy); `cache`
+    (the layer's `PDRCache`, or None) carries the router's context average, returned
+    advanced past these tokens."""
+    return _route(cfg, moe, policy, layer, lp, h, segment_pos, period, cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def route_and_guess(cfg: ModelConfig, moe: MoEConfig, policy: Route, layer: int,
                     layer_next: int, kinds: tuple, lp, lp_next, h, segment_pos, period,
-                    period_next):
-    """Decode: `route(lp, h)` and the guesses `kinds` for the next expert layer's expert
-    (SPEC §3.5), in one call: "router" = the expert layer `lp_next`'s router applied
-    to the same h; "learned" = argmax of layer `lp`'s predictor head on hn (see
-    `infer.predictor`). h [B, T, d] → (hn, expert [B, T], gate [B, T],
-    guesses [len(kinds), B, T] in the order of `kinds`)."""
-    hn, idx, gate = _route(cfg, moe, policy, layer, lp, h, segment_pos, period)
+                    period_next, cache=None, cache_next=None):
+    """Decode: `route(lp, h, cache)` and the guesses `kinds` for the next expert layer's
+    expert (SPEC §3.5), in one call: "router" = the expert layer `lp_next`'s router
+    applied to the same h with its context average so far (`cache_next`); "learned" =
+    argmax of layer `lp`'s predictor head on hn (see `infer.predictor`).
+    h [B, T, d] → (hn, expert [B, T], gate [B, T], cache, guesses [len(kinds), B, T]
+    in the order of `kinds`)."""
+    hn, idx, gate, cache = _route(cfg, moe, policy, layer, lp, h, segment_pos, period,
+                                  cache)
     guesses = []
     for kind in kinds:
         if kind == "router":
             guesses.append(_route(cfg, moe, policy, layer_next, lp_next, h, segment_pos,
-                                  period_next)[1])
+                                  period_next, cache_next)[1])
         else:
             logits = predictor_logits(lp["ffn"][PREDICTOR]["w"], hn)
             guesses.append(jnp.argmax(logits, -1).astype(idx.dtype))
-    return hn, idx, gate, jnp.stack(guesses)
+    return hn, idx, gate, cache, jnp.stack(guesses)
 
 
 def _expert_swiglu(cfg: ModelConfig, activation_bits: int, codes, scales, x):

@@ -178,12 +178,26 @@ class StreamingEngine:
         self.host_memory_kind = kind
         self.host = HostCache(host_bytes, entry, priors, place=place, staging_bytes=staging)
         self.slots = DeviceSlots(o.device_slots, self.region_bytes, self.device)
+        self.hubs_pinned = self._pin_hubs() if o.pin_hubs and self.use_deltas else 0
         self.warmed = self.host.warm(self.store.read_region) if o.warm_start else 0
         self.tiers = ExpertTiers(self.store, self.host, self.slots, self.stats,
                                  stage_in_place=kind == "numpy", use_deltas=self.use_deltas,
                                  pin_before_transfer=self.pin_before_transfer,
                                  cancel_wrong_reads=o.cancel_wrong_reads,
                                  transfer_thread=o.transfer_thread)
+
+    def _pin_hubs(self) -> int:
+        """Pin each expert layer's hub in the host cache (while that leaves at least half
+        its entries to the rest), so a load the cache misses can read the hub's delta
+        rather than the region; returns how many were pinned."""
+        n = 0
+        for j in range(self.store.n_layers):
+            hub = self.store.hub(j)
+            if hub is not None:
+                if not self.host.pin((j, hub), self.store.read_region):
+                    break
+                n += 1
+        return n
 
     def _learned_heads(self, tree: dict, on_device):
         """(the next-token head [d, E] on the device, or None; what the --stats report
@@ -338,29 +352,37 @@ class StreamingEngine:
                 h, layers[p][i] = L.mixer(cfg, kind, scale, lp, x, segment_pos, layers[p][i],
                                           layer_adapters(ext, p, i))
                 if self.routed and kind == "pdr":
-                    x = self._routed(self.layer_index[(p, i)], lp, h, segment_pos, policy)
+                    x = self._routed(self.layer_index[(p, i)], lp, h, segment_pos, layers,
+                                     policy)
                 else:
                     x = L.dense_ffn(cfg, kind, lp, h)
                 x = inject_after(x, ext, p * n + i)
         last = x.reshape(-1, cfg.d_model) if all_positions else x[:, -1]
         guess = (guess_next and not all_positions and tokens.shape[0] == 1 and self.prefetch
-                 and self.predictor.uses_learned)
+                 and self.routed)
+        learned = guess and self.predictor.uses_learned
         if ext is None or ext.final_transform is None:
-            if not guess:
-                return L.head(cfg, self.final_norm, self.embed_table, last)
+            if not learned:
+                logits = L.head(cfg, self.final_norm, self.embed_table, last)
+                if guess:
+                    self._prefetch_first(None)
+                return logits
             logits, first = jax.device_get(L.head_and_guess(
                 cfg, self.final_norm, self.embed_table, self.token_head, last))
             self._prefetch_first(int(first[0]))
             return logits
         logits = self._transformed_head(last, ext)
-        if guess:
+        if learned:
             xn = L.normed(cfg, self.final_norm, last)
             self._prefetch_first(int(np.asarray(L.first_layer_guess(self.token_head, xn))[0]))
+        elif guess:
+            self._prefetch_first(None)
         return logits
 
-    def _prefetch_first(self, guess: int) -> None:
-        """Queue the next token's layer-0 expert `guess` as `ExpertTiers.ensure` queues a
-        `then=` guess: behind everything asked so far, keeping the last expert layer's
+    def _prefetch_first(self, guess: Optional[int]) -> None:
+        """Queue the next token's layer-0 expert (`Predictor.predict_first` from the
+        next-token head's `guess`, None when not computed) as `ExpertTiers.ensure` queues
+        a `then=` guess: behind everything asked so far, keeping the last expert layer's
         slot. Nothing is queued while another guess is pending."""
         if self.tiers.pending():
             return
@@ -399,13 +421,16 @@ class StreamingEngine:
                            for i, k in enumerate(sorted(transform.INFO_DTYPES))}
         return logits
 
-    def _routed(self, j: int, lp, h, segment_pos, policy=NEAREST):
+    def _routed(self, j: int, lp, h, segment_pos, layers, policy=NEAREST):
+        """Expert layer j on h [B, T, d]; its cache `layers[p][i]` (the router's context
+        average) is advanced in place."""
         cfg = self.model
         b, t = h.shape[:2]
         if b * t == 1:                               # decode: one expert, one fused call
-            return self._routed_token(j, lp, h, segment_pos, policy)
+            return self._routed_token(j, lp, h, segment_pos, layers, policy)
         p, i = self.expert_layers[j]
-        hn, idx, gate = L.route(cfg, self.moe, policy, i, lp, h, segment_pos, np.int32(p))
+        hn, idx, gate, layers[p][i] = L.route(cfg, self.moe, policy, i, lp, h, segment_pos,
+                                              np.int32(p), layers[p][i])
         idx = np.asarray(idx).reshape(-1)
         self.predictor.drop(j)                       # a guess for it goes unscored
         if b == 1:                                   # prefill: the previous token's expert
@@ -423,7 +448,7 @@ class StreamingEngine:
             self.slots.fence(slot, done)     # refilling this slot waits for this call
         return L.combine(cfg, h, y, gate)
 
-    def _routed_token(self, j: int, lp, h, segment_pos, policy=NEAREST):
+    def _routed_token(self, j: int, lp, h, segment_pos, layers, policy=NEAREST):
         """Decode step of expert layer j: h [1, 1, d] → h + gate · expert(norm(h)).
         Layer j's route and the guesses for layer j+1 the predictor uses (the router's:
         its norm and router on the same h; the learned head's on layer j's router
@@ -437,14 +462,15 @@ class StreamingEngine:
         p, i = self.expert_layers[j]
         if kinds:
             p2, i2 = self.expert_layers[nxt]
-            hn, idx, gate, guessed = L.route_and_guess(
+            hn, idx, gate, layers[p][i], guessed = L.route_and_guess(
                 cfg, self.moe, policy, i, i2, kinds, lp, self.layer_params[p2][i2], h,
-                segment_pos, np.int32(p), np.int32(p2))
+                segment_pos, np.int32(p), np.int32(p2), layers[p][i], layers[p2][i2])
             idx, guessed = jax.device_get((idx, guessed))
             e = int(idx.reshape(-1)[0])
             guesses = {k: int(g.reshape(-1)[0]) for k, g in zip(kinds, guessed)}
         else:
-            hn, idx, gate = L.route(cfg, self.moe, policy, i, lp, h, segment_pos, np.int32(p))
+            hn, idx, gate, layers[p][i] = L.route(cfg, self.moe, policy, i, lp, h,
+                                                  segment_pos, np.int32(p), layers[p][i])
             e, guesses = int(np.asarray(idx).reshape(-1)[0]), {}
         self._observe(j, e)
         then = self._predict_next(j, h, guesses) if self.prefetch else None

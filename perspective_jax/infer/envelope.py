@@ -135,11 +135,13 @@ def weights(cfg, moe, a, granularity: str = "tensor"):
 
 
 def decode_state(cfg, a):
-    """Bytes of the batch-1 decode cache (PDR states, GQA KV rings, positions)."""
-    out = {"PDR states": 0, "GQA KV ring caches": 0, "positions": 0}
+    """Bytes of the batch-1 decode cache (PDR states, GQA KV rings, positions, the
+    routers' context averages)."""
+    out = {"PDR states": 0, "GQA KV ring caches": 0, "positions": 0,
+           "router context averages": 0}
     tree = jax.eval_shape(lambda: init_cache(cfg, 1))
     items = {"state": "PDR states", "k": "GQA KV ring caches", "v": "GQA KV ring caches",
-             "pos": "positions"}                      # fields of PDRCache / KVCache
+             "pos": "positions", "route": "router context averages"}  # PDRCache / KVCache
     leaves = [("positions", tree["next_pos"])]
     for layer in tree["periods"].values():
         leaves += [(items[name], leaf) for name, leaf in layer._asdict().items()]

@@ -61,6 +61,11 @@ class ExpertStore:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def hub(self, j: int) -> Optional[int]:
+        """Expert layer j's hub: the expert every other one has a delta from (the host
+        cache pins it), or None (a model directory exported before hubs)."""
+        return self.layers[j].get("hub")
+
     def has_delta(self, j: int, src: int, dst: int) -> bool:
         return (src, dst) in self._delta_index[j]
 

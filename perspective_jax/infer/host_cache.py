@@ -11,7 +11,9 @@ with the lowest score goes first. `bytes_held` never exceeds `budget_bytes`:
 space is reserved before a region is read (`reserve`), and evicted entries are
 released before the new one is admitted. `staging_bytes` is set aside for
 read buffers in flight outside the entries (a pinned host tier copies each fresh
-read into pinned memory), so the budget covers those too.
+read into pinned memory), so the budget covers those too. Pinned entries
+(`pin`: each expert layer's hub, the region every expert of the layer has a delta
+from, `modeldir.format`) are never evicted.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class HostCache:
         self._uses: dict[tuple[int, int], float] = {}
         self._last: dict[tuple[int, int], int] = {}
         self._reserved = 0
+        self.pinned: set = set()
         self._tick = 0
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
@@ -93,7 +96,7 @@ class HostCache:
             if self.capacity == 0:
                 return False
             while len(self._entries) + self._reserved >= self.capacity:
-                candidates = [k for k in self._entries if k != keep]
+                candidates = [k for k in self._entries if k != keep and k not in self.pinned]
                 if not candidates:
                     return False
                 victim = min(candidates, key=self._score)
@@ -130,6 +133,18 @@ class HostCache:
 
     def _drop(self, key) -> None:
         del self._entries[key], self._uses[key], self._last[key]
+
+    def pin(self, key, read: Callable[[int, int], np.ndarray]) -> bool:
+        """Hold (layer, expert) `key` for good (read with `read` unless held); False
+        when pinning it would leave fewer than half the entries for the rest."""
+        if len(self.pinned) + 1 > self.capacity // 2:
+            return False
+        if key not in self._entries:
+            if not self.reserve():
+                return False
+            self.admit(key, read(*key), reserved=True)
+        self.pinned.add(key)
+        return True
 
     def warm(self, read: Callable[[int, int], np.ndarray]) -> int:
         """Fill the cache with the most frequent experts (by prior); returns how many."""

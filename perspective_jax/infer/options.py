@@ -37,6 +37,7 @@ class EngineOptions:
     device_slots: int = 2
     prefetch: bool = True
     use_deltas: bool = True
+    pin_hubs: bool = True          # hold each expert layer's hub in the host cache
     warm_start: bool = True
     io: str = "mmap"
     predictor: str = "auto"

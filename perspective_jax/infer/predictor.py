@@ -10,8 +10,9 @@ router to layer j's hidden state; "learned" takes the argmax of layer j's traine
 predictor head (`model.routed_ffn.ExpertPredictor`, on layer j's router input) and,
 after a token's final state, of the next-token head for the next token's layer 0
 — with the router's guess instead where the model directory has no trained heads;
-"previous" guesses layer j+1's expert of the previous token; "auto" uses, per
-layer, whichever has been right more often so far (ties: learned, then router).
+"previous" guesses layer j+1's expert of the previous token (and, for the next
+token's layer 0, this token's); "auto" uses, per layer, whichever has been right
+more often so far (ties: learned, then router, then previous).
 The engine computes the router and learned guesses in the same jitted call as layer
 j's route (`infer.compute.route_and_guess`) and passes them in.
 
@@ -68,13 +69,23 @@ class Predictor:
         return nxt, guesses[best]
 
     def predict_first(self, learned_guess: Optional[int]) -> Optional[tuple[int, int]]:
-        """(0, expert) to prefetch for the next token from the next-token head's guess,
-        or None (no guess, or a mode that does not use it)."""
-        if learned_guess is None or not self.uses_learned or not self.n_layers:
+        """(0, expert) to prefetch for the next token, or None: the next-token head's
+        guess (`learned_guess`, None when not computed) and, in "auto" and "previous"
+        mode, this token's own layer-0 expert (routing that follows the context stays
+        put); the one right most often so far is taken."""
+        if not self.n_layers:
             return None
-        self._guesses[0] = {"learned": learned_guess}
-        self._made[0] = learned_guess
-        return 0, learned_guess
+        guesses = {}
+        if learned_guess is not None and self.uses_learned:
+            guesses["learned"] = learned_guess
+        if self.mode in ("auto", "previous") and self.last[0] is not None:
+            guesses["previous"] = self.last[0]
+        if not guesses:
+            return None
+        self._guesses[0] = guesses
+        best = max(guesses, key=lambda name: (self._right[0][name], TIE_ORDER.index(name)))
+        self._made[0] = guesses[best]
+        return 0, guesses[best]
 
     def observe(self, j: int, expert: int) -> None:
         """Score the guesses made for layer j against the expert it actually used."""

@@ -211,6 +211,7 @@ def report(engine) -> dict:
             "device_slots": engine.n_slots,
             "device_expert_regions_peak": engine.slots.regions_peak,
             "warm_start_regions": engine.warmed,
+            "hub_regions_pinned": engine.hubs_pinned,
         })
     if engine.routed:
         out.update(guess_report(engine))

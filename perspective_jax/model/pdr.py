@@ -26,13 +26,20 @@ from kernels_pallas.pdr_scan import pdr_scan, pdr_step
 
 
 class PDRCache(NamedTuple):
-    """Decode state of one PDR layer: S [B, d, r] (float32)."""
+    """Decode state of one PDR layer: S [B, d, r] (float32), and the routed FFN after
+    it's context average `route` [B, 4] (float32: Σ λ^{t-s} W_route h_s and Σ λ^{t-s};
+    `routed_ffn.context_average`), which the mixer passes through unchanged."""
 
     state: jax.Array
+    route: jax.Array
+
+
+ROUTE_STATE = 4            # the router's context average: 3 coordinates + its weight
 
 
 def init_pdr_cache(cfg: ModelConfig, batch: int) -> PDRCache:
-    return PDRCache(state=jnp.zeros((batch, cfg.d_model, cfg.pdr_rank), jnp.float32))
+    return PDRCache(state=jnp.zeros((batch, cfg.d_model, cfg.pdr_rank), jnp.float32),
+                    route=jnp.zeros((batch, ROUTE_STATE), jnp.float32))
 
 
 class PDRMixer(nn.Module):
@@ -96,4 +103,4 @@ class PDRMixer(nn.Module):
                                     chunk=cfg.pdr_chunk, sub=cfg.pdr_sub)
         y = y.astype(dtype_of(cfg.dtype))
         out = lora(Projection((d,), ("pdr_rows", "embed"), cfg, name="w_o")(y), "w_o", y)
-        return out, (PDRCache(new_state) if cache is not None else None)
+        return out, (cache._replace(state=new_state) if cache is not None else None)

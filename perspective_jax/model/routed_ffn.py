@@ -1,6 +1,8 @@
 """Torus router + stacked SwiGLU experts: the routed FFN after each PDR layer.
 
-    z = (W_route h) mod 1 ∈ T³,   d²_e = geodesic²(z, pos_e),   pos_e = lattice_e + offset_e
+    z_t = (Σ_s λ^{t-s} W_route h_s / Σ_s λ^{t-s}) mod 1 ∈ T³   (λ = moe.route_smoothing;
+          the sums restart where segment_pos = 0; λ = 0: z = (W_route h) mod 1)
+    d²_e = geodesic²(z, pos_e),   pos_e = lattice_e + offset_e
     e* = policy(d², z) (nearest: argmin_e d²_e),   ℓ = log_softmax_e(−d²/τ)[e*]
     y  = FFN_{e*}(h) · gate,      gate = exp(ℓ − stop_gradient(ℓ))   (moe.gate=straight_through)
                                   gate = exp(ℓ) = g                  (moe.gate=softmax)
@@ -152,17 +154,47 @@ def locality_loss(idx, probs, adjacency):
     return -jnp.mean(jnp.log(jnp.maximum(mass, 1e-30)))
 
 
+def context_average(u, segment_pos, state, decay: float):
+    """The router's context average: u [B, T, 3] (W_route h, unwrapped) →
+    (u_avg [B, T, 3], new state [B, 4]).
+
+        p_t = a_t p_{t-1} + u_t,   c_t = a_t c_{t-1} + 1,   u_avg_t = p_t / c_t,
+        a_t = λ if segment_pos_t > 0 else 0     (a sequence's first token restarts it)
+
+    `state` [B, 4] = (p, c) after the tokens before these (None: nothing before);
+    `segment_pos` [B, T] (None: 0..T-1). One associative scan over T, so a window
+    and the same tokens fed one by one give the same averages. λ = 0: u itself."""
+    b, t, _ = u.shape
+    if segment_pos is None:
+        segment_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    vals = jnp.concatenate([u.astype(jnp.float32), jnp.ones((b, t, 1), jnp.float32)], -1)
+    if decay == 0.0:
+        return u, vals[:, -1]
+    a = jnp.where(segment_pos > 0, decay, 0.0).astype(jnp.float32)            # [B, T]
+    if state is not None:
+        vals = vals.at[:, 0].add(a[:, 0, None] * state.astype(jnp.float32))
+
+    def combine(left, right):
+        (a1, v1), (a2, v2) = left, right
+        return a1 * a2, a2[..., None] * v1 + v2
+
+    _, acc = jax.lax.associative_scan(combine, (a, vals), axis=1)
+    return acc[..., :3] / acc[..., 3:], acc[:, -1]
+
+
 class TorusRouter(nn.Module):
     """h: [B, T, d] → (expert index [B, T], gate [B, T] (`routed_gate`), z [B, T, 3],
-    probs [B, T, E]). `segment_pos` [B, T], `period` and `layer` seed the random
-    perspective only."""
+    probs [B, T, E], route state [B, 4] after the last token (`context_average`)).
+    `route_state` [B, 4]: the state before these tokens (a decode cache's), or None.
+    `segment_pos` [B, T] restarts the context average; with `period` and `layer` it
+    seeds the random perspective."""
 
     cfg: ModelConfig
     moe: MoEConfig
     policy: Route = NEAREST
 
     @nn.compact
-    def __call__(self, h, segment_pos=None, period=0, layer: int = 0):
+    def __call__(self, h, segment_pos=None, period=0, layer: int = 0, route_state=None):
         moe = self.moe
         d = h.shape[-1]
         w_route = self.param(
@@ -174,21 +206,24 @@ class TorusRouter(nn.Module):
         log_tau = self.param("log_temperature", nn.initializers.constant(
             jnp.log(moe.router_temperature)), (), jnp.float32)
         pos = torus.wrap(jnp.asarray(torus.lattice_positions(moe.lattice)) + offsets)
-        z = torus.wrap(flat_dot(h.astype(jnp.float32), w_route))
+        u, new_state = context_average(flat_dot(h.astype(jnp.float32), w_route),
+                                       segment_pos, route_state, moe.route_smoothing)
+        z = torus.wrap(u)
         dist_sq = torus.geodesic_distance_sq(z[..., None, :], pos)          # [B,T,E]
         tau = jnp.exp(log_tau) if moe.learn_temperature else moe.router_temperature
         probs = jax.nn.softmax(-dist_sq / tau, axis=-1)
         log_probs = jax.nn.log_softmax(-dist_sq / tau, axis=-1)
         idx = route_experts(self.policy, dist_sq, z, pos, segment_pos, period, layer)
         log_p = jnp.take_along_axis(log_probs, idx[..., None], axis=-1)[..., 0]
-        return idx, routed_gate(moe, log_p), z, probs
+        return idx, routed_gate(moe, log_p), z, probs, new_state
 
 
 class RoutedFFN(nn.Module):
-    """x: [B, T, d] → FFN_{e*}(x) · gate [B, T, d]; top-1 routed SwiGLU experts,
-    dropless. `route_only=True` creates no expert weights (nor the predictor head) and
-    returns the router's (idx, gate) — what the streaming engine computes before it
-    fetches an expert. Sows, besides the routing statistics, "choice" (idx [B, T]) and
+    """x: [B, T, d] → (FFN_{e*}(x) · gate [B, T, d], route state [B, 4]); top-1 routed
+    SwiGLU experts, dropless; `route_state` [B, 4] or None: the router's context
+    average before these tokens (`context_average`). `route_only=True` creates no
+    expert weights (nor the predictor head) and returns the router's (idx, gate, route
+    state) — what the streaming engine computes before it fetches an expert. Sows, besides the routing statistics, "choice" (idx [B, T]) and
     "next_logits" (the predictor head's logits for the next expert layer [B, T, E])."""
 
     cfg: ModelConfig
@@ -198,7 +233,7 @@ class RoutedFFN(nn.Module):
 
     @nn.compact
     def __call__(self, x, segment_pos=None, period=0, layer: int = 0,
-                 route_only: bool = False):
+                 route_only: bool = False, route_state=None):
         cfg, moe = self.cfg, self.moe
         b, t, d = x.shape
         e, f = moe.num_experts, cfg.d_ff
@@ -206,11 +241,12 @@ class RoutedFFN(nn.Module):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2)
         router = TorusRouter(cfg, moe, self.policy, name="router")
         if route_only:
-            return router(x, segment_pos, period, layer)[:2]
+            idx, gate, _, _, new_state = router(x, segment_pos, period, layer, route_state)
+            return idx, gate, new_state
         w_gate = self.param("w_gate", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
         w_up = self.param("w_up", logical(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
         w_down = self.param("w_down", logical(init, ("expert", "mlp", "embed")), (e, f, d), pdt)
-        idx, gate, z, probs = router(x, segment_pos, period, layer)
+        idx, gate, z, probs, new_state = router(x, segment_pos, period, layer, route_state)
         quant = quantize_activations_int8 if self.activation_bits == 8 else (lambda a: a)
         y = expert_swiglu(quant(x.reshape(b * t, d).astype(dt)), idx.reshape(-1),
                           w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt),
@@ -221,7 +257,7 @@ class RoutedFFN(nn.Module):
         self._sow_statistics(idx, z, probs)
         self.sow("aux", "choice", idx.astype(jnp.int32))
         self.sow("aux", "next_logits", ExpertPredictor(e, name=PREDICTOR)(x))
-        return y
+        return y, new_state
 
     def _sow_statistics(self, idx, z, probs):
         e = self.moe.num_experts

@@ -50,7 +50,9 @@ class ResidualBlock(nn.Module):
         h  = x + Mixer(RMSNorm(x))                       part="mix"   → (h, cache)
         x' = h + SwiGLU(RMSNorm(h))                      part="ffn"   (dense FFN)
         x' = h + FFN_e*(RMSNorm(h)) · gate               routed (after PDR, cfg.routed):
-             e*, gate from the router                    part="route" → (RMSNorm(h), e*, gate)
+             e*, gate from the router                    part="route" → (RMSNorm(h), e*,
+                                                         gate, cache with the router's
+                                                         context average advanced)
 
     part="block" (default) runs the whole layer → (x', cache). The streaming engine
     calls the parts one by one (its experts come from disk between "route" and the
@@ -90,13 +92,18 @@ class ResidualBlock(nn.Module):
             out = h + SwiGLU(cfg, name="ffn")(hn)
         else:
             ffn = RoutedFFN(cfg, self.moe, self.policy, self.activation_bits, name="ffn")
+            state = None if cache is None else cache.route
             if part == "route":
-                idx, gate = ffn(hn, segment_pos, period, self.layer, route_only=True)
-                return hn, idx, gate
+                idx, gate, state = ffn(hn, segment_pos, period, self.layer, route_only=True,
+                                       route_state=state)
+                return hn, idx, gate, (None if cache is None else cache._replace(route=state))
             if part == "ffn":
                 raise ValueError("part='ffn' is the dense FFN; a routed layer is "
                                  "'route', its experts, then gated_residual")
-            out = h + ffn(hn, segment_pos, period, self.layer)
+            y, state = ffn(hn, segment_pos, period, self.layer, route_state=state)
+            out = h + y
+            if cache is not None:
+                cache = cache._replace(route=state)
         out = out.astype(x.dtype)
         return (out, cache) if part == "block" else out
 

@@ -235,11 +235,17 @@ def _check(manifest: dict, bad):
             if not 0 <= int(r["offset"]) <= file_bytes - layout.nbytes:
                 raise bad(f"{where}, expert {r['expert']} lies outside {layer['file']}")
         delta_bytes = listed(layer["delta_file"], f"{where}'s delta file")
+        hub = layer.get("hub")
+        if hub is not None and not (isinstance(hub, int) and 0 <= hub < n_experts):
+            raise bad(f"{where}'s hub {hub!r} is not an expert 0..{n_experts - 1}")
         for d in layer["deltas"]:
             src, dst, count = int(d["src"]), int(d["dst"]), int(d["count"])
-            if (min(src, dst), max(src, dst)) not in neighbours:
+            if src == dst or not (0 <= src < n_experts and 0 <= dst < n_experts):
+                raise bad(f"{where} has a delta {src}->{dst}, not between two experts "
+                          f"0..{n_experts - 1}")
+            if (min(src, dst), max(src, dst)) not in neighbours and src != hub:
                 raise bad(f"{where} has a delta {src}->{dst} between experts that are not "
-                          "lattice neighbours")
+                          "lattice neighbours, nor from the layer's hub")
             encoding = md.delta_encoding(d)
             if encoding not in md.DELTA_ENCODINGS:
                 raise bad(f"{where}'s delta {src}->{dst} has encoding {encoding!r}, not one "

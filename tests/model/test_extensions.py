@@ -51,7 +51,7 @@ def _by_parts(cfg, params, tokens, ext=None, inject=None):
             h, _ = block.apply({"params": lp}, x, pos, None, p, layer_adapters(ext, p, i),
                                part="mix")
             if block.routed:
-                hn, idx, gate = block.apply({"params": lp}, h, pos, None, p, part="route")
+                hn, idx, gate, _ = block.apply({"params": lp}, h, pos, None, p, part="route")
                 f = lp["ffn"]
                 y = dispatch_dense(hn.reshape(b * t, -1), idx.reshape(-1), f["w_gate"],
                                    f["w_up"], f["w_down"])
@@ -95,13 +95,13 @@ def test_straight_through_gate_is_one_even_where_the_softmax_underflows(routed, 
     ffn = RoutedFFN(cfg, moe, RoutePolicy(mode, k=7, seed=1))
     fp = ffn.init(jax.random.key(5), x)["params"]
     fp = jax.tree.map(lambda a: getattr(a, "value", a), fp, is_leaf=lambda a: hasattr(a, "value"))
-    idx, gate = ffn.apply({"params": fp}, x, route_only=True)
+    idx, gate, _ = ffn.apply({"params": fp}, x, route_only=True)
     assert np.array_equal(np.asarray(gate), np.ones(gate.shape, np.float32))
-    y = ffn.apply({"params": fp}, x)
+    y = ffn.apply({"params": fp}, x)[0]
     ref = dispatch_dense(x.reshape(-1, cfg.d_model), idx.reshape(-1), fp["w_gate"], fp["w_up"],
                          fp["w_down"])
     np.testing.assert_allclose(np.asarray(y).reshape(ref.shape), np.asarray(ref), atol=1e-5)
-    grads = jax.grad(lambda p: jnp.sum(ffn.apply({"params": p}, x) ** 2))(fp)
+    grads = jax.grad(lambda p: jnp.sum(ffn.apply({"params": p}, x)[0] ** 2))(fp)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     lm = dataclasses.replace(moe)
     logits, _ = PerspectiveLM(cfg, lm).apply({"params": params}, tokens,

@@ -86,7 +86,7 @@ def test_gradient_reaches_router_and_offsets(small_cfg, gate):
     params = layer.init(jax.random.key(7), x)["params"]
     params = jax.tree.map(lambda a: getattr(a, "value", a), params,
                           is_leaf=lambda a: hasattr(a, "value"))
-    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2))(params)
     for name in ("w_route", "offsets", "log_temperature"):
         assert float(jnp.abs(grads["router"][name]).max()) > 0, name
 
@@ -98,7 +98,7 @@ def test_straight_through_gate_has_value_one(small_cfg):
     params = layer.init(jax.random.key(9), x)["params"]
     params = jax.tree.map(lambda a: getattr(a, "value", a), params,
                           is_leaf=lambda a: hasattr(a, "value"))
-    y = layer.apply({"params": params}, x)
+    y = layer.apply({"params": params}, x)[0]
     idx, *_ = TorusRouter(small_cfg, moe).apply({"params": params["router"]}, x)
     ref = dispatch_dense(x.reshape(-1, small_cfg.d_model), idx.reshape(-1), params["w_gate"],
                          params["w_up"], params["w_down"])

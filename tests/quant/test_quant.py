@@ -72,7 +72,7 @@ def test_all_zero_ternary_experts_give_zero_ffn_output(small_cfg):
                           is_leaf=lambda a: hasattr(a, "value"))
     for name in ("w_gate", "w_up", "w_down"):
         params[name] = ternary_ste(jnp.zeros_like(params[name]))
-    assert float(jnp.abs(layer.apply({"params": params}, x)).max()) == 0.0
+    assert float(jnp.abs(layer.apply({"params": params}, x)[0]).max()) == 0.0
 
 
 def _numpy_int8(a):
@@ -92,8 +92,8 @@ def test_int8_expert_activations_match_float64_reference(small_cfg):
     params = layer.init(jax.random.key(8), x)["params"]
     params = jax.tree.map(lambda a: getattr(a, "value", a), params,
                           is_leaf=lambda a: hasattr(a, "value"))
-    y = np.asarray(layer.apply({"params": params}, x)).reshape(-1, cfg.d_model)
-    y_float = np.asarray(RoutedFFN(cfg, moe).apply({"params": params}, x)).reshape(y.shape)
+    y = np.asarray(layer.apply({"params": params}, x)[0]).reshape(-1, cfg.d_model)
+    y_float = np.asarray(RoutedFFN(cfg, moe).apply({"params": params}, x)[0]).reshape(y.shape)
     idx, *_ = TorusRouter(cfg, moe).apply({"params": params["router"]}, x)
     xs = np.asarray(x, np.float64).reshape(-1, cfg.d_model)
     wg, wu, wd = (np.asarray(params[k], np.float64) for k in ("w_gate", "w_up", "w_down"))
@@ -105,7 +105,7 @@ def test_int8_expert_activations_match_float64_reference(small_cfg):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
     assert np.abs(y - y_float).max() > 1e-6          # quantisation is really applied
     # STE: the gradient with respect to the input exists and is finite
-    gx = jax.grad(lambda x: jnp.sum(layer.apply({"params": params}, x) ** 2))(x)
+    gx = jax.grad(lambda x: jnp.sum(layer.apply({"params": params}, x)[0] ** 2))(x)
     assert np.isfinite(np.asarray(gx)).all() and float(jnp.abs(gx).max()) > 0
 
 
