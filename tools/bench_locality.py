@@ -4,6 +4,7 @@ learned expert prediction, before and after (issue 24; docs/benchmarks.md).
     python tools/bench_locality.py train OUT [--variants before,after] [--experts 8|64]
                                               [--dense RUN] [--data PATH]
     python tools/bench_locality.py measure OUT [--variants ...] [--tokens 96]
+    python tools/bench_locality.py decode --model-dir M [--model-dir M2] [--io direct]
 
 `train` trains one dense run (OUT/dense, or reuses --dense), then for every variant
 the routed curriculum upcycle → sparse → ternary → align into OUT/VARIANT/ with the
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from bench_locality_measure import BIN, measure
+from bench_locality_measure import BIN, decode, measure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +44,7 @@ VARIANTS = {
                             "moe.balance_weight=1.0"],
     "after": [],                                               # today's defaults
     "after-0.99": ["moe.route_smoothing=0.99"],
+    "after-delta30": ["moe.delta_weight=30"],                 # experts held closer
 }
 EXPERTS = {8: ["moe.num_experts=8", "moe.lattice=[2,2,2]"],
            64: ["moe.num_experts=64", "moe.lattice=[4,4,4]"]}
@@ -94,7 +96,14 @@ def main(argv=None) -> int:
         s.add_argument("--data", action="append")
         s.add_argument("--dense", help="reuse this dense run instead of training OUT/dense")
         s.add_argument("--tokens", type=int, default=96)
+    s = sub.add_parser("decode", help="decode rates of exported models (e.g. on a GPU)")
+    s.add_argument("--model-dir", action="append", required=True)
+    s.add_argument("--tokens", type=int, default=96)
+    s.add_argument("--io", default="mmap")
     args = p.parse_args(argv)
+    if args.cmd == "decode":
+        decode(args)
+        return 0
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown and args.cmd == "train":

@@ -63,16 +63,16 @@ def trit_differences(model_dir: str) -> dict:
         for a, b in itertools.combinations(range(e), 2):
             share = _trit_fields_differ(regions[a], regions[b]) / trits
             (near if adj[a, b] else far).append(share)
-    kept = sum(adj[d["src"], d["dst"]] for layer in store.layers for d in layer["deltas"])
-    hub_deltas = sum(not adj[d["src"], d["dst"]] for layer in store.layers
-                     for d in layer["deltas"])
+    kept = sum(d["src"] < e and adj[d["src"], d["dst"]] for layer in store.layers
+               for d in layer["deltas"])
+    hub_deltas = sum(d["src"] == e for layer in store.layers for d in layer["deltas"])
     directed = 2 * len(torus.neighbour_pairs(lattice)) * len(store.layers)
     sizes = [store.delta_bytes(j, d["src"], d["dst"]) / store.region_bytes
              for j, layer in enumerate(store.layers) for d in layer["deltas"]
-             if adj[d["src"], d["dst"]]]
+             if d["src"] < e and adj[d["src"], d["dst"]]]
     hub_sizes = [store.delta_bytes(j, d["src"], d["dst"]) / store.region_bytes
                  for j, layer in enumerate(store.layers) for d in layer["deltas"]
-                 if not adj[d["src"], d["dst"]]]
+                 if d["src"] == e]
     store.close()
     return {"trit_diff_neighbour": float(np.mean(near)),
             "trit_diff_other": float(np.mean(far)) if far else float("nan"),
@@ -94,9 +94,11 @@ def held_out_tokens(model_dir: str, n: int) -> np.ndarray:
     return np.asarray(ids[:PROMPT + n], np.int32)
 
 
-def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool) -> dict:
+def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool,
+             io: str = "mmap") -> dict:
     """Teacher-forced decode: the prompt as one prefill, then every later token fed
-    alone; counters of the decode part only."""
+    alone; counters of the decode part only (tok/s: the engine's decode time, compiles
+    excluded)."""
     from perspective_jax.infer.engine import StreamingEngine
     from perspective_jax.infer.expert_tiers import ExpertTiers
     from perspective_jax.infer.options import EngineOptions
@@ -107,7 +109,8 @@ def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool) -
     staging = entry * ExpertTiers.buffers_in_flight(True, False, False)
     budget = max(HOST_SHARE * layers * experts, 1) * entry + staging
     eng = StreamingEngine(model_dir, EngineOptions(host_budget_mb=budget / 2 ** 20 + 1e-3,
-                                                   predictor=predictor, use_deltas=deltas))
+                                                   predictor=predictor, use_deltas=deltas,
+                                                   io=io))
     state = eng.forward(tokens[:PROMPT], eng.new_state())[1]
     before = snapshot(eng)
     for t in tokens[PROMPT:]:
@@ -122,6 +125,7 @@ def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool) -
         right, tried = (after[f"{name}_right"] - before[f"{name}_right"],
                         after[f"{name}_guesses"] - before[f"{name}_guesses"])
         out[f"prefetch_{name}"] = right / tried if tried else float("nan")
+    out["tok_s"] = n / (after["decode_s"] - before["decode_s"])
     out["host_regions"] = round(budget / entry, 1)
     out["hubs_pinned"] = eng.hubs_pinned
     out["learned_heads"] = bool(learned)
@@ -133,7 +137,7 @@ def snapshot(eng) -> dict:
     """The engine counters this bench reads (see infer/stats.py)."""
     s = eng.stats
     return {"disk_bytes": sum(s.disk_bytes.values()), "h2d_bytes": sum(s.bytes_moved.values()),
-            "stalls": s.stalls,
+            "stalls": s.stalls, "decode_s": s.decode_s,
             "next_layer_right": s.layer_guesses_right, "next_layer_guesses": s.layer_guesses,
             "next_token_right": s.token_guesses_right, "next_token_guesses": s.token_guesses,
             "kinds": dict(s.transfers)}
@@ -159,10 +163,32 @@ def measure(args) -> None:
     print_table(rows, args)
 
 
+def decode(args) -> None:
+    """`bench_locality.py decode`: decode rates of exported models (on whatever device
+    jax picks), per predictor, deltas on (and auto with deltas off)."""
+    import jax
+    print(f"device: {jax.devices()[0].device_kind}; {args.tokens} teacher-forced decode "
+          f"tokens; host budget ~10 % of the expert regions; io {args.io}")
+    print("| model | predictor | deltas | tok/s | stalls/tok | prefetch ℓ+1 | next-token "
+          "layer 0 | disk B/tok | host→device B/tok | hubs pinned |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for model_dir in args.model_dir:
+        tokens = held_out_tokens(model_dir, args.tokens)
+        streamed(model_dir, tokens, "auto", True, args.io)          # compile once
+        for predictor, deltas in (("router", True), ("learned", True), ("auto", True),
+                                  ("auto", False)):
+            r = streamed(model_dir, tokens, predictor, deltas, args.io)
+            print(f"| {os.path.basename(model_dir.rstrip('/'))} | "
+                  f"{predictor} | {'on' if deltas else 'off'} | {r['tok_s']:.1f} | "
+                  f"{r['stalls']:.2f} | {100 * r['prefetch_next_layer']:.0f} % | "
+                  f"{100 * r['prefetch_next_token']:.0f} % | {r['disk_bytes']:,.0f} | "
+                  f"{r['h2d_bytes']:,.0f} | {r['hubs_pinned']} |", flush=True)
+
+
 def print_table(rows, args) -> None:
     print(f"\n{args.experts} experts, {args.tokens} teacher-forced decode tokens")
     print("| variant | val loss | switches same / nbr / other | trit diff nbr / other "
-          "| deltas kept | delta size | prefetch ℓ+1 router / learned / auto "
+          "| deltas kept | delta size nbr / hub | prefetch ℓ+1 router / learned / auto "
           "| next-token layer 0 learned / auto "
           "| disk B/tok deltas off → on | host→device B/tok off → on | stalls/tok |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -172,7 +198,8 @@ def print_table(rows, args) -> None:
         print(f"| {r['variant']} | {r['val_loss']:.4f} | "
               f"{' / '.join(f'{100 * v:.0f} %' for v in r['switch'])} | "
               f"{100 * r['trit_diff_neighbour']:.1f} % / {100 * r['trit_diff_other']:.1f} % | "
-              f"{r['deltas_kept']}/{r['deltas_directed']} | {100 * r['delta_size']:.0f} % | "
+              f"{r['deltas_kept']}/{r['deltas_directed']} | {100 * r['delta_size']:.0f} % / "
+              f"{100 * r['hub_delta_size']:.0f} % ({r['hub_deltas']} kept) | "
               f"{100 * ro['prefetch_next_layer']:.0f} % / {pct(lo, 'prefetch_next_layer')} / "
               f"{100 * ao['prefetch_next_layer']:.0f} % | "
               f"{pct(lo, 'prefetch_next_token')} / {100 * ao['prefetch_next_token']:.0f} % | "

@@ -6,6 +6,8 @@
 #                            (SECTIONS=… picks sections; default below)
 #   2. engine tests on the device (pinned_host staging, Pallas decode path)
 #   3. tools/bench_streaming.py part A on a reduced synthetic model (2-bit shared)
+#   5. tools/bench_locality.py decode on trained model directories (LOCALITY_MODELS,
+#      space-separated): tok/s, stalls, prefetch accuracy per predictor (issue 24)
 #   4. tools/bench_train_step.py: training tokens/s and MFU of the dense and routed
 #      steps at d_model 1024 and 2048 (curricula/small.yaml scaled, bfloat16),
 #      pdr_impl=auto (Pallas) vs chunked (issue 19; MFU against PEAK_TFLOPS, the
@@ -55,7 +57,8 @@ step "2. engine + kernel tests on the device"
 JAX_PLATFORMS=$TEST_PLATFORM JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$T_TESTS" \
   $py -m pytest -q -p no:cacheprovider -rfE tests/infer/test_infer.py tests/infer/test_expert_tiers.py \
   tests/kernels/test_group_matmul.py tests/kernels/test_kernels.py \
-  -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved or group or 2bit or gptq or pinned or cancel or admission or guess or transfer}" \
+  tests/infer/test_context_routing_engine.py tests/infer/test_hub_deltas.py \
+  -k "${TESTS_K:-kernel or ternary or pdr or engine or double_buffer or delta or flipped or saved or group or 2bit or gptq or pinned or cancel or admission or guess or transfer or hub or context or previous or batched}" \
   --durations=12 > "$out/pytest_device.log" 2>&1
 echo "rc $?"; tail -25 "$out/pytest_device.log"
 fi
@@ -66,6 +69,13 @@ wait "$build_pid"; echo "build rc $?"; tail -3 "$out/build.log"
 timeout "$T_BENCH" $py tools/bench_streaming.py "${BENCH[@]}" --skip-build \
   > "$out/bench_streaming.log" 2>&1
 echo "rc $?"; tail -22 "$out/bench_streaming.log"
+fi
+if [[ $STEPS == *5* ]]; then      # trained models (issue 24) carried in LOCALITY_MODELS
+step "5. trained models: decode per predictor (bench_locality decode)"
+dirs=(); for m in ${LOCALITY_MODELS:-}; do dirs+=(--model-dir "$m"); done
+timeout "${T_LOCALITY:-150}" $py tools/bench_locality.py decode "${dirs[@]}" \
+  > "$out/locality_decode.log" 2>&1
+echo "rc $?"; tail -14 "$out/locality_decode.log"
 fi
 if [[ $STEPS == *4* ]]; then
 step "4. training step throughput and MFU (bf16, d_model 1024 / 2048)"

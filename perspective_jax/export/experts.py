@@ -12,9 +12,9 @@ at a time, so the working memory is one matrix whatever the layer's size, and
 export and its references (`exporter.with_ternary_experts`) agree bit for bit.
 A layer's regions are written to experts/layer_j.bin; the neighbour deltas between
 its lattice neighbours go to deltas/layer_j.bin, and so do the deltas from the
-layer's hub (`hub_expert`: the expert closest to all the others, which the engine's
-host cache pins) to every other expert, so any load can read a delta rather than a
-region; each in the smaller of its two encodings (`modeldir.format`: positions or
+layer's hub (`hub_region`: the per-trit majority of its experts, written after them
+in experts/layer_j.bin and pinned in the engine's host cache) to every expert, so a
+load the host cache misses can read a delta rather than a region; each in the smaller of its two encodings (`modeldir.format`: positions or
 byte-change bitmap) and kept when that record is at most `delta_max_share` of a
 region.
 """
@@ -72,17 +72,20 @@ def ternary_layer(ffn: dict, granularity: str, layout: md.RegionLayout):
     return regions, scales
 
 
-HUB_SAMPLE_BYTES = 1 << 16      # bytes of each region compared to choose the hub
-
-
-def hub_expert(regions) -> int:
-    """The medoid of a layer's regions: argmin_a Σ_b #bytes where a and b differ, over
-    an evenly strided sample of at most HUB_SAMPLE_BYTES bytes (every byte of a
-    smaller region), so the choice costs E² small compares at any model size."""
-    step = max(1, -(-regions[0].size // HUB_SAMPLE_BYTES))
-    sample = np.stack([np.asarray(r)[::step] for r in regions])          # [E, S]
-    cost = [int((sample != sample[a]).sum()) for a in range(len(regions))]
-    return int(np.argmin(cost))
+def hub_region(regions, chunk: int = 1 << 20) -> np.ndarray:
+    """The layer's hub: per 2-bit trit field, the code most of its E regions hold
+    (ties: the smallest code) — the region nearest to all of them in trits (a sum of
+    per-field mismatches is smallest at the per-field majority). regions: E flat uint8
+    arrays; done `chunk` bytes at a time."""
+    stacked = np.stack([np.asarray(r) for r in regions])                  # [E, B]
+    out = np.zeros(stacked.shape[1], np.uint8)
+    for lo in range(0, stacked.shape[1], chunk):
+        block = stacked[:, lo: lo + chunk]
+        for shift in (0, 2, 4, 6):
+            field = (block >> shift) & 3                                  # [E, b]
+            counts = np.stack([(field == v).sum(0) for v in range(4)])    # [4, b]
+            out[lo: lo + chunk] |= (counts.argmax(0).astype(np.uint8) << shift)
+    return out
 
 
 class ExpertWriter:
@@ -100,29 +103,32 @@ class ExpertWriter:
         self.hub_deltas = 0
 
     def layer(self, j: int, regions) -> dict:
-        """Write layer j's regions (E flat uint8 arrays), their neighbour deltas and the
-        deltas from the hub; returns its manifest index entry."""
-        layout, entries = self.layout, []
+        """Write layer j's regions (E flat uint8 arrays) and its hub (their consensus,
+        region E of the file), the neighbour deltas and the deltas from the hub;
+        returns its manifest index entry."""
+        layout, entries, n = self.layout, [], len(regions)
+        hub = hub_region(regions)
         path = os.path.join(self.out, md.expert_file(j))
         with naming(path), open(path, "wb") as fh:
-            for x, region in enumerate(regions):
+            for x, region in enumerate([*regions, hub]):
                 entries.append({"expert": x, "offset": x * layout.stride,
                                 md.REGION_CHECKSUM: md.region_digest(region)})
                 fh.write(region.tobytes() + b"\0" * (layout.stride - layout.nbytes))
+        hub_entry = entries.pop()
+        del hub_entry["expert"]
         deltas, from_hub = [], 0
-        hub = hub_expert(regions)
-        pairs = self.directed + [(hub, b) for b in range(len(regions))
-                                 if b != hub and (hub, b) not in self.directed]
+        sources = [*regions, hub]
+        pairs = self.directed + [(n, b) for b in range(n)]          # n: the hub
         path = os.path.join(self.out, md.delta_file(j))
         with naming(path), open(path, "wb") as fh:
             at = 0
             for a, b in pairs:
-                count = int(np.count_nonzero(regions[a] != regions[b]))
+                count = int(np.count_nonzero(sources[a] != regions[b]))
                 encoding = md.smaller_encoding(count, layout.nbytes)
                 size = md.delta_record_bytes(encoding, count, layout.nbytes)
                 if size > self.delta_max_share * layout.nbytes:
                     continue                      # cheaper to move the full region
-                pos, val = md.encode_delta(regions[a], regions[b])
+                pos, val = md.encode_delta(sources[a], regions[b])
                 rec = md.delta_record(pos, val, encoding, layout.nbytes)
                 deltas.append({"src": a, "dst": b, "offset": at, "count": count,
                                "encoding": encoding, "bytes": len(rec),
@@ -131,12 +137,12 @@ class ExpertWriter:
                 at += len(rec)
                 self.delta_bytes += len(rec)
                 self.bitmaps += encoding == md.DELTA_BITMAP
-                from_hub += a == hub and (a, b) not in self.directed
+                from_hub += a == n
         self.n_deltas += len(deltas) - from_hub
         self.hub_deltas += from_hub
         self.n_layers, self.n_experts = self.n_layers + 1, len(regions)
         return {"layer": j, "file": md.expert_file(j), "regions": entries,
-                "delta_file": md.delta_file(j), "deltas": deltas, "hub": hub}
+                "delta_file": md.delta_file(j), "deltas": deltas, "hub": hub_entry}
 
     def summary(self, log=print) -> None:
         log(f"experts: {self.n_layers} layers × {self.n_experts} experts, "

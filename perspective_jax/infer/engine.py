@@ -189,11 +189,12 @@ class StreamingEngine:
     def _pin_hubs(self) -> int:
         """Pin each expert layer's hub in the host cache (while that leaves at least half
         its entries to the rest), so a load the cache misses can read the hub's delta
-        rather than the region; returns how many were pinned."""
+        rather than the region; a hub with deltas kept to fewer than half the layer's
+        experts (experts too far apart) is not worth its entry. Returns how many."""
         n = 0
         for j in range(self.store.n_layers):
             hub = self.store.hub(j)
-            if hub is not None:
+            if hub is not None and 2 * len(self.store.delta_targets(j, hub)) >= hub:
                 if not self.host.pin((j, hub), self.store.read_region):
                     break
                 n += 1

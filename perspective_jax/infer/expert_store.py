@@ -1,10 +1,11 @@
-"""Disk tier: memory-mapped expert regions and neighbour deltas of a model directory.
+"""Disk tier: memory-mapped expert regions, hubs and deltas of a model directory.
 
     store.read_region(j, e[, cancel]) -> uint8 [region_bytes]  (a fresh, aligned host copy)
     store.read_delta(j, src, dst) -> (positions uint32 [n], values uint8 [n]) | None
     store.region_from_delta(base, j, src, dst) -> uint8 [region_bytes]  (dst's region)
 
-A delta record is stored as positions or as a byte-change bitmap (`modeldir.format`);
+Expert layer j's hub (the consensus of its experts, `export.experts.hub_region`) is
+region E (`hub(j)`), a delta source like any expert. A delta record is stored as positions or as a byte-change bitmap (`modeldir.format`);
 `read_delta` decodes either, `delta_bytes` is the record's size on disk.
 
 Every region and delta is checked against its manifest XXH3-128 checksum the
@@ -62,9 +63,10 @@ class ExpertStore:
         return len(self.layers)
 
     def hub(self, j: int) -> Optional[int]:
-        """Expert layer j's hub: the expert every other one has a delta from (the host
-        cache pins it), or None (a model directory exported before hubs)."""
-        return self.layers[j].get("hub")
+        """The index (E, after the experts) of expert layer j's hub — the consensus
+        region every expert may have a delta from, which the host cache pins — or None
+        (a model directory exported before hubs)."""
+        return len(self.layers[j]["regions"]) if "hub" in self.layers[j] else None
 
     def has_delta(self, j: int, src: int, dst: int) -> bool:
         return (src, dst) in self._delta_index[j]
@@ -72,6 +74,9 @@ class ExpertStore:
     def delta_bytes(self, j: int, src: int, dst: int) -> int:
         """Bytes the delta src→dst's record takes on disk (what `read_delta` reads)."""
         return md.delta_entry_bytes(self._delta_index[j][(src, dst)], self.region_bytes)
+
+    def delta_targets(self, j: int, src: int) -> list[int]:
+        return [d for (s, d) in self._delta_index[j] if s == src]
 
     def delta_sources(self, j: int, dst: int) -> list[int]:
         return [s for (s, d) in self._delta_index[j] if d == dst]
@@ -103,11 +108,13 @@ class ExpertStore:
 
     def read_region(self, j: int, e: int, cancel: Optional[threading.Event] = None
                     ) -> np.ndarray:
-        """Region (j, e) as a fresh aligned host array. Reads go in `READ_CHUNK` pieces;
-        when `cancel` is set between two pieces the read stops and `ReadCancelled` is
-        raised (a prefetch that turned out wrong gives the disk back)."""
+        """Region (j, e) as a fresh aligned host array (e = E: the layer's hub). Reads go
+        in `READ_CHUNK` pieces; when `cancel` is set between two pieces the read stops
+        and `ReadCancelled` is raised (a prefetch that turned out wrong gives the disk
+        back)."""
         layer = self.layers[j]
-        entry = layer["regions"][e]
+        hub = e == len(layer["regions"]) and "hub" in layer
+        entry = layer["hub"] if hub else layer["regions"][e]
         key = ("region", j, e)
         digest = None
         if self.io == "direct":
@@ -124,7 +131,8 @@ class ExpertStore:
                     self._count_read(a)
                     raise ReadCancelled(f"{layer['file']} at {entry['offset'] + a}")
                 data[a: a + step] = src[a: a + step]
-        self._check(key, data, entry[md.REGION_CHECKSUM], f"expert {e} of expert layer {j}",
+        self._check(key, data, entry[md.REGION_CHECKSUM],
+                    f"the hub of expert layer {j}" if hub else f"expert {e} of expert layer {j}",
                     layer["file"], digest)
         self._count_read(self.region_bytes)
         return data

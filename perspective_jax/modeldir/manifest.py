@@ -235,15 +235,19 @@ def _check(manifest: dict, bad):
             if not 0 <= int(r["offset"]) <= file_bytes - layout.nbytes:
                 raise bad(f"{where}, expert {r['expert']} lies outside {layer['file']}")
         delta_bytes = listed(layer["delta_file"], f"{where}'s delta file")
-        hub = layer.get("hub")
-        if hub is not None and not (isinstance(hub, int) and 0 <= hub < n_experts):
-            raise bad(f"{where}'s hub {hub!r} is not an expert 0..{n_experts - 1}")
+        hub = layer.get("hub")                  # the consensus region, source index E
+        if hub is not None:
+            if not isinstance(hub, dict) or not isinstance(hub.get(md.REGION_CHECKSUM), str):
+                raise bad(f"{where}'s hub must be an object with a {md.REGION_CHECKSUM}")
+            if not 0 <= int(hub["offset"]) <= file_bytes - layout.nbytes:
+                raise bad(f"{where}'s hub lies outside {layer['file']}")
+        top = n_experts if hub is not None else n_experts - 1      # the largest source
         for d in layer["deltas"]:
             src, dst, count = int(d["src"]), int(d["dst"]), int(d["count"])
-            if src == dst or not (0 <= src < n_experts and 0 <= dst < n_experts):
-                raise bad(f"{where} has a delta {src}->{dst}, not between two experts "
-                          f"0..{n_experts - 1}")
-            if (min(src, dst), max(src, dst)) not in neighbours and src != hub:
+            if src == dst or not (0 <= src <= top and 0 <= dst < n_experts):
+                raise bad(f"{where} has a delta {src}->{dst}, not from an expert 0..{top} "
+                          f"to another 0..{n_experts - 1}")
+            if (min(src, dst), max(src, dst)) not in neighbours and src != n_experts:
                 raise bad(f"{where} has a delta {src}->{dst} between experts that are not "
                           "lattice neighbours, nor from the layer's hub")
             encoding = md.delta_encoding(d)

@@ -1,12 +1,13 @@
-"""Each expert layer's hub: the export picks the medoid of the layer's regions and
-writes a delta from it to every other expert; the engine pins it in the host cache,
-so a region the cache misses is built from the hub's delta — exact logits, fewer
-bytes read from disk than with the hubs unpinned."""
+"""Each expert layer's hub: the export writes the per-trit majority of the layer's
+regions after them and a delta from it to every expert; the engine pins it in the host
+cache, so a region the cache misses is built from the hub's delta — exact logits."""
+
+import collections
 
 import numpy as np
 import pytest
 
-from perspective_jax.export.experts import HUB_SAMPLE_BYTES, hub_expert
+from perspective_jax.export.experts import hub_region
 from perspective_jax.infer.engine import StreamingEngine
 from perspective_jax.infer.host_cache import HostCache
 from perspective_jax.infer.options import EngineOptions
@@ -15,39 +16,45 @@ from perspective_jax.modeldir.manifest import read_manifest
 from streaming_helpers import reference_logits
 
 
-def brute_force_medoid(regions):
-    cost = [sum(int(np.count_nonzero(a != b)) for b in regions) for a in regions]
-    return int(np.argmin(cost))
+def loop_majority(regions):
+    """Per byte, per 2-bit field: the most common code (ties: the smallest)."""
+    out = bytearray(len(regions[0]))
+    for i in range(len(out)):
+        for shift in (0, 2, 4, 6):
+            counts = collections.Counter((int(r[i]) >> shift) & 3 for r in regions)
+            best = max(range(4), key=lambda v: (counts[v], -v))
+            out[i] |= best << shift
+    return np.frombuffer(bytes(out), np.uint8)
 
 
-def test_the_hub_is_the_medoid_of_the_regions():
+def trit_mismatches(a, b):
+    x = np.bitwise_xor(a, b)
+    return int(np.unpackbits((x | (x >> 1)) & 0x55).sum())
+
+
+def test_the_hub_is_the_per_trit_majority_and_nearest_to_all_regions():
     rng = np.random.default_rng(0)
-    for trial in range(5):
-        regions = [rng.integers(0, 4, 3000, dtype=np.uint8) for _ in range(6)]
-        centre = rng.integers(0, 6)
-        for x in range(6):                     # every other region: centre + 10 % noise
-            if x != centre:
-                regions[x] = regions[centre].copy()
-                hit = rng.random(3000) < 0.1 * (1 + x % 3)
-                regions[x][hit] = rng.integers(0, 256, hit.sum())
-        assert hub_expert(regions) == brute_force_medoid(regions) == centre
-    big = [rng.integers(0, 2, 5 * HUB_SAMPLE_BYTES, dtype=np.uint8) for _ in range(4)]
-    big[2] = (big[0] & big[1]) | (big[0] & big[3]) | (big[1] & big[3])    # the majority
-    assert hub_expert(big) == brute_force_medoid(big) == 2
+    regions = [rng.integers(0, 256, 700, dtype=np.uint8) for _ in range(5)]
+    regions[1][:300] = regions[0][:300]
+    hub = hub_region(regions, chunk=128)              # several chunks
+    np.testing.assert_array_equal(hub, loop_majority(regions))
+    total = sum(trit_mismatches(hub, r) for r in regions)
+    assert all(total <= sum(trit_mismatches(r, s) for s in regions) for r in regions)
 
 
 def test_every_expert_has_a_delta_from_its_layers_hub(exported):
     cfg, _, path = exported
     manifest = read_manifest(path)
+    n = cfg.moe.num_experts
     region = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff).nbytes
     for j, layer in enumerate(manifest["experts"]["layers"]):
         with open(f"{path}/{layer['file']}", "rb") as fh:
             data = np.frombuffer(fh.read(), np.uint8)
         regions = [data[r["offset"]: r["offset"] + region] for r in layer["regions"]]
-        assert layer["hub"] == hub_expert(regions)
+        at = layer["hub"]["offset"]
+        np.testing.assert_array_equal(data[at: at + region], hub_region(regions))
         sources = {(d["src"], d["dst"]) for d in layer["deltas"]}
-        assert all((layer["hub"], e) in sources
-                   for e in range(cfg.moe.num_experts) if e != layer["hub"])
+        assert all((n, e) in sources for e in range(n))
 
 
 def test_a_pinned_entry_is_never_evicted_and_pins_stop_at_half_the_cache():
