@@ -100,13 +100,12 @@ def streamed(model_dir: str, tokens: np.ndarray, predictor: str, deltas: bool,
     alone; counters of the decode part only (tok/s: the engine's decode time, compiles
     excluded)."""
     from perspective_jax.infer.engine import StreamingEngine
-    from perspective_jax.infer.expert_tiers import ExpertTiers
     from perspective_jax.infer.options import EngineOptions
-    probe = StreamingEngine(model_dir, EngineOptions(host_budget_mb=4096))
+    probe = StreamingEngine(model_dir, EngineOptions(host_budget_mb=4096, io=io))
     entry, layers = probe.store.alloc_bytes, len(probe.expert_layers)
     experts = probe.moe.num_experts
+    staging = probe.host.staging_bytes          # read buffers in flight (per host kind)
     probe.close()
-    staging = entry * ExpertTiers.buffers_in_flight(True, False, False)
     budget = max(HOST_SHARE * layers * experts, 1) * entry + staging
     eng = StreamingEngine(model_dir, EngineOptions(host_budget_mb=budget / 2 ** 20 + 1e-3,
                                                    predictor=predictor, use_deltas=deltas,

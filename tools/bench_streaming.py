@@ -55,8 +55,10 @@ from streaming_models import (LATTICES, build_synthetic, derive_incoherent,  # n
 
 # ---------------------------------------------------------------- one measurement (child)
 # part A --compare: engine variants decoded beside the default one
-VARIANT_KWARGS = {"": {}, "pin_first": {"pin_before_transfer": True},
-                  "cancel": {"cancel_wrong_reads": True},
+# (every variant but "transfer" without the transfer thread, the GPU default since 12-04)
+VARIANT_KWARGS = {"": {"transfer_thread": False},
+                  "pin_first": {"pin_before_transfer": True, "transfer_thread": False},
+                  "cancel": {"cancel_wrong_reads": True, "transfer_thread": False},
                   "transfer": {"transfer_thread": True}}
 VARIANT_LABELS = {"pin_first": "pinned before transfer",
                   "cancel": "wrong prefetches cancelled",

@@ -160,8 +160,10 @@ class StreamingEngine:
         entry = self.store.alloc_bytes if kind == "numpy" else self.region_bytes
         host_bytes = int(o.host_budget_mb * MB)
         # read buffers held outside the entries (ExpertTiers.buffers_in_flight)
+        self.transfer_thread = (o.transfer_thread if o.transfer_thread is not None
+                                else self.device.platform != "cpu")
         staging = self.store.alloc_bytes * ExpertTiers.buffers_in_flight(
-            kind == "numpy", self.pin_before_transfer, o.transfer_thread)
+            kind == "numpy", self.pin_before_transfer, self.transfer_thread)
         if host_bytes < entry + staging:
             extra = f" plus {staging / MB:.2f} MB of read buffers in flight" if staging else ""
             raise UserError(f"--host-budget-mb {o.host_budget_mb:g} cannot hold one expert "
@@ -184,7 +186,7 @@ class StreamingEngine:
                                  stage_in_place=kind == "numpy", use_deltas=self.use_deltas,
                                  pin_before_transfer=self.pin_before_transfer,
                                  cancel_wrong_reads=o.cancel_wrong_reads,
-                                 transfer_thread=o.transfer_thread)
+                                 transfer_thread=self.transfer_thread)
 
     def _pin_hubs(self) -> int:
         """Pin each expert layer's hub in the host cache (while that leaves at least half

@@ -15,8 +15,9 @@ send it from the read buffer and pin it afterwards on the admit thread).
 `cancel_wrong_reads`: stop a wrong guess still reading when its layer arrives
 (off by default: slower on the 2-core CPU, docs/benchmarks.md). `transfer_thread`:
 read regions on one thread and copy them to the device on another, so the disk can
-read the next region during a host→device copy (off by default: not yet measured on
-an accelerator; on the CPU backend a copy is free).
+read the next region during a host→device copy (None, the default: on where the
+device is not the CPU — on an H200 it took streamed decode from disk from 60 % to
+89 % of the I/O bound; on the CPU backend a copy is free and the thread only costs).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class EngineOptions:
     host_memory_kind: Optional[str] = None
     pin_before_transfer: bool = False
     cancel_wrong_reads: bool = False
-    transfer_thread: bool = False
+    transfer_thread: Optional[bool] = None
 
     def __post_init__(self):
         if self.predictor not in PREDICTORS:

@@ -33,8 +33,11 @@ def test_engine_equals_in_memory_model_with_evictions_and_deltas(exported):
     n_layers = cfg.model.n_pdr_layers
     # host budget: 3 regions (forces evictions); one slot per expert layer + 1 so that
     # each layer's last expert stays on the device and neighbours arrive as deltas
+    # numpy host tier on every backend: a pinned tier's staging buffers (GPU) would not
+    # leave room for 3 regions
     engine = StreamingEngine(path, EngineOptions(host_budget_mb=3 * region / 2**20,
-                                                 device_slots=n_layers + 1))
+                                                 device_slots=n_layers + 1,
+                                                 host_memory_kind="numpy"))
     assert_engine_matches(engine, ref, prompt, steps)
     report = engine.report()
     engine.close()
