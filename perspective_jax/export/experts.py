@@ -124,15 +124,18 @@ class ExpertWriter:
             at = 0
             for a, b in pairs:
                 count = int(np.count_nonzero(sources[a] != regions[b]))
-                encoding = md.smaller_encoding(count, layout.nbytes)
-                size = md.delta_record_bytes(encoding, count, layout.nbytes)
+                # "fields" needs its source to decode: only for the hub (host-applied)
+                fields = md.changed_fields(sources[a], regions[b]) if a == n else -1
+                encoding = md.smaller_encoding(count, layout.nbytes, fields)
+                size = md.delta_record_bytes(encoding, count, layout.nbytes, max(fields, 0))
                 if size > self.delta_max_share * layout.nbytes:
                     continue                      # cheaper to move the full region
                 pos, val = md.encode_delta(sources[a], regions[b])
-                rec = md.delta_record(pos, val, encoding, layout.nbytes)
+                rec = md.delta_record(pos, val, encoding, layout.nbytes, sources[a])
                 deltas.append({"src": a, "dst": b, "offset": at, "count": count,
                                "encoding": encoding, "bytes": len(rec),
-                               md.REGION_CHECKSUM: md.region_digest(rec)})
+                               md.REGION_CHECKSUM: md.region_digest(rec),
+                               **({"fields": fields} if encoding == md.DELTA_FIELDS else {})})
                 fh.write(rec)
                 at += len(rec)
                 self.delta_bytes += len(rec)

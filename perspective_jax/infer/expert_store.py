@@ -141,9 +141,10 @@ class ExpertStore:
         with self._lock:                      # reads may run on two tier threads
             self.bytes_read += nbytes
 
-    def read_delta(self, j: int, src: int, dst: int):
+    def read_delta(self, j: int, src: int, dst: int, base=None):
         """(positions uint32 [n], values uint8 [n]) of the delta src→dst of expert layer
-        j, whatever its encoding, or None when there is none."""
+        j, whatever its encoding, or None when there is none; a "fields" record (from a
+        hub) decodes against `base`, src's region."""
         entry = self._delta_index[j].get((src, dst))
         if entry is None:
             return None
@@ -156,7 +157,8 @@ class ExpertStore:
         self._count_read(nbytes)
         try:
             return md.parse_delta(raw, md.delta_encoding(entry), int(entry["count"]),
-                                  self.region_bytes)
+                                  self.region_bytes,
+                                  None if base is None else np.asarray(base)[: self.region_bytes])
         except ValueError as err:
             raise md.ModelDirError(f"{os.path.join(self.dir, rel)}: {what}: {err}; "
                                    "re-run perspective-export") from None
@@ -166,7 +168,7 @@ class ExpertStore:
         numpy or a host jax array; not changed) and the delta src→dst read from disk;
         checked against dst's region checksum, so a wrong base or a damaged delta
         raises `ModelDirError` instead of giving wrong codes."""
-        positions, values = self.read_delta(j, src, dst)
+        positions, values = self.read_delta(j, src, dst, base)
         region = _aligned_empty(self.region_bytes, ARRAY_ALIGN)[: self.region_bytes]
         region[:] = np.asarray(base)
         region[positions] = values

@@ -19,8 +19,9 @@
                               when the export was given one; the manifest's "safety"
                               entry names it, its format version, flagged strings and
                               row counts (absent without a polytope)
-      experts/layer_LLL.bin   E regions, one per expert of expert layer LLL
-      deltas/layer_LLL.bin    byte deltas between lattice-neighbour experts
+      experts/layer_LLL.bin   E regions, one per expert of expert layer LLL, then its hub
+      deltas/layer_LLL.bin    byte deltas between lattice-neighbour experts and from
+                              the hub (source index E) to each expert
 
 Expert layer j enumerates the routed (PDR) layers in execution order: period p,
 pattern position i. A region holds the 2-bit codes of W_gate [d, f], W_up
@@ -29,15 +30,21 @@ pattern position i. A region holds the 2-bit codes of W_gate [d, f], W_up
 directly; regions are padded to `REGION_ALIGN` bytes (page- and O_DIRECT-aligned).
 A delta src→dst lists the byte positions where dst's region differs from src's
 and dst's bytes there: applying it to src's codes gives dst's codes exactly. Its
-record (padded to 4 bytes) takes one of two encodings, whichever is smaller for
-n changed bytes of a region of R bytes:
+record (padded to 4 bytes) takes one of these encodings, whichever is smallest for
+n changed bytes (m changed 2-bit fields) of a region of R bytes:
 
     "positions": uint32 LE positions [n], then the values uint8 [n]      5n bytes
     "bitmap":    bit i of byte i//8 (LSB first) set where byte i changes [⌈R/8⌉],
                  then the values uint8 [n] in position order              ⌈R/8⌉ + n
+    "fields":    the bitmap, then per changed byte a 4-bit mask of its changed
+                 fields (low nibble first) [⌈n/2⌉], then per changed field one bit
+                 (LSB first): the new code is the larger (1) or smaller (0) of the
+                 two codes 0..2 other than the old one [⌈m/8⌉]     ⌈R/8⌉ + ⌈n/2⌉ + ⌈m/8⌉
 
-(bitmap wins for n > R/32). A delta entry names its "encoding" and record "bytes";
-entries of format 5 have neither and are positions.
+(bitmap wins over positions for n > R/32). "fields" needs the source region to
+decode and is written only for deltas from a hub, which only the host applies. A
+delta entry names its "encoding" and record "bytes" ("fields" entries also
+"fields": m); entries of format 5 have neither and are positions.
 """
 
 from __future__ import annotations
@@ -68,8 +75,8 @@ MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"
 EXPERT_SCALES = "expert_scales"      # expert_scales/<matrix>: [L, E, S], S = 1 or N
 REGION_ALIGN = 4096
-DELTA_POSITIONS, DELTA_BITMAP = "positions", "bitmap"   # delta record encodings
-DELTA_ENCODINGS = (DELTA_POSITIONS, DELTA_BITMAP)
+DELTA_POSITIONS, DELTA_BITMAP, DELTA_FIELDS = "positions", "bitmap", "fields"
+DELTA_ENCODINGS = (DELTA_POSITIONS, DELTA_BITMAP, DELTA_FIELDS)
 EXPERT_MATRICES = ("w_gate", "w_up", "w_down")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_KEY = "chat_template"   # manifest entry: {"file": ..., "source": ...}
@@ -157,20 +164,41 @@ def apply_delta(region: np.ndarray, positions: np.ndarray, values: np.ndarray) -
     return out
 
 
-def delta_record_bytes(encoding: str, count: int, region_bytes: int) -> int:
-    """Bytes a delta record of `count` changed bytes takes on disk (padded to 4)."""
+def delta_record_bytes(encoding: str, count: int, region_bytes: int, fields: int = 0) -> int:
+    """Bytes a delta record of `count` changed bytes (`fields` changed 2-bit fields)
+    takes on disk (padded to 4)."""
     if encoding == DELTA_POSITIONS:
         raw = 5 * count
     elif encoding == DELTA_BITMAP:
         raw = -(-region_bytes // 8) + count
+    elif encoding == DELTA_FIELDS:
+        raw = -(-region_bytes // 8) + -(-count // 2) + -(-fields // 8)
     else:
         raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
     return raw + (-raw) % 4
 
 
-def smaller_encoding(count: int, region_bytes: int) -> str:
-    """The encoding whose record is smaller for `count` changed bytes (positions on a tie)."""
-    return min(DELTA_ENCODINGS, key=lambda enc: delta_record_bytes(enc, count, region_bytes))
+def smaller_encoding(count: int, region_bytes: int, fields: int = -1) -> str:
+    """The encoding whose record is smallest for `count` changed bytes (positions, then
+    bitmap, on a tie); "fields" is a candidate only when `fields` (the changed 2-bit
+    fields) is given — a delta from a hub whose codes are all trits."""
+    encodings = DELTA_ENCODINGS if fields >= 0 else (DELTA_POSITIONS, DELTA_BITMAP)
+    return min(encodings, key=lambda enc: delta_record_bytes(enc, count, region_bytes,
+                                                              max(fields, 0)))
+
+
+def changed_fields(src: np.ndarray, dst: np.ndarray) -> int:
+    """The number of 2-bit fields where dst differs from src, or −1 when a changed
+    field holds code 3 (not a trit: "fields" cannot encode it)."""
+    x = np.bitwise_xor(src, dst)
+    n = 0
+    for shift in (0, 2, 4, 6):
+        changed = ((x >> shift) & 3) != 0
+        if ((((src >> shift) & 3) == 3) & changed).any() or \
+                ((((dst >> shift) & 3) == 3) & changed).any():
+            return -1
+        n += int(changed.sum())
+    return n
 
 
 def delta_encoding(entry: dict) -> str:
@@ -180,40 +208,71 @@ def delta_encoding(entry: dict) -> str:
 
 def delta_entry_bytes(entry: dict, region_bytes: int) -> int:
     """A manifest delta entry's record size on disk."""
-    return delta_record_bytes(delta_encoding(entry), int(entry["count"]), region_bytes)
+    return delta_record_bytes(delta_encoding(entry), int(entry["count"]), region_bytes,
+                              int(entry.get("fields", 0)))
+
+
+_SHIFTS = np.arange(0, 8, 2, dtype=np.uint8)                     # the 4 fields of a byte
 
 
 def delta_record(positions: np.ndarray, values: np.ndarray, encoding: str = DELTA_POSITIONS,
-                 region_bytes: int = 0) -> bytes:
+                 region_bytes: int = 0, src: np.ndarray = None) -> bytes:
     """The record of a delta (`encode_delta`'s sorted positions and values) in
-    `encoding`, padded to 4 bytes; the bitmap encoding needs `region_bytes`."""
+    `encoding`, padded to 4 bytes; bitmap and fields need `region_bytes`, fields the
+    source region `src`."""
     values = np.asarray(values, np.uint8)
     if encoding == DELTA_POSITIONS:
         raw = np.asarray(positions).astype("<u4").tobytes() + values.tobytes()
-    elif encoding == DELTA_BITMAP:
+    elif encoding in (DELTA_BITMAP, DELTA_FIELDS):
         mask = np.zeros(region_bytes, bool)
         mask[positions] = True
-        raw = np.packbits(mask, bitorder="little").tobytes() + values.tobytes()
+        raw = np.packbits(mask, bitorder="little").tobytes()
+        if encoding == DELTA_BITMAP:
+            raw += values.tobytes()
+        else:
+            old = (np.asarray(src)[positions][:, None] >> _SHIFTS) & 3        # [n, 4]
+            new = (values[:, None] >> _SHIFTS) & 3
+            changed = old != new
+            nibbles = (changed.astype(np.uint8) << np.arange(4, dtype=np.uint8)).sum(1)
+            nibbles = np.concatenate([nibbles, np.zeros(len(nibbles) % 2, np.uint8)])
+            raw += (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+            larger = new[changed] == np.where(old[changed] == 2, 1, 2)
+            raw += np.packbits(larger, bitorder="little").tobytes()
     else:
         raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
     return raw + b"\0" * ((-len(raw)) % 4)
 
 
-def parse_delta(buf, encoding: str, count: int, region_bytes: int
+def parse_delta(buf, encoding: str, count: int, region_bytes: int, src=None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions uint32 [count] ascending, values uint8 [count]) of a record read
-    whole (`buf`, as `delta_record` wrote it)."""
+    whole (`buf`, as `delta_record` wrote it); "fields" needs the source region `src`."""
     buf = np.frombuffer(buf, np.uint8)
     if encoding == DELTA_POSITIONS:
         return buf[: 4 * count].view("<u4"), buf[4 * count: 5 * count]
-    if encoding != DELTA_BITMAP:
+    if encoding not in (DELTA_BITMAP, DELTA_FIELDS):
         raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
     head = -(-region_bytes // 8)
     mask = np.unpackbits(buf[:head], count=region_bytes, bitorder="little")
     positions = np.flatnonzero(mask).astype(np.uint32)
     if len(positions) != count:
         raise ValueError(f"bitmap delta marks {len(positions)} bytes, its entry {count}")
-    return positions, buf[head: head + count]
+    if encoding == DELTA_BITMAP:
+        return positions, buf[head: head + count]
+    if src is None:
+        raise ValueError("a 'fields' delta needs its source region to decode")
+    packed = buf[head: head + -(-count // 2)]
+    nibbles = np.stack([packed & 15, packed >> 4], 1).reshape(-1)[:count]
+    changed = ((nibbles[:, None] >> np.arange(4, dtype=np.uint8)) & 1).astype(bool)
+    m = int(changed.sum())
+    bits = np.unpackbits(buf[head + len(packed):], count=m, bitorder="little").astype(bool)
+    base = np.asarray(src)[positions]
+    old = (base[:, None] >> _SHIFTS) & 3
+    o = old[changed]
+    new = np.where(bits, np.where(o == 2, 1, 2), np.where(o == 0, 1, 0)).astype(np.uint8)
+    xor = np.zeros(old.shape, np.uint8)
+    xor[changed] = o ^ new
+    return positions, base ^ (xor << _SHIFTS).sum(1).astype(np.uint8)
 
 
 def region_digest(data) -> str:

@@ -254,7 +254,10 @@ def _check(manifest: dict, bad):
             if encoding not in md.DELTA_ENCODINGS:
                 raise bad(f"{where}'s delta {src}->{dst} has encoding {encoding!r}, not one "
                           f"of {', '.join(md.DELTA_ENCODINGS)}")
-            size = md.delta_record_bytes(encoding, count, layout.nbytes)
+            if encoding == md.DELTA_FIELDS and src != n_experts:
+                raise bad(f"{where}'s delta {src}->{dst} is a 'fields' record, which only "
+                          "a delta from the layer's hub may be")
+            size = md.delta_entry_bytes(d, layout.nbytes)
             if count < 0 or not 0 <= int(d["offset"]) <= delta_bytes - size:
                 raise bad(f"{where}'s delta {src}->{dst} lies outside {layer['delta_file']}")
             if int(d.get("bytes", size)) != size:

@@ -196,7 +196,7 @@ def _edited(path, edit):
      "not lattice neighbours, nor from the layer's hub"),
     (lambda m: m["experts"]["layers"][0]["deltas"][0].update(count=10 ** 9), "lies outside"),
     (lambda m: m["experts"]["layers"][0]["deltas"][0].update(encoding="rle"),
-     "has encoding 'rle', not one of positions, bitmap"),
+     "has encoding 'rle', not one of positions, bitmap, fields"),
     (lambda m: m["experts"]["layers"][0]["deltas"][0].update(bytes=7),
      "says 7 bytes; its encoding and count make"),
     (lambda m: m["config"]["model"].update(d_ff=52), "region_bytes"),

@@ -42,6 +42,36 @@ def test_the_hub_is_the_per_trit_majority_and_nearest_to_all_regions():
     assert all(total <= sum(trit_mismatches(r, s) for s in regions) for r in regions)
 
 
+def trit_region(rng, n):
+    """n bytes of four 2-bit codes each in 0..2 (trits + 1, as regions hold them)."""
+    codes = rng.integers(0, 3, (n, 4)).astype(np.uint8)
+    return (codes << np.arange(0, 8, 2, dtype=np.uint8)).sum(1).astype(np.uint8)
+
+
+def test_a_fields_record_round_trips_and_is_sized_by_its_formula():
+    rng = np.random.default_rng(2)
+    for n, share in ((1001, 0.02), (4096, 0.2), (333, 0.9)):
+        src = trit_region(rng, n)
+        dst = src.copy()
+        hit = rng.random(n) < share
+        dst[hit] = trit_region(rng, int(hit.sum()))
+        m = sum(((int(a) >> k) & 3) != ((int(b) >> k) & 3)
+                for a, b in zip(src, dst) for k in (0, 2, 4, 6))          # loop count
+        assert md.changed_fields(src, dst) == m
+        pos, val = md.encode_delta(src, dst)
+        rec = md.delta_record(pos, val, md.DELTA_FIELDS, n, src)
+        assert len(rec) == md.delta_record_bytes(md.DELTA_FIELDS, len(pos), n, m)
+        got_pos, got_val = md.parse_delta(rec, md.DELTA_FIELDS, len(pos), n, src)
+        np.testing.assert_array_equal(got_pos, pos)
+        np.testing.assert_array_equal(md.apply_delta(src, got_pos, got_val), dst)
+        with pytest.raises(ValueError, match="needs its source region"):
+            md.parse_delta(rec, md.DELTA_FIELDS, len(pos), n)
+    bad = trit_region(rng, 8)
+    other = bad.copy()
+    other[3] |= 3                                          # a field set to code 3
+    assert md.changed_fields(bad, other) == -1
+
+
 def test_every_expert_has_a_delta_from_its_layers_hub(exported):
     cfg, _, path = exported
     manifest = read_manifest(path)

@@ -94,7 +94,7 @@ def test_delta_reproduces_target_region_exactly(exported):
     for j, layer in enumerate(manifest["experts"]["layers"]):
         for d in layer["deltas"]:
             src, dst = store.read_region(j, d["src"]), store.read_region(j, d["dst"])
-            pos, val = store.read_delta(j, d["src"], d["dst"])
+            pos, val = store.read_delta(j, d["src"], d["dst"], src)   # src: the hub's too
             assert np.array_equal(md.apply_delta(src, pos, val), dst)
             checked += 1
     assert checked > 0
