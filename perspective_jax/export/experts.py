@@ -100,7 +100,7 @@ class ExpertWriter:
             with naming(os.path.join(out, sub)):
                 os.makedirs(os.path.join(out, sub))
         self.n_layers = self.n_experts = self.n_deltas = self.delta_bytes = self.bitmaps = 0
-        self.hub_deltas = 0
+        self.hub_deltas = self.field_records = 0
 
     def layer(self, j: int, regions) -> dict:
         """Write layer j's regions (E flat uint8 arrays) and its hub (their consensus,
@@ -140,6 +140,7 @@ class ExpertWriter:
                 at += len(rec)
                 self.delta_bytes += len(rec)
                 self.bitmaps += encoding == md.DELTA_BITMAP
+                self.field_records += encoding == md.DELTA_FIELDS
                 from_hub += a == n
         self.n_deltas += len(deltas) - from_hub
         self.hub_deltas += from_hub
@@ -152,7 +153,8 @@ class ExpertWriter:
             f"{self.layout.nbytes / 1e6:.3f} MB per region; {self.n_deltas} of "
             f"{self.n_layers * len(self.directed)} neighbour deltas kept, plus "
             f"{self.hub_deltas} from the layers' hubs ({self.delta_bytes / 1e6:.3f} MB, "
-            f"{self.bitmaps} as byte-change bitmaps)")
+            f"{self.bitmaps} as byte-change bitmaps, {self.field_records} as changed-field "
+            "records)")
 
 
 def write_expert_files(out: str, layout: md.RegionLayout, n_layers: int, lattice,
