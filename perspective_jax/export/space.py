@@ -3,10 +3,10 @@
     needed = expected_bytes(cfg, params, shared_bits, embedding)   # shapes suffice
     check_free_space(out_dir, needed)         # UserError with both numbers, or nothing
 
-The estimate counts what every export writes: each expert region (padded to
-`REGION_ALIGN`), the expert scales and the shared weights as stored (float32; a
+The estimate counts what every export writes: each expert region and each expert
+layer's hub region (padded to `REGION_ALIGN`), the expert scales and the shared weights as stored (float32; a
 quantised kernel `bits`/32 of that; an int8 embedding one byte per weight plus a
-float32 row scale). Neighbour deltas (each at most `--delta-max-share` of the
+float32 row scale). Neighbour and hub deltas (each at most `--delta-max-share` of the
 region it replaces, often far less), the tokenizer, the safetensors header and
 the manifest come on top, so the check refuses only exports that cannot fit.
 """
@@ -33,10 +33,11 @@ def expected_bytes(cfg: PerspectiveConfig, params, shared_bits: int = 0,
     total, shared = 0, params
     if cfg.model.routed:
         layout = md.RegionLayout(cfg.model.d_model, cfg.model.d_ff)
-        n = len(expert_layers(cfg.model)) * cfg.moe.num_experts
+        layers = len(expert_layers(cfg.model))
+        n = layers * cfg.moe.num_experts
         per_row = cfg.ternary.scale_granularity == "row"
         scales = 2 * cfg.model.d_ff + cfg.model.d_model if per_row else 3
-        total += n * (layout.stride + 4 * scales)
+        total += n * (layout.stride + 4 * scales) + layers * layout.stride   # + the hubs
         shared = map_routed_ffns(params, cfg.model, lambda _, ffn: {
             k: v for k, v in ffn.items() if k not in md.EXPERT_MATRICES})
     for path, leaf in jax.tree_util.tree_flatten_with_path(shared)[0]:
