@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import train_overrides
 
 from perspective_jax.cli.train import run
@@ -55,7 +56,19 @@ def test_routed_decode_equals_parallel_forward(small_cfg):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_expert_sharded_step_matches_single_device(tmp_path, text_corpus):
+@pytest.fixture
+def no_persistent_compile_cache():
+    """Inside the whole suite (workers sharing one compilation cache), writing the
+    8-device run's sampling executable to the persistent cache segfaulted in JAX's
+    cache write twice on 2026-12-04; alone it passes. Cause not found (docs/open_work.md)."""
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", was)
+
+
+def test_expert_sharded_step_matches_single_device(tmp_path, text_corpus,
+                                                   no_persistent_compile_cache):
     base = train_overrides(**{"train.steps": 3, "model.routed": "true"})
     one = load_config(None, base + ["mesh.data=1"])
     eight = load_config(None, base + ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"])
