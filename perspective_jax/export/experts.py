@@ -14,9 +14,10 @@ A layer's regions are written to experts/layer_j.bin; the neighbour deltas betwe
 its lattice neighbours go to deltas/layer_j.bin, and so do the deltas from the
 layer's hub (`hub_region`: the per-trit majority of its experts, written after them
 in experts/layer_j.bin and pinned in the engine's host cache) to every expert, so a
-load the host cache misses can read a delta rather than a region; each in the smaller of its two encodings (`modeldir.format`: positions or
-byte-change bitmap) and kept when that record is at most `delta_max_share` of a
-region.
+load the host cache misses can read a delta rather than a region; each in the
+smallest of its encodings (`modeldir.format`: positions, byte-change bitmap, or —
+from a hub — changed fields) and kept when that record is at most
+`delta_max_share` of a region.
 """
 
 from __future__ import annotations

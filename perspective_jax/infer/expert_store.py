@@ -5,8 +5,9 @@
     store.region_from_delta(base, j, src, dst) -> uint8 [region_bytes]  (dst's region)
 
 Expert layer j's hub (the consensus of its experts, `export.experts.hub_region`) is
-region E (`hub(j)`), a delta source like any expert. A delta record is stored as positions or as a byte-change bitmap (`modeldir.format`);
-`read_delta` decodes either, `delta_bytes` is the record's size on disk.
+region E (`hub(j)`), a delta source like any expert. A delta record is stored as
+positions, a byte-change bitmap or (from a hub) changed fields (`modeldir.format`);
+`read_delta` decodes each, `delta_bytes` is the record's size on disk.
 
 Every region and delta is checked against its manifest XXH3-128 checksum the
 first time it is read; a mismatch raises `ModelDirError` naming the file, expert layer and

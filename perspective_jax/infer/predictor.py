@@ -58,15 +58,19 @@ class Predictor:
         nxt = j + 1
         if nxt >= self.n_layers:
             return None
-        guesses = {k: v for k, v in guesses.items() if v is not None}
-        if self.mode in ("auto", "previous") and self.last[nxt] is not None:
-            guesses["previous"] = self.last[nxt]
+        return self._choose(nxt, {k: v for k, v in guesses.items() if v is not None})
+
+    def _choose(self, layer: int, guesses: dict) -> Optional[tuple[int, int]]:
+        """Add the previous token's expert at `layer` ("auto", "previous"), keep the
+        guesses for scoring and return (layer, the one right most often so far)."""
+        if self.mode in ("auto", "previous") and self.last[layer] is not None:
+            guesses["previous"] = self.last[layer]
         if not guesses:
             return None
-        self._guesses[nxt] = guesses
-        best = max(guesses, key=lambda name: (self._right[nxt][name], TIE_ORDER.index(name)))
-        self._made[nxt] = guesses[best]
-        return nxt, guesses[best]
+        self._guesses[layer] = guesses
+        best = max(guesses, key=lambda name: (self._right[layer][name], TIE_ORDER.index(name)))
+        self._made[layer] = guesses[best]
+        return layer, guesses[best]
 
     def predict_first(self, learned_guess: Optional[int]) -> Optional[tuple[int, int]]:
         """(0, expert) to prefetch for the next token, or None: the next-token head's
@@ -75,17 +79,8 @@ class Predictor:
         put); the one right most often so far is taken."""
         if not self.n_layers:
             return None
-        guesses = {}
-        if learned_guess is not None and self.uses_learned:
-            guesses["learned"] = learned_guess
-        if self.mode in ("auto", "previous") and self.last[0] is not None:
-            guesses["previous"] = self.last[0]
-        if not guesses:
-            return None
-        self._guesses[0] = guesses
-        best = max(guesses, key=lambda name: (self._right[0][name], TIE_ORDER.index(name)))
-        self._made[0] = guesses[best]
-        return 0, guesses[best]
+        use = learned_guess is not None and self.uses_learned
+        return self._choose(0, {"learned": learned_guess} if use else {})
 
     def observe(self, j: int, expert: int) -> None:
         """Score the guesses made for layer j against the expert it actually used."""
