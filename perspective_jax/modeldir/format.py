@@ -63,13 +63,15 @@ from perspective_jax.errors import UserError
 from perspective_jax.fileio import naming, seal, sha256_bytes, sha256_file  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "perspective-model"
-FORMAT_VERSION = 6   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
+FORMAT_VERSION = 7   # 2: per-matrix expert scale tensors (expert_scales/<matrix>);
                      # 3: region and delta checksums are XXH3-128 ("xxh3_128");
                      # 4: shared/embedding says "float32" or "int8" (+ row scales);
                      # 5: the manifest carries a sha256 of its own content;
                      # 6: delta entries name their "encoding" and record "bytes"
-READABLE_VERSIONS = (5, 6)   # older manifests cannot be verified: refused, re-export
+                     # 7: a per-layer hub region (source index E) and "fields" records
+READABLE_VERSIONS = (5, 6, 7)   # older manifests cannot be verified: refused, re-export
 MANIFEST_CHECKSUM = "manifest_sha256"   # manifest key of its own content's sha256
+HUB_VERSION = 7      # the first format with hubs and "fields" records
 REGION_CHECKSUM = "xxh3_128"   # manifest key of a region's / delta's checksum
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.safetensors"

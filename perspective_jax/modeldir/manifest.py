@@ -236,6 +236,9 @@ def _check(manifest: dict, bad):
                 raise bad(f"{where}, expert {r['expert']} lies outside {layer['file']}")
         delta_bytes = listed(layer["delta_file"], f"{where}'s delta file")
         hub = layer.get("hub")                  # the consensus region, source index E
+        if hub is not None and int(manifest["format_version"]) < md.HUB_VERSION:
+            raise bad(f"{where} has a hub, which format version "
+                      f"{manifest['format_version']} does not have")
         if hub is not None:
             if not isinstance(hub, dict) or not isinstance(hub.get(md.REGION_CHECKSUM), str):
                 raise bad(f"{where}'s hub must be an object with a {md.REGION_CHECKSUM}")

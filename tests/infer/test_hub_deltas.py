@@ -3,6 +3,9 @@ regions after them and a delta from it to every expert; the engine pins it in th
 cache, so a region the cache misses is built from the hub's delta — exact logits."""
 
 import collections
+import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -85,6 +88,23 @@ def test_every_expert_has_a_delta_from_its_layers_hub(exported):
         np.testing.assert_array_equal(data[at: at + region], hub_region(regions))
         sources = {(d["src"], d["dst"]) for d in layer["deltas"]}
         assert all((n, e) in sources for e in range(n))
+
+
+def test_a_hub_in_a_directory_of_an_older_format_is_refused(exported, tmp_path):
+    _, _, path = exported
+    old = str(tmp_path / "old")
+    shutil.copytree(path, old)
+    manifest_path = f"{old}/{md.MANIFEST}"
+    manifest = json.load(open(manifest_path))
+    assert manifest["format_version"] == md.FORMAT_VERSION == md.HUB_VERSION
+    manifest["format_version"] = md.HUB_VERSION - 1
+    manifest.pop(md.MANIFEST_CHECKSUM)
+    os.chmod(manifest_path, 0o644)
+    with open(manifest_path, "w") as fh:
+        json.dump(md.seal_manifest(manifest), fh)
+    with pytest.raises(md.ModelDirError, match="expert layer 0 has a hub, which format "
+                       f"version {md.HUB_VERSION - 1} does not have"):
+        read_manifest(old)
 
 
 def test_a_pinned_entry_is_never_evicted_and_pins_stop_at_half_the_cache():
