@@ -13,8 +13,7 @@ engine), judged by the rails on the held-out windows — held-out loss and MPD's
 agreement — and rolled back when it went off them. The adapters (and, with --nes,
 the adapted expert coordinates) are written atomically to --out, tied to the model.
 
-Also here: what `perspective-infer --adapter` and `--adapt-online` use — an engine
-whose every call carries an adapter (`AdaptedEngine`), and one adaptation round on a
+Also here: what `perspective-infer --adapt-online` uses — one adaptation round on a
 prompt's text (`adapt_online`).
 """
 
@@ -242,27 +241,6 @@ def run(argv=None) -> int:
 
 
 # ------------------------------------------------------ perspective-infer --adapter
-class AdaptedEngine:
-    """`engine` whose every forward and step carries the adapter's LoRA on top of the
-    caller's Extensions (`AttachedAdapter.extensions(ext)`); everything else is the
-    engine's own. What `perspective-infer --adapter` hands the conversation."""
-
-    def __init__(self, engine, adapter):
-        self._engine, self._adapter = engine, adapter
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def forward(self, tokens, state, ext=None, all_logits: bool = False):
-        return self._engine.forward(tokens, state, self._adapter.extensions(ext), all_logits)
-
-    def step(self, states, tokens, ext=None, keep_states: bool = True):
-        return self._engine.step(states, tokens, self._adapter.extensions(ext), keep_states)
-
-    def step_batch(self, batch, tokens, ext=None):
-        return self._engine.step_batch(batch, tokens, self._adapter.extensions(ext))
-
-
 def adapt_online(engine, path: str, adapter, ids, seq_len: int, cfg, batch: int = 10) -> dict:
     """One adaptation round on a prompt's token ids, saved back to `path` (atomically).
 

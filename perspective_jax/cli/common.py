@@ -361,12 +361,15 @@ def engine_options_from_args(a: argparse.Namespace):
                          transfer_thread=a.transfer_thread)
 
 
-def add_adapter_flags(parser: argparse.ArgumentParser, online: bool = False) -> None:
-    """An adapter file (perspective-adapt) on the model; `online` adds
-    perspective-infer's --adapt-online and its settings (`adapt.loop.AdaptConfig`)."""
+def add_adapter_flags(parser: argparse.ArgumentParser, online: bool = False,
+                      use: str = "the model runs with them") -> None:
+    """--adapter FILE: an adapter file (perspective-adapt) on the model, `use` saying
+    what the tool does with it; `online` adds perspective-infer's --adapt-online and
+    its settings (`adapt.loop.AdaptConfig`)."""
     g = parser.add_argument_group("adapters (forward-mode adaptation, perspective-adapt)")
     g.add_argument("--adapter", metavar="FILE",
-                   help="LoRA adapters (and expert coordinates) trained for this model")
+                   help="LoRA adapters (and expert coordinates) trained for this model "
+                        f"by perspective-adapt: {use}")
     if not online:
         return
     from perspective_jax.adapt.loop import AdaptConfig

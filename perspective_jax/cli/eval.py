@@ -17,9 +17,9 @@ import json
 import sys
 
 from perspective_jax.cli import compile_cache
-from perspective_jax.cli.common import (OneLineParser, add_memory_flags, add_mpd_flags,
-                                        cli_entry, exit_with, int_in, megabytes, mpd_from_args,
-                                        recall_config_from_args)
+from perspective_jax.cli.common import (OneLineParser, add_adapter_flags, add_memory_flags,
+                                        add_mpd_flags, cli_entry, exit_with, int_in, megabytes,
+                                        mpd_from_args, recall_config_from_args)
 from perspective_jax.errors import UserError
 
 
@@ -52,9 +52,8 @@ def _parser() -> OneLineParser:
     add_memory_flags(p)
     p.add_argument("--memory-entries", type=int_in(1), default=64, metavar="N",
                    help="stored entries scored for memory.* (with --memory)")
-    p.add_argument("--adapter", metavar="FILE",
-                   help="an adapter file (perspective-adapt) of this model: adapter.* "
-                        "metrics, the test segments' loss without and with it")
+    add_adapter_flags(p, use="adapter.* metrics, the test segments' loss without and "
+                             "with it")
     h = p.add_argument_group("lm-evaluation-harness (pip install 'perspective-jax[eval]')")
     h.add_argument("--lm-eval", metavar="TASK[,TASK]",
                    help="harness tasks to run in process (lm_eval's, or YAML tasks under "

@@ -119,8 +119,7 @@ def run(argv=None) -> int:
     base, adapter = engine, None
     try:
         if a.adapter and os.path.exists(a.adapter):
-            from perspective_jax.adapt.attach import attach_adapter
-            from perspective_jax.cli.adapt import AdaptedEngine
+            from perspective_jax.adapt.attach import AdaptedEngine, attach_adapter
             adapter = attach_adapter(base, a.adapter)
             engine = AdaptedEngine(base, adapter)
         guard = (None if polytope is None

@@ -16,8 +16,9 @@ import os
 import sys
 
 from perspective_jax.cli import compile_cache
-from perspective_jax.cli.common import (OneLineParser, add_engine_flags, add_memory_flags,
-                                        add_mpd_flags, cli_entry, engine_options_from_args,
+from perspective_jax.cli.common import (OneLineParser, add_adapter_flags, add_engine_flags,
+                                        add_memory_flags, add_mpd_flags, cli_entry,
+                                        engine_options_from_args,
                                         exit_with, int_in, megabytes, mpd_from_args,
                                         recall_config_from_args)
 from perspective_jax.errors import UserError
@@ -51,9 +52,8 @@ def _parser() -> OneLineParser:
     add_engine_flags(p)
     add_mpd_flags(p, switch=False)
     add_memory_flags(p)
-    p.add_argument("--adapter", metavar="FILE",
-                   help="an adapter file (perspective-adapt) of this model: requests decode "
-                        "with it unless they set perspective.adapter to false")
+    add_adapter_flags(p, use="requests decode with them unless they set "
+                             "perspective.adapter to false")
     p.add_argument("--safety", action="store_true",
                    help="project every request's tokens onto the model's safety polytope "
                         "(enforced: requests cannot turn it off; without this flag a "

@@ -73,15 +73,16 @@ def ternary_layer(ffn: dict, granularity: str, layout: md.RegionLayout):
     return regions, scales
 
 
-def hub_region(regions, chunk: int = 1 << 20) -> np.ndarray:
+def hub_region(regions, chunk: int = 1 << 16) -> np.ndarray:
     """The layer's hub: per 2-bit trit field, the code most of its E regions hold
     (ties: the smallest code) — the region nearest to all of them in trits (a sum of
     per-field mismatches is smallest at the per-field majority). regions: E flat uint8
-    arrays; done `chunk` bytes at a time."""
-    stacked = np.stack([np.asarray(r) for r in regions])                  # [E, B]
-    out = np.zeros(stacked.shape[1], np.uint8)
-    for lo in range(0, stacked.shape[1], chunk):
-        block = stacked[:, lo: lo + chunk]
+    arrays of B bytes; done `chunk` bytes at a time, so the working memory beyond the
+    regions is E × chunk bytes, never a second copy of the layer."""
+    regions = [np.asarray(r) for r in regions]
+    out = np.zeros(regions[0].shape[0], np.uint8)
+    for lo in range(0, out.shape[0], chunk):
+        block = np.stack([r[lo: lo + chunk] for r in regions])            # [E, b]
         for shift in (0, 2, 4, 6):
             field = (block >> shift) & 3                                  # [E, b]
             counts = np.stack([(field == v).sum(0) for v in range(4)])    # [4, b]
