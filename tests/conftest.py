@@ -49,6 +49,22 @@ def _small_cfg() -> ModelConfig:
                        pdr_chunk=4, n_heads=4, n_kv_heads=2, head_dim=8, window=8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module, drop JAX's in-memory compiled programs. Every XLA CPU
+    executable keeps memory mappings of its own until it is freed, and a worker that
+    runs a few hundred tests kept them all: its mappings reached Linux's
+    vm.max_map_count (65,530) and XLA crashed (segfault or abort) compiling or
+    serialising the next program, late in the suite. Programs a later module needs
+    again come back from the persistent cache."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def small_cfg() -> ModelConfig:
     return _small_cfg()

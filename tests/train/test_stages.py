@@ -1,7 +1,6 @@
 """Curriculum stages: exact upcycling, routed decode, expert sharding, stage all."""
 
 import dataclasses
-import json
 import pathlib
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from perspective_jax.config import MoEConfig, load_config
 from perspective_jax.model.transformer import PerspectiveLM, init_cache, init_params
 from perspective_jax.train.metrics import read_metrics
 from perspective_jax.train.stages import upcycle_params
+from perspective_jax.train.trainer import train
 
 
 def test_upcycled_model_equals_dense_model_without_noise(small_cfg):
@@ -56,38 +56,15 @@ def test_routed_decode_equals_parallel_forward(small_cfg):
                                atol=1e-4, rtol=1e-4)
 
 
-_TRAIN_ON_DEVICES = """
-import json, sys
-import jax
-from perspective_jax.config import load_config
-from perspective_jax.train.metrics import read_metrics
-from perspective_jax.train.trainer import train
-run_dir, corpus, n, *overrides = sys.argv[1:]
-train(load_config(None, overrides), run_dir, data=[corpus], devices=jax.devices()[:int(n)],
-      progress=False)
-print(json.dumps([r["loss"] for r in read_metrics(run_dir, "train")]))
-"""
-
-
-def _train_losses(run_dir, corpus, n_devices: int, overrides) -> list[float]:
-    """Train in a process of its own (on the first `n_devices` of the 8 host devices)
-    and return its logged losses. Inside the whole suite, compiling or serialising
-    this test's sampling program (`model/generate.py`, run by the eval hook) in a
-    long-lived xdist worker segfaulted in XLA five times on 2026-12-04, in the compiler
-    or in the persistent cache's write; alone it passes. Cause not found
-    (docs/open_work.md); a fresh process per run keeps the check."""
-    out = subprocess.run([sys.executable, "-c", _TRAIN_ON_DEVICES, str(run_dir),
-                          str(corpus), str(n_devices), *overrides],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_expert_sharded_step_matches_single_device(tmp_path, text_corpus):
     base = train_overrides(**{"train.steps": 3, "model.routed": "true"})
-    l1 = _train_losses(tmp_path / "one", text_corpus, 1, base + ["mesh.data=1"])
-    l8 = _train_losses(tmp_path / "eight", text_corpus, 8,
-                       base + ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"])
+    one = load_config(None, base + ["mesh.data=1"])
+    eight = load_config(None, base + ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"])
+    train(one, str(tmp_path / "one"), data=[str(text_corpus)], devices=jax.devices()[:1],
+          progress=False)
+    train(eight, str(tmp_path / "eight"), data=[str(text_corpus)], progress=False)
+    l1 = [r["loss"] for r in read_metrics(str(tmp_path / "one"), "train")]
+    l8 = [r["loss"] for r in read_metrics(str(tmp_path / "eight"), "train")]
     assert len(l1) == 3
     np.testing.assert_allclose(l8, l1, atol=1e-5)
 
