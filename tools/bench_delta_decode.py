@@ -16,10 +16,13 @@ the I/O thread beyond the read.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import numpy as np
+
+from benchlib import REPO
 
 from perspective_jax.config import load_config
 from perspective_jax.modeldir import format as md
@@ -67,7 +70,7 @@ def main() -> None:
                    help="a changed byte gets random trits (default: one trit changes)")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    big = load_config("curricula/perspective-1t.yaml", []).model
+    big = load_config(os.path.join(REPO, "curricula", "perspective-1t.yaml"), []).model
     sizes = [("locality bench (128/384)", md.RegionLayout(128, 384).nbytes),
              ("mid (1024/2816)", md.RegionLayout(1024, 2816).nbytes),
              (f"1.05T ({big.d_model}/{big.d_ff})",
