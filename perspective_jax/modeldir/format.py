@@ -256,7 +256,8 @@ def parse_delta(buf, encoding: str, count: int, region_bytes: int, src=None
     if encoding not in (DELTA_BITMAP, DELTA_FIELDS):
         raise ValueError(f"unknown delta encoding {encoding!r} (one of {DELTA_ENCODINGS})")
     head = -(-region_bytes // 8)
-    mask = np.unpackbits(buf[:head], count=region_bytes, bitorder="little")
+    mask = np.unpackbits(buf[:head], count=region_bytes, bitorder="little").view(bool)
+    # (nonzero of a bool array is ~5x faster than of uint8 0/1s)
     positions = np.flatnonzero(mask).astype(np.uint32)
     if len(positions) != count:
         raise ValueError(f"bitmap delta marks {len(positions)} bytes, its entry {count}")
