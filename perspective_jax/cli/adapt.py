@@ -240,7 +240,7 @@ def run(argv=None) -> int:
     return 0
 
 
-# ------------------------------------------------------ perspective-infer --adapter
+# ------------------------------------------------- perspective-infer --adapt-online
 def adapt_online(engine, path: str, adapter, ids, seq_len: int, cfg, batch: int = 10) -> dict:
     """One adaptation round on a prompt's token ids, saved back to `path` (atomically).
 

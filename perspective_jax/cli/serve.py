@@ -18,9 +18,8 @@ import sys
 from perspective_jax.cli import compile_cache
 from perspective_jax.cli.common import (OneLineParser, add_adapter_flags, add_engine_flags,
                                         add_memory_flags, add_mpd_flags, cli_entry,
-                                        engine_options_from_args,
-                                        exit_with, int_in, megabytes, mpd_from_args,
-                                        recall_config_from_args)
+                                        engine_options_from_args, exit_with, int_in,
+                                        megabytes, mpd_from_args, recall_config_from_args)
 from perspective_jax.errors import UserError
 from perspective_jax.model import footprint
 

@@ -7,8 +7,9 @@ The estimate counts what every export writes: each expert region and each expert
 layer's hub region (padded to `REGION_ALIGN`), the expert scales and the shared
 weights as stored (float32; a quantised kernel `bits`/32 of that; an int8 embedding
 one byte per weight plus a float32 row scale). Neighbour and hub deltas (each at
-most `--delta-max-share` of the region it replaces, often far less), the tokenizer, the safetensors header and
-the manifest come on top, so the check refuses only exports that cannot fit.
+most `--delta-max-share` of the region it replaces, often far less), the tokenizer,
+the safetensors header and the manifest come on top, so the check refuses only
+exports that cannot fit.
 """
 
 from __future__ import annotations

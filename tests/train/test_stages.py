@@ -8,7 +8,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from conftest import train_overrides
 
 from perspective_jax.cli.train import run
